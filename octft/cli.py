@@ -1,0 +1,204 @@
+"""The `octft` command line. Each subcommand imports what it needs when it runs, so `--help` is instant."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+EXIT_GUARD_FAILED = 1
+EXIT_USAGE = 2
+
+
+def _print_json(payload, path: str | None) -> None:
+    text = json.dumps(payload, indent=2, default=str)
+    if path in (None, "-"):
+        print(text)
+    else:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text + "\n")
+        print(f"wrote {path}", file=sys.stderr)
+
+
+def _experiment(args, *, required: bool = False):
+    from octft.config import load_experiment, load_experiment_dict
+
+    overrides = list(getattr(args, "overrides", []) or [])
+    config_path = getattr(args, "config", None)
+    if config_path:
+        return load_experiment(config_path, overrides)
+    if required:
+        raise SystemExit("octft: error: an experiment YAML is required (see experiments/)")
+    return load_experiment_dict({}, overrides)
+
+
+def _data_settings(cfg, args) -> dict:
+    data = cfg.data
+    uri = getattr(args, "data", None) or data.uri
+    labels = getattr(args, "labels", None) or data.labels
+    return dict(
+        uri=uri,
+        labels=labels,
+        use_manifest=data.use_manifest,
+        verify=getattr(args, "verify", False) or data.verify,
+        regions=data.selection.regions,
+        devices=data.selection.devices,
+        lateralities=data.selection.lateralities,
+        per_participant=data.selection.per_participant,
+        min_match_rate=data.guards.min_match_rate,
+        min_per_class=data.guards.min_per_class,
+        max_duplicate_files=data.guards.max_duplicate_files,
+        val_fraction=data.split.val_fraction,
+        test_fraction=data.split.test_fraction,
+        split_seed=data.split.seed,
+    )
+
+
+# ---------------------------------------------------------------- synth / data
+def cmd_synth(args) -> int:
+    from octft.data.synth import synthesize
+
+    report = synthesize(
+        args.dir,
+        participants=args.participants,
+        seed=args.seed,
+        messy=args.messy,
+        frames=args.frames,
+        height=args.height,
+        width=args.width,
+        progress=True,
+    )
+    summary = report.to_dict()
+    print(f"wrote a synthetic AI-READI release to {args.dir}: {summary.get('counts', summary)}")
+    return 0
+
+
+def cmd_data_audit(args) -> int:
+    from octft.data.audit import audit_dataset, format_report
+
+    cfg = _experiment(args)
+    report = audit_dataset(**_data_settings(cfg, args), cache_dir=cfg.data.cache_dir, progress=True)
+    print(format_report(report))
+    if args.json:
+        _print_json(report.to_dict(), args.json)
+    allowed = set(args.allow or []) | set(cfg.data.allow_failed_guards)
+    failed = report.failed_guards(allowed)
+    for guard in failed:
+        print(f"octft: guard {guard.name} failed: {guard.detail}", file=sys.stderr)
+    return EXIT_GUARD_FAILED if failed else 0
+
+
+def cmd_data_inspect(args) -> int:
+    from octft.data.readers import describe_volume, read_volume
+
+    description = describe_volume(read_volume(args.file))
+    if args.json:
+        _print_json(description, "-")
+    else:
+        for key, value in description.items():
+            if key == "meta":
+                for meta_key, meta_value in value.items():
+                    print(f"  {meta_key}: {meta_value}")
+            else:
+                print(f"{key}: {value}")
+    return 0
+
+
+def cmd_data_cache(args) -> int:
+    from octft.data.audit import audit_dataset
+    from octft.data.dataset import build_cache
+
+    cfg = _experiment(args)
+    settings = _data_settings(cfg, args)
+    report = audit_dataset(**settings, cache_dir=cfg.data.cache_dir)
+    allowed = set(args.allow or []) | set(cfg.data.allow_failed_guards)
+    failed = report.failed_guards(allowed)
+    if failed:
+        for guard in failed:
+            print(f"octft: guard {guard.name} failed: {guard.detail} (override with --allow {guard.name})", file=sys.stderr)
+        return EXIT_GUARD_FAILED
+    result = build_cache(
+        settings["uri"], report.volumes, cache_dir=cfg.data.cache_dir, workers=args.workers, progress=True,
+        **cfg.data.preprocess.model_dump(),
+    )
+    print(f"cache {cfg.data.cache_dir}: built {result.built}, reused {result.reused}, failed {len(result.failed)}")
+    for source, reason in result.failed:
+        print(f"  failed: {source}: {reason}")
+    return 0
+
+
+# ---------------------------------------------------------------- demo
+def cmd_demo(args) -> int:
+    from octft.demo import run_demo
+
+    return run_demo(Path(args.dir), participants=args.participants, trials=args.trials, workers=args.workers)
+
+
+# ---------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="octft", description="Sweeps of V-JEPA 2 OCT encoder fine-tunes.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = commands.add_parser("demo", help="the whole job on synthetic AI-READI data (README's first command)")
+    demo.add_argument("--dir", default="demo", help="where the demo writes everything (default: demo)")
+    demo.add_argument("--participants", type=int, default=96)
+    demo.add_argument("--trials", type=int, default=6)
+    demo.add_argument("--workers", type=int, default=2)
+    demo.set_defaults(func=cmd_demo)
+
+    synth = commands.add_parser("synth", help="write a synthetic AI-READI-shaped dataset")
+    synth.add_argument("dir")
+    synth.add_argument("--participants", type=int, default=120)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--messy", action="store_true", help="plant the faults real releases have")
+    synth.add_argument("--frames", type=int, default=8)
+    synth.add_argument("--height", type=int, default=64)
+    synth.add_argument("--width", type=int, default=64)
+    synth.set_defaults(func=cmd_synth)
+
+    data = commands.add_parser("data", help="audit, inspect and cache OCT data")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+
+    def data_source_arguments(sub):
+        sub.add_argument("--data", help="a path, file:// or b2://bucket/prefix (default: data.uri of --config)")
+        sub.add_argument("--labels", help="participants.tsv (default: participants.tsv under --data)")
+        sub.add_argument("--config", help="an experiment YAML whose data section sets selection and guards")
+        sub.add_argument("--verify", action="store_true", help="decode every selected file (finds truncated files)")
+        sub.add_argument("--allow", action="append", metavar="GUARD", help="accept a failed guard by name")
+        sub.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. data.selection.regions=[macula]")
+
+    audit = data_commands.add_parser("audit", help="account for every file and label; non-zero exit on a failed guard")
+    data_source_arguments(audit)
+    audit.add_argument("--json", metavar="FILE", help="also write the full report as JSON ('-' for stdout)")
+    audit.set_defaults(func=cmd_data_audit)
+
+    inspect = data_commands.add_parser("inspect", help="shape, dtype, value range and metadata of one file")
+    inspect.add_argument("file")
+    inspect.add_argument("--json", action="store_true")
+    inspect.set_defaults(func=cmd_data_inspect)
+
+    cache = data_commands.add_parser("cache", help="preprocess every audited volume into the local cache")
+    data_source_arguments(cache)
+    cache.add_argument("--workers", type=int, default=2)
+    cache.set_defaults(func=cmd_data_cache)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from octft.errors import USER_ERRORS
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as error:
+        print(f"octft: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("octft: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

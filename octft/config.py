@@ -1,0 +1,253 @@
+"""Typed experiment configuration: YAML in, validated models out.
+
+Only this module and the CLI see config objects; components take flat, typed arguments whose names
+equal the config keys. Unknown or misspelled keys are errors that name the key and the valid ones.
+
+    >>> cfg = load_experiment_dict({"data": {"uri": "/data/aireadi"}}, overrides=["train.epochs=3"])
+    >>> cfg.train.epochs, cfg.data.labels_uri
+    (3, '/data/aireadi/participants.tsv')
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from octft.data.layout import LABELS_KEY
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the file, key and valid choices."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SelectionConfig(_Strict):
+    """Which located volumes a run uses; everything else is counted as excluded, with the rule."""
+
+    regions: list[str] | None = ["macula"]
+    devices: list[str] | None = None
+    lateralities: list[Literal["L", "R"]] | None = None
+    # "all": every volume of a participant; "one_per_eye": one volume per participant and eye, chosen by
+    # device order (the `devices` list, else the layout's order), then most frames, then key.
+    per_participant: Literal["all", "one_per_eye"] = "all"
+
+
+class GuardConfig(_Strict):
+    """Thresholds of the audit's guards. A failed guard stops `octft data audit` and training."""
+
+    min_match_rate: float = Field(0.9, ge=0, le=1)
+    min_per_class: int = Field(1, ge=0)
+    max_duplicate_files: int = Field(0, ge=0)
+
+
+class SplitConfig(_Strict):
+    """Used only when the labels have no `recommended_split`: a seeded, class-stratified split by participant."""
+
+    val_fraction: float = Field(0.15, gt=0, lt=1)
+    test_fraction: float = Field(0.15, gt=0, lt=1)
+    seed: int = 0
+
+
+class PreprocessConfig(_Strict):
+    frames: int = Field(16, ge=1)
+    height: int = Field(224, ge=8)
+    width: int = Field(224, ge=8)
+    intensity: Literal["zscore", "minmax", "percentile"] = "percentile"
+
+
+class DataConfig(_Strict):
+    uri: str = "demo/data"
+    labels: str | None = None  # default: participants.tsv under `uri`
+    use_manifest: bool = True
+    verify: bool = False  # decode every selected file during the audit (catches truncated files)
+    selection: SelectionConfig = SelectionConfig()
+    guards: GuardConfig = GuardConfig()
+    split: SplitConfig = SplitConfig()
+    preprocess: PreprocessConfig = PreprocessConfig()
+    cache_dir: str = ".octft-cache"
+    allow_failed_guards: list[str] = []  # guard names a user overrides on purpose
+
+    @property
+    def labels_uri(self) -> str:
+        if self.labels:
+            return self.labels
+        return self.uri.rstrip("/") + "/" + LABELS_KEY
+
+
+class ModelConfig(_Strict):
+    size: str = "vit_base"
+    patch_size: int = 16
+    tubelet_size: int = 2
+    in_chans: int = 1
+    use_rope: bool = True
+    rope_layout: Literal["vjepa2", "interleaved"] = "vjepa2"
+    drop_path_rate: float = 0.0
+    head: Literal["mlp", "attentive", "linear"] = "mlp"
+    head_hidden_features: int = 256
+    head_dropout: float = 0.1
+    checkpoint: str | None = None
+    checkpoint_key: str | None = None  # default: target_encoder, falling back to encoder
+    allow_missing: list[str] = []
+    allow_unexpected: list[str] = []
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(4, ge=1)  # per optimizer micro-batch, global over all devices
+    accumulation_steps: int = Field(4, ge=1)
+    unfreeze_epoch: int = Field(3, ge=0)
+    clip_norm: float | None = 1.0
+    early_stopping_patience: int | None = 5
+    seed: int = 0
+    num_workers: int = 0
+
+
+class OptimConfig(_Strict):
+    lr_head: float = Field(3e-3, gt=0)
+    lr_encoder: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_epochs: float = Field(1.0, ge=0)
+    min_lr_ratio: float = Field(0.01, ge=0, le=1)
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+class LossConfig(_Strict):
+    label_smoothing: float = Field(0.05, ge=0, lt=1)
+    class_weights: Literal["balanced", "none"] = "balanced"
+
+
+class RuntimeConfig(_Strict):
+    kind: Literal["auto", "xla", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+
+
+class TrackingConfig(_Strict):
+    tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    experiment: str = "octft"
+    run_name: str | None = None
+
+
+class ExperimentConfig(_Strict):
+    name: str = "experiment"
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    optim: OptimConfig = OptimConfig()
+    loss: LossConfig = LossConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    output_dir: str = "runs"
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> "ExperimentConfig":
+        if self.train.unfreeze_epoch > self.train.epochs:
+            # Allowed (encoder stays frozen for the whole run), but say so where people look.
+            pass
+        return self
+
+    def flat(self) -> dict[str, Any]:
+        """Every resolved value under its dotted path, e.g. {'optim.lr_head': 0.003, ...}."""
+        return flatten(self.model_dump(mode="json"))
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`"optim.lr_head=1e-3"` -> (["optim", "lr_head"], 0.001). Values are parsed as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not key=value (example: optim.lr_head=1e-3)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    value = yaml.safe_load(raw) if raw.strip() else None
+    # YAML reads "1e-3" as a string (no dot in the mantissa); numbers are what people mean.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            pass
+    return key.split("."), value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = tree
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return tree
+
+
+def _valid_keys(model: type[BaseModel], path: tuple) -> list[str]:
+    for part in path:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            break
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        else:
+            break
+    return sorted(model.model_fields)
+
+
+def _explain(error: ValidationError, model: type[BaseModel], source: str) -> ConfigError:
+    lines = []
+    for item in error.errors():
+        loc = tuple(item["loc"])
+        dotted = ".".join(str(p) for p in loc)
+        if item["type"] == "extra_forbidden":
+            parent = ".".join(str(p) for p in loc[:-1]) or "<top level>"
+            valid = ", ".join(_valid_keys(model, loc[:-1]))
+            lines.append(f"unknown key {dotted!r}; valid keys under {parent}: {valid}")
+        else:
+            lines.append(f"{dotted}: {item['msg']} (got {item.get('input')!r})")
+    return ConfigError(f"{source}: " + "; ".join(lines))
+
+
+def load_experiment_dict(tree: dict[str, Any], overrides: list[str] | None = None, *, source: str = "<config>") -> ExperimentConfig:
+    tree = json.loads(json.dumps(tree or {}))  # deep copy, plain types
+    apply_overrides(tree, list(overrides or []))
+    try:
+        return ExperimentConfig.model_validate(tree)
+    except ValidationError as error:
+        raise _explain(error, ExperimentConfig, source) from None
+
+
+def load_experiment(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read an experiment YAML and apply dotted `key=value` overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such experiment file")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({error})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (data, model, train, ...), got {type(tree).__name__}")
+    return load_experiment_dict(tree, overrides, source=str(path))
+
+
+def save_resolved(config: ExperimentConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,206 @@
+"""Find every OCT file of an AI-READI release and say whose it is.
+
+Layout: `retinal_oct/structural_oct/<device>/<participant folder>/<files>`. When
+`retinal_oct/manifest.tsv` exists it is the authority for each file's participant and attributes.
+Without it, the participant comes from the participant folder, never from a pattern over the whole
+key (the old pipeline's regex `\\b(1[0-9]{3})\\b` matched one site of three and lost 66% of the data).
+
+Every object found under the OCT prefix comes back as an `OctFile`; one that cannot be used carries
+the reason in `problem`, so callers count it instead of dropping it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Iterable
+
+import pandas as pd
+
+from octft.data.ids import canonical_participant_id
+from octft.data.layout import DEVICES, MANIFEST_KEY, OCT_PREFIX
+
+IMAGE_EXTENSIONS = (".dcm", ".dicom", ".nii", ".nii.gz", ".npy", ".npz")
+MANIFEST_ID_COLUMNS = ("participant_id", "person_id")
+
+
+@dataclass
+class OctFile:
+    key: str
+    size: int
+    sha1: str | None = None
+    participant_id: str | None = None
+    folder: str | None = None  # the participant folder as written on storage
+    device: str | None = None
+    laterality: str | None = None
+    region: str | None = None
+    frames: int | None = None
+    height: int | None = None
+    width: int | None = None
+    problem: str | None = None  # why the file cannot be used; None when it can
+
+    @property
+    def extension(self) -> str:
+        name = PurePosixPath(self.key).name.lower()
+        if name.endswith(".nii.gz"):
+            return ".nii.gz"
+        suffix = PurePosixPath(name).suffix
+        return suffix or "(none)"
+
+
+@dataclass
+class Located:
+    files: list[OctFile]
+    manifest_used: bool
+    manifest_missing: list[dict] = field(default_factory=list)  # manifest rows whose file is not on storage
+    manifest_invalid: list[dict] = field(default_factory=list)  # manifest rows that name no usable participant
+    id_mismatches: list[dict] = field(default_factory=list)  # file name or manifest disagrees with the folder
+    duplicates: list[list[str]] = field(default_factory=list)  # groups of keys with identical content
+
+
+def _normalise_laterality(value: object) -> str | None:
+    text = str(value).strip().upper() if value is not None else ""
+    return {"L": "L", "LEFT": "L", "OS": "L", "R": "R", "RIGHT": "R", "OD": "R"}.get(text)
+
+
+def _normalise_region(value: object) -> str | None:
+    text = str(value).strip().lower().replace(" ", "_").replace("-", "_") if value is not None else ""
+    if not text or text == "nan":
+        return None
+    return "optic_disc" if text in ("optic_disc", "optic_nerve_head", "onh", "disc") else text
+
+
+def _int_or_none(value: object) -> int | None:
+    try:
+        return int(float(str(value)))
+    except (TypeError, ValueError):
+        return None
+
+
+def _name_tokens(name: str) -> tuple[str | None, str | None, str | None]:
+    """(leading id, laterality, region) from an AI-READI file name like `1001_maestro2_macula_oct_l_<uid>.dcm`."""
+    stem = name.split(".", 1)[0] if not name[:1].isdigit() else name
+    tokens = stem.lower().replace("-", "_").split("_")
+    leading = tokens[0] if tokens and tokens[0].isdigit() else None
+    laterality = next((t.upper() for t in tokens[1:] if t in ("l", "r")), None)
+    region = "macula" if "macula" in tokens else "optic_disc" if ("disc" in tokens or "optic" in tokens) else None
+    return leading, laterality, region
+
+
+def parse_key(key: str, size: int, sha1: str | None = None) -> OctFile:
+    """Attribute one object key from its path alone (the no-manifest rule)."""
+    item = OctFile(key=key, size=size, sha1=sha1)
+    parts = key.split("/")
+    prefix = OCT_PREFIX.split("/")
+    if parts[: len(prefix)] != prefix or len(parts) < len(prefix) + 3:
+        item.problem = f"not under {OCT_PREFIX}/<device>/<participant>/"
+        return item
+    device, folder, name = parts[len(prefix)], parts[len(prefix) + 1], parts[-1]
+    item.device, item.folder = device, folder
+    if device not in DEVICES:
+        item.problem = f"unknown device folder {device!r} (known: {', '.join(DEVICES)})"
+        return item
+    if item.extension not in IMAGE_EXTENSIONS and item.extension != "(none)":
+        item.problem = f"not an image file (extension {item.extension})"
+        return item
+    item.participant_id = canonical_participant_id(folder)
+    if item.participant_id is None:
+        item.problem = f"participant folder {folder!r} is not a participant ID"
+        return item
+    _, item.laterality, item.region = _name_tokens(name)
+    return item
+
+
+def read_manifest(data: bytes, *, name: str = MANIFEST_KEY) -> pd.DataFrame:
+    frame = pd.read_csv(io.BytesIO(data), sep="\t", dtype=str, keep_default_na=False)
+    frame.columns = [str(c).strip().lstrip("\ufeff") for c in frame.columns]
+    id_column = next((c for c in MANIFEST_ID_COLUMNS if c in frame.columns), None)
+    if id_column is None or "filepath" not in frame.columns:
+        raise ValueError(
+            f"{name}: needs columns 'filepath' and one of {MANIFEST_ID_COLUMNS}; found {list(frame.columns)}. "
+            "Fix the manifest or set data.use_manifest=false to attribute files by folder."
+        )
+    frame = frame.apply(lambda col: col.str.strip())
+    return frame.rename(columns={id_column: "participant_id"})
+
+
+def _manifest_key(filepath: str) -> str:
+    key = filepath.strip().lstrip("/")
+    return key if key.startswith("retinal_oct/") else f"retinal_oct/{key}"
+
+
+def find_duplicates(files: Iterable[OctFile], sha1_of) -> list[list[str]]:
+    """Groups of keys whose content is identical. Only same-size files are hashed, and only when the
+    listing did not already give a SHA-1, so a release of distinct files costs no reads."""
+    by_size: dict[int, list[OctFile]] = defaultdict(list)
+    for item in files:
+        by_size[item.size].append(item)
+    groups: list[list[str]] = []
+    for same_size in by_size.values():
+        if len(same_size) < 2:
+            continue
+        by_hash: dict[str, list[str]] = defaultdict(list)
+        for item in same_size:
+            if item.sha1 is None:
+                item.sha1 = sha1_of(item.key)
+            by_hash[item.sha1].append(item.key)
+        groups.extend(sorted(keys) for keys in by_hash.values() if len(keys) > 1)
+    return sorted(groups)
+
+
+def locate(storage, *, use_manifest: bool = True) -> Located:
+    """Every object under the OCT prefix of `storage`, attributed to a participant or given a problem."""
+    listing = [info for info in storage.list(OCT_PREFIX + "/")]
+    manifest_used = use_manifest and storage.exists(MANIFEST_KEY)
+    files = [parse_key(info.key, info.size, info.sha1) for info in listing]
+    located = Located(files=files, manifest_used=manifest_used)
+
+    for item in files:
+        if item.problem is None and item.folder is not None:
+            leading, _, _ = _name_tokens(PurePosixPath(item.key).name)
+            if leading is not None and canonical_participant_id(leading) != item.participant_id:
+                located.id_mismatches.append(
+                    {"key": item.key, "folder_id": item.participant_id, "file_name_id": canonical_participant_id(leading)}
+                )
+
+    if manifest_used:
+        manifest = read_manifest(storage.read_bytes(MANIFEST_KEY))
+        by_key = {item.key: item for item in files}
+        listed: set[str] = set()
+        for row_number, row in enumerate(manifest.to_dict("records"), start=2):
+            key = _manifest_key(row["filepath"])
+            pid = canonical_participant_id(row["participant_id"])
+            if pid is None:
+                located.manifest_invalid.append(
+                    {"row": row_number, "filepath": row["filepath"], "reason": f"participant_id {row['participant_id']!r} is not an ID"}
+                )
+                continue
+            item = by_key.get(key)
+            if item is None:
+                located.manifest_missing.append({"row": row_number, "filepath": row["filepath"], "participant_id": pid})
+                continue
+            listed.add(key)
+            if item.participant_id is not None and item.participant_id != pid:
+                located.id_mismatches.append({"key": key, "folder_id": item.participant_id, "manifest_id": pid})
+            item.participant_id = pid
+            item.laterality = _normalise_laterality(row.get("laterality")) or item.laterality
+            item.region = _normalise_region(row.get("anatomic_region")) or item.region
+            item.frames = _int_or_none(row.get("number_of_frames"))
+            item.height = _int_or_none(row.get("height"))
+            item.width = _int_or_none(row.get("width"))
+            if item.problem is not None and item.problem.startswith("participant folder"):
+                item.problem = None  # the manifest names the participant; the folder no longer matters
+        for item in files:
+            if item.key not in listed and item.problem is None:
+                item.problem = f"not listed in {MANIFEST_KEY}"
+
+    usable = [item for item in files if item.problem is None]
+    located.duplicates = find_duplicates(usable, storage.sha1)
+    return located
+
+
+def sha1_bytes(data: bytes) -> str:
+    return hashlib.sha1(data).hexdigest()

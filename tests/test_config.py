@@ -1,0 +1,57 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from octft.config import ConfigError, ExperimentConfig, load_experiment, load_experiment_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_unknown_key_names_the_key_and_the_valid_ones():
+    with pytest.raises(ConfigError) as error:
+        load_experiment_dict({"optim": {"lr_heads": 1e-3}}, source="exp.yaml")
+    message = str(error.value)
+    assert "exp.yaml" in message and "'optim.lr_heads'" in message and "lr_head" in message and "lr_encoder" in message
+
+
+def test_overrides_by_dotted_path_and_types():
+    cfg = load_experiment_dict({}, ["optim.lr_head=1e-3", "train.epochs=7", "data.uri=b2://bucket/aireadi",
+                                    "data.selection.regions=[macula, optic_disc]", "loss.label_smoothing=0"])
+    assert cfg.optim.lr_head == pytest.approx(1e-3)
+    assert cfg.train.epochs == 7
+    assert cfg.data.labels_uri == "b2://bucket/aireadi/participants.tsv"
+    assert cfg.data.selection.regions == ["macula", "optic_disc"]
+    assert cfg.loss.label_smoothing == 0
+
+
+def test_bad_value_and_bad_override_are_errors():
+    with pytest.raises(ConfigError, match="train.epochs"):
+        load_experiment_dict({}, ["train.epochs=0"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_experiment_dict({}, ["train.epochs"])
+    with pytest.raises(ConfigError, match="unknown key 'train.nope'"):
+        load_experiment_dict({}, ["train.nope=1"])
+
+
+def test_flat_has_every_knob_the_sweeps_use():
+    flat = ExperimentConfig().flat()
+    for key in ("data.uri", "data.labels", "train.epochs", "train.unfreeze_epoch", "train.accumulation_steps",
+                "optim.lr_head", "optim.lr_encoder", "loss.label_smoothing"):
+        assert key in flat
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "experiments").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_experiment_validates(path):
+    text = path.read_text()
+    assert text.lstrip().startswith("#"), f"{path.name} must open with a comment giving its purpose and command"
+    assert "octft " in text.split("\n\n", 1)[0], f"{path.name}: the opening comment must give the command that runs it"
+    cfg = load_experiment(path)
+    assert cfg.model_dump(mode="json") == load_experiment_dict(yaml.safe_load(text)).model_dump(mode="json")
+
+
+def test_yaml_that_is_not_a_mapping(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_experiment(path)
