@@ -110,7 +110,9 @@ def load_labels(
     has_split = "recommended_split" in frame.columns and (frame["recommended_split"] != "").any()
 
     rows, invalid = [], []
-    for number, record in enumerate(frame.to_dict("records"), start=2):  # row 1 is the header
+    columns = list(frame.columns)
+    for number, values in enumerate(zip(*(frame[c] for c in columns)), start=2):  # row 1 is the header
+        record = dict(zip(columns, values))
         raw_id = record[id_column]
         pid = canonical_participant_id(raw_id)
         if pid is None:

@@ -11,11 +11,9 @@ the reason in `problem`, so callers count it instead of dropping it.
 
 from __future__ import annotations
 
-import hashlib
 import io
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
 from typing import Iterable
 
 import pandas as pd
@@ -43,12 +41,12 @@ class OctFile:
     problem: str | None = None  # why the file cannot be used; None when it can
 
     @property
+    def name(self) -> str:
+        return self.key.rsplit("/", 1)[-1]
+
+    @property
     def extension(self) -> str:
-        name = PurePosixPath(self.key).name.lower()
-        if name.endswith(".nii.gz"):
-            return ".nii.gz"
-        suffix = PurePosixPath(name).suffix
-        return suffix or "(none)"
+        return file_extension(self.name)
 
 
 @dataclass
@@ -59,6 +57,15 @@ class Located:
     manifest_invalid: list[dict] = field(default_factory=list)  # manifest rows that name no usable participant
     id_mismatches: list[dict] = field(default_factory=list)  # file name or manifest disagrees with the folder
     duplicates: list[list[str]] = field(default_factory=list)  # groups of keys with identical content
+
+
+def file_extension(name: str) -> str:
+    """`.dcm`, `.nii.gz`, ... of a file name, lower-case; "(none)" when it has none."""
+    name = name.lower()
+    if name.endswith(".nii.gz"):
+        return ".nii.gz"
+    stem, dot, suffix = name.rpartition(".")
+    return f".{suffix}" if dot and stem else "(none)"
 
 
 def _normalise_laterality(value: object) -> str | None:
@@ -103,8 +110,9 @@ def parse_key(key: str, size: int, sha1: str | None = None) -> OctFile:
     if device not in DEVICES:
         item.problem = f"unknown device folder {device!r} (known: {', '.join(DEVICES)})"
         return item
-    if item.extension not in IMAGE_EXTENSIONS and item.extension != "(none)":
-        item.problem = f"not an image file (extension {item.extension})"
+    extension = file_extension(name)
+    if extension not in IMAGE_EXTENSIONS and extension != "(none)":
+        item.problem = f"not an image file (extension {extension})"
         return item
     item.participant_id = canonical_participant_id(folder)
     if item.participant_id is None:
@@ -160,7 +168,7 @@ def locate(storage, *, use_manifest: bool = True) -> Located:
 
     for item in files:
         if item.problem is None and item.folder is not None:
-            leading, _, _ = _name_tokens(PurePosixPath(item.key).name)
+            leading, _, _ = _name_tokens(item.name)
             if leading is not None and canonical_participant_id(leading) != item.participant_id:
                 located.id_mismatches.append(
                     {"key": item.key, "folder_id": item.participant_id, "file_name_id": canonical_participant_id(leading)}
@@ -170,7 +178,9 @@ def locate(storage, *, use_manifest: bool = True) -> Located:
         manifest = read_manifest(storage.read_bytes(MANIFEST_KEY))
         by_key = {item.key: item for item in files}
         listed: set[str] = set()
-        for row_number, row in enumerate(manifest.to_dict("records"), start=2):
+        columns = list(manifest.columns)
+        for row_number, values in enumerate(zip(*(manifest[c] for c in columns)), start=2):
+            row = dict(zip(columns, values))
             key = _manifest_key(row["filepath"])
             pid = canonical_participant_id(row["participant_id"])
             if pid is None:
@@ -201,6 +211,3 @@ def locate(storage, *, use_manifest: bool = True) -> Located:
     located.duplicates = find_duplicates(usable, storage.sha1)
     return located
 
-
-def sha1_bytes(data: bytes) -> str:
-    return hashlib.sha1(data).hexdigest()
