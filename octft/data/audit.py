@@ -316,7 +316,6 @@ def format_report(report: AuditReport) -> str:
         )
     for title, rows, fmt in (
         ("unparsed", d["unparsed"], lambda r: f"{r['key']}: {r['reason']}"),
-        ("excluded", d["excluded"], lambda r: f"{r['key']}: {r['rule']}"),
         ("manifest rows without a file", d["manifest_missing"], lambda r: f"row {r['row']}: {r['filepath']}"),
         ("ID mismatches", d["id_mismatches"], lambda r: str(r)),
         ("unusable label rows", d["labels_invalid"], lambda r: f"row {r['row']}: {r['reason']}"),
@@ -326,6 +325,16 @@ def format_report(report: AuditReport) -> str:
             lines += [f"  {fmt(r)}" for r in rows[:15]]
             if len(rows) > 15:
                 lines.append(f"  ... {len(rows) - 15} more (see --json)")
+    if d["excluded"]:
+        # Selection rules exclude many files for one reason: count them by rule, list them in --json.
+        by_rule = Counter(
+            "duplicate of another file" if r["rule"].startswith("duplicate of")
+            else "one_per_eye: another volume kept" if r["rule"].startswith("one_per_eye")
+            else r["rule"]
+            for r in d["excluded"]
+        )
+        lines.append(f"excluded ({len(d['excluded'])}, keys in --json):")
+        lines += [f"  {n} x {rule}" for rule, n in by_rule.most_common()]
     lines.append("guards:")
     lines += [f"  [{'pass' if g['passed'] else 'FAIL'}] {g['name']}: {g['detail']}" for g in d["guards"]]
     lines.append("audit passed" if d["passed"] else "audit FAILED")
