@@ -1,0 +1,618 @@
+"""Where a release lives: one small interface over a local folder and a Backblaze B2 bucket.
+
+A storage lists objects and hands out their bytes; everything above it (locator, audit, readers)
+sees keys such as ``"retinal_oct/structural_oct/topcon_maestro2/1001/a.dcm"`` and never a
+back end. `open_storage` picks the back end from the URI:
+
+>>> storage = open_storage("/data/aireadi")                      # doctest: +SKIP
+>>> storage = open_storage("b2://my-bucket/aireadi-v2")          # doctest: +SKIP
+>>> [info.key for info in storage.list("retinal_oct/")][:1]      # doctest: +SKIP
+['retinal_oct/manifest.tsv']
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, TypeVar, runtime_checkable
+from urllib.parse import unquote, urlparse
+
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+KEY_ID_ENV = "B2_APPLICATION_KEY_ID"
+KEY_ENV = "B2_APPLICATION_KEY"
+CACHE_DIR_ENV = "OCTFT_CACHE_DIR"
+
+# Our own temporary files end with this; listings never show them.
+PARTIAL_SUFFIX = ".partial"
+# A partial untouched this long belongs to a killed download (a live one keeps writing).
+STALE_PARTIAL_S = 3600.0
+# Sidecars saying "this cache entry was verified" live in a tree that no bucket name can
+# collide with (B2 bucket names never start with a dot).
+_STAMP_DIR = ".verified"
+
+_URI_FORMS = "a local path, file:///abs/path or b2://bucket/prefix"
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One object in a storage.
+
+    `key` is relative to the storage root and '/'-separated; `sha1` is the hex content SHA-1
+    when the listing knows it (B2 does, a local folder does not).
+    """
+
+    key: str
+    size: int
+    sha1: str | None = None
+
+
+@runtime_checkable
+class Storage(Protocol):
+    """What the data layer needs from a place holding files."""
+
+    uri: str  # display form; never contains secrets
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Every object whose key starts with `prefix`, recursively, sorted by key."""
+        ...
+
+    def read_bytes(self, key: str) -> bytes: ...
+
+    def local_path(self, key: str) -> Path:
+        """A complete local file holding the object."""
+        ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def sha1(self, key: str) -> str: ...
+
+
+class StorageError(Exception):
+    """A storage that cannot be used: missing credentials, a service that keeps failing,
+    content that does not match its listing."""
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Exponential backoff for transient failures: waits `base_delay_s`, then twice that, ...
+    capped at `max_delay_s`, for at most `attempts` tries in all.
+
+    `sleep` is the clock's seam: tests pass one that records the waits instead of waiting.
+    """
+
+    attempts: int = 5
+    base_delay_s: float = 1.0
+    max_delay_s: float = 60.0
+    sleep: Callable[[float], None] = time.sleep
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError(f"Retry.attempts must be at least 1, got {self.attempts}")
+
+    def delay_s(self, failed_attempts: int) -> float:
+        """The wait after the `failed_attempts`-th failure (1-based)."""
+        return min(self.max_delay_s, self.base_delay_s * 2 ** (failed_attempts - 1))
+
+
+def open_storage(
+    uri: str | Path,
+    *,
+    cache_dir: str | Path | None = None,
+    b2_api: Any = None,
+    retry: Retry | None = None,
+    progress: bool = False,
+) -> Storage:
+    """The storage behind `uri`: a local path, ``file:///abs/path`` or ``b2://bucket/prefix``.
+
+    For B2, `b2_api` is a `b2sdk.v2.B2Api`; without one (or with one not yet authorised) the
+    credentials come from the environment (`B2_APPLICATION_KEY_ID`, `B2_APPLICATION_KEY`).
+    `cache_dir` (B2 only) holds verified downloads; `retry` (B2 only) sets the backoff;
+    `progress` shows tqdm bars for listings and downloads.
+
+    >>> storage = open_storage("file:///data/aireadi")                   # doctest: +SKIP
+    >>> storage = open_storage("b2://my-bucket/aireadi", cache_dir="/scratch/b2")  # doctest: +SKIP
+    """
+    text = str(uri)
+    if text.startswith("b2://"):
+        bucket_name, _, prefix = text[len("b2://") :].partition("/")
+        if not bucket_name:
+            raise ValueError(f"storage URI {text!r} names no bucket; use {_URI_FORMS}")
+        if b2_api is None or not _is_authorized(b2_api):
+            b2_api = authorize_b2(b2_api)
+        return B2Storage(
+            b2_api,
+            bucket_name,
+            prefix,
+            cache_dir=cache_dir,
+            retry=retry or Retry(),
+            progress=progress,
+        )
+    if text.startswith("file:"):
+        parsed = urlparse(text)
+        if parsed.netloc not in ("", "localhost") or not parsed.path.startswith("/"):
+            raise ValueError(f"storage URI {text!r} is not an absolute file URI; use {_URI_FORMS}")
+        return LocalStorage(unquote(parsed.path), progress=progress)
+    if not text or "://" in text:
+        raise ValueError(f"unsupported storage URI {text!r}; use {_URI_FORMS}")
+    return LocalStorage(text, progress=progress)
+
+
+def _check_key(key: str, uri: str) -> str:
+    """Refuse keys that would leave the root once joined to a local path."""
+    parts = key.split("/")
+    if not key or key.startswith("/") or "\\" in key or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(
+            f"storage key {key!r} is not a relative '/'-separated path inside {uri}; "
+            "give it as listed, e.g. 'retinal_oct/manifest.tsv'"
+        )
+    return key
+
+
+def _file_sha1(path: Path) -> str:
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha1").hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Local folder
+
+
+class LocalStorage:
+    """A release in a local (or mounted) folder.
+
+    Keys are paths relative to `root` with '/'; symlinked files and folders are followed;
+    our own ``*.partial`` temporaries are not listed.
+
+    >>> storage = LocalStorage("/data/aireadi")                          # doctest: +SKIP
+    >>> next(storage.list("retinal_oct/structural_oct/"))                # doctest: +SKIP
+    ObjectInfo(key='retinal_oct/structural_oct/topcon_maestro2/1001/a.dcm', size=52428800, sha1=None)
+    >>> storage.local_path("participants.tsv")                           # doctest: +SKIP
+    PosixPath('/data/aireadi/participants.tsv')
+    """
+
+    def __init__(self, root: str | Path, *, progress: bool = False):
+        root = Path(root).expanduser().absolute()
+        if not root.exists():
+            raise FileNotFoundError(
+                f"storage root {root} does not exist; check the path (or that its disk is mounted)"
+            )
+        if not root.is_dir():
+            raise NotADirectoryError(
+                f"storage root {root} is a file; give the folder holding the release"
+            )
+        self.root = root
+        self.uri = root.as_uri()
+        self.progress = progress
+
+    def __repr__(self) -> str:
+        return f"LocalStorage({self.uri!r})"
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        # Only the folder named by the prefix is walked, not the whole tree.
+        folder = prefix.rpartition("/")[0]
+        start = self.root / _check_key(folder, self.uri) if folder else self.root
+        if not start.is_dir():
+            return
+        stat = start.stat()
+        walk = self._walk(start, folder + "/" if folder else "", prefix, {(stat.st_dev, stat.st_ino)})
+        yield from tqdm(walk, desc=f"listing {self.uri}", unit=" files", disable=not self.progress)
+
+    def _walk(
+        self, folder: Path, relative: str, prefix: str, ancestors: set[tuple[int, int]]
+    ) -> Iterator[ObjectInfo]:
+        with os.scandir(folder) as scan:
+            entries = [(entry, entry.is_dir()) for entry in scan]
+        # A folder sorts as its name plus '/', so that this depth-first walk yields keys in
+        # the order of sorted(keys), as B2 lists them: "a-b" < "a.txt" < "a/x". Sorting bare
+        # names would put folder "a" first.
+        entries.sort(key=lambda item: item[0].name + "/" if item[1] else item[0].name)
+        for entry, is_dir in entries:
+            key = relative + entry.name
+            if is_dir:
+                folder_key = key + "/"
+                if not (folder_key.startswith(prefix) or prefix.startswith(folder_key)):
+                    continue
+                stat = entry.stat()
+                identity = (stat.st_dev, stat.st_ino)
+                if identity in ancestors:
+                    logger.warning("not following %s: symlink loop back to a parent folder", entry.path)
+                    continue
+                yield from self._walk(Path(entry.path), folder_key, prefix, ancestors | {identity})
+            elif entry.is_file():
+                if entry.name.endswith(PARTIAL_SUFFIX) or not key.startswith(prefix):
+                    continue
+                yield ObjectInfo(key=key, size=entry.stat().st_size)
+            elif entry.is_symlink():
+                logger.warning("skipping broken symlink %s", entry.path)
+
+    def local_path(self, key: str) -> Path:
+        path = self.root / _check_key(key, self.uri)
+        if not path.is_file():
+            raise FileNotFoundError(f"no object {key!r} in {self.uri} (looked for {path})")
+        return path
+
+    def read_bytes(self, key: str) -> bytes:
+        return self.local_path(key).read_bytes()
+
+    def exists(self, key: str) -> bool:
+        return (self.root / _check_key(key, self.uri)).is_file()
+
+    def sha1(self, key: str) -> str:
+        return _file_sha1(self.local_path(key))
+
+
+# ---------------------------------------------------------------------------------------------
+# Backblaze B2
+
+
+def _is_authorized(b2_api: Any) -> bool:
+    from b2sdk.v2.exception import MissingAccountData
+
+    try:
+        b2_api.account_info.get_account_id()
+    except MissingAccountData:
+        return False
+    return True
+
+
+def authorize_b2(b2_api: Any = None, *, retry: Retry | None = None) -> Any:
+    """Authorise `b2_api` (a new `b2sdk.v2.B2Api` when None) with the key in the environment.
+
+    The key itself never reaches a message, a log line or an exception's text.
+
+    >>> api = authorize_b2()   # reads B2_APPLICATION_KEY_ID and B2_APPLICATION_KEY  # doctest: +SKIP
+    """
+    from b2sdk.v2 import B2Api, InMemoryAccountInfo, InMemoryCache
+    from b2sdk.v2.exception import B2Error
+
+    key_id = os.environ.get(KEY_ID_ENV, "").strip()
+    key = os.environ.get(KEY_ENV, "").strip()
+    missing = [name for name, value in ((KEY_ID_ENV, key_id), (KEY_ENV, key)) if not value]
+    if missing:
+        raise StorageError(
+            f"B2 credentials missing: set {' and '.join(missing)} in the environment "
+            "(an application key with read access to the bucket)"
+        )
+    if b2_api is None:
+        b2_api = B2Api(InMemoryAccountInfo(), cache=InMemoryCache())
+    shown_id = key_id[:6] + "..."
+    try:
+        _call_with_retry(
+            lambda: b2_api.authorize_account("production", key_id, key),
+            retry=retry or Retry(),
+            what=f"B2 authorisation with key id {shown_id}",
+        )
+    # `from None` below: the b2sdk errors in the chain are not ours to vouch for.
+    except StorageError as exc:  # the service kept failing
+        raise StorageError(str(exc).replace(key, "***")) from None
+    except (B2Error, PermissionError) as exc:
+        reason = str(exc).replace(key, "***")
+        raise PermissionError(
+            f"B2 refused the application key ({KEY_ID_ENV}={shown_id}): {reason}. "
+            f"Check that {KEY_ID_ENV} and {KEY_ENV} hold a current key with read access."
+        ) from None
+    return b2_api
+
+
+def _is_transient(exc: BaseException) -> bool:
+    import requests
+    from b2sdk.v2.exception import B2Error, BrokenPipe, ConnectionReset
+
+    if isinstance(exc, _ContentMismatch):
+        return True
+    if isinstance(exc, B2Error):
+        # B2ConnectionError, timeouts, 5xx (ServiceError), TooManyRequests, truncated and
+        # checksum-mismatched downloads all say so themselves.
+        return exc.should_retry_http() or isinstance(exc, (ConnectionReset, BrokenPipe))
+    return isinstance(exc, (ConnectionError, TimeoutError, requests.exceptions.RequestException))
+
+
+def _call_with_retry(call: Callable[[], T], *, retry: Retry, what: str) -> T:
+    """`call()`, again after a backoff while it fails transiently; permanent errors at once."""
+    from b2sdk.v2.exception import (
+        AccessDenied,
+        FileNotPresent,
+        NonExistentBucket,
+        NotAllowedByAppKeyError,
+        Unauthorized,
+        v3BucketIdNotFound,  # the base of every "bucket id not found", whatever the API version
+    )
+
+    for attempt in range(1, retry.attempts + 1):
+        try:
+            return call()
+        except (FileNotPresent, NonExistentBucket, v3BucketIdNotFound) as exc:
+            raise FileNotFoundError(f"{what}: not found in B2 ({exc})") from exc
+        except (Unauthorized, AccessDenied, NotAllowedByAppKeyError) as exc:
+            raise PermissionError(
+                f"{what}: B2 refused access ({exc}); check that the application key can read it"
+            ) from exc
+        except Exception as exc:
+            if not _is_transient(exc):
+                raise
+            if attempt == retry.attempts:
+                raise StorageError(
+                    f"{what}: gave up after {attempt} attempts; last error: {exc}"
+                ) from exc
+            delay = max(retry.delay_s(attempt), float(getattr(exc, "retry_after_seconds", None) or 0))
+            logger.warning(
+                "%s failed (%s: %s); attempt %d of %d, retrying in %.3g s",
+                what, type(exc).__name__, exc, attempt, retry.attempts, delay,
+            )
+            retry.sleep(delay)
+    raise AssertionError("unreachable")  # the loop returns or raises
+
+
+class _ContentMismatch(Exception):
+    """Downloaded bytes that differ from the listing: retried, the object may have changed."""
+
+
+def _listing_sha1(entry: dict[str, Any]) -> str | None:
+    sha1 = entry.get("contentSha1")
+    if sha1 and sha1 != "none":
+        return sha1.removeprefix("unverified:")
+    # Large files carry no content SHA-1; uploaders usually put it in the file info.
+    return (entry.get("fileInfo") or {}).get("large_file_sha1")
+
+
+def default_cache_dir() -> Path:
+    """`$OCTFT_CACHE_DIR/b2`, or ``~/.cache/octft/b2``."""
+    base = os.environ.get(CACHE_DIR_ENV)
+    return Path(base).expanduser() / "b2" if base else Path.home() / ".cache" / "octft" / "b2"
+
+
+class B2Storage:
+    """A release in a Backblaze B2 bucket, under an optional name prefix.
+
+    Listings follow B2's pages to the end and show only the latest version of each file.
+    `local_path` downloads into ``cache_dir/<bucket>/<file name>`` through a ``*.partial``
+    file that is checked against the listing's size and SHA-1 before it is moved into place,
+    so a cache entry is always whole; later calls reuse it without downloading. Transient
+    failures are retried with `retry`'s backoff.
+
+    >>> from b2sdk.v2 import B2Api, InMemoryAccountInfo                 # doctest: +SKIP
+    >>> api = B2Api(InMemoryAccountInfo())                              # doctest: +SKIP
+    >>> api.authorize_account("production", key_id, key)                # doctest: +SKIP
+    >>> storage = B2Storage(api, "my-bucket", "aireadi-v2", cache_dir="/scratch/b2")  # doctest: +SKIP
+    >>> storage.local_path("participants.tsv")                          # doctest: +SKIP
+    PosixPath('/scratch/b2/my-bucket/aireadi-v2/participants.tsv')
+    """
+
+    def __init__(
+        self,
+        b2_api: Any,
+        bucket_name: str,
+        prefix: str = "",
+        *,
+        cache_dir: str | Path | None = None,
+        retry: Retry | None = None,
+        page_size: int = 1000,
+        progress: bool = False,
+    ):
+        prefix = prefix.strip("/")
+        self.uri = f"b2://{bucket_name}/{prefix}" if prefix else f"b2://{bucket_name}"
+        if prefix:
+            _check_key(prefix, self.uri)
+        self.bucket_name = bucket_name
+        self.retry = retry or Retry()
+        self.page_size = page_size
+        self.progress = progress
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+        self._api = b2_api
+        self._name_prefix = prefix + "/" if prefix else ""
+        # What listings said about each key, so that reading after listing costs no extra call.
+        self._known: dict[str, ObjectInfo] = {}
+        self._bucket = _call_with_retry(
+            lambda: b2_api.get_bucket_by_name(bucket_name), retry=self.retry, what=f"bucket {self.uri}"
+        )
+
+    def __repr__(self) -> str:
+        return f"B2Storage({self.uri!r})"
+
+    def _where(self, key: str) -> str:
+        return f"{self.uri}/{key}"
+
+    def _page(self, start_name: str | None, count: int, name_prefix: str) -> dict[str, Any]:
+        return _call_with_retry(
+            lambda: self._api.session.list_file_names(
+                self._bucket.id_, start_name, count, name_prefix or None
+            ),
+            retry=self.retry,
+            what=f"listing {self.uri} from {start_name or name_prefix or 'the start'}",
+        )
+
+    def _infos(self, page: dict[str, Any]) -> Iterator[ObjectInfo]:
+        for entry in page["files"]:
+            # list_file_names gives the latest version only; hidden files are not objects.
+            if entry.get("action", "upload") != "upload":
+                continue
+            info = ObjectInfo(
+                key=entry["fileName"][len(self._name_prefix) :],
+                size=int(entry["contentLength"]),
+                sha1=_listing_sha1(entry),
+            )
+            self._known[info.key] = info
+            yield info
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        listing = self._list(prefix)
+        yield from tqdm(listing, desc=f"listing {self.uri}", unit=" files", disable=not self.progress)
+
+    def _list(self, prefix: str) -> Iterator[ObjectInfo]:
+        name_prefix = self._name_prefix + prefix
+        start_name = name_prefix or None
+        while True:
+            page = self._page(start_name, self.page_size, name_prefix)
+            yield from self._infos(page)
+            start_name = page.get("nextFileName")
+            if start_name is None:
+                return
+
+    def info(self, key: str) -> ObjectInfo:
+        """What B2 says about `key` (from the last listing when there was one)."""
+        if key in self._known:
+            return self._known[key]
+        name = self._name_prefix + _check_key(key, self.uri)
+        for info in self._infos(self._page(name, 1, name)):
+            if info.key == key:
+                return info
+        raise FileNotFoundError(f"no object {key!r} in {self.uri}; check the key against a listing")
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.info(key)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def sha1(self, key: str) -> str:
+        info = self.info(key)
+        if info.sha1 is not None:
+            return info.sha1
+        path = self.local_path(key)
+        stamp = _read_stamp(self._stamp_path(key), path)
+        return stamp or _file_sha1(path)
+
+    def _download(self, key: str, file: io.BufferedIOBase) -> None:
+        from b2sdk.v2 import make_progress_listener
+
+        listener = make_progress_listener(self._where(key), quiet=not self.progress)
+        downloaded = self._bucket.download_file_by_name(self._name_prefix + key, listener)
+        downloaded.save(file)
+
+    def _check_content(self, key: str, info: ObjectInfo, size: int, sha1: str) -> None:
+        if size != info.size or (info.sha1 is not None and sha1 != info.sha1):
+            # The object may have been replaced since the listing: ask again next attempt.
+            self._known.pop(key, None)
+            raise _ContentMismatch(
+                f"downloaded {size} bytes with SHA-1 {sha1}, listing says {info.size} bytes"
+                f" with SHA-1 {info.sha1}"
+            )
+
+    def read_bytes(self, key: str) -> bytes:
+        _check_key(key, self.uri)
+
+        def attempt() -> bytes:
+            info = self.info(key)
+            buffer = io.BytesIO()
+            self._download(key, buffer)
+            data = buffer.getvalue()
+            self._check_content(key, info, len(data), hashlib.sha1(data).hexdigest())
+            return data
+
+        return _call_with_retry(attempt, retry=self.retry, what=f"reading {self._where(key)}")
+
+    # -- download cache ---------------------------------------------------------------------
+
+    def cache_path(self, key: str) -> Path:
+        """Where `local_path` keeps `key` (whether or not it is there yet)."""
+        return self.cache_dir / self.bucket_name / (self._name_prefix + _check_key(key, self.uri))
+
+    def _stamp_path(self, key: str) -> Path:
+        return self.cache_dir / _STAMP_DIR / self.bucket_name / (self._name_prefix + key)
+
+    def local_path(self, key: str) -> Path:
+        path = self.cache_path(key)
+        info = self.info(key)
+        if self._cache_entry_ok(key, path, info):
+            return path
+        if path.exists():
+            logger.warning(
+                "cache entry %s does not match %s; downloading it again", path, self._where(key)
+            )
+            path.unlink(missing_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_partials(path)
+        _call_with_retry(
+            lambda: self._download_to_cache(key, path),
+            retry=self.retry,
+            what=f"downloading {self._where(key)}",
+        )
+        return path
+
+    def _cache_entry_ok(self, key: str, path: Path, info: ObjectInfo) -> bool:
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return False
+        if size != info.size:
+            return False
+        stamp_path = self._stamp_path(key)
+        sha1 = _read_stamp(stamp_path, path)
+        if sha1 is None:  # no stamp, or the file changed since it was stamped
+            sha1 = _file_sha1(path)
+            if info.sha1 is not None and sha1 != info.sha1:
+                return False
+            _write_stamp(stamp_path, path, sha1)
+        return info.sha1 is None or sha1 == info.sha1
+
+    def _download_to_cache(self, key: str, path: Path) -> None:
+        info = self.info(key)
+        # Unique per process and call, so concurrent downloads of one key never share a file.
+        partial = _partial_path(path)
+        try:
+            with open(partial, "w+b") as file:
+                self._download(key, file)
+                file.flush()
+                os.fsync(file.fileno())
+            sha1 = _file_sha1(partial)
+            self._check_content(key, info, partial.stat().st_size, sha1)
+            os.replace(partial, path)  # atomic: readers see the old entry or the whole new one
+        finally:
+            partial.unlink(missing_ok=True)
+        _write_stamp(self._stamp_path(key), path, sha1)
+
+
+def _partial_path(path: Path) -> Path:
+    """A temporary sibling of `path`, unique per process and call."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{PARTIAL_SUFFIX}")
+
+
+def _read_stamp(stamp_path: Path, path: Path) -> str | None:
+    """The SHA-1 recorded for `path`, if the stamp still describes the file as it is."""
+    try:
+        stamp = json.loads(stamp_path.read_text())
+        stat = path.stat()
+    except (OSError, ValueError):
+        return None
+    if not isinstance(stamp, dict):
+        return None
+    if (stamp.get("size"), stamp.get("mtime_ns")) != (stat.st_size, stat.st_mtime_ns):
+        return None
+    sha1 = stamp.get("sha1")
+    return sha1 if isinstance(sha1, str) else None
+
+
+def _write_stamp(stamp_path: Path, path: Path, sha1: str) -> None:
+    stat = path.stat()
+    stamp_path.parent.mkdir(parents=True, exist_ok=True)
+    partial = _partial_path(stamp_path)
+    partial.write_text(json.dumps({"sha1": sha1, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}))
+    os.replace(partial, stamp_path)
+
+
+def _remove_stale_partials(path: Path) -> None:
+    """Delete partials of `path` left by killed downloads (never a live one: those are fresh)."""
+    start = f".{path.name}."
+    now = time.time()
+    with os.scandir(path.parent) as scan:
+        for entry in scan:
+            if entry.name.startswith(start) and entry.name.endswith(PARTIAL_SUFFIX):
+                try:
+                    if now - entry.stat().st_mtime > STALE_PARTIAL_S:
+                        os.unlink(entry.path)
+                except FileNotFoundError:  # its owner finished or removed it meanwhile
+                    pass
