@@ -1,0 +1,1 @@
+"""Fine-tuning: the training loop, its step, metrics and losses."""

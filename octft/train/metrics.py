@@ -1,0 +1,384 @@
+"""Metrics that cannot lie: a confusion matrix counted on the device, every score derived on the host.
+
+The device side is one pure function, `confusion_update`, that adds a batch to a running (C, C) confusion
+matrix with fixed shapes and no host reads, so it runs inside the compiled XLA step. Padding rows of a
+fixed-shape last batch carry weight 0 and are not counted. Everything else takes numpy arrays after the one
+host read at the end of an evaluation:
+
+>>> import torch
+>>> confusion = torch.zeros(2, 2)
+>>> logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [0.0, 3.0], [5.0, 0.0]])
+>>> targets = torch.tensor([0, 0, 1, 1])
+>>> weights = torch.tensor([1.0, 1.0, 1.0, 0.0])  # the last row pads the batch to a fixed shape
+>>> confusion = confusion_update(confusion, logits, targets, weights)
+>>> classification_metrics(confusion.numpy(), class_names=["healthy", "insulin"])["balanced_accuracy"]
+0.75
+
+Conventions follow scikit-learn: rows are the true class, columns the predicted class, and every score
+equals its scikit-learn counterpart on the same predictions (see `classification_metrics`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from sklearn.metrics import roc_auc_score
+
+# MLflow accepts these characters in metric keys; class names become part of the keys.
+_KEY_SAFE = re.compile(r"^[A-Za-z0-9_.\-/ ]+$")
+
+
+def confusion_update(
+    confusion: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """`confusion` plus this batch's counts: rows are true classes, columns predicted (argmax) classes.
+
+    Pure and fixed-shape: one-hot matmul instead of `bincount` (which XLA runs on the host), no `.item()`
+    and no branch on values. Rows with weight 0 (padding) add nothing. A target outside 0..C-1 matches
+    no class and is not counted; `classification_metrics(..., targets=...)` catches that on the host.
+
+    >>> confusion_update(torch.zeros(2, 2), torch.tensor([[0.0, 3.0]]), torch.tensor([0]), torch.ones(1))
+    tensor([[0., 1.],
+            [0., 0.]])
+    """
+    num_classes = logits.shape[-1]
+    if confusion.shape != (num_classes, num_classes) or not confusion.is_floating_point():
+        raise ValueError(
+            f"confusion must be a floating-point ({num_classes}, {num_classes}) tensor to match logits "
+            f"{tuple(logits.shape)}, got {confusion.dtype} {tuple(confusion.shape)}; start from "
+            f"torch.zeros({num_classes}, {num_classes})"
+        )
+    if logits.ndim != 2 or targets.shape != logits.shape[:1] or weights.shape != logits.shape[:1]:
+        raise ValueError(
+            f"expected logits (B, C), targets (B,) and weights (B,), got {tuple(logits.shape)}, "
+            f"{tuple(targets.shape)} and {tuple(weights.shape)}"
+        )
+    classes = torch.arange(num_classes, device=logits.device)
+    true_one_hot = (targets[:, None] == classes).to(confusion.dtype)
+    predicted_one_hot = (logits.argmax(dim=1)[:, None] == classes).to(confusion.dtype)
+    # 0/1 operands are exact even in a reduced-precision matmul pass, and the sum of whole numbers stays
+    # exact in float32 up to 2**24 counts, so the counts are exact on TPU as well.
+    return confusion + true_one_hot.T @ (predicted_one_hot * weights.to(confusion.dtype)[:, None])
+
+
+def confusion_matrix(targets: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
+    """The (C, C) int64 confusion matrix on the host, as `sklearn.metrics.confusion_matrix(labels=range(C))`.
+
+    >>> confusion_matrix(np.array([0, 1, 1]), np.array([0, 1, 0]), num_classes=2)
+    array([[1, 0],
+           [1, 1]])
+    """
+    targets, predictions = np.asarray(targets), np.asarray(predictions)
+    if targets.ndim != 1 or targets.shape != predictions.shape:
+        raise ValueError(
+            f"targets and predictions must be 1-D of one length, got {targets.shape} and {predictions.shape}"
+        )
+    for name, values in (("targets", targets), ("predictions", predictions)):
+        bad = np.unique(values[(values < 0) | (values >= num_classes)])
+        if bad.size:
+            raise ValueError(f"{name} hold {bad.tolist()}, outside the class indices 0..{num_classes - 1}")
+    flat = targets.astype(np.int64) * num_classes + predictions.astype(np.int64)
+    return np.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64, stable for large logits."""
+    shifted = np.asarray(logits, dtype=np.float64)
+    shifted = shifted - shifted.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=-1, keepdims=True)
+
+
+def _checked_confusion(confusion: np.ndarray, class_names: Sequence[str]) -> np.ndarray:
+    confusion = np.asarray(confusion, dtype=np.float64)
+    num_classes = len(class_names)
+    if confusion.shape != (num_classes, num_classes):
+        raise ValueError(
+            f"confusion has shape {confusion.shape} but class_names has {num_classes} names {list(class_names)}"
+        )
+    if len(set(class_names)) != num_classes or not all(_KEY_SAFE.match(name) for name in class_names):
+        raise ValueError(
+            f"class_names {list(class_names)} must be distinct and use only letters, digits, '_', '-', '.', "
+            "'/' or spaces (they become MLflow metric keys)"
+        )
+    if not np.all(np.isfinite(confusion)) or np.any(confusion < 0) or np.any(confusion != np.round(confusion)):
+        raise ValueError(f"confusion must hold non-negative whole counts, got {confusion.tolist()}")
+    if confusion.sum() == 0:
+        raise ValueError("confusion is empty: no sample was counted (were all rows padding?)")
+    return confusion
+
+
+def _safe_divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    """numerator / denominator, 0 where the denominator is 0 (scikit-learn's zero_division=0)."""
+    return np.divide(numerator, denominator, out=np.zeros_like(numerator), where=denominator > 0)
+
+
+def _auc_macro(probs: np.ndarray, targets: np.ndarray, confusion: np.ndarray, class_names: Sequence[str]) -> float:
+    num_classes = len(class_names)
+    probs, targets = np.asarray(probs, dtype=np.float64), np.asarray(targets)
+    if targets.ndim != 1 or probs.shape != (targets.size, num_classes):
+        raise ValueError(f"probs must be (N, {num_classes}) and targets (N,), got {probs.shape} and {targets.shape}")
+    if not np.issubdtype(targets.dtype, np.integer):
+        raise ValueError(f"targets must be integer class indices, got dtype {targets.dtype}")
+    bad = np.unique(targets[(targets < 0) | (targets >= num_classes)])
+    if bad.size:
+        raise ValueError(f"targets hold {bad.tolist()}, outside the class indices 0..{num_classes - 1}")
+    if not np.allclose(probs.sum(axis=1), 1.0):
+        raise ValueError("probs rows must sum to 1; pass softmax(logits), not the logits")
+    support = np.bincount(targets, minlength=num_classes)
+    if not np.array_equal(support, confusion.sum(axis=1)):
+        raise ValueError(
+            f"targets count {support.tolist()} samples per class but the confusion rows count "
+            f"{confusion.sum(axis=1).astype(np.int64).tolist()}: probs/targets and the confusion must describe "
+            "the same samples"
+        )
+    absent = [name for name, count in zip(class_names, support) if count == 0]
+    if absent:
+        warnings.warn(
+            f"auc_macro is NaN: class(es) {absent} never occur in the targets, so their one-vs-rest ROC AUC "
+            "is undefined",
+            stacklevel=3,
+        )
+        return math.nan
+    return float(roc_auc_score(targets, probs, multi_class="ovr", average="macro", labels=list(range(num_classes))))
+
+
+def classification_metrics(
+    confusion: np.ndarray,
+    *,
+    probs: np.ndarray | None = None,
+    targets: np.ndarray | None = None,
+    class_names: Sequence[str],
+) -> dict[str, float]:
+    """Scores from a confusion matrix (rows true, columns predicted), plus ROC AUC when given probs.
+
+    Returns `accuracy`, `balanced_accuracy`, `macro_f1`, and per class `f1_<name>`, `precision_<name>`,
+    `recall_<name>`, `pred_frac_<name>` (share of predictions), each equal to scikit-learn's on the same
+    predictions: precision/recall/F1 with `zero_division=0` over all `class_names` (a class never predicted
+    or never present scores 0 and counts in `macro_f1`). `balanced_accuracy` is the mean recall over the
+    classes present in the targets: like `balanced_accuracy_score`, absent classes are left out, with a
+    warning naming them. With `probs` (N, C) and `targets` (N,), `auc_macro` is the one-vs-rest macro ROC
+    AUC; it is NaN, with a warning, when a class is absent from the targets.
+
+    >>> confusion = np.array([[3, 1], [0, 2]])
+    >>> scores = classification_metrics(confusion, class_names=["healthy", "insulin"])
+    >>> scores["accuracy"], scores["recall_healthy"], scores["pred_frac_insulin"]
+    (0.8333333333333334, 0.75, 0.5)
+    """
+    if (probs is None) != (targets is None):
+        raise ValueError("pass probs and targets together (for auc_macro), or neither")
+    confusion = _checked_confusion(confusion, class_names)
+    true_positives = np.diag(confusion)
+    support = confusion.sum(axis=1)
+    predicted = confusion.sum(axis=0)
+    total = confusion.sum()
+
+    precision = _safe_divide(true_positives, predicted)
+    recall = _safe_divide(true_positives, support)
+    f1 = _safe_divide(2 * true_positives, support + predicted)
+    present = support > 0
+    if not present.all():
+        absent = [name for name, here in zip(class_names, present) if not here]
+        warnings.warn(
+            f"balanced_accuracy leaves out class(es) {absent}: they never occur in the targets "
+            "(scikit-learn's balanced_accuracy_score does the same)",
+            stacklevel=2,
+        )
+
+    scores = {
+        "accuracy": float(true_positives.sum() / total),
+        "balanced_accuracy": float(recall[present].mean()),
+        "macro_f1": float(f1.mean()),
+    }
+    for index, name in enumerate(class_names):
+        scores[f"f1_{name}"] = float(f1[index])
+        scores[f"precision_{name}"] = float(precision[index])
+        scores[f"recall_{name}"] = float(recall[index])
+        scores[f"pred_frac_{name}"] = float(predicted[index] / total)
+    if probs is not None and targets is not None:
+        scores["auc_macro"] = _auc_macro(probs, targets, confusion, class_names)
+    return scores
+
+
+def aggregate_by_participant(
+    participant_ids: Sequence[str], logits: np.ndarray, targets: np.ndarray
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """One row per participant: the mean of their volumes' logits and their (single) target.
+
+    Participants come back in order of first appearance. Participant probabilities are
+    `softmax(mean_logits)`. A participant whose volumes disagree on the target is an error, since the
+    labels are per participant.
+
+    >>> ids, mean_logits, labels = aggregate_by_participant(
+    ...     ["1001", "1002", "1001"], np.array([[2.0, 0.0], [0.0, 1.0], [0.0, 0.0]]), np.array([0, 1, 0]))
+    >>> ids, mean_logits.tolist(), labels.tolist()
+    (['1001', '1002'], [[1.0, 0.0], [0.0, 1.0]], [0, 1])
+    """
+    ids = np.asarray([str(participant_id) for participant_id in participant_ids])
+    logits, targets = np.asarray(logits, dtype=np.float64), np.asarray(targets)
+    if logits.ndim != 2 or ids.shape != logits.shape[:1] or targets.shape != logits.shape[:1]:
+        raise ValueError(
+            f"expected participant_ids (N,), logits (N, C) and targets (N,), got {ids.shape}, {logits.shape} "
+            f"and {targets.shape}"
+        )
+    if ids.size == 0:
+        raise ValueError("no volumes to aggregate: participant_ids is empty")
+    if not np.issubdtype(targets.dtype, np.integer):
+        raise ValueError(f"targets must be integer class indices, got dtype {targets.dtype}")
+    sorted_ids, first_index, group = np.unique(ids, return_index=True, return_inverse=True)
+    # np.unique sorts; renumber the groups by first appearance so the output follows the input order.
+    order = np.argsort(first_index, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    group = rank[group]
+    unique_ids = sorted_ids[order]
+
+    counts = np.bincount(group)
+    sums = np.zeros((unique_ids.size, logits.shape[1]))
+    np.add.at(sums, group, logits)
+    lowest = np.full(unique_ids.size, np.iinfo(np.int64).max)
+    highest = np.full(unique_ids.size, np.iinfo(np.int64).min)
+    np.minimum.at(lowest, group, targets.astype(np.int64))
+    np.maximum.at(highest, group, targets.astype(np.int64))
+    conflicting = np.flatnonzero(lowest != highest)
+    if conflicting.size:
+        participant = unique_ids[conflicting[0]]
+        seen = sorted(set(targets[ids == participant].tolist()))
+        raise ValueError(
+            f"participant {participant} has volumes with different targets {seen}; a participant has one "
+            f"label, so fix the labels table or the volume-to-participant mapping "
+            f"({conflicting.size} participant(s) conflict)"
+        )
+    return unique_ids.tolist(), sums / counts[:, None], lowest
+
+
+def confusion_matrix_figure(confusion: np.ndarray, class_names: Sequence[str], title: str) -> Figure:
+    """A matplotlib figure of the confusion matrix: counts annotated, colour = share of the true class.
+
+    Built without pyplot (an Agg canvas, no global figure state), ready for `mlflow.log_figure`.
+    """
+    counts = _checked_confusion(confusion, class_names)
+    num_classes = len(class_names)
+    row_share = _safe_divide(counts, counts.sum(axis=1, keepdims=True).repeat(num_classes, axis=1))
+    figure = Figure(figsize=(2.0 + 1.3 * num_classes, 1.5 + 1.2 * num_classes), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    axes.imshow(row_share, cmap="Blues", vmin=0.0, vmax=1.0)
+    for true_index in range(num_classes):
+        for predicted_index in range(num_classes):
+            share = row_share[true_index, predicted_index]
+            axes.text(
+                predicted_index,
+                true_index,
+                f"{int(counts[true_index, predicted_index])}\n{share:.0%}",
+                ha="center",
+                va="center",
+                color="white" if share > 0.5 else "black",
+            )
+    axes.set_xticks(range(num_classes), labels=list(class_names), rotation=30, ha="right")
+    axes.set_yticks(range(num_classes), labels=list(class_names))
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    axes.set_title(title)
+    return figure
+
+
+def bootstrap_ci(
+    y_true: np.ndarray,
+    y_pred: np.ndarray,
+    probs: np.ndarray | None,
+    metric: Callable[[np.ndarray, np.ndarray, np.ndarray | None], float],
+    n_resamples: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> tuple[float, float, float]:
+    """`metric` on all rows, and its percentile bootstrap (1 - alpha) interval: `(point, low, high)`.
+
+    Rows are participants (aggregate volumes first), resampled with replacement. `metric` is called as
+    `metric(y_true, y_pred, probs)` (probs is None when not given). Resamples where the metric is NaN (a
+    class drawn out, say) are left out of the interval, with a warning giving their count.
+
+    >>> y = np.array([0, 1] * 20)
+    >>> accuracy = lambda y_true, y_pred, _: float((y_true == y_pred).mean())
+    >>> point, low, high = bootstrap_ci(y, y, None, accuracy, n_resamples=100)
+    >>> (point, low, high)
+    (1.0, 1.0, 1.0)
+    """
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    if y_true.ndim != 1 or y_true.shape != y_pred.shape or y_true.size == 0:
+        raise ValueError(
+            f"y_true and y_pred must be non-empty 1-D of one length, got {y_true.shape} and {y_pred.shape}"
+        )
+    if probs is not None and np.asarray(probs).shape[0] != y_true.size:
+        raise ValueError(f"probs has {np.asarray(probs).shape[0]} rows but y_true has {y_true.size}")
+    if n_resamples < 1 or not 0.0 < alpha < 1.0:
+        raise ValueError(f"need n_resamples >= 1 and 0 < alpha < 1, got n_resamples={n_resamples}, alpha={alpha}")
+    probs = None if probs is None else np.asarray(probs)
+
+    point = float(metric(y_true, y_pred, probs))
+    rng = np.random.default_rng(seed)
+    values = np.empty(n_resamples)
+    for resample in range(n_resamples):
+        rows = rng.integers(0, y_true.size, size=y_true.size)
+        values[resample] = metric(y_true[rows], y_pred[rows], None if probs is None else probs[rows])
+    undefined = int(np.isnan(values).sum())
+    if undefined:
+        warnings.warn(
+            f"bootstrap_ci: the metric is NaN on {undefined} of {n_resamples} resamples; the interval uses the rest",
+            stacklevel=2,
+        )
+    if undefined == n_resamples:
+        return point, math.nan, math.nan
+    low, high = np.quantile(values[~np.isnan(values)], [alpha / 2, 1 - alpha / 2])
+    return point, float(low), float(high)
+
+
+def is_collapsed(
+    pred_frac: Sequence[float],
+    balanced_accuracy: float,
+    n_classes: int,
+    max_class_share: float,
+    chance_margin: float,
+) -> tuple[bool, str]:
+    """Whether a classifier has collapsed, and why: the one definition the loop and the sweep's pruner share.
+
+    Collapsed means one class takes more than `max_class_share` of the predictions, or balanced accuracy
+    is at most chance (1 / n_classes) plus `chance_margin`, or balanced accuracy is NaN.
+
+    >>> is_collapsed([0.97, 0.01, 0.01, 0.01], 0.26, n_classes=4, max_class_share=0.9, chance_margin=0.05)[0]
+    True
+    """
+    shares = [float(share) for share in pred_frac]
+    if len(shares) != n_classes:
+        raise ValueError(f"pred_frac has {len(shares)} entries but n_classes is {n_classes}")
+    if not 1.0 / n_classes <= max_class_share <= 1.0 or chance_margin < 0:
+        raise ValueError(
+            f"need 1/n_classes <= max_class_share <= 1 and chance_margin >= 0, got max_class_share="
+            f"{max_class_share}, chance_margin={chance_margin}"
+        )
+    top_class = int(np.argmax(shares))
+    chance = 1.0 / n_classes
+    reasons = []
+    if shares[top_class] > max_class_share:
+        reasons.append(
+            f"class {top_class} takes {shares[top_class]:.1%} of predictions (limit {max_class_share:.1%})"
+        )
+    if math.isnan(balanced_accuracy):
+        reasons.append("balanced accuracy is NaN")
+    elif balanced_accuracy <= chance + chance_margin:
+        reasons.append(
+            f"balanced accuracy {balanced_accuracy:.3f} is within {chance_margin:.3f} of chance {chance:.3f}"
+        )
+    if reasons:
+        return True, "collapsed: " + "; ".join(reasons)
+    return False, (
+        f"not collapsed: top class {top_class} takes {shares[top_class]:.1%} of predictions, "
+        f"balanced accuracy {balanced_accuracy:.3f} vs chance {chance:.3f}"
+    )
