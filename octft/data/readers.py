@@ -1,20 +1,494 @@
-"""Interim reader: `.npy` only. Replaced by the full DICOM / NIfTI / NumPy reader."""
+"""Turn the bytes of one OCT file into a `Volume`: DICOM, NIfTI or NumPy.
+
+The format is chosen by content first, then by name: a DICOM preamble (``DICM`` at byte
+128), the NIfTI header magic, the ``.npy`` magic, a zip (``.npz``) or a gzip stream (read,
+then sniffed again; ``.nii.gz`` in practice). A file named ``.dcm`` or with no extension
+that starts like a DICOM data set without a preamble is read as DICOM too.
+
+Conventions, the same for every format:
+
+* ``array`` is ``(frames, height, width)``: frames are the B-scans. The stored dtype is
+  kept (uint8, uint16, float32, ...), in native byte order; nothing is rescaled
+  (DICOM Rescale Slope/Intercept are not applied) and MONOCHROME1 is not inverted.
+* DICOM colour becomes luminance: YBR_* is first converted to RGB by pydicom, then the
+  ITU-R BT.601 weights (0.299 R + 0.587 G + 0.114 B) apply; integer results are rounded
+  back to the stored dtype. (A YBR variant pydicom cannot convert keeps its Y channel.)
+  A single-frame DICOM gives ``frames == 1``.
+* NIfTI: nibabel's data is indexed ``(i, j, k)`` = (columns, rows, B-scans) in
+  AI-READI-like OCT files, so the array is ``data.transpose(2, 1, 0)``, i.e.
+  ``array[k, j, i] == data[i, j, k]``, and ``spacing`` is the zooms reversed, converted
+  to mm. A 2-D image gives ``frames == 1``; trailing singleton axes past the third
+  (a 4-D file holding one volume) are dropped; any other 4-D file is an error. Header
+  scaling (``scl_slope``) is applied when set, which makes the array float.
+* NumPy: a 3-D array is taken as it is, a 2-D one gets a frame axis. An ``.npz`` must
+  hold one array, or one named ``volume`` or ``array``.
+
+``meta`` always has ``format``, ``participant_id``, ``device``, ``laterality``,
+``region``, ``spacing`` (mm per (frame, row, column); an unknown entry is None, and the
+whole is None when nothing is known) and ``source``; DICOM adds ``transfer_syntax`` (the
+UID), ``photometric_interpretation`` and ``modality``.
+
+Every failure is an `OctReadError` naming the file and the reason; no other exception
+type leaves `read_volume`.
+"""
 
 from __future__ import annotations
 
+import gzip
 import io
-from pathlib import Path
+import math
+import re
+import zlib
+from pathlib import Path, PurePath
+from typing import Any
 
 import numpy as np
 
+from octft.data.ids import canonical_participant_id
+from octft.data.layout import LATERALITIES
 from octft.data.volume import OctReadError, Volume
+
+_NOT_RECOGNISED = "not DICOM, NIfTI or NumPy"
+_DICOM_SUFFIXES = {"", ".dcm", ".dicom"}
+_GZIP_MAGIC = b"\x1f\x8b"
+_NPY_MAGIC = b"\x93NUMPY"
+_ZIP_MAGIC = b"PK\x03\x04"
+_PIXEL_DATA_TAG_LITTLE, _PIXEL_DATA_TAG_BIG = b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10"
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+# ITU-R BT.601 luma weights for R, G, B.
+_BT601 = np.array([0.299, 0.587, 0.114])
+_NIFTI_UNITS_TO_MM = {"meter": 1000.0, "mm": 1.0, "micron": 0.001, "unknown": 1.0}
 
 
 def read_volume(source: str | Path | bytes, *, name: str | None = None) -> Volume:
-    label = name or (str(source) if not isinstance(source, bytes) else "<bytes>")
+    """Read one OCT volume from a path or from bytes.
+
+    `name` is what errors (and ``meta["source"]``) call the file; give it when passing
+    bytes so that a failure names the object, and so that the extension can help.
+
+    >>> volume = read_volume("1001_oct_l.dcm")                      # doctest: +SKIP
+    >>> volume.array.shape, volume.meta["laterality"]               # doctest: +SKIP
+    ((97, 496, 512), 'L')
+    >>> read_volume(blob, name="b2://bucket/1001_oct_l.dcm")        # doctest: +SKIP
+    """
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        label = name or "<bytes>"
+        data = bytes(source)
+    else:
+        label = name or str(source)
+        data = _read_file(Path(source), label)
+    return _read_bytes(data, label, name_for_format=label)
+
+
+def describe_volume(volume: Volume) -> dict[str, Any]:
+    """Shape, dtype, value range and meta of a volume, JSON serialisable.
+
+    Statistics skip NaN and infinities; they are None when no finite value exists.
+
+    >>> import json
+    >>> json.dumps(describe_volume(read_volume("1001_oct_l.dcm")))  # doctest: +SKIP
+    """
+    array = volume.array
+    values = array if array.dtype.kind in "ui" else array[np.isfinite(array)]
+    if values.size:
+        low, high = values.min().item(), values.max().item()
+        mean = float(values.mean(dtype=np.float64))
+    else:
+        low = high = mean = None
+    return {
+        "shape": [int(size) for size in array.shape],
+        "dtype": str(array.dtype),
+        "min": low,
+        "max": high,
+        "mean": mean,
+        "meta": _json_safe(volume.meta),
+    }
+
+
+# --- choosing the format ---------------------------------------------------------------
+
+
+def _read_file(path: Path, label: str) -> bytes:
     try:
-        data = source if isinstance(source, bytes) else Path(source).read_bytes()
-        array = np.load(io.BytesIO(data), allow_pickle=False)
-    except Exception as exc:  # noqa: BLE001 - every failure becomes one error type
-        raise OctReadError(label, f"not a readable .npy volume ({exc})") from exc
-    return Volume(array=array, meta={"format": "npy"})
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise OctReadError(label, "file not found") from None
+    except IsADirectoryError:
+        raise OctReadError(label, "is a directory, not a file") from None
+    except OSError as exc:
+        raise OctReadError(label, f"cannot open: {exc.strerror or exc}") from exc
+    except (TypeError, ValueError) as exc:  # e.g. a NUL byte in the path
+        raise OctReadError(label, f"cannot open: {_one_line(exc)}") from exc
+
+
+def _read_bytes(data: bytes, label: str, *, name_for_format: str, inside_gzip: bool = False) -> Volume:
+    fmt = _sniff_format(data, label, name_for_format)
+    if fmt == "gzip":
+        if inside_gzip:
+            raise OctReadError(label, f"{_NOT_RECOGNISED}: gzip inside gzip")
+        try:
+            inner = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error, MemoryError) as exc:
+            raise OctReadError(label, f"corrupt gzip: {_one_line(exc)}") from exc
+        # Sniff the inner bytes by the name without `.gz`, so `x.dcm.gz` still hints DICOM.
+        inner_name = re.sub(r"\.gz$", "", name_for_format, flags=re.IGNORECASE)
+        return _read_bytes(inner, label, name_for_format=inner_name, inside_gzip=True)
+
+    reader = _READERS[fmt]
+    try:
+        array, meta = reader(data, label)
+        array = _as_native(array)
+    except OctReadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - pydicom, nibabel, numpy, warnings-as-errors: one error type
+        raise OctReadError(label, f"cannot read as {fmt}: {type(exc).__name__}: {_one_line(exc)}") from exc
+    _check_array(array, label)
+    base = {
+        "format": fmt,
+        "participant_id": None,
+        "device": None,
+        "laterality": None,
+        "region": None,
+        "spacing": None,
+        "source": label,
+    }
+    return Volume(array=array, meta={**base, **meta})
+
+
+def _sniff_format(data: bytes, label: str, name: str) -> str:
+    """'dicom' | 'nifti' | 'npy' | 'npz' | 'gzip', or an OctReadError saying why none."""
+    if not data:
+        raise OctReadError(label, "empty file (0 bytes)")
+    if data[:2] == _GZIP_MAGIC:
+        return "gzip"
+    if data[128:132] == b"DICM":
+        return "dicom"
+    if data[:6] == _NPY_MAGIC:
+        return "npy"
+    if data[:4] == _ZIP_MAGIC:
+        return "npz"
+    if _nifti_version(data) is not None:
+        return "nifti"
+
+    suffix = _suffix(name)
+    if suffix in _DICOM_SUFFIXES and _looks_like_dicom_without_preamble(data):
+        return "dicom"
+    expected = {".nii": "NIfTI", ".gz": "gzip", ".npy": "NumPy .npy", ".npz": "NumPy .npz"}.get(suffix)
+    if suffix in (".dcm", ".dicom"):
+        expected = "DICOM"
+    if suffix == ".hdr" or data[344:348] == b"ni1\0":
+        raise OctReadError(
+            label, "NIfTI header/image pair (.hdr/.img) is not supported: convert to a single .nii"
+        )
+    hint = f" (named {suffix} but the content does not start like {expected})" if expected else ""
+    raise OctReadError(label, f"{_NOT_RECOGNISED}{hint}")
+
+
+def _suffix(name: str) -> str:
+    suffix = PurePath(name).suffix.lower()
+    # DICOM files are often named by their UID ("1.2.840.113619.2.55"): a numeric suffix
+    # is part of the name, not an extension.
+    return "" if suffix[1:].isdigit() else suffix
+
+
+def _looks_like_dicom_without_preamble(data: bytes) -> bool:
+    """A data set written without preamble starts with a group 0002 or 0008 element."""
+    if len(data) < 8:
+        return False
+    group_little, group_big = int.from_bytes(data[:2], "little"), int.from_bytes(data[:2], "big")
+    if group_little not in (0x0002, 0x0008) and group_big != 0x0008:
+        return False
+    vr = data[4:6]
+    if vr.isalpha() and vr.isupper():  # explicit VR
+        return True
+    length = int.from_bytes(data[4:8], "little" if group_little in (0x0002, 0x0008) else "big")
+    return length <= len(data) - 8  # implicit VR: the first value must fit in the file
+
+
+# --- DICOM -----------------------------------------------------------------------------
+
+
+def _read_dicom(data: bytes, label: str) -> tuple[np.ndarray, dict[str, Any]]:
+    import pydicom
+    from pydicom.pixels import get_decoder
+
+    dataset = pydicom.dcmread(io.BytesIO(data), force=True)
+    if not any(keyword in dataset for keyword in _PIXEL_KEYWORDS):
+        # pydicom drops a Pixel Data element that the file ends inside (with a warning only).
+        if _PIXEL_DATA_TAG_LITTLE in data or _PIXEL_DATA_TAG_BIG in data:
+            raise OctReadError(label, "truncated: the file ends inside its Pixel Data element")
+        raise OctReadError(label, "no Pixel Data element: the DICOM holds no image")
+    syntax = _transfer_syntax(dataset)
+    if not syntax.is_transfer_syntax:
+        raise OctReadError(
+            label, f"cannot decode transfer syntax {syntax}: not a transfer syntax pydicom knows"
+        )
+    syntax_text = f"{syntax.name} ({syntax})"
+
+    rows, columns = int(dataset.Rows), int(dataset.Columns)
+    frames = int(dataset.get("NumberOfFrames") or 1)
+    samples = int(dataset.get("SamplesPerPixel") or 1)
+    photometric = str(dataset.get("PhotometricInterpretation", "")).strip().upper()
+    if samples not in (1, 3):
+        raise OctReadError(
+            label, f"SamplesPerPixel {samples} is not supported: expected 1 (grey) or 3 (colour)"
+        )
+    if photometric == "PALETTE COLOR":
+        raise OctReadError(label, "PALETTE COLOR images are not supported: convert to MONOCHROME2 or RGB")
+    if not syntax.is_compressed:
+        _check_native_length(dataset, rows, columns, frames, samples, photometric, label)
+
+    try:
+        decoder = get_decoder(syntax)
+    except NotImplementedError:
+        raise OctReadError(
+            label, f"cannot decode transfer syntax {syntax_text}: pydicom has no decoder for it"
+        ) from None
+    if not decoder.is_available:
+        needs = "; or ".join(decoder.missing_dependencies) or "a decoding plugin"
+        raise OctReadError(label, f"cannot decode transfer syntax {syntax_text}: install {needs}")
+    try:
+        array, decoded = decoder.as_array(dataset, as_rgb=True)
+    except Exception as exc:  # noqa: BLE001 - decoder plugins raise many types
+        raise OctReadError(
+            label, f"cannot decode pixel data ({syntax_text}; truncated or corrupt?): {_one_line(exc)}"
+        ) from exc
+
+    if samples == 3:
+        array = _luminance(array, str(decoded.get("photometric_interpretation", "RGB")))
+    if array.size != frames * rows * columns:
+        raise OctReadError(
+            label,
+            f"decoded {array.size} values, expected {frames} frames x {rows} x {columns}: corrupt header?",
+        )
+    meta = _dicom_meta(dataset)
+    meta.update(transfer_syntax=str(syntax), photometric_interpretation=photometric or None)
+    return array.reshape(frames, rows, columns), meta
+
+
+def _transfer_syntax(dataset: Any) -> Any:
+    from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    file_meta = getattr(dataset, "file_meta", None)
+    syntax = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
+    if syntax:
+        return UID(str(syntax))
+    # No file meta (a bare data set): the encoding pydicom found while reading tells it.
+    implicit, little = dataset.original_encoding
+    if implicit:
+        return ImplicitVRLittleEndian
+    return ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+
+
+def _check_native_length(dataset, rows, columns, frames, samples, photometric, label) -> None:
+    keyword = next(keyword for keyword in _PIXEL_KEYWORDS if keyword in dataset)
+    bits = int(
+        dataset.get("BitsAllocated") or {"FloatPixelData": 32, "DoubleFloatPixelData": 64}.get(keyword, 8)
+    )
+    values = rows * columns * frames * samples
+    expected = math.ceil(values / 8) if bits == 1 else values * bits // 8
+    if photometric == "YBR_FULL_422":  # two chroma samples shared by each pixel pair
+        expected = expected * 2 // 3
+    held = len(dataset[keyword].value or b"")
+    if held < expected:
+        raise OctReadError(label, f"truncated: pixel data holds {held} of {expected} bytes")
+
+
+def _luminance(array: np.ndarray, photometric: str) -> np.ndarray:
+    if photometric.upper().startswith("YBR"):
+        # pydicom left it as YCbCr (no RGB conversion exists for it): Y is the luminance.
+        return array[..., 0]
+    luma = array.astype(np.float64) @ _BT601
+    if array.dtype.kind in "ui":
+        info = np.iinfo(array.dtype)
+        return np.clip(np.rint(luma), info.min, info.max).astype(array.dtype)
+    return luma.astype(array.dtype)
+
+
+def _dicom_meta(dataset: Any) -> dict[str, Any]:
+    groups = [
+        _first_item(dataset, "SharedFunctionalGroupsSequence"),
+        _first_item(dataset, "PerFrameFunctionalGroupsSequence"),
+    ]
+    groups = [group for group in groups if group is not None]
+    anatomy = [_first_item(group, "FrameAnatomySequence") for group in groups]
+    anatomy = [item for item in anatomy if item is not None]
+    measures = [dataset] + [
+        item for group in groups if (item := _first_item(group, "PixelMeasuresSequence")) is not None
+    ]
+
+    device = " ".join(
+        _text(dataset.get(key)) or "" for key in ("Manufacturer", "ManufacturerModelName")
+    ).strip()
+
+    laterality = None
+    for holder, key in [(dataset, "ImageLaterality"), (dataset, "Laterality")] + [
+        (item, "FrameLaterality") for item in anatomy
+    ]:
+        value = (_text(holder.get(key)) or "").upper()
+        if value in LATERALITIES:
+            laterality = value
+            break
+
+    region = None
+    for holder in [dataset] + anatomy:
+        code = _first_item(holder, "AnatomicRegionSequence")
+        if code is not None and (region := _text(code.get("CodeMeaning"))):
+            break
+
+    return {
+        "participant_id": canonical_participant_id(_text(dataset.get("PatientID"))),
+        "device": device or None,
+        "laterality": laterality,
+        "region": region,
+        "spacing": _dicom_spacing(measures),
+        "modality": _text(dataset.get("Modality")),
+    }
+
+
+def _dicom_spacing(holders: list[Any]) -> tuple[float | None, float | None, float | None] | None:
+    row = column = frame = None
+    for holder in holders:
+        pixel_spacing = holder.get("PixelSpacing")
+        if row is None and pixel_spacing is not None and len(pixel_spacing) == 2:
+            row, column = float(pixel_spacing[0]), float(pixel_spacing[1])
+        for key in ("SpacingBetweenSlices", "SliceThickness"):  # distance between B-scans wins over thickness
+            value = holder.get(key)
+            if frame is None and value not in (None, ""):
+                frame = float(value)
+    spacing = (frame, row, column)
+    return None if spacing == (None, None, None) else spacing
+
+
+def _first_item(holder: Any, keyword: str) -> Any:
+    sequence = holder.get(keyword)
+    return sequence[0] if sequence else None
+
+
+def _text(value: Any) -> str | None:
+    text = str(value).strip() if value is not None else ""
+    return text or None
+
+
+# --- NIfTI -----------------------------------------------------------------------------
+
+
+def _nifti_version(data: bytes) -> int | None:
+    for byteorder in ("little", "big"):
+        header_size = int.from_bytes(data[:4], byteorder)
+        if header_size == 348 and data[344:348] == b"n+1\0":
+            return 1
+        if header_size == 540 and data[4:8] == b"n+2\0":
+            return 2
+    return None
+
+
+def _read_nifti(data: bytes, label: str) -> tuple[np.ndarray, dict[str, Any]]:
+    import nibabel
+
+    image_type = nibabel.Nifti1Image if _nifti_version(data) == 1 else nibabel.Nifti2Image
+    # The header alone first: the image loader reads the data at once and would fail vaguely.
+    header = image_type.header_class.from_fileobj(io.BytesIO(data))
+    shape = tuple(int(size) for size in header.get_data_shape())
+    offset = int(header.get_data_offset())
+    expected = math.prod(shape) * header.get_data_dtype().itemsize
+    held = max(len(data) - offset, 0)
+    if held < expected:
+        raise OctReadError(label, f"truncated: image data holds {held} of {expected} bytes")
+
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) not in (2, 3):
+        if len(shape) == 4:
+            raise OctReadError(
+                label, f"4-D NIfTI holds {shape[3]} volumes, shape {shape}: expected one volume"
+            )
+        raise OctReadError(label, f"wrong dimensionality: NIfTI shape {shape}, expected 2-D or 3-D")
+    data_ijk = np.asanyarray(image_type.from_bytes(data).dataobj).reshape(shape)
+    if data_ijk.ndim == 2:
+        data_ijk = data_ijk[:, :, np.newaxis]
+    array = np.ascontiguousarray(data_ijk.transpose(2, 1, 0))
+
+    space_unit = header.get_xyzt_units()[0]
+    to_mm = _NIFTI_UNITS_TO_MM.get(space_unit, 1.0)
+    # A zoom of 0 means the header does not say.
+    zooms = [float(zoom) * to_mm or None for zoom in header.get_zooms()[: len(shape)]] + [None]
+    spacing = (zooms[2], zooms[1], zooms[0])
+    spacing = None if spacing == (None, None, None) else spacing
+    return array, {"spacing": spacing}
+
+
+# --- NumPy -----------------------------------------------------------------------------
+
+
+def _read_npy(data: bytes, label: str) -> tuple[np.ndarray, dict[str, Any]]:
+    return _as_frames(np.load(io.BytesIO(data), allow_pickle=False), label), {}
+
+
+def _read_npz(data: bytes, label: str) -> tuple[np.ndarray, dict[str, Any]]:
+    with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+        keys = list(archive.files)
+        if len(keys) == 1:
+            key = keys[0]
+        else:
+            key = next((key for key in ("volume", "array") if key in keys), None)
+        if key is None:
+            raise OctReadError(
+                label, f".npz holds arrays {keys}: expected one array, or one named 'volume' or 'array'"
+            )
+        return _as_frames(archive[key], label), {}
+
+
+def _as_frames(array: np.ndarray, label: str) -> np.ndarray:
+    if array.ndim == 2:
+        return array[np.newaxis]
+    if array.ndim != 3:
+        raise OctReadError(
+            label,
+            f"wrong dimensionality: shape {array.shape}, expected (frames, height, width) or (height, width)",
+        )
+    return array
+
+
+# --- shared ----------------------------------------------------------------------------
+
+_READERS = {"dicom": _read_dicom, "nifti": _read_nifti, "npy": _read_npy, "npz": _read_npz}
+
+
+def _as_native(array: np.ndarray) -> np.ndarray:
+    array = np.asarray(array)
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
+    if not array.flags.writeable:  # decoders may hand out views of the file's bytes
+        array = array.copy()
+    return array
+
+
+def _check_array(array: np.ndarray, label: str) -> None:
+    if array.dtype.kind not in "uif":
+        raise OctReadError(label, f"not an image: dtype {array.dtype} is not numeric")
+    if array.ndim != 3:
+        raise OctReadError(
+            label, f"wrong dimensionality: shape {array.shape}, expected (frames, height, width)"
+        )
+    if array.size == 0:
+        raise OctReadError(label, f"empty image: shape {array.shape}")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 400 else text[:397] + "..."
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(key): _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    # Exact base types: pydicom's DSfloat or IS subclass them and carry their own repr.
+    for base in (bool, int, float, str):
+        if isinstance(value, base):
+            return base(value)
+    return None if value is None else str(value)
