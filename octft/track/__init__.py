@@ -1,0 +1,100 @@
+"""Tracking: the small seam the training loop logs through, and its MLflow implementation.
+
+The loop is handed a `Tracker` and never imports mlflow; importing this package does not import
+mlflow either (`MlflowTracker` imports it when built).
+
+>>> tracker = NullTracker()                      # tests and dry runs: logs nothing
+>>> tracker.log_metrics({"val/loss": 0.7}, step=1)
+>>> tracker = MlflowTracker(experiment="octft", run_name="lr3e-4")   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from octft.track.mlflow_tracker import (
+    END_REASON_TAG,
+    MAX_PARAM_VALUE_LENGTH,
+    MAX_TAG_VALUE_LENGTH,
+    TRUNCATION_MARKER,
+    MlflowTracker,
+    check_not_shared,
+    redact,
+    resolve_tracking_uri,
+)
+
+RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
+
+
+@runtime_checkable
+class Tracker(Protocol):
+    """What the training loop needs from an experiment tracker."""
+
+    run_id: str | None
+
+    def log_params(self, params: dict[str, object]) -> None:
+        """Flat dotted keys, e.g. ``{"optim.lr_head": 3e-4}``; logging the same value again is fine."""
+        ...
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """`step` is the epoch; NaN is logged as NaN."""
+        ...
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+
+    def log_figure(self, figure: Any, name: str) -> None:
+        """A matplotlib figure, stored as a png."""
+        ...
+
+    def log_dict(self, obj: dict, name: str) -> None:
+        """A json (default) or yaml (name ends in .yaml/.yml) artifact."""
+        ...
+
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+
+    def finish(self, status: RunStatus, reason: str | None = None) -> None:
+        """End the run; `reason` lands in the tag ``octft.end_reason``. Calling it again does nothing."""
+        ...
+
+
+class NullTracker:
+    """A tracker that records nothing: for tests, dry runs and workers that must not log."""
+
+    run_id: str | None = None
+
+    def log_params(self, params: dict[str, object]) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_figure(self, figure: Any, name: str) -> None:
+        pass
+
+    def log_dict(self, obj: dict, name: str) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        pass
+
+    def finish(self, status: RunStatus, reason: str | None = None) -> None:
+        pass
+
+
+__all__ = [
+    "END_REASON_TAG",
+    "MAX_PARAM_VALUE_LENGTH",
+    "MAX_TAG_VALUE_LENGTH",
+    "TRUNCATION_MARKER",
+    "MlflowTracker",
+    "NullTracker",
+    "RunStatus",
+    "Tracker",
+    "check_not_shared",
+    "redact",
+    "resolve_tracking_uri",
+]
