@@ -349,7 +349,7 @@ def is_collapsed(
 ) -> tuple[bool, str]:
     """Whether a classifier has collapsed, and why: the one definition the loop and the sweep's pruner share.
 
-    Collapsed means one class takes more than `max_class_share` of the predictions, or balanced accuracy
+    Collapsed means one class takes at least `max_class_share` of the predictions, or balanced accuracy
     is at most chance (1 / n_classes) plus `chance_margin`, or balanced accuracy is NaN.
 
     >>> is_collapsed([0.97, 0.01, 0.01, 0.01], 0.26, n_classes=4, max_class_share=0.9, chance_margin=0.05)[0]
@@ -366,7 +366,7 @@ def is_collapsed(
     top_class = int(np.argmax(shares))
     chance = 1.0 / n_classes
     reasons = []
-    if shares[top_class] > max_class_share:
+    if shares[top_class] >= max_class_share:
         reasons.append(
             f"class {top_class} takes {shares[top_class]:.1%} of predictions (limit {max_class_share:.1%})"
         )

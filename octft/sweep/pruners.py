@@ -1,0 +1,208 @@
+"""Pruning that stops collapsed trials early, and otherwise defers to an ordinary pruner (median by default).
+
+A fine-tune collapses when the head predicts (nearly) one class, or balanced accuracy sits at chance. Such a
+trial rarely recovers, so it is pruned after `patience` collapsed epochs in a row. Epochs before the encoder
+unfreezes, plus `grace_epochs`, never count: the head may collapse while the encoder is frozen and recover
+once it trains. Collapse is judged by `octft.train.metrics.is_collapsed`, the one definition the training
+loop shares. The reporter hands over each epoch's prediction shares with `record_epoch`:
+
+    >>> import optuna
+    >>> study = optuna.create_study(direction="maximize", pruner=CollapsePruner(patience=2, grace_epochs=0, wrapped=None))
+    >>> trial = study.ask()
+    >>> for epoch in range(2):
+    ...     record_epoch(trial, epoch, 0.25, pred_frac=[0.97, 0.01, 0.01, 0.01], balanced_accuracy=0.25)
+    >>> trial.should_prune(), study.pruner.prune_reason(study, trial)["prune_reason"]
+    (True, 'collapse')
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from optuna.pruners import BasePruner, MedianPruner, PercentilePruner
+from optuna.study import Study, StudyDirection
+from optuna.trial import FrozenTrial, Trial, TrialState
+
+from octft.data.layout import CLASSES
+from octft.sweep.spec import SweepSpec
+
+UNFREEZE_PARAM = "train.unfreeze_epoch"
+UNFREEZE_ATTR = "unfreeze_epoch"
+
+
+def epoch_attr(epoch: int) -> str:
+    """The trial user attr that holds one epoch's prediction shares and balanced accuracy."""
+    return f"epoch_{epoch}"
+
+
+def record_epoch(
+    trial: Trial, epoch: int, value: float, pred_frac: Sequence[float], balanced_accuracy: float
+) -> None:
+    """Report `value` at step `epoch` and store what CollapsePruner judges: the share of predictions per
+    class and balanced accuracy, as user attr `epoch_<n>` = {"pred_frac": [...], "balanced_accuracy": x}."""
+    shares = [float(share) for share in pred_frac]
+    if not shares or any(not 0.0 <= share <= 1.0 for share in shares) or not math.isclose(sum(shares), 1.0, abs_tol=1e-6):
+        raise ValueError(
+            f"pred_frac {shares} at epoch {epoch} must be the share of predictions per class (each in 0..1, "
+            "summing to 1), e.g. the pred_frac_<class> values of classification_metrics"
+        )
+    # Stored before the report, so a pruner never sees a step without its record.
+    trial.set_user_attr(epoch_attr(epoch), {"pred_frac": shares, "balanced_accuracy": float(balanced_accuracy)})
+    trial.report(value, epoch)
+
+
+class CollapsePruner(BasePruner):
+    """Prune trials whose validation predictions collapsed for `patience` consecutive reported epochs.
+
+    Counting starts at the trial's unfreeze epoch (`params["train.unfreeze_epoch"]` when sampled, else user
+    attr `unfreeze_epoch`, else 0) plus `grace_epochs`; a healthy epoch, or one with no record, resets the
+    count. A trial that has not collapsed goes to `wrapped` (None: never pruned otherwise).
+    `prune_reason` says why a trial was pruned, for the trial's user attrs and MLflow.
+    """
+
+    def __init__(
+        self,
+        max_class_share: float = 0.9,
+        chance_margin: float = 0.05,
+        patience: int = 2,
+        grace_epochs: int = 1,
+        n_classes: int = len(CLASSES),
+        wrapped: BasePruner | None = MedianPruner(),
+    ) -> None:
+        if n_classes < 2 or not 1.0 / n_classes <= max_class_share <= 1.0:
+            raise ValueError(
+                f"max_class_share must be in 1/n_classes..1 with n_classes >= 2, got max_class_share="
+                f"{max_class_share}, n_classes={n_classes}"
+            )
+        if chance_margin < 0 or patience < 1 or grace_epochs < 0:
+            raise ValueError(
+                f"need chance_margin >= 0, patience >= 1 and grace_epochs >= 0, got chance_margin={chance_margin}, "
+                f"patience={patience}, grace_epochs={grace_epochs}"
+            )
+        self.max_class_share = max_class_share
+        self.chance_margin = chance_margin
+        self.patience = patience
+        self.grace_epochs = grace_epochs
+        self.n_classes = n_classes
+        self.wrapped = wrapped
+        # The reason behind each prune decision, so `prune_reason` reports the decision that was made even
+        # if other workers finish trials in between (which can change the median).
+        self._decisions: dict[tuple[int, int], dict[str, Any]] = {}
+
+    def prune(self, study: Study, trial: FrozenTrial) -> bool:
+        reason = self._decide(study, trial)
+        if reason is not None:
+            self._decisions[(trial.number, reason["epoch"])] = reason
+        return reason is not None
+
+    def prune_reason(self, study: Study, trial: Trial | FrozenTrial) -> dict[str, Any] | None:
+        """Why `trial` is pruned at its last reported epoch, or None if it is not.
+
+        {"prune_reason": "collapse" | "median" | ..., "epoch": n, "detail": "...", plus the numbers}.
+        """
+        frozen = trial if isinstance(trial, FrozenTrial) else _frozen(study, trial)
+        if frozen.last_step is not None and (frozen.number, frozen.last_step) in self._decisions:
+            return dict(self._decisions[(frozen.number, frozen.last_step)])
+        return self._decide(study, frozen)
+
+    def _decide(self, study: Study, trial: FrozenTrial) -> dict[str, Any] | None:
+        step = trial.last_step
+        if step is None:
+            return None
+        collapse = self._collapse(trial, step)
+        if collapse is not None:
+            return collapse
+        if self.wrapped is not None and self.wrapped.prune(study, trial):
+            return _wrapped_reason(self.wrapped, study, trial, step)
+        return None
+
+    def _collapse(self, trial: FrozenTrial, step: int) -> dict[str, Any] | None:
+        # Imported here: octft.train.metrics pulls in torch, scikit-learn and matplotlib (seconds), which
+        # loading or validating a sweep spec does not need.
+        from octft.train.metrics import is_collapsed
+
+        unfreeze_epoch = int(trial.params.get(UNFREEZE_PARAM, trial.user_attrs.get(UNFREEZE_ATTR, 0)))
+        first_counted = unfreeze_epoch + self.grace_epochs
+        streak: list[tuple[int, str, dict[str, Any]]] = []
+        for epoch in sorted(trial.intermediate_values):
+            if epoch < first_counted:
+                continue
+            record = trial.user_attrs.get(epoch_attr(epoch))
+            if record is None:  # reported without record_epoch: no evidence, so no collapse counted
+                streak = []
+                continue
+            collapsed, why = is_collapsed(
+                record["pred_frac"], record["balanced_accuracy"], self.n_classes, self.max_class_share, self.chance_margin
+            )
+            streak = [*streak, (epoch, why, record)] if collapsed else []
+        if len(streak) < self.patience or streak[-1][0] != step:
+            return None
+        epochs = [epoch for epoch, _, _ in streak]
+        _, why, record = streak[-1]
+        return {
+            "prune_reason": "collapse",
+            "epoch": step,
+            "detail": (
+                f"{why} at epoch {step}; collapsed {len(epochs)} consecutive epochs ({epochs[0]}..{epochs[-1]}, "
+                f"patience {self.patience}), counted from epoch {first_counted} = unfreeze epoch {unfreeze_epoch} "
+                f"+ grace {self.grace_epochs}"
+            ),
+            "collapsed_epochs": epochs,
+            "pred_frac": list(record["pred_frac"]),
+            "balanced_accuracy": record["balanced_accuracy"],
+        }
+
+
+def _frozen(study: Study, trial: Trial) -> FrozenTrial:
+    for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if frozen.number == trial.number:
+            return frozen
+    raise ValueError(f"trial {trial.number} is not running in study {study.study_name!r}; pass its FrozenTrial")
+
+
+def _wrapped_reason(pruner: BasePruner, study: Study, trial: FrozenTrial, step: int) -> dict[str, Any]:
+    name = type(pruner).__name__
+    label = "median" if isinstance(pruner, MedianPruner) else name.lower().removesuffix("pruner")
+    values = np.asarray(list(trial.intermediate_values.values()), dtype=float)
+    maximize = study.direction == StudyDirection.MAXIMIZE
+    best = float(np.nanmax(values) if maximize else np.nanmin(values)) if not np.all(np.isnan(values)) else math.nan
+    reason: dict[str, Any] = {"prune_reason": label, "epoch": step, "best_value": best}
+    if isinstance(pruner, MedianPruner):
+        completed = [
+            t.intermediate_values[step]
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if step in t.intermediate_values
+        ]
+        median = float(np.nanmedian(completed)) if completed else math.nan
+        reason["median"] = median
+        reason["n_completed"] = len(completed)
+        reason["detail"] = (
+            f"best value so far {best:.4g} is {'below' if maximize else 'above'} the median {median:.4g} of "
+            f"{len(completed)} completed trials at epoch {step}"
+        )
+    else:
+        reason["detail"] = f"{name} pruned it at epoch {step} (best value so far {best:.4g})"
+    return reason
+
+
+def build_pruner(spec: SweepSpec) -> CollapsePruner:
+    """The pruner a `SweepSpec` describes: CollapsePruner around a median, percentile or no pruner."""
+    wrapped_spec = spec.pruner.wrapped
+    schedule = {
+        "n_startup_trials": wrapped_spec.n_startup_trials,
+        "n_warmup_steps": wrapped_spec.n_warmup_steps,
+        "interval_steps": wrapped_spec.interval_steps,
+        "n_min_trials": wrapped_spec.n_min_trials,
+    }
+    wrapped: BasePruner | None
+    if wrapped_spec.type == "median":
+        wrapped = MedianPruner(**schedule)
+    elif wrapped_spec.type == "percentile":
+        wrapped = PercentilePruner(wrapped_spec.percentile, **schedule)
+    else:
+        wrapped = None
+    return CollapsePruner(**spec.pruner.collapse.model_dump(), n_classes=len(CLASSES), wrapped=wrapped)
+

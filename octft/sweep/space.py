@@ -1,0 +1,154 @@
+"""A sweep's search space: one typed entry per dotted config path, drawn through Optuna's suggest API.
+
+Entry fields equal the arguments of `trial.suggest_float`, `trial.suggest_int` and
+`trial.suggest_categorical`, so a YAML entry reads like the call it becomes:
+
+    >>> import optuna
+    >>> space = parse_space({"optim.lr_head": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+    ...                      "train.accumulation_steps": {"type": "categorical", "choices": [2, 4, 8]}})
+    >>> trial = optuna.create_study().ask()
+    >>> sorted(suggest(trial, space))
+    ['optim.lr_head', 'train.accumulation_steps']
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Union
+
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import Trial
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from octft.config import ConfigError, _explain
+
+CategoricalChoice = Union[None, bool, int, float, str]
+
+
+class _Entry(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FloatParam(_Entry):
+    """`trial.suggest_float(name, low, high, step=step, log=log)`."""
+
+    type: Literal["float"] = "float"
+    low: float
+    high: float
+    step: float | None = None
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> "FloatParam":
+        _check_range(self.low, self.high, self.step, self.log)
+        return self
+
+
+class IntParam(_Entry):
+    """`trial.suggest_int(name, low, high, step=step, log=log)`."""
+
+    type: Literal["int"] = "int"
+    low: int
+    high: int
+    step: int = 1
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> "IntParam":
+        _check_range(self.low, self.high, None if self.step == 1 else self.step, self.log)
+        return self
+
+
+class CategoricalParam(_Entry):
+    """`trial.suggest_categorical(name, choices)`."""
+
+    type: Literal["categorical"] = "categorical"
+    choices: list[CategoricalChoice]
+
+    @model_validator(mode="after")
+    def _check(self) -> "CategoricalParam":
+        if not self.choices:
+            raise ValueError("choices is empty; list at least one value")
+        if len(set(map(repr, self.choices))) != len(self.choices):
+            raise ValueError(f"choices {self.choices} repeat a value")
+        return self
+
+
+Param = FloatParam | IntParam | CategoricalParam
+_PARAM_TYPES: dict[str, type[BaseModel]] = {"float": FloatParam, "int": IntParam, "categorical": CategoricalParam}
+
+
+def _check_range(low: float, high: float, step: float | None, log: bool) -> None:
+    # The same rules Optuna enforces, raised at load time instead of in the first trial.
+    if low > high:
+        raise ValueError(f"low {low} is above high {high}")
+    if log and low <= 0:
+        raise ValueError(f"log=true needs low > 0, got low {low}")
+    if log and step is not None:
+        raise ValueError("step and log=true cannot be combined (Optuna's suggest API forbids it)")
+    if step is not None and step <= 0:
+        raise ValueError(f"step must be > 0, got {step}")
+
+
+def parse_space(tree: Any, *, source: str = "<sweep>") -> dict[str, Param]:
+    """Validate a YAML `space:` mapping into typed entries; errors name the source, the entry and the field."""
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{source}: space must map dotted config paths to entries, got {type(tree).__name__}")
+    space: dict[str, Param] = {}
+    for name, entry in tree.items():
+        where = f"{source}: space entry {name!r}"
+        if isinstance(entry, BaseModel):
+            entry = entry.model_dump()
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where} must be a mapping like {{type: float, low: 0.0, high: 1.0}}, got {entry!r}")
+        kind = entry.get("type")
+        if kind not in _PARAM_TYPES:
+            raise ConfigError(f"{where}: type {kind!r} is not one of {', '.join(_PARAM_TYPES)}")
+        model = _PARAM_TYPES[kind]
+        try:
+            space[str(name)] = model.model_validate(entry)
+        except ValidationError as error:
+            raise _explain_entry(error, model, where) from None
+    return space
+
+
+def _explain_entry(error: ValidationError, model: type[BaseModel], where: str) -> ConfigError:
+    # A whole-entry rule (low above high, ...) has no field to name; say the rule itself.
+    rules = [item for item in error.errors() if not item["loc"] and item["type"] == "value_error"]
+    if rules and len(rules) == len(error.errors()):
+        return ConfigError(f"{where}: " + "; ".join(str(item["ctx"]["error"]) for item in rules))
+    return _explain(error, model, where)
+
+
+def suggest(trial: Trial, space: dict[str, Param]) -> dict[str, Any]:
+    """Draw every entry of `space` on `trial`; parameter names are the dotted config paths."""
+    params: dict[str, Any] = {}
+    for name, entry in space.items():
+        if isinstance(entry, FloatParam):
+            params[name] = trial.suggest_float(name, entry.low, entry.high, step=entry.step, log=entry.log)
+        elif isinstance(entry, IntParam):
+            params[name] = trial.suggest_int(name, entry.low, entry.high, step=entry.step, log=entry.log)
+        else:
+            params[name] = trial.suggest_categorical(name, entry.choices)
+    return params
+
+
+def distributions(space: dict[str, Param]) -> dict[str, BaseDistribution]:
+    """The Optuna distribution of each entry, for `study.ask(fixed_distributions=...)` and `enqueue_trial`."""
+    out: dict[str, BaseDistribution] = {}
+    for name, entry in space.items():
+        if isinstance(entry, FloatParam):
+            out[name] = FloatDistribution(entry.low, entry.high, log=entry.log, step=entry.step)
+        elif isinstance(entry, IntParam):
+            out[name] = IntDistribution(entry.low, entry.high, log=entry.log, step=entry.step)
+        else:
+            out[name] = CategoricalDistribution(entry.choices)
+    return out
+
+
+def sample_values(entry: Param) -> list[Any]:
+    """Values that span an entry (its ends, or every choice): what load-time validation applies to the config."""
+    if isinstance(entry, CategoricalParam):
+        return list(entry.choices)
+    return [entry.low, entry.high] if entry.low != entry.high else [entry.low]

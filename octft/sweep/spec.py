@@ -1,0 +1,331 @@
+"""A sweep as YAML: a base experiment, fixed overrides, a search space, and how Optuna searches and prunes it.
+
+Every trial is the base experiment plus dotted overrides, so any trial replays as one `octft train` command:
+
+    >>> spec = load_sweep("sweeps/demo.yaml")                                   # doctest: +SKIP
+    >>> spec.trial_overrides({"optim.lr_head": 0.0012, ...})                    # doctest: +SKIP
+    ['train.epochs=6', 'optim.lr_head=0.0012', ...]
+    >>> spec.replay_command({"optim.lr_head": 0.0012, ...})                     # doctest: +SKIP
+    'octft train experiments/demo.yaml train.epochs=6 optim.lr_head=0.0012 ...'
+
+Every space and fixed key is checked against the base experiment when the sweep loads, so a misspelled
+path fails before the first trial, not in it.
+"""
+
+from __future__ import annotations
+
+import json
+import numbers
+import os
+import shlex
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+import optuna
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from octft.config import ConfigError, _explain, _Strict, load_experiment, parse_override
+from octft.sweep.space import Param, parse_space, sample_values
+
+STORAGE_ENV = "OCTFT_OPTUNA_STORAGE"
+_ENTRY_FIELDS = {"type", "low", "high", "step", "log", "choices"}
+
+
+class MlflowSpec(_Strict):
+    tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    experiment: str = "octft-sweep"
+
+
+class ObjectiveSpec(_Strict):
+    """What a trial returns: `metric` at the trial's best epoch (the epoch early stopping keeps)."""
+
+    metric: str = "val/balanced_accuracy"
+    direction: Literal["maximize", "minimize"] = "maximize"
+
+
+_TPE_ONLY = ("n_startup_trials", "n_ei_candidates", "multivariate", "group", "constant_liar")
+
+
+class SamplerSpec(_Strict):
+    """Optuna's sampler, every argument spelled out: Optuna 5 changed TPE's defaults once and may again."""
+
+    type: Literal["tpe", "random"] = "tpe"
+    seed: int | None = 0
+    n_startup_trials: int = Field(10, ge=0)
+    n_ei_candidates: int = Field(24, ge=1)
+    multivariate: bool = True
+    group: bool = False
+    constant_liar: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> "SamplerSpec":
+        misplaced = sorted(set(_TPE_ONLY) & self.model_fields_set)
+        if self.type == "random" and misplaced:
+            raise ValueError(f"{', '.join(misplaced)} apply to type: tpe only; remove them or set type: tpe")
+        if self.group and not self.multivariate:
+            raise ValueError("group: true needs multivariate: true")
+        return self
+
+
+class CollapseSpec(_Strict):
+    """When a trial counts as collapsed; see `octft.sweep.pruners.CollapsePruner`."""
+
+    max_class_share: float = Field(0.9, gt=0, le=1)
+    chance_margin: float = Field(0.05, ge=0, lt=1)
+    patience: int = Field(2, ge=1)
+    grace_epochs: int = Field(1, ge=0)
+
+
+class WrappedPrunerSpec(_Strict):
+    """The pruner CollapsePruner defers to for ordinary underperformers (`type: none` for no such pruner)."""
+
+    type: Literal["median", "percentile", "none"] = "median"
+    percentile: float | None = Field(None, ge=0, le=100)  # type: percentile only
+    n_startup_trials: int = Field(5, ge=0)
+    n_warmup_steps: int = Field(0, ge=0)
+    interval_steps: int = Field(1, ge=1)
+    n_min_trials: int = Field(1, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _none_means_none(cls, value: Any) -> Any:
+        return {"type": "none"} if value is None or value == "none" else value
+
+    @model_validator(mode="after")
+    def _check(self) -> "WrappedPrunerSpec":
+        if self.type == "percentile" and self.percentile is None:
+            raise ValueError("type: percentile needs percentile (0..100), e.g. percentile: 25")
+        if self.type != "percentile" and self.percentile is not None:
+            raise ValueError(f"percentile applies to type: percentile only, not type: {self.type}")
+        return self
+
+
+class PrunerSpec(_Strict):
+    collapse: CollapseSpec = CollapseSpec()
+    wrapped: WrappedPrunerSpec = WrappedPrunerSpec()
+
+
+class PromoteSpec(_Strict):
+    """Which registered model the best trial becomes, and the per-class F1 it must reach to be promoted."""
+
+    model_name: str | None = None  # default: the study name
+    min_class_f1: float = Field(0.05, ge=0, le=1)
+
+
+class SweepSpec(_Strict):
+    """A validated sweep; build it with `load_sweep` so that its keys are checked against the base experiment."""
+
+    base: str
+    study_name: str
+    # May hold a database password: kept out of repr; log `storage_redacted` instead.
+    storage: str = Field("sqlite:///optuna.db", repr=False)
+    mlflow: MlflowSpec = MlflowSpec()
+    objective: ObjectiveSpec = ObjectiveSpec()
+    n_trials: int | None = Field(8, ge=1)
+    timeout_s: float | None = Field(None, gt=0)
+    fixed: dict[str, Any] = {}
+    space: dict[str, Annotated[Param, Field(discriminator="type")]] = {}
+    sampler: SamplerSpec = SamplerSpec()
+    pruner: PrunerSpec = PrunerSpec()
+    promote: PromoteSpec = PromoteSpec()
+
+    @field_validator("study_name")
+    @classmethod
+    def _named(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("study_name is empty; name the study (it keys the Optuna storage)")
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> "SweepSpec":
+        both = sorted(set(self.fixed) & set(self.space))
+        if both:
+            raise ValueError(f"{', '.join(both)} are both fixed and in the space; keep each in one of them")
+        if self.promote.model_name is None:
+            self.promote.model_name = self.study_name
+        return self
+
+    @property
+    def storage_redacted(self) -> str:
+        """`storage` with any password replaced by `***`, safe for logs and MLflow params."""
+        return redact_url(self.storage)
+
+    def trial_overrides(self, params: dict[str, Any]) -> list[str]:
+        """`key=value` overrides of one trial: `fixed` first, then `params` in space order.
+
+        Floats are written with `repr`, so parsing them back gives the very same number.
+        """
+        unknown = sorted(set(params) - set(self.space))
+        missing = sorted(set(self.space) - set(params))
+        if unknown or missing:
+            raise ValueError(
+                f"params do not match the space of study {self.study_name!r}: unknown {unknown}, missing {missing} "
+                f"(space: {sorted(self.space)})"
+            )
+        return [f"{key}={format_value(value)}" for key, value in self.fixed.items()] + [
+            f"{key}={format_value(params[key])}" for key in self.space
+        ]
+
+    def replay_command(self, params: dict[str, Any], extra: Iterable[str] = ()) -> str:
+        """The shell command that reruns one trial: `octft train <base> k=v ...` (shell-quoted)."""
+        return shlex.join(["octft", "train", self.base, *self.trial_overrides(params), *extra])
+
+
+def redact_url(url: str) -> str:
+    """`postgresql://user:secret@host/db` -> `postgresql://user:***@host/db`; other URLs unchanged."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+
+
+def format_value(value: Any) -> str:
+    """One override value as the CLI reads it back (`octft.config.parse_override`): exact, or an error."""
+    if value is None or isinstance(value, bool):
+        text = yaml.safe_dump(value).split("\n", 1)[0]  # null / true / false
+    elif isinstance(value, numbers.Integral):
+        text = str(int(value))
+    elif isinstance(value, numbers.Real):
+        text = repr(float(value))  # numpy floats repr as 'np.float64(...)'; plain repr is the shortest exact form
+    elif isinstance(value, str):
+        text = value if _read_back(value) == (value, str) else json.dumps(value)
+    else:
+        text = json.dumps(value)
+    if _read_back(text) != (value, type(value)) and not (
+        isinstance(value, numbers.Real) and _read_back(text)[0] == value
+    ):
+        raise ConfigError(
+            f"value {value!r} cannot be written as an override that reads back the same (it reads back as "
+            f"{_read_back(text)[0]!r}); use a plain number, true/false, or a string that does not look like one"
+        )
+    return text
+
+
+def _read_back(text: str) -> tuple[Any, type]:
+    value = parse_override(f"key={text}")[1]
+    return value, type(value)
+
+
+def sampler_settings(spec: SweepSpec, *, seed_offset: int = 0) -> dict[str, Any]:
+    """Every argument the sampler is built with, for recording with the study (MLflow params, study attrs).
+
+    `seed_offset` (a worker's index) gives each parallel worker its own seed; otherwise workers that start
+    together draw the same random startup trials.
+    """
+    sampler = spec.sampler
+    seed = None if sampler.seed is None else sampler.seed + seed_offset
+    if sampler.type == "random":
+        return {"type": "random", "seed": seed}
+    return {"type": "tpe", "seed": seed, **{name: getattr(sampler, name) for name in _TPE_ONLY}}
+
+
+def build_sampler(spec: SweepSpec, *, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
+    """The sampler of `sampler_settings(spec)`, with every argument passed explicitly.
+
+    >>> sampler = build_sampler(load_sweep("sweeps/demo.yaml"))                 # doctest: +SKIP
+    """
+    settings = sampler_settings(spec, seed_offset=seed_offset)
+    arguments = {name: value for name, value in settings.items() if name != "type"}
+    if settings["type"] == "random":
+        return optuna.samplers.RandomSampler(**arguments)
+    return optuna.samplers.TPESampler(**arguments)
+
+
+def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepSpec:
+    """Read `sweeps/<name>.yaml`, apply dotted overrides, and check every key against the base experiment.
+
+    Overrides address the sweep file: `n_trials=2`, `sampler.seed=3`, `fixed.train.epochs=2`,
+    `space.optim.lr_head.high=0.1` (an entry field) or `space.optim.lr_head=null` (drop the entry).
+    `base` is relative to the directory octft runs from (the repo root). `$OCTFT_OPTUNA_STORAGE`, when set,
+    replaces `storage`.
+
+    >>> spec = load_sweep("sweeps/demo.yaml", ["n_trials=2"])                   # doctest: +SKIP
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such sweep file")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({error})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping (base, study_name, space, ...), got {type(tree).__name__}")
+    tree = json.loads(json.dumps(tree))  # plain types, and a copy the overrides may change
+    _apply_sweep_overrides(tree, list(overrides or []), source=str(path))
+
+    tree["space"] = {name: entry.model_dump() for name, entry in parse_space(tree.get("space"), source=str(path)).items()}
+    fixed = tree.get("fixed") or {}
+    if not isinstance(fixed, dict):
+        raise ConfigError(f"{path}: fixed must map dotted config paths to values, got {type(fixed).__name__}")
+    tree["fixed"] = {str(key): _numeric_string_as_number(value) for key, value in fixed.items()}
+    try:
+        spec = SweepSpec.model_validate(tree)
+    except ValidationError as error:
+        raise _explain(error, SweepSpec, str(path)) from None
+
+    if os.environ.get(STORAGE_ENV):
+        spec.storage = os.environ[STORAGE_ENV]
+    _check_against_base(spec, path)
+    return spec
+
+
+def _numeric_string_as_number(value: Any) -> Any:
+    # YAML reads `1e-3` as a string but the command line reads it as a number; a replay uses the command line.
+    if isinstance(value, str):
+        parsed = _read_back(value)[0]
+        if isinstance(parsed, numbers.Real) and not isinstance(parsed, bool):
+            return parsed
+    return value
+
+
+def _apply_sweep_overrides(tree: dict[str, Any], overrides: list[str], *, source: str) -> None:
+    # `fixed` and `space` keys are themselves dotted paths, so the generic override walk cannot address them.
+    for text in overrides:
+        parts, value = parse_override(text)
+        section = parts[0]
+        if section == "fixed" and len(parts) > 1:
+            tree.setdefault("fixed", {})[".".join(parts[1:])] = value
+        elif section == "space" and len(parts) > 2 and parts[-1] in _ENTRY_FIELDS:
+            entry = tree.setdefault("space", {}).setdefault(".".join(parts[1:-1]), {})
+            if not isinstance(entry, dict):
+                raise ConfigError(f"{source}: override {text!r}: space entry {'.'.join(parts[1:-1])!r} is not a mapping")
+            entry[parts[-1]] = value
+        elif section == "space" and len(parts) > 1:
+            name = ".".join(parts[1:])
+            if value is None:
+                tree.setdefault("space", {}).pop(name, None)
+            else:
+                tree.setdefault("space", {})[name] = value
+        else:
+            node = tree
+            for part in parts[:-1]:
+                child = node.setdefault(part, {})
+                if not isinstance(child, dict):
+                    raise ConfigError(f"{source}: override {text!r}: {part!r} is a value, not a section")
+                node = child
+            node[parts[-1]] = value
+
+
+def _check_against_base(spec: SweepSpec, path: Path) -> None:
+    base = Path(spec.base)
+    if not base.is_file():
+        raise ConfigError(
+            f"{path}: base experiment {spec.base!r} not found from {Path.cwd()}; base is relative to the directory "
+            "octft runs from (the repo root), e.g. base: experiments/demo.yaml"
+        )
+    fixed = [f"{key}={format_value(value)}" for key, value in spec.fixed.items()]
+    try:
+        load_experiment(base, fixed)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: fixed does not apply to {spec.base}: {error}") from None
+    # Both ends (or every choice) of each entry, through the same text a trial's override will be.
+    for name, entry in spec.space.items():
+        for value in sample_values(entry):
+            try:
+                load_experiment(base, [*fixed, f"{name}={format_value(value)}"])
+            except ConfigError as error:
+                raise ConfigError(f"{path}: space entry {name!r} (value {value!r}) does not apply to {spec.base}: {error}") from None

@@ -1,0 +1,192 @@
+"""CollapsePruner driven through Optuna's ask/tell on in-memory studies: no objective function, no mocks."""
+
+import optuna
+import pytest
+from optuna.pruners import MedianPruner, PercentilePruner
+from optuna.trial import TrialState
+
+from octft.sweep import CollapsePruner, SweepSpec, build_pruner, epoch_attr, record_epoch
+
+HEALTHY = ([0.30, 0.25, 0.25, 0.20], 0.62)
+ONE_CLASS = ([0.97, 0.01, 0.01, 0.01], 0.26)  # one class takes 97% of the predictions
+NEAR_CHANCE = ([0.40, 0.30, 0.20, 0.10], 0.27)  # spread predictions, but balanced accuracy at chance (0.25)
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def study_with(pruner):
+    return optuna.create_study(direction="maximize", pruner=pruner)
+
+
+def decisions(study, epochs, *, unfreeze_param=None, unfreeze_attr=None, value=0.5):
+    """Report one epoch per entry of `epochs`; return should_prune() after each (the trial keeps going)."""
+    trial = study.ask()
+    if unfreeze_param is not None:
+        trial.suggest_int("train.unfreeze_epoch", unfreeze_param, unfreeze_param)
+    if unfreeze_attr is not None:
+        trial.set_user_attr("unfreeze_epoch", unfreeze_attr)
+    answers = []
+    for epoch, (pred_frac, balanced_accuracy) in enumerate(epochs):
+        record_epoch(trial, epoch, value, pred_frac, balanced_accuracy)
+        answers.append(trial.should_prune())
+    return trial, answers
+
+
+def test_collapse_counts_only_after_the_unfreeze_epoch_plus_grace():
+    study = study_with(CollapsePruner(patience=2, grace_epochs=1, wrapped=None))
+    # Sampled unfreeze epoch 2, grace 1: epochs 0-2 never count, 3 and 4 are the two collapsed epochs.
+    trial, answers = decisions(study, [ONE_CLASS] * 6, unfreeze_param=2)
+    assert answers == [False, False, False, False, True, True]
+    assert study.pruner.prune_reason(study, trial)["collapsed_epochs"] == [3, 4, 5]
+
+
+def test_unfreeze_epoch_from_user_attr_then_default_zero():
+    study = study_with(CollapsePruner(patience=2, grace_epochs=1, wrapped=None))
+    assert decisions(study, [ONE_CLASS] * 5, unfreeze_attr=1)[1] == [False, False, False, True, True]
+    assert decisions(study, [ONE_CLASS] * 5)[1] == [False, False, True, True, True]
+    # A sampled unfreeze epoch wins over the user attr.
+    assert decisions(study, [ONE_CLASS] * 5, unfreeze_param=3, unfreeze_attr=0)[1] == [False] * 5
+
+
+def test_patience_and_a_healthy_epoch_resets_the_count():
+    study = study_with(CollapsePruner(patience=2, grace_epochs=0, wrapped=None))
+    _, answers = decisions(study, [ONE_CLASS, HEALTHY, ONE_CLASS, HEALTHY, ONE_CLASS, ONE_CLASS], unfreeze_param=0)
+    assert answers == [False, False, False, False, False, True]
+
+    study = study_with(CollapsePruner(patience=3, grace_epochs=0, wrapped=None))
+    _, answers = decisions(study, [ONE_CLASS, ONE_CLASS, HEALTHY, ONE_CLASS, ONE_CLASS, ONE_CLASS], unfreeze_param=0)
+    assert answers == [False, False, False, False, False, True]
+
+
+def test_recovery_after_collapse_is_not_pruned():
+    study = study_with(CollapsePruner(patience=2, grace_epochs=0, wrapped=None))
+    _, answers = decisions(study, [ONE_CLASS, ONE_CLASS, HEALTHY], unfreeze_param=0)
+    assert answers == [False, True, False]  # the decision follows the latest epoch
+
+
+def test_balanced_accuracy_near_chance_is_a_collapse_too():
+    study = study_with(CollapsePruner(patience=2, grace_epochs=0, chance_margin=0.05, wrapped=None))
+    trial, answers = decisions(study, [NEAR_CHANCE, NEAR_CHANCE], unfreeze_param=0)
+    assert answers == [False, True]
+    reason = study.pruner.prune_reason(study, trial)
+    assert reason["prune_reason"] == "collapse" and "balanced accuracy 0.270" in reason["detail"]
+    # A tighter margin no longer calls 0.27 collapsed.
+    study = study_with(CollapsePruner(patience=2, grace_epochs=0, chance_margin=0.01, wrapped=None))
+    assert decisions(study, [NEAR_CHANCE, NEAR_CHANCE], unfreeze_param=0)[1] == [False, False]
+
+
+def test_an_epoch_reported_without_its_record_breaks_the_streak():
+    study = study_with(CollapsePruner(patience=2, grace_epochs=0, wrapped=None))
+    trial = study.ask()
+    record_epoch(trial, 0, 0.3, *ONE_CLASS)
+    trial.report(0.3, 1)  # no record_epoch: nothing to judge
+    assert not trial.should_prune()
+    record_epoch(trial, 2, 0.3, *ONE_CLASS)
+    assert not trial.should_prune()
+    record_epoch(trial, 3, 0.3, *ONE_CLASS)
+    assert trial.should_prune()
+
+
+def finish_good_trials(study, count, values=(0.7, 0.8, 0.8)):
+    for _ in range(count):
+        trial = study.ask()
+        for epoch, value in enumerate(values):
+            record_epoch(trial, epoch, value, *HEALTHY)
+        study.tell(trial, max(values))
+
+
+def test_wrapped_median_pruner_still_prunes_ordinary_underperformers():
+    study = study_with(CollapsePruner(wrapped=MedianPruner(n_startup_trials=2, n_warmup_steps=1)))
+    finish_good_trials(study, 3)
+    trial, answers = decisions(study, [HEALTHY] * 3, unfreeze_param=0, value=0.3)
+    assert answers == [False, True, True]  # epoch 0 is the median pruner's warm-up
+    reason = study.pruner.prune_reason(study, trial)
+    assert reason["prune_reason"] == "median" and reason["epoch"] == 2
+    assert reason["median"] == 0.8 and reason["best_value"] == 0.3 and reason["n_completed"] == 3
+    assert "0.3" in reason["detail"] and "median 0.8" in reason["detail"]
+    study.tell(trial, state=TrialState.PRUNED)
+    # A good trial is left alone by both.
+    assert decisions(study, [HEALTHY] * 3, unfreeze_param=0, value=0.9)[1] == [False] * 3
+
+
+def test_collapse_wins_over_median_in_the_reason():
+    study = study_with(CollapsePruner(patience=2, grace_epochs=0, wrapped=MedianPruner(n_startup_trials=1)))
+    finish_good_trials(study, 2)
+    trial = study.ask()
+    trial.suggest_int("train.unfreeze_epoch", 0, 0)
+    record_epoch(trial, 0, 0.1, *ONE_CLASS)
+    assert trial.should_prune() and study.pruner.prune_reason(study, trial)["prune_reason"] == "median"
+    record_epoch(trial, 1, 0.1, *ONE_CLASS)  # now collapsed for `patience` epochs: that is the reason given
+    assert trial.should_prune() and study.pruner.prune_reason(study, trial)["prune_reason"] == "collapse"
+
+
+def test_without_a_wrapped_pruner_healthy_trials_are_never_pruned():
+    study = study_with(CollapsePruner(wrapped=None))
+    finish_good_trials(study, 3)
+    trial, answers = decisions(study, [HEALTHY] * 6, unfreeze_param=0, value=0.01)
+    assert answers == [False] * 6 and study.pruner.prune_reason(study, trial) is None
+
+
+def test_prune_reason_contents_for_a_live_and_a_frozen_trial():
+    study = study_with(CollapsePruner(patience=2, grace_epochs=1, wrapped=None))
+    trial, answers = decisions(study, [HEALTHY, ONE_CLASS, ONE_CLASS, ONE_CLASS], unfreeze_param=1)
+    assert answers == [False, False, False, True]
+    reason = study.pruner.prune_reason(study, trial)
+    assert reason["prune_reason"] == "collapse" and reason["epoch"] == 3 and reason["collapsed_epochs"] == [2, 3]
+    assert reason["pred_frac"] == ONE_CLASS[0] and reason["balanced_accuracy"] == ONE_CLASS[1]
+    assert "class 0" in reason["detail"] and "97.0%" in reason["detail"] and "90.0%" in reason["detail"]
+    assert "unfreeze epoch 1" in reason["detail"] and "grace 1" in reason["detail"]
+    frozen = study.get_trials(states=(TrialState.RUNNING,))[0]
+    # A fresh pruner with the same settings agrees: the reason is derived from what the trial stored.
+    assert CollapsePruner(patience=2, grace_epochs=1, wrapped=None).prune_reason(study, frozen) == reason
+    trial.set_user_attr("prune", reason)  # what the reporter writes: it must survive storage (JSON)
+    assert study.get_trials(states=(TrialState.RUNNING,))[0].user_attrs["prune"] == reason
+
+
+def test_prune_reason_is_the_decision_that_was_made_even_if_the_median_moves():
+    study = study_with(CollapsePruner(wrapped=MedianPruner(n_startup_trials=1, n_warmup_steps=0)))
+    finish_good_trials(study, 1, values=(0.8,))
+    trial, answers = decisions(study, [HEALTHY], unfreeze_param=0, value=0.5)
+    assert answers == [True]
+    finish_good_trials(study, 3, values=(0.1,))  # another worker finishes worse trials: the median drops
+    assert study.pruner.prune_reason(study, trial)["median"] == 0.8
+    assert CollapsePruner(wrapped=MedianPruner(n_startup_trials=1)).prune_reason(study, trial) is None
+
+
+def test_record_epoch_stores_the_record_and_rejects_shares_that_are_not_shares():
+    study = study_with(CollapsePruner(wrapped=None))
+    trial = study.ask()
+    record_epoch(trial, 4, 0.5, [0.5, 0.5, 0.0, 0.0], 0.5)
+    frozen = study.get_trials()[0]
+    assert frozen.intermediate_values == {4: 0.5}
+    assert frozen.user_attrs[epoch_attr(4)] == {"pred_frac": [0.5, 0.5, 0.0, 0.0], "balanced_accuracy": 0.5}
+    with pytest.raises(ValueError, match="epoch 5"):
+        record_epoch(trial, 5, 0.5, [120, 30, 0, 0], 0.5)  # counts, not shares
+
+
+def test_bad_pruner_settings_are_errors():
+    with pytest.raises(ValueError, match="max_class_share"):
+        CollapsePruner(max_class_share=0.2, n_classes=4)
+    with pytest.raises(ValueError, match="patience"):
+        CollapsePruner(patience=0)
+
+
+def test_build_pruner_follows_the_spec():
+    spec = SweepSpec.model_validate({
+        "base": "experiments/demo.yaml", "study_name": "t",
+        "pruner": {"collapse": {"max_class_share": 0.8, "chance_margin": 0.02, "patience": 3, "grace_epochs": 0},
+                   "wrapped": {"type": "percentile", "percentile": 25, "n_startup_trials": 2, "n_warmup_steps": 1}},
+    })
+    pruner = build_pruner(spec)
+    assert (pruner.max_class_share, pruner.chance_margin, pruner.patience, pruner.grace_epochs, pruner.n_classes) == (
+        0.8, 0.02, 3, 0, 4)
+    assert isinstance(pruner.wrapped, PercentilePruner) and not isinstance(pruner.wrapped, MedianPruner)
+    for wrapped in (None, "none", {"type": "none"}):
+        spec = SweepSpec.model_validate({"base": "b.yaml", "study_name": "t", "pruner": {"wrapped": wrapped}})
+        assert build_pruner(spec).wrapped is None
+    spec = SweepSpec.model_validate({"base": "b.yaml", "study_name": "t"})
+    assert isinstance(build_pruner(spec).wrapped, MedianPruner)
+    assert spec.promote.model_name == "t"  # the registered model defaults to the study name
