@@ -129,6 +129,39 @@ def cmd_data_cache(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- train / checkpoint
+def cmd_train(args) -> int:
+    from octft.config import load_experiment
+    from octft.train.recipe import train
+
+    cfg = load_experiment(args.config, args.overrides)
+    if args.tracking_uri:
+        cfg.tracking.tracking_uri = args.tracking_uri
+    result = train(cfg, resume=args.resume, run_dir=args.run_dir)
+    print(
+        f"{result.status}: best val/balanced_accuracy {result.best_value:.4f} at epoch {result.best_epoch} "
+        f"({result.epochs_run} epochs run){'; ' + result.stop_reason if result.stop_reason else ''}"
+    )
+    print(f"run directory: {result.run_dir}   MLflow run: {result.run_id}")
+    return 0
+
+
+def cmd_checkpoint_inspect(args) -> int:
+    from octft.config import load_experiment
+    from octft.models.checkpoint import inspect_checkpoint
+    from octft.train.recipe import build_model
+
+    cfg = load_experiment(args.config, args.overrides)
+    cfg.model.checkpoint = None  # build the bare encoder; inspect compares without loading
+    model, _ = build_model(cfg, num_classes=4)
+    report = inspect_checkpoint(args.path, model.encoder, key=args.key or cfg.model.checkpoint_key)
+    if args.json:
+        _print_json(report.to_dict(), "-")
+    else:
+        print(report.summary())
+    return 0 if report.ok else EXIT_GUARD_FAILED
+
+
 # ---------------------------------------------------------------- demo
 def cmd_demo(args) -> int:
     from octft.demo import run_demo
@@ -183,6 +216,23 @@ def build_parser() -> argparse.ArgumentParser:
     data_source_arguments(cache)
     cache.add_argument("--workers", type=int, default=2)
     cache.set_defaults(func=cmd_data_cache)
+    train = commands.add_parser("train", help="one fine-tune: octft train CONFIG [key=value ...]")
+    train.add_argument("config", help="an experiment YAML, e.g. experiments/demo.yaml")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr_head=1e-3")
+    train.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    train.add_argument("--run-dir", help="where checkpoints go (default: <output_dir>/<run name>)")
+    train.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    train.set_defaults(func=cmd_train)
+
+    checkpoint = commands.add_parser("checkpoint", help="check a pretraining checkpoint against an experiment's encoder")
+    checkpoint_commands = checkpoint.add_subparsers(dest="checkpoint_command", required=True, metavar="CHECKPOINT_COMMAND")
+    inspect_ckpt = checkpoint_commands.add_parser("inspect", help="loaded / missing / unexpected / mismatched keys")
+    inspect_ckpt.add_argument("path")
+    inspect_ckpt.add_argument("--config", required=True, help="the experiment whose model section builds the encoder")
+    inspect_ckpt.add_argument("--key", help="checkpoint entry (default: target_encoder, else encoder)")
+    inspect_ckpt.add_argument("--json", action="store_true")
+    inspect_ckpt.add_argument("overrides", nargs="*", metavar="key=value")
+    inspect_ckpt.set_defaults(func=cmd_checkpoint_inspect)
     return parser
 
 

@@ -89,6 +89,7 @@ class ModelConfig(_Strict):
     use_rope: bool = True
     rope_layout: Literal["vjepa2", "interleaved"] = "vjepa2"
     drop_path_rate: float = 0.0
+    norm_eps: float = 1e-6  # V-JEPA's named sizes use 1e-6
     head: Literal["mlp", "attentive", "linear"] = "mlp"
     head_hidden_features: int = 256
     head_dropout: float = 0.1

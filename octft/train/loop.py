@@ -1,0 +1,324 @@
+"""`fit()`: the one training loop. Reads top to bottom; no callbacks.
+
+It is handed a runtime (device, data parallelism, precision), a tracker (MLflow or nothing) and a
+reporter (Optuna or nothing); it never imports optuna or mlflow and never tests the device type.
+
+Per epoch: set the encoder frozen or trainable (progressive unfreezing), run the training steps
+(graph-stable: fixed shapes, no host reads inside a step), evaluate once on the validation split
+(confusion counts accumulated on device, logits fetched once), score at participant level, log,
+report, checkpoint, and stop early on validation balanced accuracy.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from octft.train.metrics import (
+    aggregate_by_participant,
+    classification_metrics,
+    confusion_matrix,
+    confusion_matrix_figure,
+    confusion_update,
+    softmax,
+)
+from octft.train.runtime import Runtime, load_state
+from octft.train.step import eval_step, train_step
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (non-finite loss, bad checkpoint); the message says why."""
+
+
+class Reporter(Protocol):
+    """Receives each epoch's objective and may ask the loop to stop (a pruned trial)."""
+
+    def report(self, epoch: int, value: float, metrics: dict[str, float]) -> str | None:
+        """Record the epoch; return a reason to stop now, or None to go on."""
+
+
+class NullReporter:
+    def report(self, epoch: int, value: float, metrics: dict[str, float]) -> str | None:
+        return None
+
+
+@dataclass
+class FitResult:
+    status: str  # "completed" | "early_stopped" | "pruned"
+    best_epoch: int | None
+    best_value: float
+    best_metrics: dict[str, float]
+    epochs_run: int
+    stop_reason: str | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def padded_batches(dataset, batch_size: int, *, order: Sequence[int]) -> list[dict[str, torch.Tensor]] | Any:
+    """Batches of exactly `batch_size` rows in `order`; the last is padded with weight-0 copies.
+
+    Fixed shapes keep XLA at one graph per step kind; the 0/1 weight `w` keeps padding out of the
+    loss and the metrics.
+    """
+    for start in range(0, len(order), batch_size):
+        rows = [dataset[i] for i in order[start : start + batch_size]]
+        real = len(rows)
+        rows += [rows[-1]] * (batch_size - real)
+        yield {
+            "x": torch.stack([row["x"] for row in rows]),
+            "y": torch.stack([row["y"] for row in rows]),
+            "w": torch.tensor([1.0] * real + [0.0] * (batch_size - real)),
+        }
+
+
+class _Batches:
+    """A re-iterable, sized view of `padded_batches` (device loaders want both)."""
+
+    def __init__(self, dataset, batch_size: int, order: Sequence[int]):
+        self.dataset, self.batch_size, self.order = dataset, batch_size, list(order)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.order) / self.batch_size)
+
+    def __iter__(self):
+        return padded_batches(self.dataset, self.batch_size, order=self.order)
+
+
+def lr_factor(step: int, *, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
+    """Linear warmup, then cosine decay to `min_ratio` of the base learning rate."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model, *, lr_head: float, lr_encoder: float, weight_decay: float, betas: tuple[float, float]):
+    """AdamW with the head and encoder in separate groups; no weight decay on biases and norms."""
+    groups = []
+    for name, parameters, lr in (("head", model.head_parameters(), lr_head), ("encoder", model.encoder_parameters(), lr_encoder)):
+        parameters = list(parameters)
+        decay = [p for p in parameters if p.ndim >= 2]
+        no_decay = [p for p in parameters if p.ndim < 2]
+        groups.append({"params": decay, "lr": lr, "base_lr": lr, "weight_decay": weight_decay, "name": name})
+        groups.append({"params": no_decay, "lr": lr, "base_lr": lr, "weight_decay": 0.0, "name": name})
+    return torch.optim.AdamW(groups, betas=betas)
+
+
+def set_encoder_trainable(model, trainable: bool) -> None:
+    for parameter in model.encoder_parameters():
+        parameter.requires_grad_(trainable)
+    # A frozen encoder runs in eval mode: no dropout or drop-path noise in features it cannot adapt to.
+    model.encoder.train(trainable)
+
+
+def fit(
+    model,
+    train_set,
+    val_set,
+    *,
+    runtime: Runtime,
+    tracker,
+    reporter: Reporter | None = None,
+    class_names: Sequence[str],
+    epochs: int,
+    batch_size: int,
+    accumulation_steps: int,
+    unfreeze_epoch: int,
+    lr_head: float,
+    lr_encoder: float,
+    weight_decay: float = 0.05,
+    betas: tuple[float, float] = (0.9, 0.999),
+    warmup_epochs: float = 1.0,
+    min_lr_ratio: float = 0.01,
+    label_smoothing: float = 0.0,
+    class_weights: torch.Tensor | None = None,
+    clip_norm: float | None = 1.0,
+    early_stopping_patience: int | None = None,
+    seed: int = 0,
+    run_dir: str | Path,
+    resume: bool = False,
+) -> FitResult:
+    """Fine-tune `model` (a `Classifier`) and return the best epoch's validation scores.
+
+    `train_set` / `val_set` yield `{"x", "y"}` samples; `val_set.participant_ids(indices)` maps rows to
+    participants, whose averaged logits give the reported (participant-level) figures. Checkpoints
+    go to `run_dir/last.pt` every epoch and `run_dir/checkpoint/best.pt` on improvement; `resume=True`
+    continues from `last.pt` and ends as an uninterrupted run would.
+    """
+    reporter = reporter or NullReporter()
+    run_dir = Path(run_dir)
+    (run_dir / "checkpoint").mkdir(parents=True, exist_ok=True)
+    num_classes = len(class_names)
+    step_rows = batch_size * accumulation_steps  # rows per optimizer step (global, all devices)
+    eval_rows = batch_size
+
+    model = runtime.to_device(model)
+    optimizer = make_optimizer(model, lr_head=lr_head, lr_encoder=lr_encoder, weight_decay=weight_decay, betas=betas)
+    weight = class_weights.to(runtime.device) if class_weights is not None else None
+
+    def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, targets, weight=weight, label_smoothing=label_smoothing, reduction="none")
+
+    steps_per_epoch = math.ceil(len(train_set) / step_rows)
+    total_steps = steps_per_epoch * epochs
+    warmup_steps = int(round(warmup_epochs * steps_per_epoch))
+    val_participants = val_set.participant_ids(range(len(val_set)))
+    val_targets = np.asarray([int(val_set[i]["y"]) for i in range(len(val_set))]) if len(val_set) else np.zeros(0, int)
+
+    state = {"epoch": -1, "best_value": -math.inf, "best_epoch": None, "best_metrics": {}, "bad_epochs": 0, "history": []}
+    if resume and (run_dir / "last.pt").is_file():
+        saved = load_state(run_dir / "last.pt")
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        state = json.loads(saved["loop_state"])
+        print(f"resumed from {run_dir / 'last.pt'} after epoch {state['epoch']}", flush=True)
+
+    status, stop_reason = "completed", None
+    for epoch in range(state["epoch"] + 1, epochs):
+        started = time.perf_counter()
+        # Every random draw of an epoch derives from (seed, epoch): a resumed run replays it exactly.
+        torch.manual_seed(seed * 100_003 + epoch)
+        getattr(runtime, "manual_seed", lambda s: None)(seed * 100_003 + epoch)  # TODO runtime.manual_seed
+        set_encoder_trainable(model, epoch >= unfreeze_epoch)
+        model.head.train(True)
+        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
+
+        loss_sum = torch.zeros((), device=runtime.device)
+        weight_sum = torch.zeros((), device=runtime.device)
+        for step_in_epoch, batch in enumerate(runtime.device_loader(_Batches(train_set, step_rows, order))):
+            factor = lr_factor(epoch * steps_per_epoch + step_in_epoch, total_steps=total_steps,
+                               warmup_steps=warmup_steps, min_ratio=min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * factor
+            out = train_step(model, batch, loss_fn=loss_fn, optimizer=optimizer,
+                             accumulation_steps=accumulation_steps, clip_norm=clip_norm, runtime=runtime)
+            loss_sum = loss_sum + out["loss_sum"].detach()
+            weight_sum = weight_sum + out["weight_sum"].detach()
+        train_seconds = time.perf_counter() - started
+
+        # Evaluation: confusion counts stay on device; logits are fetched once, below.
+        confusion = torch.zeros(num_classes, num_classes, device=runtime.device)
+        logits_parts = []
+        for batch in runtime.device_loader(_Batches(val_set, eval_rows, range(len(val_set)))):
+            out = eval_step(model, batch, num_classes=num_classes, runtime=runtime)
+            confusion = confusion_update(confusion, out["logits"], batch["y"], batch["w"])
+            logits_parts.append(out["logits"])
+        # The epoch's one host-device sync point: every number the host needs, in one transfer each.
+        train_loss = float(runtime.to_host(loss_sum / weight_sum.clamp_min(1.0)))
+        volume_confusion = runtime.to_host(confusion).round().astype(np.int64)
+        logits = runtime.to_host(torch.cat(logits_parts))[: len(val_set)] if logits_parts else np.zeros((0, num_classes))
+        if not math.isfinite(train_loss):
+            raise TrainingError(
+                f"training loss is {train_loss} at epoch {epoch}: lower optim.lr_head / optim.lr_encoder or check "
+                f"the data; the last good checkpoint ({run_dir / 'last.pt'}) is kept"
+            )
+
+        metrics = evaluate_logits(logits, val_targets, val_participants, volume_confusion, class_names)
+        epoch_seconds = time.perf_counter() - started
+        compile_stats = runtime.compile_stats()
+        metrics.update({
+            "train/loss": train_loss,
+            "lr/head": lr_head * factor,
+            "lr/encoder": lr_encoder * factor,
+            "train/encoder_trainable": float(epoch >= unfreeze_epoch),
+            "perf/samples_per_second": steps_per_epoch * step_rows / max(train_seconds, 1e-9),
+            "perf/epoch_seconds": epoch_seconds,
+            "xla/compiles": compile_stats.get("compiles", 0),
+            "xla/compile_seconds": compile_stats.get("compile_seconds", 0.0),
+        })
+        value = metrics["val/balanced_accuracy"]
+        tracker.log_metrics(metrics, step=epoch)
+        state["history"].append({"epoch": epoch, **{k: metrics[k] for k in ("train/loss", "val/loss", "val/balanced_accuracy")}})
+        print(
+            f"epoch {epoch:3d}  train/loss {train_loss:.4f}  val/loss {metrics['val/loss']:.4f}  "
+            f"val/balanced_accuracy {value:.3f}  val/macro_f1 {metrics['val/macro_f1']:.3f}  "
+            f"encoder {'trainable' if epoch >= unfreeze_epoch else 'frozen'}  {epoch_seconds:.1f}s",
+            flush=True,
+        )
+
+        improved = value > state["best_value"]
+        if improved:
+            state.update(best_value=value, best_epoch=epoch, best_metrics=metrics, bad_epochs=0)
+            runtime.save({"model": model.state_dict(), "epoch": epoch, "metrics": json.dumps(metrics)},
+                         run_dir / "checkpoint" / "best.pt")
+            if runtime.is_main:
+                write_best_artifacts(run_dir, logits, val_targets, val_participants, class_names, metrics)
+        else:
+            state["bad_epochs"] += 1
+        state["epoch"] = epoch
+        runtime.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "loop_state": json.dumps(state)},
+                     run_dir / "last.pt")
+
+        reason = runtime.broadcast_object(reporter.report(epoch, value, metrics))
+        if reason is not None:
+            status, stop_reason = "pruned", reason
+            break
+        if early_stopping_patience is not None and state["bad_epochs"] >= early_stopping_patience:
+            status = "early_stopped"
+            stop_reason = f"no improvement of val/balanced_accuracy for {early_stopping_patience} epochs"
+            break
+
+    return FitResult(
+        status=status,
+        best_epoch=state["best_epoch"],
+        best_value=state["best_value"],
+        best_metrics=state["best_metrics"],
+        epochs_run=state["epoch"] + 1,
+        stop_reason=stop_reason,
+        history=state["history"],
+    )
+
+
+def evaluate_logits(
+    logits: np.ndarray,
+    targets: np.ndarray,
+    participant_ids: Sequence[str],
+    volume_confusion: np.ndarray,
+    class_names: Sequence[str],
+) -> dict[str, float]:
+    """Validation scores: `val/*` at participant level (the reported figures), `val_volume/*` per volume."""
+    import warnings
+
+    metrics: dict[str, float] = {}
+    with warnings.catch_warnings():
+        # An absent class makes AUC NaN by design; the NaN is logged, the warning would repeat every epoch.
+        warnings.simplefilter("ignore")
+        volume = classification_metrics(volume_confusion, probs=softmax(logits), targets=targets, class_names=class_names)
+        ids, mean_logits, participant_targets = aggregate_by_participant(participant_ids, logits, targets)
+        predictions = mean_logits.argmax(axis=1)
+        participant_confusion = confusion_matrix(participant_targets, predictions, len(class_names))
+        participant = classification_metrics(
+            participant_confusion, probs=softmax(mean_logits), targets=participant_targets, class_names=class_names
+        )
+    volume_loss = float(F.cross_entropy(torch.from_numpy(logits).float(), torch.from_numpy(targets).long()))
+    metrics["val/loss"] = volume_loss
+    metrics.update({f"val/{k}": v for k, v in participant.items()})
+    metrics["val/auc_macro"] = participant["auc_macro"]
+    metrics.update({f"val_volume/{k}": v for k, v in volume.items()})
+    metrics["val/participants"] = float(len(ids))
+    return metrics
+
+
+def write_best_artifacts(run_dir: Path, logits, targets, participant_ids, class_names, metrics) -> None:
+    """`val_predictions.csv` (one row per participant) and the confusion matrix image of the best epoch."""
+    ids, mean_logits, participant_targets = aggregate_by_participant(participant_ids, logits, targets)
+    probs = softmax(mean_logits)
+    best = run_dir / "best"
+    best.mkdir(exist_ok=True)
+    with (best / "val_predictions.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["participant_id", "true_class", "predicted_class", *[f"prob_{name}" for name in class_names]])
+        for pid, target, row in zip(ids, participant_targets, probs):
+            writer.writerow([pid, class_names[int(target)], class_names[int(row.argmax())], *[f"{p:.6f}" for p in row]])
+    confusion = confusion_matrix(participant_targets, probs.argmax(axis=1), len(class_names))
+    figure = confusion_matrix_figure(confusion, class_names, "validation, participant level (best epoch)")
+    figure.savefig(best / "confusion_matrix.png", dpi=100)
+    (best / "metrics.json").write_text(json.dumps(metrics, indent=2))

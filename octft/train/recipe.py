@@ -1,0 +1,196 @@
+"""`octft train CONFIG [key=value ...]`: one fine-tune, wired from an experiment config.
+
+The recipe is the only training code that sees the config: it audits the data, prepares the cache,
+builds the model, runtime and tracker, and hands flat arguments to `fit()`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from octft.config import ExperimentConfig, save_resolved
+from octft.data.layout import CLASS_SHORT_NAMES
+
+
+class AuditFailedError(RuntimeError):
+    """Training refuses data whose audit failed, unless the failed guards are allowed by name."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    run_id: str | None
+    status: str
+    best_value: float
+    best_epoch: int | None
+    best_metrics: dict
+    epochs_run: int
+    stop_reason: str | None
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def data_manifest_hash(volumes) -> str:
+    """A hash of exactly what a run trains and validates on: keys, content identity, label and split."""
+    digest = hashlib.sha256()
+    for row in volumes.sort_values("key").itertuples(index=False):
+        digest.update(f"{row.key}|{row.source_id}|{row.label}|{row.split}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def build_model(cfg: ExperimentConfig, num_classes: int):
+    from octft.models import Classifier, build_encoder, build_head
+    from octft.models.checkpoint import load_encoder_checkpoint
+
+    pre = cfg.data.preprocess
+    model_cfg = cfg.model
+    encoder = build_encoder(
+        model_cfg.size,
+        img_size=(pre.height, pre.width),
+        patch_size=model_cfg.patch_size,
+        num_frames=pre.frames,
+        tubelet_size=model_cfg.tubelet_size,
+        in_chans=model_cfg.in_chans,
+        use_rope=model_cfg.use_rope,
+        rope_layout=model_cfg.rope_layout,
+        drop_path_rate=model_cfg.drop_path_rate,
+        norm_eps=model_cfg.norm_eps,
+    )
+    report = None
+    if model_cfg.checkpoint:
+        report = load_encoder_checkpoint(
+            model_cfg.checkpoint, encoder, key=model_cfg.checkpoint_key,
+            allow_missing=model_cfg.allow_missing, allow_unexpected=model_cfg.allow_unexpected,
+        )
+    head_kwargs = {}
+    if model_cfg.head == "mlp":
+        head_kwargs = {"hidden_features": model_cfg.head_hidden_features, "dropout": model_cfg.head_dropout}
+    head = build_head(model_cfg.head, encoder.num_features, num_classes, **head_kwargs)
+    return Classifier(encoder, head), report
+
+
+def train(
+    cfg: ExperimentConfig,
+    *,
+    resume: bool = False,
+    run_dir: str | Path | None = None,
+    reporter=None,
+    tracker=None,
+    progress: bool = True,
+) -> TrainResult:
+    """Audit -> cache -> model -> fit, tracked in MLflow. Raises on a failed audit or a bad checkpoint."""
+    import torch
+
+    from octft.data.audit import audit_dataset
+    from octft.data.dataset import VolumeDataset, prepare_volumes
+    from octft.train.losses import balanced_class_weights
+    from octft.train.loop import fit
+    from octft.train.runtime import make_runtime
+
+    run_dir = Path(run_dir or Path(cfg.output_dir) / (cfg.tracking.run_name or cfg.name))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run_file = run_dir / "run.json"
+    previous = json.loads(run_file.read_text()) if (resume and run_file.is_file()) else {}
+
+    if tracker is None:
+        from octft.track.mlflow_tracker import MlflowTracker
+
+        tracker = MlflowTracker(cfg.tracking.tracking_uri, cfg.tracking.experiment, cfg.tracking.run_name or cfg.name,
+                                run_id=previous.get("mlflow_run_id"))
+    run_file.write_text(json.dumps({"mlflow_run_id": tracker.run_id}) + "\n")
+    try:
+        data = cfg.data
+        report = audit_dataset(
+            data.uri, data.labels, use_manifest=data.use_manifest, verify=data.verify,
+            regions=data.selection.regions, devices=data.selection.devices, lateralities=data.selection.lateralities,
+            per_participant=data.selection.per_participant, min_match_rate=data.guards.min_match_rate,
+            min_per_class=data.guards.min_per_class, max_duplicate_files=data.guards.max_duplicate_files,
+            val_fraction=data.split.val_fraction, test_fraction=data.split.test_fraction, split_seed=data.split.seed,
+        )
+        failed = report.failed_guards(data.allow_failed_guards)
+        if failed:
+            names = ", ".join(g.name for g in failed)
+            raise AuditFailedError(
+                f"data audit of {data.uri} failed ({'; '.join(f'{g.name}: {g.detail}' for g in failed)}); "
+                f"run `octft data audit --data {data.uri}` for the full report, or override on purpose with "
+                f"data.allow_failed_guards=[{names}]"
+            )
+        pre = data.preprocess
+        prepared = prepare_volumes(data.uri, report.volumes, cache_dir=data.cache_dir, frames=pre.frames,
+                                   height=pre.height, width=pre.width, intensity=pre.intensity, progress=progress)
+        if prepared.report.failed:
+            print(f"{len(prepared.report.failed)} volumes could not be read and are left out:")
+            for source, reason in prepared.report.failed:
+                print(f"  {source}: {reason}")
+        volumes = prepared.volumes
+        train_volumes = volumes[volumes.split == "train"]
+        val_volumes = volumes[volumes.split == "val"]
+        train_set = VolumeDataset(train_volumes, prepared.cache)
+        val_set = VolumeDataset(val_volumes, prepared.cache)
+        class_weights = (balanced_class_weights(train_set.labels.tolist(), len(CLASS_SHORT_NAMES))
+                         if cfg.loss.class_weights == "balanced" else None)
+
+        torch.manual_seed(cfg.train.seed)
+        model, checkpoint_report = build_model(cfg, len(CLASS_SHORT_NAMES))
+        runtime = make_runtime(cfg.runtime.kind, cfg.runtime.precision)
+
+        save_resolved(cfg, run_dir / "config.yaml")
+        (run_dir / "checkpoint").mkdir(exist_ok=True)
+        save_resolved(cfg, run_dir / "checkpoint" / "config.yaml")
+        audit_summary = report.to_dict()
+        if not previous:
+            tracker.log_params(cfg.flat())
+        tracker.set_tags({
+            "octft.git_commit": git_commit(),
+            "octft.runtime": runtime.name,
+            "octft.device_count": str(runtime.num_devices),
+            "octft.precision": runtime.precision,
+            "octft.data_manifest_hash": data_manifest_hash(volumes),
+            "octft.audit_passed": str(report.passed),
+            "octft.train_volumes": str(len(train_set)),
+            "octft.val_volumes": str(len(val_set)),
+            "octft.cache_failed": str(len(prepared.report.failed)),
+        })
+        tracker.log_dict({k: audit_summary[k] for k in ("files", "participants", "splits", "match_rate", "guards")},
+                         "audit_summary.json")
+        tracker.log_artifact(run_dir / "config.yaml")
+        if checkpoint_report is not None:
+            tracker.log_dict(checkpoint_report.to_dict(), "checkpoint_load_report.json")
+
+        result = fit(
+            model, train_set, val_set, runtime=runtime, tracker=tracker, reporter=reporter,
+            class_names=CLASS_SHORT_NAMES, epochs=cfg.train.epochs, batch_size=cfg.train.batch_size,
+            accumulation_steps=cfg.train.accumulation_steps, unfreeze_epoch=cfg.train.unfreeze_epoch,
+            lr_head=cfg.optim.lr_head, lr_encoder=cfg.optim.lr_encoder, weight_decay=cfg.optim.weight_decay,
+            betas=tuple(cfg.optim.betas), warmup_epochs=cfg.optim.warmup_epochs, min_lr_ratio=cfg.optim.min_lr_ratio,
+            label_smoothing=cfg.loss.label_smoothing, class_weights=class_weights, clip_norm=cfg.train.clip_norm,
+            early_stopping_patience=cfg.train.early_stopping_patience, seed=cfg.train.seed, run_dir=run_dir,
+            resume=resume,
+        )
+        best_dir = run_dir / "best"
+        if runtime.is_main and best_dir.is_dir():
+            tracker.log_artifact(best_dir / "val_predictions.csv")
+            tracker.log_artifact(best_dir / "confusion_matrix.png")
+            # The registered model is this folder: the best weights plus the config that built them.
+            tracker.log_artifact(run_dir / "checkpoint", "checkpoint")
+        tracker.set_tags({"octft.status": result.status, "octft.best_epoch": str(result.best_epoch)})
+        if result.status == "pruned":
+            tracker.finish("KILLED", result.stop_reason)
+        else:
+            tracker.finish("FINISHED", result.stop_reason)
+    except BaseException as error:
+        reason = f"{type(error).__name__}: {error}"
+        tracker.finish("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED", reason[:2000])
+        raise
+    return TrainResult(run_dir, tracker.run_id, result.status, result.best_value, result.best_epoch,
+                       result.best_metrics, result.epochs_run, result.stop_reason)
