@@ -186,7 +186,7 @@ def fit(
         started = time.perf_counter()
         # Every random draw of an epoch derives from (seed, epoch): a resumed run replays it exactly.
         torch.manual_seed(seed * 100_003 + epoch)
-        getattr(runtime, "manual_seed", lambda s: None)(seed * 100_003 + epoch)  # TODO runtime.manual_seed
+        runtime.manual_seed(seed * 100_003 + epoch)
         set_encoder_trainable(model, epoch >= unfreeze_epoch)
         model.head.train(True)
         order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
