@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 export PJRT_DEVICE ?= CPU
 export CPU_NUM_DEVICES ?= 4
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install browser demo test test-fast bench clean
 
 install: $(VENV)/.installed
 
@@ -16,10 +16,15 @@ $(VENV)/.installed: pyproject.toml uv.lock
 	$(UV) sync --frozen
 	@touch $@
 
+# The study report's test opens the HTML in Debian's Chromium; install it once where we may (root).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && (apt-get update -qq && apt-get install -y -qq chromium >/dev/null); } \
+		|| echo "chromium is not installed and cannot be installed here: the report's browser test will skip"
+
 demo: install
 	$(VENV)/bin/octft demo
 
-test: install
+test: install browser
 	$(VENV)/bin/pytest
 
 test-fast: install
