@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 
 # Prefixes seen in the wild in front of AI-READI IDs (folder names, exported tables).
@@ -25,7 +26,13 @@ def canonical_participant_id(value: object) -> str | None:
         if value != value or not value.is_integer():  # NaN or a fraction
             return None
         value = int(value)
-    text = str(value).strip()
+    return _canonical_text(str(value))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _canonical_text(text: str) -> str | None:
+    # Cached: a release repeats each participant's folder name once per file.
+    text = text.strip()
     text = _PREFIX.sub("", text)
     if text.endswith(".0") and text[:-2].isdigit():
         text = text[:-2]

@@ -111,7 +111,7 @@ def load_labels(
 
     rows, invalid = [], []
     columns = list(frame.columns)
-    for number, values in enumerate(zip(*(frame[c] for c in columns)), start=2):  # row 1 is the header
+    for number, values in enumerate(zip(*(frame[c].tolist() for c in columns)), start=2):  # row 1 is the header
         record = dict(zip(columns, values))
         raw_id = record[id_column]
         pid = canonical_participant_id(raw_id)
