@@ -155,3 +155,12 @@ def test_selection_one_per_eye_is_deterministic(tmp_path):
     assert sorted(kept.device) == ["zeiss_cirrus", "zeiss_cirrus"]
     assert first.to_dict()["files"]["excluded"] == 2
     assert all(r["rule"].startswith("one_per_eye: kept") for r in first.to_dict()["excluded"])
+
+
+def test_a_file_name_that_disagrees_with_its_folder_is_reported(tmp_path):
+    make_release(tmp_path, with_manifest=False)
+    write(tmp_path, f"{OCT}/zeiss_cirrus/1000/4555_cirrus_macula_oct_l_q.dcm", b"m" * 7)
+    d = audit_dataset(str(tmp_path)).to_dict()
+    assert {"key": f"{OCT}/zeiss_cirrus/1000/4555_cirrus_macula_oct_l_q.dcm", "folder_id": "1000",
+            "file_name_id": "4555"} in d["id_mismatches"]
+    assert d["files"]["matched"] == 25  # the folder decides; the mismatch is reported, not dropped
