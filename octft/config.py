@@ -74,6 +74,25 @@ class DataConfig(_Strict):
     cache_dir: str = ".octft-cache"
     allow_failed_guards: list[str] = []  # guard names a user overrides on purpose
 
+    def audit_kwargs(self) -> dict[str, Any]:
+        """The flat arguments of `octft.data.audit.audit_dataset` that this section sets."""
+        return dict(
+            uri=self.uri,
+            labels=self.labels,
+            use_manifest=self.use_manifest,
+            verify=self.verify,
+            regions=self.selection.regions,
+            devices=self.selection.devices,
+            lateralities=self.selection.lateralities,
+            per_participant=self.selection.per_participant,
+            min_match_rate=self.guards.min_match_rate,
+            min_per_class=self.guards.min_per_class,
+            max_duplicate_files=self.guards.max_duplicate_files,
+            val_fraction=self.split.val_fraction,
+            test_fraction=self.split.test_fraction,
+            split_seed=self.split.seed,
+        )
+
     @property
     def labels_uri(self) -> str:
         if self.labels:

@@ -110,13 +110,7 @@ def train(
     run_file.write_text(json.dumps({"mlflow_run_id": tracker.run_id}) + "\n")
     try:
         data = cfg.data
-        report = audit_dataset(
-            data.uri, data.labels, use_manifest=data.use_manifest, verify=data.verify,
-            regions=data.selection.regions, devices=data.selection.devices, lateralities=data.selection.lateralities,
-            per_participant=data.selection.per_participant, min_match_rate=data.guards.min_match_rate,
-            min_per_class=data.guards.min_per_class, max_duplicate_files=data.guards.max_duplicate_files,
-            val_fraction=data.split.val_fraction, test_fraction=data.split.test_fraction, split_seed=data.split.seed,
-        )
+        report = audit_dataset(**data.audit_kwargs())
         failed = report.failed_guards(data.allow_failed_guards)
         if failed:
             names = ", ".join(g.name for g in failed)
