@@ -48,6 +48,22 @@ def data_manifest_hash(volumes) -> str:
     return digest.hexdigest()[:16]
 
 
+def audited_data(data):
+    """Audit the data a config names; refuse it when a guard failed that the config does not allow."""
+    from octft.data.audit import audit_dataset
+
+    report = audit_dataset(**data.audit_kwargs())
+    failed = report.failed_guards(data.allow_failed_guards)
+    if failed:
+        names = ", ".join(g.name for g in failed)
+        raise AuditFailedError(
+            f"data audit of {data.uri} failed ({'; '.join(f'{g.name}: {g.detail}' for g in failed)}); "
+            f"run `octft data audit --data {data.uri}` for the full report, or override on purpose with "
+            f"data.allow_failed_guards=[{names}]"
+        )
+    return report
+
+
 def build_model(cfg: ExperimentConfig, num_classes: int):
     from octft.models import Classifier, build_encoder, build_head
     from octft.models.checkpoint import load_encoder_checkpoint
@@ -91,7 +107,6 @@ def train(
     """Audit -> cache -> model -> fit, tracked in MLflow. Raises on a failed audit or a bad checkpoint."""
     import torch
 
-    from octft.data.audit import audit_dataset
     from octft.data.dataset import VolumeDataset, prepare_volumes
     from octft.train.losses import balanced_class_weights
     from octft.train.loop import fit
@@ -110,15 +125,7 @@ def train(
     run_file.write_text(json.dumps({"mlflow_run_id": tracker.run_id}) + "\n")
     try:
         data = cfg.data
-        report = audit_dataset(**data.audit_kwargs())
-        failed = report.failed_guards(data.allow_failed_guards)
-        if failed:
-            names = ", ".join(g.name for g in failed)
-            raise AuditFailedError(
-                f"data audit of {data.uri} failed ({'; '.join(f'{g.name}: {g.detail}' for g in failed)}); "
-                f"run `octft data audit --data {data.uri}` for the full report, or override on purpose with "
-                f"data.allow_failed_guards=[{names}]"
-            )
+        report = audited_data(data)
         pre = data.preprocess
         prepared = prepare_volumes(data.uri, report.volumes, cache_dir=data.cache_dir, frames=pre.frames,
                                    height=pre.height, width=pre.width, intensity=pre.intensity, progress=progress)

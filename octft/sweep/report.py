@@ -1,0 +1,357 @@
+"""`octft report SPEC`: one self-contained HTML page about a study, from the Optuna storage and the MLflow store.
+
+What the page shows is defined in `dashboards/study_report.yaml` (figures, titles, captions, in order) and
+`dashboards/study_report.html` (the page around them); this module holds one small builder per figure id
+(`FIGURES`). plotly.js is inlined, so the page opens offline and fetches nothing. A figure that cannot be
+drawn yet (too few trials, say) becomes a note saying why, never a crash.
+
+    >>> path = render_report(load_sweep("sweeps/demo.yaml"))        # doctest: +SKIP
+    >>> path                                                         # doctest: +SKIP
+    PosixPath('demo/runs/demo/report.html')
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import string
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import yaml
+from optuna.trial import FrozenTrial, TrialState
+
+from octft.config import ConfigError
+from octft.data.layout import CLASS_SHORT_NAMES
+from octft.sweep.promote import CHAMPION_ATTR, CI_SCORES, TEST_METRICS_ATTR, open_study, resumed_run, select_trial
+from octft.sweep.spec import SweepSpec, redact_url
+
+DASHBOARDS = Path(__file__).resolve().parents[2] / "dashboards"
+DEFAULT_DEFINITION = DASHBOARDS / "study_report.yaml"
+REPORT_NAME = "report.html"
+# One colour per trial outcome, so a pruned trial's reason reads at a glance.
+OUTCOME_COLOURS = {
+    "complete": "#1f77b4",
+    "pruned: collapse": "#d62728",
+    "pruned: median": "#ff7f0e",
+    "failed": "#7f7f7f",
+    "running": "#2ca02c",
+}
+
+
+class FigureUnavailable(Exception):
+    """A figure that cannot be drawn from this study yet; the message is shown in its place."""
+
+
+@dataclass
+class ReportContext:
+    """What every figure builder may read: the study, its trials, the MLflow store and the best trial."""
+
+    study: optuna.Study
+    trials: list[FrozenTrial]
+    tracking_uri: str
+    objective: str
+    min_class_f1: float
+
+    @property
+    def complete(self) -> list[FrozenTrial]:
+        return [trial for trial in self.trials if trial.state == TrialState.COMPLETE]
+
+    def best_trial(self) -> tuple[FrozenTrial | None, str]:
+        """The trial promotion would pick, else the best complete one; with a sentence saying which."""
+        try:
+            trial, _ = select_trial(self.study, self.min_class_f1)
+            return trial, f"trial {trial.number}, the best complete trial that did not collapse"
+        except ValueError:
+            if not self.complete:
+                return None, "no trial has completed"
+            trial = self.study.best_trial
+            return trial, f"trial {trial.number}, the best complete trial (every complete trial collapsed)"
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures
+
+
+def _optimization_history(context: ReportContext):
+    if not context.complete:
+        raise FigureUnavailable("no trial has completed yet, so there is no objective to plot")
+    return optuna.visualization.plot_optimization_history(context.study, target_name=context.objective)
+
+
+def outcome(trial: FrozenTrial) -> str:
+    """'complete', 'pruned: <reason>', 'failed' or 'running': how a trial ended, for legends and tables."""
+    if trial.state == TrialState.PRUNED:
+        return f"pruned: {trial.user_attrs.get('prune_reason', 'unknown')}"
+    if trial.state == TrialState.FAIL:
+        return "failed"
+    return trial.state.name.lower()
+
+
+def _intermediate_values(context: ReportContext):
+    import plotly.graph_objects as go
+
+    reported = [trial for trial in context.trials if trial.intermediate_values]
+    if not reported:
+        raise FigureUnavailable("no trial has reported an epoch yet")
+    figure = go.Figure()
+    in_legend: set[str] = set()
+    for trial in reported:
+        label = outcome(trial)
+        colour = OUTCOME_COLOURS.get(label, "#9467bd")
+        epochs = sorted(trial.intermediate_values)
+        values = [trial.intermediate_values[epoch] for epoch in epochs]
+        hover = [f"trial {trial.number} ({label})<br>epoch {epoch}: {value:.4f}" for epoch, value in zip(epochs, values)]
+        figure.add_trace(go.Scatter(
+            x=epochs, y=values, mode="lines+markers", name=label, legendgroup=label, showlegend=label not in in_legend,
+            line={"color": colour, "width": 1.5}, marker={"size": 5}, hovertext=hover, hoverinfo="text",
+        ))
+        in_legend.add(label)
+        if trial.state == TrialState.PRUNED:
+            detail = html.escape(str(trial.user_attrs.get("prune_detail", "")))
+            figure.add_trace(go.Scatter(
+                x=[epochs[-1]], y=[values[-1]], mode="markers", legendgroup=label, showlegend=False,
+                marker={"symbol": "x", "size": 12, "color": colour},
+                hovertext=[f"trial {trial.number} pruned at epoch {epochs[-1]} ({label})<br>{detail}"], hoverinfo="text",
+            ))
+    figure.update_layout(xaxis_title="epoch", yaxis_title=context.objective, legend_title="outcome")
+    return figure
+
+
+def _param_importances(context: ReportContext):
+    complete = context.complete
+    if len(complete) < 2:
+        raise FigureUnavailable(
+            f"parameter importances need at least 2 complete trials; this study has {len(complete)} so far"
+        )
+    if not any(trial.params for trial in complete):
+        raise FigureUnavailable("the complete trials have no searched parameters (empty space)")
+    evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)  # seeded: the same study, the same figure
+    try:
+        return optuna.visualization.plot_param_importances(context.study, evaluator=evaluator, target_name=context.objective)
+    except (ValueError, RuntimeError) as error:
+        raise FigureUnavailable(f"Optuna could not compute importances from {len(complete)} complete trials: {error}") from None
+
+
+def _parallel_coordinate(context: ReportContext):
+    if not any(trial.params for trial in context.complete):
+        raise FigureUnavailable("no complete trial with searched parameters yet")
+    return optuna.visualization.plot_parallel_coordinate(context.study, target_name=context.objective)
+
+
+def _class_f1(context: ReportContext):
+    import plotly.graph_objects as go
+
+    scored = [trial for trial in context.trials if trial.user_attrs.get("best_metrics")]
+    if not scored:
+        raise FigureUnavailable("no trial has recorded its best epoch's metrics (user attr best_metrics) yet")
+    labels = [f"#{trial.number} ({outcome(trial)})" for trial in scored]
+    figure = go.Figure()
+    for name in CLASS_SHORT_NAMES:
+        values = [trial.user_attrs["best_metrics"].get(f"val/f1_{name}") for trial in scored]
+        figure.add_trace(go.Bar(x=labels, y=values, name=name))
+    figure.add_hline(y=context.min_class_f1, line_dash="dot", line_color="#d62728",
+                     annotation_text=f"promote.min_class_f1 = {context.min_class_f1}")
+    figure.update_layout(barmode="group", xaxis_title="trial", yaxis_title="validation F1 (best epoch)",
+                         yaxis_range=[0, 1], legend_title="class")
+    return figure
+
+
+def _best_confusion_matrix(context: ReportContext):
+    import numpy as np
+    import plotly.graph_objects as go
+
+    from octft.train.metrics import confusion_matrix
+
+    trial, which = context.best_trial()
+    if trial is None:
+        raise FigureUnavailable(f"no confusion matrix: {which}")
+    predictions, source = _val_predictions(context.tracking_uri, trial)
+    if predictions is None:
+        raise FigureUnavailable(f"{which} has no val_predictions.csv (looked in {source})")
+    index = {name: position for position, name in enumerate(CLASS_SHORT_NAMES)}
+    unknown = sorted((set(predictions.true_class) | set(predictions.predicted_class)) - set(index))
+    if unknown:
+        raise FigureUnavailable(f"val_predictions.csv of trial {trial.number} names unknown classes {unknown}")
+    counts = confusion_matrix(predictions.true_class.map(index).to_numpy(), predictions.predicted_class.map(index).to_numpy(),
+                              len(CLASS_SHORT_NAMES))
+    totals = counts.sum(axis=1, keepdims=True)
+    share = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
+    figure = go.Figure(go.Heatmap(
+        z=share, x=list(CLASS_SHORT_NAMES), y=list(CLASS_SHORT_NAMES), text=counts.astype(str).tolist(), texttemplate="%{text}",
+        colorscale="Blues", zmin=0, zmax=1, colorbar={"title": "share of true class"},
+        hovertemplate="true %{y}, predicted %{x}: %{text} (%{z:.0%})<extra></extra>",
+    ))
+    figure.update_layout(title=f"{which} (from {source})", xaxis_title="predicted", yaxis_title="true",
+                         yaxis_autorange="reversed")
+    return figure
+
+
+def _val_predictions(tracking_uri: str, trial: FrozenTrial):
+    """The best epoch's val_predictions.csv: the run's MLflow artifact, else `<run_dir>/best/`."""
+    import pandas as pd
+
+    run_id = trial.user_attrs.get("mlflow_run_id")
+    looked = []
+    if run_id:
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
+        looked.append(f"MLflow run {run_id}")
+        with tempfile.TemporaryDirectory(prefix="octft-report-") as folder:
+            try:
+                local = MlflowClient(tracking_uri=tracking_uri).download_artifacts(run_id, "val_predictions.csv", folder)
+                return pd.read_csv(local, dtype={"participant_id": str}), f"MLflow run {run_id}"
+            except (MlflowException, OSError):
+                pass
+    run_dir = trial.user_attrs.get("run_dir")
+    if run_dir:
+        path = Path(run_dir) / "best" / "val_predictions.csv"
+        looked.append(str(path))
+        if path.is_file():
+            return pd.read_csv(path, dtype={"participant_id": str}), str(path)
+    return None, " and ".join(looked) or "nowhere: the trial has no mlflow_run_id or run_dir user attr"
+
+
+FIGURES: dict[str, Callable[[ReportContext], Any]] = {
+    "optimization_history": _optimization_history,
+    "intermediate_values": _intermediate_values,
+    "param_importances": _param_importances,
+    "parallel_coordinate": _parallel_coordinate,
+    "class_f1": _class_f1,
+    "best_confusion_matrix": _best_confusion_matrix,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# The definition and the page
+
+
+def load_definition(path: str | Path = DEFAULT_DEFINITION) -> dict[str, Any]:
+    """The report definition: {"template": Path, "figures": [{"id", "title", "caption"}, ...]}, checked."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such report definition (the repo ships dashboards/study_report.yaml)")
+    tree = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(tree, dict) or not isinstance(tree.get("figures"), list) or not tree["figures"]:
+        raise ConfigError(f"{path}: expected `template: <file>` and a non-empty `figures:` list of {{id, title, caption}}")
+    unknown_keys = sorted(set(tree) - {"template", "figures"})
+    if unknown_keys:
+        raise ConfigError(f"{path}: unknown key(s) {unknown_keys}; valid keys: figures, template")
+    template = path.parent / str(tree.get("template", "study_report.html"))
+    if not template.is_file():
+        raise ConfigError(f"{path}: template {template} does not exist; put the HTML template beside the definition")
+    figures, seen = [], set()
+    for position, entry in enumerate(tree["figures"]):
+        if not isinstance(entry, dict) or "id" not in entry:
+            raise ConfigError(f"{path}: figures[{position}] must be a mapping with an id (one of {', '.join(FIGURES)})")
+        extra = sorted(set(entry) - {"id", "title", "caption"})
+        if extra:
+            raise ConfigError(f"{path}: figures[{position}] has unknown key(s) {extra}; valid keys: caption, id, title")
+        if entry["id"] not in FIGURES:
+            raise ConfigError(f"{path}: figures[{position}].id {entry['id']!r} is not a figure; valid ids: {', '.join(FIGURES)}")
+        if entry["id"] in seen:
+            raise ConfigError(f"{path}: figure {entry['id']!r} is listed twice; list each figure once")
+        seen.add(entry["id"])
+        figures.append({"id": entry["id"], "title": str(entry.get("title", entry["id"])), "caption": str(entry.get("caption", ""))})
+    return {"template": template, "figures": figures}
+
+
+def study_dir(study: optuna.Study) -> Path:
+    """Where a study's trials wrote their run folders (their common parent); the working directory if none did."""
+    parents = [str(Path(trial.user_attrs["run_dir"]).parent) for trial in study.get_trials(deepcopy=False)
+               if trial.user_attrs.get("run_dir")]
+    return Path(os.path.commonpath(parents)) if parents else Path.cwd()
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(str(cell))}</th>" for cell in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(cell))}</td>" for cell in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _summary(context: ReportContext) -> str:
+    study = context.study
+    outcomes = Counter(outcome(trial) for trial in context.trials)
+    parts = [_table(["outcome", "trials"], [[name, count] for name, count in sorted(outcomes.items())])]
+    best, which = context.best_trial()
+    parts.append(f"<p><b>Best trial:</b> {html.escape(which)}.</p>")
+    champion = study.user_attrs.get(CHAMPION_ATTR)
+    if champion:
+        metrics = study.user_attrs.get(TEST_METRICS_ATTR.format(number=champion["trial"]), {})
+        parts.append(
+            f"<p><b>Champion:</b> trial {champion['trial']}, registered as "
+            f"models:/{html.escape(str(champion['model_name']))}@champion (version {html.escape(str(champion['version']))}).</p>"
+        )
+        rows = [[f"test/{name}", *(f"{metrics.get(f'test/{name}{suffix}', float('nan')):.4f}" for suffix in ("", "_ci_low", "_ci_high"))]
+                for name in CI_SCORES]
+        parts.append("<p>Test split, participant level, bootstrap 95% interval:</p>" + _table(["score", "value", "low", "high"], rows))
+    rows = []
+    for trial in context.trials:
+        attrs = trial.user_attrs
+        why = attrs.get("prune_detail") or attrs.get("fail_reason") or ""
+        rows.append([trial.number, outcome(trial), "" if trial.value is None else f"{trial.value:.4f}",
+                     attrs.get("best_epoch", ""), ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                           for k, v in trial.params.items()), why])
+    parts.append("<h2>Trials</h2>" + _table(["trial", "outcome", context.objective, "best epoch", "params", "why it ended"], rows))
+    return "\n".join(parts)
+
+
+def build_report_html(context: ReportContext, definition: dict[str, Any], *, storage: str) -> str:
+    """The whole page as one string: template, summary, every figure (or its note), plotly.js inlined."""
+    from plotly.offline import get_plotlyjs
+
+    sections = []
+    for entry in definition["figures"]:
+        try:
+            figure = FIGURES[entry["id"]](context)
+            body = figure.to_html(full_html=False, include_plotlyjs=False, div_id=f"figure-{entry['id']}",
+                                  config={"displaylogo": False, "responsive": True})
+        except FigureUnavailable as note:
+            body = f'<p class="note">{html.escape(str(note))}</p>'
+        sections.append(
+            f'<section class="figure" id="{entry["id"]}"><h2>{html.escape(entry["title"])}</h2>'
+            f'<p class="caption">{html.escape(entry["caption"])}</p>\n{body}\n</section>'
+        )
+    template = string.Template(definition["template"].read_text())
+    return template.substitute(
+        title=html.escape(f"Study {context.study.study_name}"),
+        meta=html.escape(f"{len(context.trials)} trials · storage {redact_url(storage)} · direction "
+                         f"{context.study.direction.name.lower()} · generated {time.strftime('%Y-%m-%d %H:%M:%S')}"),
+        summary=_summary(context),
+        figures="\n".join(sections),
+        plotly_js=get_plotlyjs(),
+    )
+
+
+def render_report(
+    spec: SweepSpec,
+    *,
+    out: str | Path | None = None,
+    storage: str | None = None,
+    tracking_uri: str | None = None,
+    definition: str | Path = DEFAULT_DEFINITION,
+) -> Path:
+    """Write the study's report (default `<study dir>/report.html`) and log it to the study's parent run."""
+    from octft.track.mlflow_tracker import resolve_tracking_uri
+
+    tracking_uri = resolve_tracking_uri(tracking_uri or spec.mlflow.tracking_uri)
+    storage = storage or spec.storage
+    study = open_study(spec, storage)
+    context = ReportContext(study, study.get_trials(deepcopy=False), tracking_uri, spec.objective.metric,
+                            spec.promote.min_class_f1)
+    page = build_report_html(context, load_definition(definition), storage=storage)
+    path = Path(out) if out else study_dir(study) / REPORT_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(page, encoding="utf-8")
+    parent_run_id = study.user_attrs.get("mlflow_parent_run_id")
+    if parent_run_id:
+        with resumed_run(tracking_uri, parent_run_id) as parent:
+            parent.log_artifact(path)
+    return path

@@ -1,0 +1,203 @@
+"""Promotion: the best healthy trial, tested once on the test split, registered once as the champion.
+
+The study is built here the way the sweep runner leaves one (sqlite Optuna storage, trials told through
+ask/tell with the runner's user attrs, MLflow runs in a sqlite store); the checkpoint comes from one real
+training run of the recipe on a tiny synthetic release.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import optuna
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from optuna.distributions import FloatDistribution, IntDistribution
+from optuna.trial import TrialState
+from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
+
+from octft.cli import main
+from octft.config import load_experiment, save_resolved
+from octft.data.layout import CLASS_SHORT_NAMES
+from octft.data.synth import synthesize
+from octft.sweep.pruners import record_epoch
+from octft.sweep.promote import (
+    TEST_METRICS_ATTR,
+    participant_test_scores,
+    promote,
+    select_trial,
+    unpromotable_reason,
+)
+from octft.sweep.spec import load_sweep
+from octft.track.mlflow_tracker import MlflowTracker
+from octft.train.recipe import train
+from octft.train.metrics import softmax
+
+DISTRIBUTIONS = {"optim.lr_head": FloatDistribution(1e-4, 1e-1, log=True), "train.unfreeze_epoch": IntDistribution(0, 2)}
+MODEL_NAME = "octft-promote-test"
+
+
+def _best_metrics(f1: list[float], balanced_accuracy: float) -> dict[str, float]:
+    metrics = {"val/balanced_accuracy": balanced_accuracy, "val/auc_macro": 0.7}
+    for name, value in zip(CLASS_SHORT_NAMES, f1):
+        metrics[f"val/f1_{name}"] = value
+        metrics[f"val/pred_frac_{name}"] = 0.25
+    return metrics
+
+
+def _add_trial(study, state, value, *, f1=(0.6, 0.5, 0.5, 0.6), run_id=None, run_dir=None, **attrs):
+    trial = study.ask(DISTRIBUTIONS)
+    for epoch, epoch_value in enumerate([value * 0.8, value]):
+        record_epoch(trial, epoch, epoch_value, pred_frac=[0.25] * 4, balanced_accuracy=epoch_value)
+    trial.set_user_attr("best_metrics", _best_metrics(list(f1), value))
+    trial.set_user_attr("best_epoch", 1)
+    trial.set_user_attr("epochs_run", 2)
+    if run_id:
+        trial.set_user_attr("mlflow_run_id", run_id)
+        trial.set_user_attr("run_dir", str(run_dir))
+    for key, attr in attrs.items():
+        trial.set_user_attr(key, attr)
+    if state == TrialState.COMPLETE:
+        study.tell(trial, value)
+    else:
+        study.tell(trial, state=state)
+    return trial.number
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """A study of five trials around one real training run; returns (spec path, trained run, data report)."""
+    root = tmp_path_factory.mktemp("promote")
+    data = synthesize(root / "data", participants=48, frames=4, height=32, width=32)
+    tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
+    cfg = load_experiment("experiments/demo.yaml", [
+        f"data.uri={root / 'data'}", f"data.cache_dir={root / 'cache'}", "model.size=vit_micro",
+        "data.preprocess.frames=4", "data.preprocess.height=32", "data.preprocess.width=32", "train.epochs=2",
+        "runtime.kind=cpu", f"tracking.tracking_uri={tracking_uri}", "tracking.experiment=promote-test",
+        f"output_dir={root / 'runs'}",
+    ])
+    save_resolved(cfg, root / "base.yaml")
+    trained = train(cfg, run_dir=root / "runs" / "trial-1", progress=False)
+
+    parent = MlflowTracker(tracking_uri, "promote-test", "study")
+    parent.finish("FINISHED")
+    # A second run holding the same checkpoint: the collapsed trial that scores higher on validation.
+    copy = MlflowTracker(tracking_uri, "promote-test", "trial-0", parent_run_id=parent.run_id)
+    copy.log_artifact(trained.run_dir / "checkpoint", "checkpoint")
+    copy.set_tags({key: value for key, value in MlflowClient(tracking_uri).get_run(trained.run_id).data.tags.items()
+                   if key.startswith("octft.")})
+    copy.finish("FINISHED")
+
+    storage = f"sqlite:///{root / 'optuna.db'}"
+    study = optuna.create_study(study_name="promote-test", storage=storage, direction="maximize")
+    study.set_user_attr("mlflow_parent_run_id", parent.run_id)
+    _add_trial(study, TrialState.COMPLETE, 0.9, f1=(0.9, 0.0, 0.8, 0.9), run_id=copy.run_id, run_dir=trained.run_dir)
+    _add_trial(study, TrialState.COMPLETE, 0.6, run_id=trained.run_id, run_dir=trained.run_dir)
+    _add_trial(study, TrialState.COMPLETE, 0.5, run_id=trained.run_id, run_dir=trained.run_dir)
+    _add_trial(study, TrialState.PRUNED, 0.3, prune_reason="collapse", prune_epoch=1,
+               prune_detail="collapsed: class 3 takes 97.0% of predictions")
+    _add_trial(study, TrialState.FAIL, 0.0, fail_reason="TrainingError: training loss is nan at epoch 1")
+
+    spec_path = root / "sweep.yaml"
+    spec_path.write_text(yaml.safe_dump({
+        "base": str(root / "base.yaml"), "study_name": "promote-test", "storage": storage,
+        "mlflow": {"tracking_uri": tracking_uri, "experiment": "promote-test"},
+        "space": {"optim.lr_head": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True},
+                  "train.unfreeze_epoch": {"type": "int", "low": 0, "high": 2}},
+        "promote": {"model_name": MODEL_NAME, "min_class_f1": 0.05},
+    }))
+    return spec_path, trained, data, tracking_uri
+
+
+def test_the_best_trial_that_did_not_collapse_is_promoted_once(sweep, capsys):
+    spec_path, trained, data, tracking_uri = sweep
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+    assert main(["promote", str(spec_path)]) == 0
+    out = capsys.readouterr().out
+    # Trial 0 scores higher but its prediabetes F1 is 0: skipped, with the reason said.
+    assert "skipped trial 0 collapsed" in out and "prediabetes 0.000" in out
+    assert f"trial 1 (MLflow run {trained.run_id}) -> models:/{MODEL_NAME}@champion (version 1)" in out
+
+    champion = client.get_model_version_by_alias(MODEL_NAME, "champion")
+    assert str(champion.version) == "1" and champion.run_id == trained.run_id
+    assert champion.source == f"runs:/{trained.run_id}/checkpoint"
+    tags = champion.tags
+    run_tags = client.get_run(trained.run_id).data.tags
+    assert tags["octft.study"] == "promote-test" and tags["octft.trial"] == "1"
+    assert tags["octft.data_manifest_hash"] == run_tags["octft.data_manifest_hash"] != "unknown"
+    assert tags["octft.git_commit"] == run_tags["octft.git_commit"]
+    study = optuna.load_study(study_name="promote-test", storage=load_sweep(spec_path).storage)
+    assert json.loads(tags["octft.params"]) == study.trials[1].params
+
+    # Test scores: on the study, on the trial's run and on the parent run; each interval holds its point.
+    metrics = study.user_attrs[TEST_METRICS_ATTR.format(number=1)]
+    test_participants = sum(data.split_class_counts["test"].values())
+    assert metrics["test/participants"] == test_participants
+    for name in ("balanced_accuracy", "macro_f1", *(f"f1_{c}" for c in CLASS_SHORT_NAMES)):
+        assert metrics[f"test/{name}_ci_low"] <= metrics[f"test/{name}"] <= metrics[f"test/{name}_ci_high"]
+    run = client.get_run(trained.run_id)
+    assert run.data.metrics["test/balanced_accuracy"] == pytest.approx(metrics["test/balanced_accuracy"])
+    assert run.info.status == "FINISHED"  # logging to the finished run left its status as it was
+    parent = client.get_run(study.user_attrs["mlflow_parent_run_id"])
+    assert parent.data.metrics["test/balanced_accuracy_ci_high"] == pytest.approx(metrics["test/balanced_accuracy_ci_high"])
+    assert parent.data.tags["octft.champion_trial"] == "1"
+
+    # Again: nothing new, and the test split is not evaluated a second time.
+    again = promote(load_sweep(spec_path))
+    assert (again.trial_number, again.version, again.evaluated) == (1, "1", False)
+    assert again.test_metrics == pytest.approx(metrics, nan_ok=True)
+    assert len(client.search_model_versions(f"name='{MODEL_NAME}'")) == 1
+    history = client.get_metric_history(trained.run_id, "test/balanced_accuracy")
+    assert len(history) == 1
+
+
+@pytest.mark.parametrize(
+    "trial_number, reason",
+    [(0, "trial 0 collapsed at its best epoch 1: validation F1 of prediabetes 0.000 is not above promote.min_class_f1=0.05"),
+     (3, "trial 3 was pruned (collapse at epoch 1: collapsed: class 3 takes 97.0% of predictions)"),
+     (4, "trial 4 failed (TrainingError: training loss is nan at epoch 1)"),
+     (9, "has no trial 9")],
+)
+def test_a_trial_asked_for_that_cannot_be_promoted_is_refused_with_the_reason(sweep, capsys, trial_number, reason):
+    spec_path, _, _, tracking_uri = sweep
+    versions_before = MlflowClient(tracking_uri, tracking_uri).search_model_versions(f"name='{MODEL_NAME}'")
+    assert main(["promote", str(spec_path), "--trial", str(trial_number)]) == 2
+    assert reason in capsys.readouterr().err
+    assert MlflowClient(tracking_uri, tracking_uri).search_model_versions(f"name='{MODEL_NAME}'") == versions_before
+
+
+def test_a_study_with_no_promotable_trial_says_why_for_each(tmp_path):
+    study = optuna.create_study(study_name="none", storage=f"sqlite:///{tmp_path / 'o.db'}", direction="maximize")
+    _add_trial(study, TrialState.COMPLETE, 0.8, f1=(0.0, 0.9, 0.9, 0.9), run_id="abc", run_dir=tmp_path)
+    _add_trial(study, TrialState.COMPLETE, 0.7)  # healthy, but without a run: no checkpoint to promote
+    with pytest.raises(ValueError) as error:
+        select_trial(study, 0.05)
+    message = str(error.value)
+    assert "no trial of study 'none' can be promoted (2 complete)" in message
+    assert "trial 0 collapsed" in message and "healthy 0.000" in message
+    assert "trial 1 has no mlflow_run_id, run_dir user attr" in message
+
+
+def test_collapse_is_judged_on_every_class_against_min_class_f1(tmp_path):
+    study = optuna.create_study(direction="maximize")
+    number = _add_trial(study, TrialState.COMPLETE, 0.7, f1=(0.3, 0.1, 0.3, 0.3), run_id="abc", run_dir=tmp_path)
+    trial = study.trials[number]
+    assert unpromotable_reason(trial, 0.05) is None
+    assert "prediabetes 0.100 is not above promote.min_class_f1=0.1" in unpromotable_reason(trial, 0.1)
+
+
+def test_test_scores_equal_scikit_learn_and_sit_inside_their_intervals():
+    rng = np.random.default_rng(3)
+    targets = np.repeat(np.arange(4), 10)
+    logits = rng.normal(size=(40, 4)) + 1.5 * np.eye(4)[targets]
+    scores = participant_test_scores(targets, logits, n_resamples=200, seed=1)
+    predictions = logits.argmax(axis=1)
+    assert scores["test/balanced_accuracy"] == pytest.approx(balanced_accuracy_score(targets, predictions))
+    assert scores["test/f1_insulin"] == pytest.approx(f1_score(targets, predictions, labels=[3], average="macro"))
+    assert scores["test/auc_macro"] == pytest.approx(roc_auc_score(targets, softmax(logits), multi_class="ovr"))
+    for name in ("balanced_accuracy", "auc_macro", "macro_f1", "f1_healthy"):
+        low, point, high = (scores[f"test/{name}{suffix}"] for suffix in ("_ci_low", "", "_ci_high"))
+        assert low <= point <= high and low < high  # 40 noisy participants: a real interval, not a point

@@ -1,0 +1,121 @@
+"""`octft predict`: the champion from the MLflow registry on synthetic DICOMs, checked against the model run directly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from octft.cli import main
+from octft.config import load_experiment
+from octft.data.layout import CLASS_SHORT_NAMES
+from octft.data.preprocess import Preprocessing, preprocess
+from octft.data.readers import read_volume
+from octft.data.synth import synthesize
+from octft.predict import participant_of, predict
+from octft.sweep.promote import resumed_run
+from octft.train.metrics import softmax
+from octft.train.recipe import build_model, train
+from octft.train.runtime import load_state
+
+MODEL_NAME = "octft-predict-test"
+
+
+@pytest.fixture(scope="module")
+def champion(tmp_path_factory):
+    """One real training run, its checkpoint registered as models:/octft-predict-test@champion."""
+    root = tmp_path_factory.mktemp("predict")
+    synthesize(root / "data", participants=48, frames=4, height=32, width=32)
+    tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
+    cfg = load_experiment("experiments/demo.yaml", [
+        f"data.uri={root / 'data'}", f"data.cache_dir={root / 'cache'}", "model.size=vit_micro",
+        "data.preprocess.frames=4", "data.preprocess.height=32", "data.preprocess.width=32", "train.epochs=2",
+        "runtime.kind=cpu", f"tracking.tracking_uri={tracking_uri}", "tracking.experiment=predict-test",
+        f"output_dir={root / 'runs'}",
+    ])
+    trained = train(cfg, run_dir=root / "runs" / "trial", progress=False)
+    with resumed_run(tracking_uri, trained.run_id) as tracker:
+        tracker.register_model(trained.run_id, "checkpoint", MODEL_NAME, "champion")
+    return root, trained, tracking_uri
+
+
+def _direct_logits(checkpoint: Path, files: list[Path]) -> np.ndarray:
+    """The trained model's logits computed by hand: config -> model -> weights -> read -> preprocess -> forward."""
+    cfg = load_experiment(checkpoint / "config.yaml")
+    cfg.model.checkpoint = None
+    model, _ = build_model(cfg, len(CLASS_SHORT_NAMES))
+    model.load_state_dict(load_state(checkpoint / "best.pt")["model"])
+    model.eval()
+    spec = Preprocessing(**cfg.data.preprocess.model_dump())
+    clips = np.stack([preprocess(read_volume(file).array, spec) for file in files])
+    with torch.no_grad():
+        return model(torch.from_numpy(clips).unsqueeze(1)).double().numpy()
+
+
+def test_predict_with_the_champion_equals_the_model_run_directly(champion, capsys):
+    root, trained, tracking_uri = champion
+    participant_folders = sorted((root / "data" / "retinal_oct" / "structural_oct").glob("*/*"))
+    folder = next(f for f in participant_folders if len(list(f.glob("*.dcm"))) >= 2)
+    single = next(f for f in participant_folders if f.name != folder.name)
+    single_file = sorted(single.glob("*.dcm"))[0]
+
+    assert main(["predict", "--model", f"models:/{MODEL_NAME}@champion", str(folder), str(single_file),
+                 "--tracking-uri", tracking_uri, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    files = sorted(folder.glob("*.dcm")) + [single_file]
+    assert [entry["file"] for entry in result["volumes"]] == [str(file) for file in files]
+
+    logits = _direct_logits(trained.run_dir / "checkpoint", files)
+    expected = softmax(logits)
+    for entry, row in zip(result["volumes"], expected):
+        probabilities = [entry["probabilities"][name] for name in CLASS_SHORT_NAMES]
+        assert sum(probabilities) == pytest.approx(1.0)
+        np.testing.assert_allclose(probabilities, row, atol=1e-5)
+        assert entry["predicted_class"] == CLASS_SHORT_NAMES[int(row.argmax())]
+    assert {entry["participant_id"] for entry in result["volumes"]} == {folder.name, single.name}
+
+    # Participants: the softmax of the mean logits of their volumes, in order of first appearance.
+    assert [p["participant_id"] for p in result["participants"]] == [folder.name, single.name]
+    first = result["participants"][0]
+    assert first["volumes"] == len(files) - 1
+    np.testing.assert_allclose([first["probabilities"][name] for name in CLASS_SHORT_NAMES],
+                               softmax(logits[:-1].mean(axis=0, keepdims=True))[0], atol=1e-5)
+    assert sum(first["probabilities"].values()) == pytest.approx(1.0)
+
+    # The plain-text table, and a plain checkpoint folder instead of a models:/ URI, say the same.
+    assert main(["predict", "--model", str(trained.run_dir / "checkpoint"), str(single_file)]) == 0
+    text = capsys.readouterr().out
+    assert single.name in text and f"{expected[-1].max():.4f}" in text
+
+
+def test_participant_comes_from_metadata_then_folder_then_the_file(champion, tmp_path, capsys):
+    root, trained, _ = champion
+    volume = np.random.default_rng(0).integers(0, 255, (4, 32, 32)).astype(np.uint8)
+    (tmp_path / "sub-1234").mkdir()
+    np.save(tmp_path / "sub-1234" / "scan.npy", volume)
+    (tmp_path / "misc").mkdir()
+    np.save(tmp_path / "misc" / "scan.npy", volume)
+    (tmp_path / "misc" / "broken.dcm").write_bytes(b"not a dicom at all")
+
+    result = predict(str(trained.run_dir / "checkpoint"), [tmp_path])
+    by_file = {Path(entry["file"]).relative_to(tmp_path).as_posix(): entry["participant_id"] for entry in result.volumes}
+    assert by_file == {"misc/scan.npy": str(tmp_path / "misc" / "scan.npy"), "sub-1234/scan.npy": "1234"}
+    assert [Path(file).name for file, _ in result.failed] == ["broken.dcm"]
+    assert participant_of(Path("/x/folder/a.dcm"), {"participant_id": "01001"}) == "1001"
+
+    # The CLI still prints what it could predict, names the unreadable file, and exits non-zero.
+    assert main(["predict", "--model", str(trained.run_dir / "checkpoint"), str(tmp_path / "misc")]) == 1
+    captured = capsys.readouterr()
+    assert "broken.dcm" in captured.err and "scan.npy" in captured.out
+
+
+def test_an_unknown_model_says_what_to_do(champion, capsys):
+    _, _, tracking_uri = champion
+    assert main(["predict", "--model", "models:/no-such-model@champion", "x.dcm", "--tracking-uri", tracking_uri]) == 2
+    err = capsys.readouterr().err
+    assert "models:/no-such-model@champion" in err and "octft promote" in err
+    assert main(["predict", "--model", "no/such/folder", "x.dcm"]) == 2
+    assert "neither a models:/<name>@<alias> URI nor a checkpoint folder" in capsys.readouterr().err
