@@ -269,6 +269,10 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepSpe
 
     if os.environ.get(STORAGE_ENV):
         spec.storage = os.environ[STORAGE_ENV]
+    # `base` is relative to where octft runs (the repo root); from elsewhere, the sweep file's repo root
+    # (sweeps/<name>.yaml -> ..) is tried too, so `octft sweep launch /path/to/repo/sweeps/x.yaml` works anywhere.
+    if not Path(spec.base).is_file() and (path.resolve().parent.parent / spec.base).is_file():
+        spec.base = str(path.resolve().parent.parent / spec.base)
     _check_against_base(spec, path)
     return spec
 
