@@ -66,16 +66,18 @@ def padded_batches(dataset, batch_size: int, *, order: Sequence[int]) -> list[di
     """Batches of exactly `batch_size` rows in `order`; the last is padded with weight-0 copies.
 
     Fixed shapes keep XLA at one graph per step kind; the 0/1 weight `w` keeps padding out of the
-    loss and the metrics.
+    loss and the metrics; `row` is each row's index in `dataset`.
     """
     for start in range(0, len(order), batch_size):
-        rows = [dataset[i] for i in order[start : start + batch_size]]
-        real = len(rows)
-        rows += [rows[-1]] * (batch_size - real)
+        indices = list(order[start : start + batch_size])
+        real = len(indices)
+        indices += [indices[-1]] * (batch_size - real)
+        rows = [dataset[i] for i in indices]
         yield {
             "x": torch.stack([row["x"] for row in rows]),
             "y": torch.stack([row["y"] for row in rows]),
             "w": torch.tensor([1.0] * real + [0.0] * (batch_size - real)),
+            "row": torch.tensor(indices, dtype=torch.long),  # dataset index, to place eval logits
         }
 
 
@@ -90,6 +92,18 @@ class _Batches:
 
     def __iter__(self):
         return padded_batches(self.dataset, self.batch_size, order=self.order)
+
+
+def place_rows(logits: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, total_rows: int) -> torch.Tensor:
+    """(B, C) batch logits scattered into a (total_rows, C) zero tensor at `rows`; weight-0 rows add nothing.
+
+    A sum over the batch dim, not a cat: under SPMD the batch dim is sharded, and fetching a sharded
+    tensor makes torch_xla compile a new replication graph on every fetch (one more compile each
+    epoch). A reduction over the sharded dim comes back replicated, from one graph. Exact in fp32:
+    each output element is one logit plus zeros.
+    """
+    placement = F.one_hot(rows, total_rows).to(logits.dtype) * weights.to(logits.dtype)[:, None]  # (B, total_rows)
+    return (placement[:, :, None] * logits[:, None, :]).sum(dim=0)
 
 
 def lr_factor(step: int, *, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
@@ -206,15 +220,15 @@ def fit(
 
         # Evaluation: confusion counts stay on device; logits are fetched once, below.
         confusion = torch.zeros(num_classes, num_classes, device=runtime.device)
-        logits_parts = []
+        val_logits = torch.zeros(len(val_set), num_classes, device=runtime.device)
         for batch in runtime.device_loader(_Batches(val_set, eval_rows, range(len(val_set)))):
             out = eval_step(model, batch, num_classes=num_classes, runtime=runtime)
             confusion = confusion_update(confusion, out["logits"], batch["y"], batch["w"])
-            logits_parts.append(out["logits"])
+            val_logits = val_logits + place_rows(out["logits"], batch["row"], batch["w"], len(val_set))
         # The epoch's one host-device sync point: every number the host needs, in one transfer each.
         train_loss = float(runtime.to_host(loss_sum / weight_sum.clamp_min(1.0)))
         volume_confusion = runtime.to_host(confusion).round().astype(np.int64)
-        logits = runtime.to_host(torch.cat(logits_parts))[: len(val_set)] if logits_parts else np.zeros((0, num_classes))
+        logits = runtime.to_host(val_logits)
         if not math.isfinite(train_loss):
             raise TrainingError(
                 f"training loss is {train_loss} at epoch {epoch}: lower optim.lr_head / optim.lr_encoder or check "
