@@ -67,7 +67,9 @@ def test_every_shipped_sweep_validates(path, monkeypatch):
     assert set(spec.space) <= set(flat) and set(spec.fixed) <= set(flat)
     assert spec.space["train.accumulation_steps"].choices  # the effective-batch knob is swept
     batch_size = load_experiment(spec.base).train.batch_size
-    assert [batch_size * steps for steps in spec.space["train.accumulation_steps"].choices] == [8, 16, 32, 64]
+    effective = [batch_size * steps for steps in spec.space["train.accumulation_steps"].choices]
+    # Scenario A searches effective batches 8..64; the CPU demo keeps the two that compile quickly on XLA:CPU.
+    assert effective == ([8, 16, 32, 64] if path.name == "scenario_a.yaml" else [8, 16])
 
 
 def test_demo_sweep_reaches_the_collapsing_head_learning_rates(monkeypatch):
