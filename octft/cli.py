@@ -162,6 +162,87 @@ def cmd_checkpoint_inspect(args) -> int:
     return 0 if report.ok else EXIT_GUARD_FAILED
 
 
+# ---------------------------------------------------------------- promote / predict / report
+def cmd_promote(args) -> int:
+    from octft.sweep.promote import format_promotion, promote
+    from octft.sweep.spec import load_sweep
+
+    spec = load_sweep(args.spec, args.overrides)
+    print(format_promotion(promote(spec, trial_number=args.trial, storage=args.storage, tracking_uri=args.tracking_uri)))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from octft.predict import format_prediction, predict
+
+    result = predict(args.model, args.inputs, tracking_uri=args.tracking_uri, batch_size=args.batch_size)
+    if args.json:
+        _print_json(result.to_dict(), "-")
+    else:
+        print(format_prediction(result))
+    for file, reason in result.failed:
+        print(f"octft: could not read {file}: {reason}", file=sys.stderr)
+    return EXIT_GUARD_FAILED if result.failed else 0
+
+
+def cmd_report(args) -> int:
+    from octft.sweep.report import render_report
+    from octft.sweep.spec import load_sweep
+
+    spec = load_sweep(args.spec, args.overrides)
+    path = render_report(spec, out=args.out, storage=args.storage, tracking_uri=args.tracking_uri)
+    print(f"wrote {path}")
+    return 0
+
+
+# ---------------------------------------------------------------- sweep
+def _sweep_study(args):
+    """The spec and the loaded study of `octft sweep status|show` (no workers, no heartbeat)."""
+    import optuna
+
+    from octft.sweep.study import load_launch_spec, open_storage
+
+    spec, _, _ = load_launch_spec(args.spec, args.overrides, args.storage)
+    storage = open_storage(spec.storage, heartbeat_interval=None)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return spec, optuna.load_study(study_name=spec.study_name, storage=storage)
+    except KeyError:
+        raise ValueError(
+            f"no study {spec.study_name!r} in {spec.storage_redacted}; start it with octft sweep launch {args.spec}"
+        ) from None
+
+
+def cmd_sweep_launch(args) -> int:
+    from octft.sweep.study import launch
+
+    result = launch(
+        args.spec, n_trials=args.n_trials, workers=args.workers, devices_per_trial=args.devices_per_trial,
+        storage=args.storage, overrides=args.overrides, heartbeat_interval=args.heartbeat_interval,
+        grace_period=args.grace_period,
+    )
+    counts = ", ".join(f"{count} {state.lower()}" for state, count in result.counts.items() if count)
+    print(f"study {result.study_name}: {counts}; trial folders under {result.study_dir}; "
+          f"MLflow parent run {result.parent_run_id}")
+    return 0 if all(code == 0 for code in result.worker_exit_codes) else 1
+
+
+def cmd_sweep_status(args) -> int:
+    from octft.sweep.reporting import format_status
+
+    spec, study = _sweep_study(args)
+    print(format_status(study, spec.objective.metric))
+    return 0
+
+
+def cmd_sweep_show(args) -> int:
+    from octft.sweep.reporting import replay_command
+
+    spec, study = _sweep_study(args)
+    print(replay_command(study, args.trial, spec))
+    return 0
+
+
 # ---------------------------------------------------------------- demo
 def cmd_demo(args) -> int:
     from octft.demo import run_demo
@@ -233,6 +314,60 @@ def build_parser() -> argparse.ArgumentParser:
     inspect_ckpt.add_argument("--json", action="store_true")
     inspect_ckpt.add_argument("overrides", nargs="*", metavar="key=value")
     inspect_ckpt.set_defaults(func=cmd_checkpoint_inspect)
+
+    sweep = commands.add_parser("sweep", help="Optuna sweeps: launch workers, see the trials, replay one")
+    sweep_commands = sweep.add_subparsers(dest="sweep_command", required=True, metavar="SWEEP_COMMAND")
+
+    def sweep_arguments(sub):
+        sub.add_argument("spec", help="a sweep YAML, e.g. sweeps/demo.yaml")
+        sub.add_argument("--storage", help="Optuna storage URL (default: the spec's, or $OCTFT_OPTUNA_STORAGE)")
+        sub.add_argument("overrides", nargs="*", metavar="key=value",
+                         help="sweep keys (n_trials=2, fixed.train.epochs=3) or base-experiment keys (data.uri=...)")
+
+    launch = sweep_commands.add_parser(
+        "launch", help="create or resume the study and run trials; run it on every host to add its workers")
+    sweep_arguments(launch)
+    launch.add_argument("--n-trials", type=int, help="trials in the whole study, all workers and hosts together")
+    launch.add_argument("--workers", type=int, default=1, help="worker processes on this host (default 1)")
+    launch.add_argument("--devices-per-trial", type=int, default=1, help="devices each worker's trial trains on")
+    launch.add_argument("--heartbeat-interval", type=int, default=10,
+                        help="seconds between a running trial's heartbeats (default 10)")
+    launch.add_argument("--grace-period", type=int,
+                        help="seconds without heartbeat before a trial counts as dead (default: twice the interval)")
+    launch.set_defaults(func=cmd_sweep_launch)
+
+    status = sweep_commands.add_parser("status", help="the study's trials and its best trial")
+    sweep_arguments(status)
+    status.set_defaults(func=cmd_sweep_status)
+
+    show = sweep_commands.add_parser("show", help="the octft train command that replays one trial")
+    sweep_arguments(show)
+    show.add_argument("--trial", type=int, required=True, help="the trial number (see octft sweep status)")
+    show.set_defaults(func=cmd_sweep_show)
+
+    promote = commands.add_parser("promote", help="test the best healthy trial once and register it as the champion")
+    promote.add_argument("spec", help="the sweep YAML, e.g. sweeps/demo.yaml")
+    promote.add_argument("overrides", nargs="*", metavar="key=value", help="sweep overrides, e.g. promote.min_class_f1=0.1")
+    promote.add_argument("--trial", type=int, help="promote this trial number instead of the best one")
+    promote.add_argument("--storage", help="Optuna storage URL (default: the spec's storage)")
+    promote.add_argument("--tracking-uri", help="MLflow tracking URI (default: the spec's mlflow.tracking_uri)")
+    promote.set_defaults(func=cmd_promote)
+
+    predict = commands.add_parser("predict", help="classify OCT files with a registered model or a checkpoint folder")
+    predict.add_argument("--model", required=True, help="models:/<name>@champion, models:/<name>/<version> or a checkpoint folder")
+    predict.add_argument("inputs", nargs="+", metavar="INPUT", help="DICOM, NIfTI or .npy files, or folders of them")
+    predict.add_argument("--tracking-uri", help="MLflow tracking and registry URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    predict.add_argument("--batch-size", type=int, default=8)
+    predict.add_argument("--json", action="store_true", help="print the predictions as JSON")
+    predict.set_defaults(func=cmd_predict)
+
+    report = commands.add_parser("report", help="one self-contained HTML report of a study")
+    report.add_argument("spec", help="the sweep YAML, e.g. sweeps/demo.yaml")
+    report.add_argument("overrides", nargs="*", metavar="key=value", help="sweep overrides")
+    report.add_argument("--out", help="the HTML file to write (default: <study dir>/report.html)")
+    report.add_argument("--storage", help="Optuna storage URL (default: the spec's storage)")
+    report.add_argument("--tracking-uri", help="MLflow tracking URI (default: the spec's mlflow.tracking_uri)")
+    report.set_defaults(func=cmd_report)
     return parser
 
 

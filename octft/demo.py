@@ -1,14 +1,19 @@
 """`octft demo` / `make demo`: the whole job on embedded defaults.
 
-Synthetic AI-READI -> audit -> preprocessing cache -> (when the engine and sweep are present) a study
-of a few fine-tunes on XLA:CPU devices -> promotion -> report. Everything lands under one folder.
+Synthetic AI-READI -> audit -> preprocessing cache -> an Optuna study of the demo experiment with two
+workers on XLA:CPU devices -> promotion of the best healthy trial -> the study report. Everything lands
+under one folder (default `demo/`): its own Optuna sqlite and MLflow sqlite, never the same file.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+FRAMES, HEIGHT, WIDTH = 8, 64, 64
 
 
 def _step(title: str) -> float:
@@ -21,17 +26,18 @@ def run_demo(root: Path, *, participants: int = 96, trials: int = 6, workers: in
     from octft.data.dataset import build_cache
     from octft.data.synth import synthesize
 
+    root = root.resolve()
     root.mkdir(parents=True, exist_ok=True)
     data_dir = root / "data"
-    started = _step(f"1. synthetic AI-READI release -> {data_dir}")
+    started = _step(f"1/6 synthetic AI-READI release -> {data_dir}")
     if (data_dir / "synth_report.json").is_file():
         print(f"reusing {data_dir} (delete it to regenerate)")
     else:
-        synthesize(data_dir, participants=participants, seed=0, frames=8, height=64, width=64, progress=True)
+        synthesize(data_dir, participants=participants, seed=0, frames=FRAMES, height=HEIGHT, width=WIDTH, progress=True)
     truth = json.loads((data_dir / "synth_report.json").read_text())
     print(f"{truth['participants']} participants, {truth['files']} files ({time.perf_counter() - started:.1f} s)")
 
-    started = _step("2. data audit")
+    started = _step("2/6 data audit")
     report = audit_dataset(str(data_dir), verify=True, progress=True)
     print(format_report(report))
     (root / "audit.json").write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
@@ -39,11 +45,50 @@ def run_demo(root: Path, *, participants: int = 96, trials: int = 6, workers: in
         print("the audit failed: see the guards above")
         return 1
 
-    started = _step("3. preprocessing cache")
+    started = _step("3/6 preprocessing cache")
     cache_dir = root / "cache"
-    result = build_cache(str(data_dir), report.volumes, cache_dir=str(cache_dir), frames=8, height=64, width=64, workers=2)
+    result = build_cache(str(data_dir), report.volumes, cache_dir=str(cache_dir), frames=FRAMES, height=HEIGHT,
+                         width=WIDTH, workers=1)
     print(f"{cache_dir}: built {result.built}, reused {result.reused}, failed {len(result.failed)} "
           f"({time.perf_counter() - started:.1f} s)")
 
-    print(f"\naudit report: {root / 'audit.json'}")
+    # The study: its own Optuna database and its own MLflow database, both under `root`.
+    from octft.sweep.promote import format_promotion, promote
+    from octft.sweep.report import render_report
+    from octft.sweep.spec import load_sweep
+    from octft.sweep.study import launch
+
+    storage = f"sqlite:///{root / 'optuna.db'}"
+    tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    spec_path = REPO / "sweeps" / "demo.yaml"
+    sweep_overrides = [f"n_trials={trials}", f"mlflow.tracking_uri={tracking_uri}"]
+    experiment_overrides = [f"data.uri={data_dir}", f"data.cache_dir={cache_dir}", f"output_dir={root / 'runs'}"]
+    devices = int(os.environ.get("CPU_NUM_DEVICES", "4")) if os.environ.get("PJRT_DEVICE") else workers
+    started = _step(f"4/6 Optuna study: {trials} trials, {workers} workers, {max(1, devices // workers)} XLA devices each")
+    launched = launch(spec_path, n_trials=trials, workers=workers, devices_per_trial=max(1, devices // workers),
+                      storage=storage, overrides=sweep_overrides + experiment_overrides)
+    print(f"trials by state: {launched.counts} ({time.perf_counter() - started:.0f} s)")
+
+    spec = load_sweep(spec_path, sweep_overrides)
+    started = _step("5/6 promote the best healthy trial (test split, once)")
+    try:
+        promotion = promote(spec, storage=storage, tracking_uri=tracking_uri, n_resamples=500)
+        print(format_promotion(promotion))
+    except ValueError as error:  # no trial fit to promote: say so, the report still shows why
+        print(f"nothing promoted: {error}")
+        promotion = None
+
+    started = _step("6/6 study report")
+    html = render_report(spec, storage=storage, tracking_uri=tracking_uri)
+    print(f"wrote {html}")
+
+    print("\nwhere to look:")
+    print(f"  audit report:    {root / 'audit.json'}")
+    print(f"  study report:    {html}")
+    print(f"  trials:          octft sweep status {spec_path.relative_to(REPO)} --storage {storage}")
+    print(f"  MLflow UI:       mlflow ui --backend-store-uri {tracking_uri}")
+    if promotion is not None:
+        print(f"  champion:        octft predict --model {promotion.model_uri} --tracking-uri {tracking_uri} "
+              f"{data_dir / 'retinal_oct'}")
     return 0
