@@ -1,0 +1,396 @@
+"""A study in shared storage: open it, create or resume it, keep its trial budget exact, launch workers.
+
+    >>> result = launch("sweeps/demo.yaml", workers=2, overrides=["data.uri=/data/aireadi"])  # doctest: +SKIP
+
+`octft sweep launch SPEC --workers K` starts K worker processes on this machine (`octft.sweep.workers`);
+each runs one trial at a time, every trial in its own process (`octft.sweep.trial`). Running the same
+command on every host of a pod slice adds that host's workers to the same study, as long as all hosts
+reach the same storage (PostgreSQL; sqlite only works on one machine). Launching again resumes: trials
+whose worker died (no heartbeat for `grace_period` seconds) are marked FAIL, their MLflow runs FAILED,
+and each is retried once. K workers together run exactly `n_trials` trials: a worker takes a trial
+only while holding the study lock (`study_lock`), after counting the trials that already exist.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, TrialState
+
+from octft.config import ConfigError, ExperimentConfig, load_experiment
+from octft.sweep.spec import (
+    STORAGE_ENV,
+    SweepSpec,
+    format_value,
+    load_sweep,
+    redact_url,
+    sampler_settings,
+)
+from octft.track import check_not_shared, redact, resolve_tracking_uri
+
+DEFAULT_HEARTBEAT_S = 10
+SQLITE_BUSY_TIMEOUT_S = 30
+CONNECT_TIMEOUT_S = 5
+# Sections of a sweep file; every other key=value on the command line addresses the base experiment.
+SWEEP_SECTIONS = frozenset(SweepSpec.model_fields)
+
+
+class StorageError(ValueError):
+    """The Optuna storage cannot be used (unreachable, unsupported); the message names it, redacted."""
+
+
+# ---------------------------------------------------------------------------------------------------- inputs
+
+
+def split_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Command-line key=value pairs -> (sweep-file overrides, base-experiment overrides), by first key part.
+
+    >>> split_overrides(["n_trials=2", "fixed.train.epochs=3", "data.uri=/data/aireadi"])
+    (['n_trials=2', 'fixed.train.epochs=3'], ['data.uri=/data/aireadi'])
+    """
+    sweep, experiment = [], []
+    for text in overrides:
+        key = text.split("=", 1)[0].strip()
+        (sweep if key.split(".", 1)[0] in SWEEP_SECTIONS else experiment).append(text)
+    return sweep, experiment
+
+
+def load_launch_spec(spec_path: str | Path, overrides: Sequence[str] = (), storage: str | None = None) -> tuple[SweepSpec, list[str], list[str]]:
+    """The sweep spec with its overrides applied, plus (sweep overrides, experiment overrides).
+
+    Experiment overrides must not touch a key of the search space: the trial's sampled value would be
+    silently replaced.
+    """
+    sweep_overrides, experiment_overrides = split_overrides(overrides)
+    spec = load_sweep(spec_path, sweep_overrides)
+    if storage:
+        spec.storage = storage
+    clash = sorted({text.split("=", 1)[0].strip() for text in experiment_overrides} & set(spec.space))
+    if clash:
+        raise ConfigError(
+            f"{spec_path}: override {', '.join(clash)} is a key of the search space; change the space instead, "
+            f"e.g. space.{clash[0]}.low=... or fixed.{clash[0]}=... with space.{clash[0]}=null"
+        )
+    base_config(spec, experiment_overrides)  # every override is checked before any worker starts
+    return spec, sweep_overrides, experiment_overrides
+
+
+def base_config(spec: SweepSpec, experiment_overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """The base experiment with `fixed` and the command-line overrides (no trial params)."""
+    fixed = [f"{key}={format_value(value)}" for key, value in spec.fixed.items()]
+    return load_experiment(spec.base, fixed + list(experiment_overrides))
+
+
+def study_dir(spec: SweepSpec, experiment_overrides: Sequence[str] = ()) -> Path:
+    """`<output_dir of the base experiment>/sweeps/<study_name>/`, absolute."""
+    return (Path(base_config(spec, experiment_overrides).output_dir) / "sweeps" / spec.study_name).resolve()
+
+
+def sweep_tracking_uri(spec: SweepSpec) -> str:
+    """spec.mlflow.tracking_uri, else $MLFLOW_TRACKING_URI, else ./mlflow.db; never Optuna's database."""
+    uri = resolve_tracking_uri(spec.mlflow.tracking_uri)
+    check_not_shared(uri, spec.storage)
+    return uri
+
+
+# ---------------------------------------------------------------------------------------------------- storage
+
+
+def open_storage(
+    url: str, *, heartbeat_interval: int | None = DEFAULT_HEARTBEAT_S, grace_period: int | None = None
+) -> RDBStorage:
+    """An RDB storage that fails fast when unreachable and waits (not crashes) on a busy sqlite file.
+
+    With `heartbeat_interval`, a RUNNING trial with no heartbeat for `grace_period` seconds (default twice
+    the interval) is stale: `reap_stale_trials` marks it FAIL and queues one retry.
+    """
+    shown = redact_url(url)  # the URL as the user wrote it, password hidden
+    kind = url.split(":", 1)[0].split("+", 1)[0].lower()
+    engine_kwargs: dict[str, Any] = {}
+    if kind == "sqlite":
+        path = _sqlite_path(url)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine_kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_S}
+    elif kind in ("postgresql", "postgres"):
+        engine_kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
+        url = _postgres_driver(url)
+    elif kind in ("mysql", "mariadb"):
+        engine_kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
+    else:
+        raise StorageError(
+            f"Optuna storage {redact_url(url)!r} is not supported: use sqlite:///path.db on one machine or "
+            "postgresql://user:password@host/db across machines (--storage or $" + STORAGE_ENV + ")"
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        callback = RetryHeartbeatStaleTrialCallback(max_retry=1) if heartbeat_interval else None
+        try:
+            return RDBStorage(
+                url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
+                grace_period=grace_period, heartbeat_stale_trial_callback=callback,
+            )
+        except Exception as error:  # sqlalchemy's OperationalError and friends: unreachable, refused, bad auth
+            first_line = str(redact(str(error))).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise StorageError(
+                f"cannot open the Optuna storage {shown!r}: {first_line}. Check that the database server "
+                f"is up and reachable from this host, or pass another one with --storage / ${STORAGE_ENV}"
+            ) from None
+
+
+def _postgres_driver(url: str) -> str:
+    """`postgresql://` with the driver that is installed: SQLAlchemy 2.1 defaults to psycopg (3), octft ships psycopg2."""
+    scheme, rest = url.split("://", 1)
+    if "+" in scheme:
+        return url
+    import importlib.util
+
+    if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is not None:
+        return f"postgresql+psycopg2://{rest}"
+    return url
+
+
+def _sqlite_path(url: str) -> str:
+    path = url.split("://", 1)[1].split("?", 1)[0]
+    path = path.removeprefix("/")
+    if path in ("", ":memory:"):
+        raise StorageError(
+            f"Optuna storage {url!r} is in memory: worker processes cannot share it; use sqlite:///optuna.db"
+        )
+    return path
+
+
+@contextlib.contextmanager
+def study_lock(storage: RDBStorage, study_name: str) -> Iterator[None]:
+    """Serialize "count trials, then take one" across processes and hosts.
+
+    sqlite: an flock on a file next to the database (all sqlite users are on one machine). PostgreSQL:
+    a session advisory lock; MySQL: GET_LOCK. Both are released if the holder dies.
+    """
+    url = str(storage.engine.url)
+    dialect = storage.engine.dialect.name
+    if dialect == "sqlite":
+        with open(f"{_sqlite_path(url)}.octft-lock", "a+") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+        return
+    from sqlalchemy import text
+
+    key = int.from_bytes(hashlib.sha256(f"octft:{study_name}".encode()).digest()[:8], "big", signed=True)
+    with storage.engine.connect() as connection:
+        if dialect == "postgresql":
+            connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": key})
+            release = text("SELECT pg_advisory_unlock(:key)")
+        else:
+            connection.execute(text("SELECT GET_LOCK(:key, 600)"), {"key": str(key)})
+            release = text("SELECT RELEASE_LOCK(:key)")
+        try:
+            yield
+        finally:
+            connection.execute(release, {"key": key if dialect == "postgresql" else str(key)})
+            connection.commit()
+
+
+# ---------------------------------------------------------------------------------------------------- budget
+
+
+def retried_numbers(trials: Sequence[FrozenTrial]) -> set[int]:
+    """Numbers of trials that a later trial retries (their place in the budget went to the retry)."""
+    return {number for trial in trials for number in trial.system_attrs.get("retry_history", [])}
+
+
+def budget_used(trials: Sequence[FrozenTrial]) -> int:
+    """Trials that count against n_trials: all of them, except failed ones replaced by a retry."""
+    replaced = retried_numbers(trials)
+    return sum(1 for trial in trials if trial.number not in replaced)
+
+
+def take_trial(study: optuna.Study, n_trials: int | None) -> optuna.trial.Trial | None:
+    """The next trial for a worker, or None when the budget is spent. Hold `study_lock` while calling.
+
+    A waiting trial (a retry, or one enqueued by hand) already counts, so it is taken first; otherwise a
+    new one is created only while fewer than `n_trials` exist.
+    """
+    trials = study.get_trials(deepcopy=False)
+    waiting = any(trial.state == TrialState.WAITING for trial in trials)
+    if not waiting and n_trials is not None and budget_used(trials) >= n_trials:
+        return None
+    return study.ask()
+
+
+def reap_stale_trials(study: optuna.Study, storage: RDBStorage, tracking_uri: str) -> list[int]:
+    """Fail trials whose worker died (stale heartbeat), queue their retry, and end their MLflow runs FAILED.
+
+    What `optuna.storages.fail_stale_trials` does, plus the user attr `fail_reason`, which must be written
+    while the trial still runs (Optuna refuses attrs on finished trials). Returns the numbers failed now.
+    """
+    from octft.sweep.tracking import settle_run
+
+    reason = "the worker running this trial died (no heartbeat within the grace period); retried once"
+    callback = storage.get_heartbeat_stale_trial_callback()
+    failed = []
+    # Optuna's own stale-trial query: the one fail_stale_trials uses.
+    for trial_id in storage._get_stale_trial_ids(storage.get_study_id_from_name(study.study_name)):
+        try:
+            storage.set_trial_user_attr(trial_id, "fail_reason", reason)
+            if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another worker reaped it first
+        trial = storage.get_trial(trial_id)
+        failed.append(trial.number)
+        settle_run(tracking_uri, trial.user_attrs.get("mlflow_run_id"), TrialState.FAIL, reason)
+        if callback is not None:
+            callback(study, trial)
+    return failed
+
+
+# ---------------------------------------------------------------------------------------------------- launch
+
+
+def create_or_load_study(
+    spec: SweepSpec, storage: RDBStorage, *, spec_path: str | Path, sweep_overrides: Sequence[str],
+    experiment_overrides: Sequence[str], tracking_uri: str,
+) -> tuple[optuna.Study, int]:
+    """Create the study, or load it when it exists; record its settings and its MLflow parent run once.
+
+    Returns the study and this launch's index (0 for the first launch on any host, then 1, 2, ...).
+    """
+    from octft.sweep.pruners import build_pruner
+    from octft.sweep.spec import build_sampler
+    from octft.sweep.tracking import ensure_parent_run
+
+    with study_lock(storage, spec.study_name):
+        study = optuna.create_study(
+            storage=storage, study_name=spec.study_name, direction=spec.objective.direction,
+            sampler=build_sampler(spec), pruner=build_pruner(spec), load_if_exists=True,
+        )
+        if study.direction.name.lower() != spec.objective.direction:
+            raise ConfigError(
+                f"study {spec.study_name!r} in {spec.storage_redacted} was created to {study.direction.name.lower()}, "
+                f"but {spec_path} says {spec.objective.direction}; use another study_name"
+            )
+        if "spec_path" not in study.user_attrs:
+            attrs = {
+                "spec_path": str(Path(spec_path).resolve()),
+                "base": spec.base,
+                "sampler": sampler_settings(spec),
+                "pruner": spec.pruner.model_dump(),
+                "objective": spec.objective.model_dump(),
+                "sweep_overrides": list(sweep_overrides),
+                "cli_overrides": list(experiment_overrides),
+            }
+            for key, value in attrs.items():
+                study.set_user_attr(key, value)
+        elif list(study.user_attrs.get("cli_overrides", [])) != list(experiment_overrides):
+            raise ConfigError(
+                f"study {spec.study_name!r} was launched with overrides {study.user_attrs['cli_overrides']}, now "
+                f"{list(experiment_overrides)}; its trials must share one config: launch with the same overrides "
+                "or use another study_name"
+            )
+        ensure_parent_run(study, spec, tracking_uri)
+        # Each launch gets its own sampler seeds: the same seed again would draw the first launch's params again.
+        launch_index = int(study.user_attrs.get("launches", 0))
+        study.set_user_attr("launches", launch_index + 1)
+    return study, launch_index
+
+
+def worker_seed_offset(launch_index: int, worker_index: int) -> int:
+    """Seed offset of a worker's sampler, distinct for every worker of every launch (on any host)."""
+    return launch_index * 10_007 + worker_index
+
+
+@dataclass
+class LaunchResult:
+    study_name: str
+    study_dir: Path
+    parent_run_id: str
+    worker_exit_codes: list[int]
+    counts: dict[str, int]  # trials per state after the launch
+    reaped: list[int]  # trials found dead at launch (FAIL, retried)
+
+
+def launch(
+    spec_path: str | Path,
+    *,
+    n_trials: int | None = None,
+    workers: int = 1,
+    devices_per_trial: int = 1,
+    storage: str | None = None,
+    overrides: Sequence[str] = (),
+    heartbeat_interval: int = DEFAULT_HEARTBEAT_S,
+    grace_period: int | None = None,
+) -> LaunchResult:
+    """Create or resume the study of `spec_path` and run `workers` worker processes until the budget is spent.
+
+    `overrides`: key=value pairs; sweep-file keys (n_trials, fixed.*, sampler.*, ...) change the spec,
+    all others the base experiment of every trial (e.g. data.uri=/data/aireadi).
+    """
+    if workers < 1 or devices_per_trial < 1:
+        raise ConfigError(f"--workers ({workers}) and --devices-per-trial ({devices_per_trial}) must be at least 1")
+    storage_url = storage or os.environ.get(STORAGE_ENV) or None
+    spec, sweep_overrides, experiment_overrides = load_launch_spec(spec_path, overrides, storage_url)
+    if n_trials is not None:
+        spec.n_trials = n_trials
+    tracking_uri = sweep_tracking_uri(spec)
+    rdb = open_storage(spec.storage, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
+    study, launch_index = create_or_load_study(
+        spec, rdb, spec_path=spec_path, sweep_overrides=sweep_overrides,
+        experiment_overrides=experiment_overrides, tracking_uri=tracking_uri,
+    )
+    parent_run_id = str(study.user_attrs["mlflow_parent_run_id"])
+    from octft.sweep.tracking import end_parent_run, reopen_parent_run
+
+    reopen_parent_run(tracking_uri, parent_run_id)
+    reaped = reap_stale_trials(study, rdb, tracking_uri)
+    if reaped:
+        print(f"trials {reaped} of study {spec.study_name!r} lost their worker: marked FAIL, retried once", flush=True)
+    directory = study_dir(spec, experiment_overrides)
+    directory.mkdir(parents=True, exist_ok=True)
+
+    env = dict(os.environ, **{STORAGE_ENV: spec.storage, "MLFLOW_TRACKING_URI": tracking_uri})
+    deadline = time.time() + spec.timeout_s if spec.timeout_s else None
+    processes = []
+    for index in range(workers):
+        command = [
+            sys.executable, "-m", "octft.sweep.workers", str(spec_path), "--worker-index", str(index),
+            "--launch-index", str(launch_index),
+            "--devices-per-trial", str(devices_per_trial), "--heartbeat-interval", str(heartbeat_interval),
+            "--study-dir", str(directory),
+        ]
+        if grace_period is not None:
+            command += ["--grace-period", str(grace_period)]
+        if spec.n_trials is not None:
+            command += ["--n-trials", str(spec.n_trials)]
+        if deadline is not None:
+            command += ["--deadline", repr(deadline)]
+        command += [f"--sweep-override={text}" for text in sweep_overrides]
+        command += [f"--override={text}" for text in experiment_overrides]
+        processes.append(subprocess.Popen(command, env=env))
+    try:
+        codes = [process.wait() for process in processes]
+    except KeyboardInterrupt:
+        # The workers got the same Ctrl-C (one process group); give them a moment to tell Optuna.
+        codes = [process.wait(timeout=60) for process in processes]
+        raise
+
+    trials = study.get_trials(deepcopy=False)
+    counts = {state.name: sum(1 for t in trials if t.state == state) for state in TrialState}
+    if not counts["RUNNING"] and not counts["WAITING"]:
+        end_parent_run(tracking_uri, parent_run_id)
+    return LaunchResult(spec.study_name, directory, parent_run_id, codes, counts, reaped)

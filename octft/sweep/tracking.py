@@ -1,0 +1,108 @@
+"""MLflow side of a sweep: one parent run per study, a child run per trial, and their end states.
+
+The parent run is created once, at the study's first launch, and found again through the study user attr
+`mlflow_parent_run_id`. Child runs are created by the trial processes (`octft.sweep.trial`); the worker
+calls `settle_run` afterwards so a run's status always matches its Optuna trial, even when the trial
+process died before it could end its run:
+
+    COMPLETE -> FINISHED,  PRUNED -> KILLED (tag octft.end_reason),  FAIL -> FAILED (tag octft.end_reason)
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from octft.sweep.spec import SweepSpec, sampler_settings
+from octft.track import MlflowTracker
+
+PARENT_ATTR = "mlflow_parent_run_id"
+RUN_STATUS_OF = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED", TrialState.FAIL: "FAILED"}
+
+
+def parent_params(spec: SweepSpec) -> dict[str, Any]:
+    """What the parent run records: the spec (storage redacted), its space, sampler and pruner settings."""
+    params: dict[str, Any] = {
+        "spec.base": spec.base,
+        "spec.study_name": spec.study_name,
+        "spec.storage": spec.storage_redacted,
+        "spec.n_trials": spec.n_trials,
+        "spec.timeout_s": spec.timeout_s,
+        "spec.objective.metric": spec.objective.metric,
+        "spec.objective.direction": spec.objective.direction,
+        "spec.mlflow.experiment": spec.mlflow.experiment,
+        "promote.model_name": spec.promote.model_name,
+        "promote.min_class_f1": spec.promote.min_class_f1,
+    }
+    params.update({f"fixed.{key}": value for key, value in spec.fixed.items()})
+    params.update({f"space.{key}": json.dumps(entry.model_dump()) for key, entry in spec.space.items()})
+    params.update({f"sampler.{key}": value for key, value in sampler_settings(spec).items()})
+    for section, settings in spec.pruner.model_dump().items():
+        params.update({f"pruner.{section}.{key}": value for key, value in settings.items()})
+    return params
+
+
+def ensure_parent_run(study: optuna.Study, spec: SweepSpec, tracking_uri: str) -> str:
+    """The study's parent run id: created (and its params logged) at first launch, found again afterwards.
+
+    Call it while holding the study's lock (`octft.sweep.study.study_lock`), so two hosts launching at
+    once do not both create one.
+    """
+    run_id = study.user_attrs.get(PARENT_ATTR)
+    if run_id:
+        return str(run_id)
+    parent = MlflowTracker(
+        tracking_uri, spec.mlflow.experiment, f"study-{spec.study_name}",
+        tags={"optuna.study": spec.study_name, "octft.kind": "study", "octft.storage": spec.storage_redacted},
+    )
+    parent.log_params(parent_params(spec))
+    study.set_user_attr(PARENT_ATTR, parent.run_id)
+    return str(parent.run_id)
+
+
+def settle_run(tracking_uri: str, run_id: str | None, state: TrialState, reason: str | None = None) -> None:
+    """Make the child run's status match the trial's `state` (see the module docstring).
+
+    A run the trial process already ended correctly is left alone; one it left RUNNING (the process was
+    killed) or ended otherwise is ended again with `reason`.
+    """
+    if not run_id or state not in RUN_STATUS_OF:
+        return
+    from mlflow.tracking import MlflowClient
+
+    wanted = RUN_STATUS_OF[state]
+    client = MlflowClient(tracking_uri=tracking_uri)
+    if client.get_run(run_id).info.status == wanted:
+        return
+    MlflowTracker(tracking_uri, run_id=run_id).finish(wanted, reason)
+
+
+def update_parent_best(tracking_uri: str, parent_run_id: str, study: optuna.Study, metric: str) -> None:
+    """Log the best trial so far to the parent run: metric `best/<metric>` (step = trial number), tag `best_trial`."""
+    from mlflow.tracking import MlflowClient
+
+    try:
+        best = study.best_trial
+    except ValueError:  # no completed trial yet
+        return
+    client = MlflowClient(tracking_uri=tracking_uri)
+    client.log_metric(parent_run_id, f"best/{metric.replace('/', '_')}", float(best.value), step=best.number)
+    client.set_tag(parent_run_id, "best_trial", str(best.number))
+    if best.user_attrs.get("mlflow_run_id"):
+        client.set_tag(parent_run_id, "best_run_id", str(best.user_attrs["mlflow_run_id"]))
+
+
+def end_parent_run(tracking_uri: str, parent_run_id: str) -> None:
+    """End the parent run FINISHED (a later launch that adds trials reopens it)."""
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking_uri=tracking_uri).set_terminated(parent_run_id, status="FINISHED")
+
+
+def reopen_parent_run(tracking_uri: str, parent_run_id: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking_uri=tracking_uri).update_run(parent_run_id, status="RUNNING")

@@ -1,0 +1,192 @@
+"""Workers and trial processes failing for real: a worker killed mid-trial, a trial that raises, one that segfaults."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from octft.sweep.study import budget_used, launch, open_storage
+from octft.sweep.workers import describe_exit, device_env
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from octft.data.synth import synthesize
+
+    root = tmp_path_factory.mktemp("aireadi")
+    synthesize(root / "data", participants=48, seed=0, frames=4, height=32, width=32)
+    return root
+
+
+@pytest.fixture
+def subprocess_env(tmp_path_factory, monkeypatch):
+    # Worker and trial processes import torch, mlflow and timm; cached bytecode saves seconds per process.
+    monkeypatch.delenv("PYTHONDONTWRITEBYTECODE", raising=False)
+    monkeypatch.setenv("PYTHONPYCACHEPREFIX", str(tmp_path_factory.getbasetemp() / "pycache"))
+    for name in ("OCTFT_OPTUNA_STORAGE", "MLFLOW_TRACKING_URI", "PJRT_DEVICE"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def experiment_overrides(data_dir: Path, out: Path) -> list[str]:
+    return [
+        f"data.uri={data_dir / 'data'}", f"data.cache_dir={data_dir / 'cache'}", "data.preprocess.frames=4",
+        "data.preprocess.height=32", "data.preprocess.width=32", "runtime.kind=cpu", f"output_dir={out / 'runs'}",
+    ]
+
+
+def write_spec(directory: Path, *, study_name: str, n_trials: int, space: dict) -> tuple[Path, str, str]:
+    storage, tracking_uri = f"sqlite:///{directory / 'optuna.db'}", f"sqlite:///{directory / 'mlflow.db'}"
+    spec = {
+        "base": str(REPO / "experiments" / "demo.yaml"),
+        "study_name": study_name,
+        "storage": storage,
+        "mlflow": {"tracking_uri": tracking_uri, "experiment": f"sweep-{study_name}"},
+        "n_trials": n_trials,
+        "fixed": {"train.epochs": 2},
+        "space": space,
+        "sampler": {"type": "random", "seed": 0},
+        "pruner": {"wrapped": "none"},  # demo unfreezes at epoch 2 of 2: collapse never counts, trials complete
+    }
+    path = directory / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path, storage, tracking_uri
+
+
+def load(storage: str, study_name: str) -> optuna.Study:
+    return optuna.load_study(study_name=study_name, storage=open_storage(storage, heartbeat_interval=None))
+
+
+def wait_for(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = condition()
+        except KeyError:  # the study does not exist yet
+            value = None
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def running_trial_attr(storage: str, study_name: str, number: int, attr: str):
+    trials = load(storage, study_name).get_trials(deepcopy=False)
+    if len(trials) > number and trials[number].state == TrialState.RUNNING:
+        return trials[number].user_attrs.get(attr)
+    return None
+
+
+def run_status(tracking_uri: str, run_id: str) -> tuple[str, dict]:
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(tracking_uri=tracking_uri).get_run(run_id)
+    return run.info.status, run.data.tags
+
+
+# ---------------------------------------------------------------------------------------------------- fast
+
+
+def test_each_worker_gets_its_own_devices():
+    assert device_env(1, 2, {"PJRT_DEVICE": "CPU"}) == {"CPU_NUM_DEVICES": "2"}
+    tpu = [device_env(index, 2, {"PJRT_DEVICE": "TPU"}) for index in range(2)]
+    assert [env["TPU_VISIBLE_CHIPS"] for env in tpu] == ["0,1", "2,3"]
+    assert tpu[0]["TPU_PROCESS_PORT"] != tpu[1]["TPU_PROCESS_PORT"]
+    assert device_env(1, 2, {})["CUDA_VISIBLE_DEVICES"] == "2,3"
+    with pytest.raises(ValueError, match="--devices-per-trial 3 on TPU"):
+        device_env(0, 3, {"PJRT_DEVICE": "TPU"})
+
+
+def test_a_failed_trial_is_described_by_signal_and_last_lines_without_secrets(tmp_path):
+    log = tmp_path / "trial.log"
+    log.write_text("".join(f"line {n}\n" for n in range(30)) + "storage postgresql://u:hunter2@db/optuna\n")
+    text = describe_exit(-signal.SIGKILL, log)
+    assert text.startswith("trial process killed by signal SIGKILL (the out-of-memory killer sends SIGKILL)")
+    assert "line 29" in text and "line 5\n" not in text
+    assert "hunter2" not in text and "postgresql://u:***@db/optuna" in text
+    assert describe_exit(3, tmp_path / "missing.log") == "trial process exited with code 3"
+
+
+# ---------------------------------------------------------------------------------------------------- processes
+
+
+@pytest.mark.integration
+def test_killed_workers_resume_and_the_dead_trial_is_retried_once(tmp_path, data_dir, subprocess_env):
+    spec, storage, tracking_uri = write_spec(
+        tmp_path, study_name="killed", n_trials=2,
+        space={"optim.lr_head": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}},
+    )
+    overrides = experiment_overrides(data_dir, tmp_path)
+    beat = ["--heartbeat-interval", "1", "--grace-period", "3"]
+    with open(tmp_path / "launcher.log", "w") as log:
+        launcher = subprocess.Popen(
+            [sys.executable, "-m", "octft.cli", "sweep", "launch", str(spec), *overrides, "--workers", "1", *beat],
+            cwd=REPO, start_new_session=True, stdout=log, stderr=subprocess.STDOUT,
+        )
+    # Kill launcher, worker and trial process (one process group) once the trial trains under its MLflow run.
+    dead_run = wait_for(lambda: running_trial_attr(storage, "killed", 0, "mlflow_run_id"), 240, "trial 0 to start")
+    os.killpg(launcher.pid, signal.SIGKILL)
+    launcher.wait()
+    assert run_status(tracking_uri, dead_run)[0] == "RUNNING"  # nobody was left to end it
+    time.sleep(4)  # past the grace period: the trial's heartbeat is stale
+
+    result = launch(spec, overrides=overrides, heartbeat_interval=1, grace_period=3)
+    assert result.reaped == [0] and result.worker_exit_codes == [0]
+    trials = load(storage, "killed").trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    dead, retry, new = trials
+    assert "worker running this trial died" in dead.user_attrs["fail_reason"]
+    status, tags = run_status(tracking_uri, dead_run)
+    assert status == "FAILED" and "worker running this trial died" in tags["octft.end_reason"]
+    assert retry.system_attrs["failed_trial"] == 0 and retry.user_attrs["retry_of"] == 0
+    assert retry.params == dead.params != new.params  # retried once, with the same params; nothing else repeated
+    assert not retry.user_attrs.get("fail_reason")
+    assert retry.user_attrs["mlflow_run_id"] not in (None, dead_run)
+    for trial in (retry, new):
+        status, tags = run_status(tracking_uri, trial.user_attrs["mlflow_run_id"])
+        assert status == "FINISHED" and tags["optuna.trial_number"] == str(trial.number)
+    assert budget_used(trials) == 2 == sum(t.state == TrialState.COMPLETE for t in trials)
+
+
+@pytest.mark.integration
+def test_a_crashing_trial_fails_alone_and_the_worker_goes_on(tmp_path, data_dir, subprocess_env):
+    missing = tmp_path / "no-such-encoder.pt"
+    spec, storage, tracking_uri = write_spec(
+        tmp_path, study_name="crash", n_trials=2,
+        space={"model.checkpoint": {"type": "categorical", "choices": [None, str(missing)]}},
+    )
+    study = optuna.create_study(study_name="crash", storage=storage, direction="maximize")
+    study.enqueue_trial({"model.checkpoint": str(missing)})  # trial 0 raises: the checkpoint does not exist
+    study.enqueue_trial({"model.checkpoint": None})  # trial 1 is killed with SIGSEGV while it runs
+
+    outcome = {}
+    launcher = threading.Thread(target=lambda: outcome.update(result=launch(
+        spec, overrides=experiment_overrides(data_dir, tmp_path), heartbeat_interval=1)))
+    launcher.start()
+    pid = wait_for(lambda: running_trial_attr(storage, "crash", 1, "pid"), 240, "trial 1 to start")
+    os.kill(pid, signal.SIGSEGV)
+    launcher.join(timeout=240)
+    assert outcome["result"].worker_exit_codes == [0]
+
+    raised, segfaulted = load(storage, "crash").trials
+    assert (raised.state, segfaulted.state) == (TrialState.FAIL, TrialState.FAIL)
+    assert str(missing) in raised.user_attrs["fail_reason"]
+    assert segfaulted.user_attrs["fail_reason"].startswith("trial process killed by signal SIGSEGV")
+    for trial in (raised, segfaulted):
+        status, tags = run_status(tracking_uri, trial.user_attrs["mlflow_run_id"])
+        assert status == "FAILED" and tags["octft.end_reason"]
+    assert "SIGSEGV" in run_status(tracking_uri, segfaulted.user_attrs["mlflow_run_id"])[1]["octft.end_reason"]
