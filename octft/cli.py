@@ -35,25 +35,12 @@ def _experiment(args, *, required: bool = False):
 
 
 def _data_settings(cfg, args) -> dict:
-    data = cfg.data
-    uri = getattr(args, "data", None) or data.uri
-    labels = getattr(args, "labels", None) or data.labels
-    return dict(
-        uri=uri,
-        labels=labels,
-        use_manifest=data.use_manifest,
-        verify=getattr(args, "verify", False) or data.verify,
-        regions=data.selection.regions,
-        devices=data.selection.devices,
-        lateralities=data.selection.lateralities,
-        per_participant=data.selection.per_participant,
-        min_match_rate=data.guards.min_match_rate,
-        min_per_class=data.guards.min_per_class,
-        max_duplicate_files=data.guards.max_duplicate_files,
-        val_fraction=data.split.val_fraction,
-        test_fraction=data.split.test_fraction,
-        split_seed=data.split.seed,
-    )
+    """The audit arguments of the config, with --data, --labels and --verify applied."""
+    settings = cfg.data.audit_kwargs()
+    settings["uri"] = getattr(args, "data", None) or settings["uri"]
+    settings["labels"] = getattr(args, "labels", None) or settings["labels"]
+    settings["verify"] = getattr(args, "verify", False) or settings["verify"]
+    return settings
 
 
 # ---------------------------------------------------------------- synth / data
@@ -79,7 +66,7 @@ def cmd_data_audit(args) -> int:
     from octft.data.audit import audit_dataset, format_report
 
     cfg = _experiment(args)
-    report = audit_dataset(**_data_settings(cfg, args), cache_dir=cfg.data.cache_dir, progress=True)
+    report = audit_dataset(**_data_settings(cfg, args), progress=True)
     print(format_report(report))
     if args.json:
         _print_json(report.to_dict(), args.json)
@@ -112,7 +99,7 @@ def cmd_data_cache(args) -> int:
 
     cfg = _experiment(args)
     settings = _data_settings(cfg, args)
-    report = audit_dataset(**settings, cache_dir=cfg.data.cache_dir)
+    report = audit_dataset(**settings)
     allowed = set(args.allow or []) | set(cfg.data.allow_failed_guards)
     failed = report.failed_guards(allowed)
     if failed:
@@ -374,7 +361,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from octft.errors import USER_ERRORS
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # `key=value` overrides may follow options too (`octft sweep launch SPEC --workers 2 data.uri=x`):
+    # argparse stops collecting positionals at the first option, so gather the stragglers here.
+    args, rest = parser.parse_known_args(argv)
+    stragglers = [token for token in rest if "=" in token and not token.startswith("-")]
+    if len(stragglers) != len(rest) or (stragglers and not hasattr(args, "overrides")):
+        parser.parse_args(argv)  # let argparse report the unknown arguments as usual
+    if stragglers:
+        args.overrides = list(args.overrides or []) + stragglers
     try:
         return int(args.func(args) or 0)
     except USER_ERRORS as error:
