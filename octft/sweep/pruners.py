@@ -59,7 +59,8 @@ class CollapsePruner(BasePruner):
 
     Counting starts at the trial's unfreeze epoch (`params["train.unfreeze_epoch"]` when sampled, else user
     attr `unfreeze_epoch`, else 0) plus `grace_epochs`; a healthy epoch, or one with no record, resets the
-    count. A trial that has not collapsed goes to `wrapped` (None: never pruned otherwise).
+    count. A trial that has not collapsed goes to `wrapped` (None: never pruned otherwise). With
+    `enabled=False` the collapse rule is off and only `wrapped` decides.
     `prune_reason` says why a trial was pruned, for the trial's user attrs and MLflow.
     """
 
@@ -71,6 +72,7 @@ class CollapsePruner(BasePruner):
         grace_epochs: int = 1,
         n_classes: int = len(CLASSES),
         wrapped: BasePruner | None = MedianPruner(),
+        enabled: bool = True,
     ) -> None:
         if n_classes < 2 or not 1.0 / n_classes <= max_class_share <= 1.0:
             raise ValueError(
@@ -88,6 +90,7 @@ class CollapsePruner(BasePruner):
         self.grace_epochs = grace_epochs
         self.n_classes = n_classes
         self.wrapped = wrapped
+        self.enabled = enabled
         # The reason behind each prune decision, so `prune_reason` reports the decision that was made even
         # if other workers finish trials in between (which can change the median).
         self._decisions: dict[tuple[int, int], dict[str, Any]] = {}
@@ -112,7 +115,7 @@ class CollapsePruner(BasePruner):
         step = trial.last_step
         if step is None:
             return None
-        collapse = self._collapse(trial, step)
+        collapse = self._collapse(trial, step) if self.enabled else None
         if collapse is not None:
             return collapse
         if self.wrapped is not None and self.wrapped.prune(study, trial):
@@ -189,7 +192,11 @@ def _wrapped_reason(pruner: BasePruner, study: Study, trial: FrozenTrial, step: 
 
 
 def build_pruner(spec: SweepSpec) -> CollapsePruner:
-    """The pruner a `SweepSpec` describes: CollapsePruner around a median, percentile or no pruner."""
+    """The pruner a `SweepSpec` describes: CollapsePruner around a median, percentile or no pruner.
+
+    `pruner.collapse.enabled=false` leaves the wrapped pruner alone; with `pruner.wrapped.type=none` too,
+    nothing is pruned.
+    """
     wrapped_spec = spec.pruner.wrapped
     schedule = {
         "n_startup_trials": wrapped_spec.n_startup_trials,

@@ -71,8 +71,12 @@ class SamplerSpec(_Strict):
 
 
 class CollapseSpec(_Strict):
-    """When a trial counts as collapsed; see `octft.sweep.pruners.CollapsePruner`."""
+    """When a trial counts as collapsed; see `octft.sweep.pruners.CollapsePruner`.
 
+    `enabled: false` turns the collapse rule off, leaving only the wrapped pruner (to measure what the rule saves).
+    """
+
+    enabled: bool = True
     max_class_share: float = Field(0.9, gt=0, le=1)
     chance_margin: float = Field(0.05, ge=0, lt=1)
     patience: int = Field(2, ge=1)

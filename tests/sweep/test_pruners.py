@@ -1,11 +1,14 @@
 """CollapsePruner driven through Optuna's ask/tell on in-memory studies: no objective function, no mocks."""
 
+from pathlib import Path
+
 import optuna
 import pytest
 from optuna.pruners import MedianPruner, PercentilePruner
 from optuna.trial import TrialState
 
 from octft.sweep import CollapsePruner, SweepSpec, build_pruner, epoch_attr, record_epoch
+from octft.sweep.spec import load_sweep
 
 HEALTHY = ([0.30, 0.25, 0.25, 0.20], 0.62)
 ONE_CLASS = ([0.97, 0.01, 0.01, 0.01], 0.26)  # one class takes 97% of the predictions
@@ -190,3 +193,25 @@ def test_build_pruner_follows_the_spec():
     spec = SweepSpec.model_validate({"base": "b.yaml", "study_name": "t"})
     assert isinstance(build_pruner(spec).wrapped, MedianPruner)
     assert spec.promote.model_name == "t"  # the registered model defaults to the study name
+
+
+def test_collapse_rule_switched_off_leaves_only_the_wrapped_pruner():
+    collapsed = [HEALTHY, ONE_CLASS, ONE_CLASS, ONE_CLASS]
+    for enabled, expected in ((True, [False, False, True, True]), (False, [False] * 4)):
+        pruner = CollapsePruner(patience=2, grace_epochs=0, wrapped=None, enabled=enabled)
+        assert decisions(study_with(pruner), collapsed, unfreeze_param=0)[1] == expected
+    # Off, a collapsed trial below the median is still pruned, and the reason is the median's.
+    study = study_with(CollapsePruner(patience=2, grace_epochs=0, wrapped=MedianPruner(n_startup_trials=1), enabled=False))
+    finished, _ = decisions(study, [HEALTHY] * 4, value=0.8)
+    study.tell(finished, 0.8)
+    trial, answers = decisions(study, collapsed, unfreeze_param=0, value=0.3)
+    assert answers == [True] * 4 and study.pruner.prune_reason(study, trial)["prune_reason"] == "median"
+
+
+def test_sweep_overrides_switch_the_collapse_rule_and_the_wrapped_pruner_off():
+    demo = Path(__file__).resolve().parents[2] / "sweeps" / "demo.yaml"
+    assert build_pruner(load_sweep(demo)).enabled is True
+    median_alone = build_pruner(load_sweep(demo, ["pruner.collapse.enabled=false"]))
+    assert median_alone.enabled is False and isinstance(median_alone.wrapped, MedianPruner)
+    nothing = build_pruner(load_sweep(demo, ["pruner.collapse.enabled=false", "pruner.wrapped.type=none"]))
+    assert nothing.enabled is False and nothing.wrapped is None
