@@ -244,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="the whole job on synthetic AI-READI data (README's first command)")
     demo.add_argument("--dir", default="demo", help="where the demo writes everything (default: demo)")
-    demo.add_argument("--participants", type=int, default=96)
+    demo.add_argument("--participants", type=int, default=128)
     demo.add_argument("--trials", type=int, default=6)
     demo.add_argument("--workers", type=int, default=2)
     demo.set_defaults(func=cmd_demo)
