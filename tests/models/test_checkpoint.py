@@ -243,3 +243,31 @@ def test_error_message_caps_long_lists_but_report_keeps_all(tmp_path):
     assert len(caught.value.report.unexpected) == 24  # blocks 2 and 3, 12 tensors each
     assert "... and 4 more" in str(caught.value)
     assert str(caught.value).startswith(f"{path} [target_encoder]: 28 loaded, 0 missing, 24 unexpected")
+
+
+def test_cli_checkpoint_inspect_reports_fit_and_misfit(tmp_path, capsys):
+    """`octft checkpoint inspect PATH --config EXP --json`: exit 0 for a fitting checkpoint, 1 with the misfit listed."""
+    import json as _json
+
+    from octft.cli import main
+    from octft.config import load_experiment
+    from octft.train.recipe import build_model
+
+    root = Path(__file__).resolve().parents[2]
+    overrides = ["data.preprocess.frames=4", "data.preprocess.height=32", "data.preprocess.width=32"]
+    cfg = load_experiment(root / "experiments" / "demo.yaml", overrides)
+    encoder = build_model(cfg, num_classes=4)[0].encoder
+    state = {f"module.backbone.{k}": v for k, v in encoder.state_dict().items()}
+    good = tmp_path / "good.pt"
+    torch.save({"encoder": state, "target_encoder": state, "epoch": 3}, good)
+    assert main(["checkpoint", "inspect", str(good), "--config", str(root / "experiments" / "demo.yaml"), "--json", *overrides]) == 0
+    report = _json.loads(capsys.readouterr().out)
+    assert report["missing"] == [] and report["unexpected"] == [] and report["mismatched"] == []
+    assert len(report["loaded"]) == len(state)
+
+    wider = build_model(load_experiment(root / "experiments" / "demo.yaml", overrides + ["model.size=vit_tiny"]), 4)[0].encoder
+    bad = tmp_path / "bad.pt"
+    torch.save({"target_encoder": {f"module.backbone.{k}": v for k, v in wider.state_dict().items()}}, bad)
+    assert main(["checkpoint", "inspect", str(bad), "--config", str(root / "experiments" / "demo.yaml"), *overrides]) == 1
+    out = capsys.readouterr().out
+    assert "patch_embed.proj.weight" in out and "mismatch" in out.lower()
