@@ -1,6 +1,13 @@
-"""Optuna sweeps over experiment configs: the sweep spec, its search space and the collapse-aware pruner."""
+"""Optuna sweeps over experiment configs: spec, search space, collapse-aware pruner, launch, promotion, report.
 
+    >>> from octft.sweep import launch, load_sweep, promote, render_report
+    >>> launch("sweeps/demo.yaml", workers=2)                       # doctest: +SKIP
+    >>> promote(load_sweep("sweeps/demo.yaml"))                     # doctest: +SKIP
+"""
+
+from octft.sweep.promote import promote
 from octft.sweep.pruners import CollapsePruner, build_pruner, epoch_attr, record_epoch
+from octft.sweep.report import render_report
 from octft.sweep.space import CategoricalParam, FloatParam, IntParam, Param, distributions, parse_space, suggest
 from octft.sweep.spec import (
     STORAGE_ENV,
@@ -11,6 +18,7 @@ from octft.sweep.spec import (
     redact_url,
     sampler_settings,
 )
+from octft.sweep.study import launch
 
 __all__ = [
     "STORAGE_ENV",
@@ -25,10 +33,13 @@ __all__ = [
     "distributions",
     "epoch_attr",
     "format_value",
+    "launch",
     "load_sweep",
     "parse_space",
+    "promote",
     "record_epoch",
     "redact_url",
+    "render_report",
     "sampler_settings",
     "suggest",
 ]
