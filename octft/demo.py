@@ -14,6 +14,16 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 FRAMES, HEIGHT, WIDTH = 8, 64, 64
+# The top of the demo space's head and encoder learning rates, encoder trainable from the start: the
+# classifier collapses onto one class. The demo enqueues it as its first trial so that CollapsePruner is
+# seen at work on every run, not only when the sampler happens to land there.
+COLLAPSING_TRIAL = {
+    "optim.lr_head": 0.1,
+    "optim.lr_encoder": 3e-3,
+    "train.unfreeze_epoch": 0,
+    "loss.label_smoothing": 0.0,
+    "train.accumulation_steps": 1,
+}
 
 
 def _step(title: str) -> float:
@@ -64,13 +74,19 @@ def run_demo(root: Path, *, participants: int = 96, trials: int = 6, workers: in
     spec_path = REPO / "sweeps" / "demo.yaml"
     sweep_overrides = [f"n_trials={trials}", f"mlflow.tracking_uri={tracking_uri}"]
     experiment_overrides = [f"data.uri={data_dir}", f"data.cache_dir={cache_dir}", f"output_dir={root / 'runs'}"]
+    spec = load_sweep(spec_path, sweep_overrides)
+    import optuna
+
+    study = optuna.create_study(storage=storage, study_name=spec.study_name, direction=spec.objective.direction,
+                                load_if_exists=True)
+    if not study.trials:
+        study.enqueue_trial(COLLAPSING_TRIAL, user_attrs={"demo_note": "enqueued in the collapsing region"})
     devices = int(os.environ.get("CPU_NUM_DEVICES", "4")) if os.environ.get("PJRT_DEVICE") else workers
     started = _step(f"4/6 Optuna study: {trials} trials, {workers} workers, {max(1, devices // workers)} XLA devices each")
     launched = launch(spec_path, n_trials=trials, workers=workers, devices_per_trial=max(1, devices // workers),
                       storage=storage, overrides=sweep_overrides + experiment_overrides)
     print(f"trials by state: {launched.counts} ({time.perf_counter() - started:.0f} s)")
 
-    spec = load_sweep(spec_path, sweep_overrides)
     started = _step("5/6 promote the best healthy trial (test split, once)")
     try:
         promotion = promote(spec, storage=storage, tracking_uri=tracking_uri, n_resamples=500)
