@@ -78,17 +78,29 @@ def resolve_checkpoint_folder(model_uri: str, *, tracking_uri: str | None = None
             )
         return folder
 
-    import mlflow
     from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
 
     from octft.track.mlflow_tracker import redact, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
-    # models:/ resolution reads the process-wide registry URI, not the tracking URI: set both.
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    # An explicit client for both the runs and the registry: mlflow's module-level helpers resolve models:/
+    # through process-wide settings, which a library call must neither depend on nor change.
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     try:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(download_to))
+        if model_uri.startswith("models:/"):
+            reference = model_uri[len("models:/"):].strip("/")
+            if "@" in reference:
+                name, alias = reference.split("@", 1)
+                version = client.get_model_version_by_alias(name, alias)
+            else:
+                name, _, number = reference.partition("/")
+                version = client.get_model_version(name, number)
+            run_id, source = version.run_id, version.source
+            artifact_path = source.split(f"runs:/{run_id}/", 1)[1] if source.startswith("runs:/") else "checkpoint"
+        else:
+            run_id, _, artifact_path = model_uri[len("runs:/"):].partition("/")
+        local = client.download_artifacts(run_id, artifact_path or "checkpoint", str(download_to))
     except MlflowException as error:
         raise ValueError(
             f"model {model_uri!r} cannot be loaded from the MLflow store {redact(uri)}: {error.message}; check the "

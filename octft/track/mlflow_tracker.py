@@ -210,7 +210,8 @@ class MlflowTracker:
         from mlflow.tracking import MlflowClient
 
         self._tracking_uri = resolve_tracking_uri(tracking_uri)
-        registry_uri = os.environ.get("MLFLOW_REGISTRY_URI") or self._tracking_uri
+        # The registry lives with the runs unless the environment names another one for an implicit store.
+        registry_uri = self._tracking_uri if tracking_uri else (os.environ.get("MLFLOW_REGISTRY_URI") or self._tracking_uri)
         self._client: MlflowClient = MlflowClient(tracking_uri=self._tracking_uri, registry_uri=registry_uri)
         self.experiment = experiment
         self._finished = False
@@ -383,10 +384,13 @@ class MlflowTracker:
         self._require_artifact(run_id, artifact_path)
         self._ensure_registered_model(name)
         source = f"runs:/{run_id}/{artifact_path}"
+        # MLflow may store the source as given (runs:/...) or resolved to the run's artifact location,
+        # depending on process-wide settings: the same run and artifact path is the same version either way.
         existing = [
             version
             for version in self._client.search_model_versions(f"run_id='{run_id}'")
-            if version.name == name and version.source == source
+            if version.name == name
+            and (version.source == source or version.source.rstrip("/").endswith(f"/{artifact_path}"))
         ]
         if existing:
             model_version = min(existing, key=lambda version: int(version.version))

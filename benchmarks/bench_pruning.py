@@ -1,0 +1,244 @@
+"""What pruning saves on the demo sweep: CollapsePruner around median, median alone, and no pruning.
+
+The demo sweep's space (sweeps/demo.yaml) reaches lr_head 1e-1, where the head collapses onto one class.
+This draws `--trials` param sets once with a seeded RandomSampler and enqueues the same list, in the
+same order, in three studies that differ only in their pruner:
+
+  collapse+median  the demo's pruner (CollapsePruner wrapping MedianPruner)
+  median           pruner.collapse.enabled=false: MedianPruner alone
+  none             pruner.collapse.enabled=false pruner.wrapped.type=none: nothing is pruned
+
+Each study runs through `octft.sweep.launch` with one worker, its own Optuna and MLflow sqlite files, and
+synthetic data (and preprocessing cache) shared by all three. The sweep and experiment YAMLs are copied
+first: every trial process rereads them, so an edit of the repo's files mid-run would change the settings. Training is seeded (train.seed), so a
+trial's epochs are the same in every setting until it is pruned. Per setting it prints trials by state,
+epochs spent (sum of epochs_run), wall time, the best value and how long after the launch its trial
+completed, and why trials were pruned; then each trial's outcome side by side. The demo's early stopping
+(patience 6) stays on in every setting.
+
+    .venv/bin/python benchmarks/bench_pruning.py                    # defaults: ~15 min on 2 cores
+    .venv/bin/python benchmarks/bench_pruning.py --trials 4 --epochs 6 --participants 48  # ~5 min
+    .venv/bin/python benchmarks/bench_pruning.py --runtime xla      # XLA:CPU, one device per trial
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+SPEC = REPO / "sweeps" / "demo.yaml"
+EXPERIMENT = REPO / "experiments" / "demo.yaml"
+# setting -> sweep overrides that choose its pruner
+SETTINGS = {
+    "collapse+median": [],
+    "median": ["pruner.collapse.enabled=false"],
+    "none": ["pruner.collapse.enabled=false", "pruner.wrapped.type=none"],
+}
+SHOWN_PARAMS = {"optim.lr_head": "lr_head", "optim.lr_encoder": "lr_enc", "train.unfreeze_epoch": "unfreeze"}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trials", type=int, default=8, help="trials per setting (default 8)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="epochs per trial, fixed.train.epochs (default: the demo sweep's)")
+    parser.add_argument("--participants", type=int, default=64, help="synthetic participants (default 64)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the RandomSampler that draws the params (default 0)")
+    parser.add_argument("--runtime", choices=["cpu", "xla"], default="cpu",
+                        help="runtime.kind of every trial: cpu (eager, default) or xla (XLA:CPU, PJRT_DEVICE=CPU)")
+    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS),
+                        help="which pruning settings to run (default: all three)")
+    parser.add_argument("--dir", type=Path, default=None, help="where data, databases and runs go (default: a temp dir)")
+    args = parser.parse_args()
+    if args.trials < 1 or (args.epochs is not None and args.epochs < 1):
+        parser.error(f"--trials ({args.trials}) and --epochs ({args.epochs}) must be at least 1")
+    return args
+
+
+def prepare(root: Path, participants: int) -> tuple[Path, Path]:
+    """Synthetic data in the demo's shape and its cache, built once so that no setting pays for it."""
+    from octft.config import load_experiment
+    from octft.data.audit import audit_dataset
+    from octft.data.dataset import prepare_volumes
+    from octft.data.synth import synthesize
+
+    pre = load_experiment(root / "experiments" / "demo.yaml").data.preprocess
+    data_dir, cache_dir = root / "data", root / "cache"
+    synthesize(data_dir, participants=participants, seed=0, frames=pre.frames, height=pre.height, width=pre.width)
+    report = audit_dataset(str(data_dir))
+    prepare_volumes(str(data_dir), report.volumes, cache_dir=str(cache_dir), frames=pre.frames, height=pre.height,
+                    width=pre.width, intensity=pre.intensity, progress=False)
+    return data_dir, cache_dir
+
+
+def copy_specs(root: Path) -> Path:
+    """The demo sweep and experiment under `root`, the sweep pointing at the copy; returns the sweep's path."""
+    import yaml
+
+    (root / "experiments").mkdir()
+    (root / "sweeps").mkdir()
+    shutil.copyfile(EXPERIMENT, root / "experiments" / "demo.yaml")
+    tree = yaml.safe_load(SPEC.read_text())
+    tree["base"] = str(root / "experiments" / "demo.yaml")
+    spec = root / "sweeps" / "demo.yaml"
+    spec.write_text(yaml.safe_dump(tree, sort_keys=False))
+    return spec
+
+
+def draw_params(spec_path: Path, trials: int, seed: int) -> list[dict[str, Any]]:
+    """`trials` param sets of the demo space from a seeded RandomSampler: the list every setting runs."""
+    import optuna
+
+    from octft.sweep.space import suggest
+    from octft.sweep.spec import load_sweep
+
+    space = load_sweep(spec_path).space
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    return [suggest(study.ask(), space) for _ in range(trials)]
+
+
+@dataclass
+class SettingResult:
+    name: str
+    counts: Counter
+    epochs: int
+    wall_s: float
+    best_value: float | None
+    best_trial: int | None
+    best_after_s: float | None
+    prune_reasons: Counter  # "collapse@3" -> count
+    outcomes: dict[int, str]  # trial number -> short outcome
+    load: tuple[float, float]  # 1-minute load average before and after
+
+
+def run_setting(name: str, root: Path, spec_path: Path, params: list[dict[str, Any]], args: argparse.Namespace,
+                data_dir: Path, cache_dir: Path) -> SettingResult:
+    """One study with its own databases: enqueue `params`, launch one worker, read the trials back."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from octft.sweep.study import launch
+
+    directory = root / name.replace("+", "_")
+    directory.mkdir(parents=True)
+    storage = f"sqlite:///{directory / 'optuna.db'}"
+    study_name = f"bench-pruning-{name}"
+    # Created and filled before launch: launch loads it (load_if_exists) and the worker takes waiting trials first.
+    study = optuna.create_study(storage=storage, study_name=study_name, direction="maximize")
+    for trial_params in params:
+        study.enqueue_trial(trial_params)
+    overrides = [
+        f"study_name={study_name}", f"mlflow.tracking_uri=sqlite:///{directory / 'mlflow.db'}",
+        f"fixed.train.epochs={args.epochs}", *SETTINGS[name],
+        f"data.uri={data_dir}", f"data.cache_dir={cache_dir}", f"runtime.kind={args.runtime}",
+        f"output_dir={directory / 'runs'}",
+    ]
+    load_before = os.getloadavg()[0]
+    print(f"\n== {name}: {len(params)} trials, {args.epochs} epochs, pruner overrides {SETTINGS[name] or '(demo)'}", flush=True)
+    started = time.time()
+    result = launch(spec_path, n_trials=len(params), workers=1, storage=storage, overrides=overrides)
+    wall = time.time() - started
+    if any(result.worker_exit_codes):
+        raise SystemExit(f"{name}: worker exited with {result.worker_exit_codes}; see {result.study_dir}")
+
+    trials = optuna.load_study(study_name=study_name, storage=storage).get_trials(deepcopy=False)
+    counts = Counter(trial.state.name for trial in trials)
+    complete = [trial for trial in trials if trial.state == TrialState.COMPLETE]
+    best = max(complete, key=lambda trial: trial.value) if complete else None
+    prune_reasons: Counter = Counter()
+    outcomes = {}
+    for trial in trials:
+        attrs = trial.user_attrs
+        epochs_run = attrs.get("epochs_run")
+        if trial.state == TrialState.PRUNED:
+            prune_reasons[f"{attrs.get('prune_reason', '?')}@{attrs.get('prune_epoch', '?')}"] += 1
+            outcomes[trial.number] = f"P {attrs.get('prune_reason', '?')} ({epochs_run})"
+        elif trial.state == TrialState.COMPLETE:
+            outcomes[trial.number] = f"{trial.value:.3f} ({epochs_run})"
+        else:
+            outcomes[trial.number] = trial.state.name
+    best_after = None
+    if best is not None:
+        # Optuna stores naive local datetimes, which .timestamp() reads as local time.
+        best_after = best.datetime_complete.timestamp() - started
+    return SettingResult(
+        name=name, counts=counts, epochs=sum(int(t.user_attrs.get("epochs_run") or 0) for t in trials), wall_s=wall,
+        best_value=None if best is None else best.value, best_trial=None if best is None else best.number,
+        best_after_s=best_after, prune_reasons=prune_reasons, outcomes=outcomes,
+        load=(load_before, os.getloadavg()[0]),
+    )
+
+
+def print_report(results: list[SettingResult], params: list[dict[str, Any]], args: argparse.Namespace,
+                 pruner: dict[str, Any]) -> None:
+    print(f"\nmachine: {platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"python {platform.python_version()}; load average now {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"demo sweep, {len(params)} trials x {args.epochs} epochs, {args.participants} participants, "
+          f"runtime.kind={args.runtime}, 1 worker; params from RandomSampler(seed={args.seed}), the same in every setting")
+    print("demo pruner: " + "; ".join(f"{section} " + ", ".join(f"{k}={v}" for k, v in values.items())
+                                      for section, values in pruner.items()))
+    header = (f"{'setting':<16}{'complete':>9}{'pruned':>7}{'fail':>5}{'epochs':>7}{'wall s':>8}{'best':>7}"
+              f"{'trial':>6}{'best at s':>10}{'load':>11}  pruned (reason@epoch)")
+    print(header)
+    print("-" * len(header))
+    full = max((result.epochs for result in results if result.name == "none"), default=None)
+    for r in results:
+        best = "-" if r.best_value is None else f"{r.best_value:.3f}"
+        best_at = "-" if r.best_after_s is None else f"{r.best_after_s:.0f}"
+        reasons = ", ".join(f"{reason} x{count}" for reason, count in sorted(r.prune_reasons.items())) or "-"
+        epochs = f"{r.epochs}"
+        print(f"{r.name:<16}{r.counts['COMPLETE']:>9}{r.counts['PRUNED']:>7}{r.counts['FAIL']:>5}{epochs:>7}"
+              f"{r.wall_s:>8.0f}{best:>7}{'-' if r.best_trial is None else r.best_trial:>6}{best_at:>10}"
+              f"{r.load[0]:>5.1f}->{r.load[1]:<4.1f}  {reasons}")
+    if full:
+        print("epochs relative to no pruning: " + ", ".join(f"{r.name} {r.epochs / full:.0%}" for r in results))
+
+    print("\nper trial: value at best epoch (epochs run), or P <reason> (epochs run)")
+    names = [r.name for r in results]
+    head = f"{'trial':<6}" + "".join(f"{label:>10}" for label in SHOWN_PARAMS.values()) + "".join(f"  {n:<18}" for n in names)
+    print(head)
+    for number, trial_params in enumerate(params):
+        cells = "".join(f"{_short(trial_params[key]):>10}" for key in SHOWN_PARAMS)
+        print(f"{number:<6}{cells}" + "".join(f"  {r.outcomes.get(number, '-'):<18}" for r in results))
+
+
+def _short(value: Any) -> str:
+    return f"{value:.2g}" if isinstance(value, float) else str(value)
+
+
+def main() -> None:
+    args = parse_args()
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if args.runtime == "xla":
+        os.environ.setdefault("PJRT_DEVICE", "CPU")  # the trial processes inherit it
+    with tempfile.TemporaryDirectory(prefix="bench-pruning-") as temp:
+        root = (args.dir or Path(temp)).resolve()
+        root.mkdir(parents=True, exist_ok=True)
+        if any(root.iterdir()):
+            raise SystemExit(f"--dir {root} is not empty (an earlier run?); pass an empty folder or leave --dir out")
+        started = time.perf_counter()
+        spec_path = copy_specs(root)
+        from octft.sweep.spec import load_sweep
+
+        demo = load_sweep(spec_path)
+        args.epochs = args.epochs or int(demo.fixed["train.epochs"])
+        data_dir, cache_dir = prepare(root, args.participants)
+        print(f"data and cache: {time.perf_counter() - started:.1f} s ({args.participants} participants)", flush=True)
+        params = draw_params(spec_path, args.trials, args.seed)
+        results = [run_setting(name, root, spec_path, params, args, data_dir, cache_dir) for name in args.settings]
+    print_report(results, params, args, demo.pruner.model_dump())
+
+
+if __name__ == "__main__":
+    main()
