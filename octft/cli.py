@@ -95,7 +95,7 @@ def cmd_data_inspect(args) -> int:
 
 def cmd_data_cache(args) -> int:
     from octft.data.audit import audit_dataset
-    from octft.data.dataset import build_cache
+    from octft.data.dataset import prepare_volumes
 
     cfg = _experiment(args)
     settings = _data_settings(cfg, args)
@@ -106,10 +106,10 @@ def cmd_data_cache(args) -> int:
         for guard in failed:
             print(f"octft: guard {guard.name} failed: {guard.detail} (override with --allow {guard.name})", file=sys.stderr)
         return EXIT_GUARD_FAILED
-    result = build_cache(
+    result = prepare_volumes(
         settings["uri"], report.volumes, cache_dir=cfg.data.cache_dir, workers=args.workers, progress=True,
         **cfg.data.preprocess.model_dump(),
-    )
+    ).report
     print(f"cache {cfg.data.cache_dir}: built {result.built}, reused {result.reused}, failed {len(result.failed)}")
     for source, reason in result.failed:
         print(f"  failed: {source}: {reason}")

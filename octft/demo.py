@@ -33,7 +33,7 @@ def _step(title: str) -> float:
 
 def run_demo(root: Path, *, participants: int = 96, trials: int = 6, workers: int = 2) -> int:
     from octft.data.audit import audit_dataset, format_report
-    from octft.data.dataset import build_cache
+    from octft.data.dataset import prepare_volumes
     from octft.data.synth import synthesize
 
     root = root.resolve()
@@ -57,8 +57,8 @@ def run_demo(root: Path, *, participants: int = 96, trials: int = 6, workers: in
 
     started = _step("3/6 preprocessing cache")
     cache_dir = root / "cache"
-    result = build_cache(str(data_dir), report.volumes, cache_dir=str(cache_dir), frames=FRAMES, height=HEIGHT,
-                         width=WIDTH, workers=1)
+    result = prepare_volumes(str(data_dir), report.volumes, cache_dir=str(cache_dir), frames=FRAMES, height=HEIGHT,
+                             width=WIDTH, workers=1).report
     print(f"{cache_dir}: built {result.built}, reused {result.reused}, failed {len(result.failed)} "
           f"({time.perf_counter() - started:.1f} s)")
 

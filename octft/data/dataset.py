@@ -1,7 +1,7 @@
 """From an audit's volume table to training samples, through the preprocessing cache.
 
 Every trial of a sweep reads prepared arrays from the cache instead of decoding DICOM again. A
-volume that fails to decode is counted and reported by `build_cache`, and the dataset is built only
+volume that fails to decode is counted and reported by `prepare_volumes`, and the dataset is built only
 from the volumes that have a cache entry.
 """
 
@@ -41,26 +41,6 @@ class PreparedVolumes:
     report: CacheReport
 
 
-def build_cache(
-    uri: str,
-    volumes: pd.DataFrame,
-    *,
-    cache_dir: str,
-    frames: int,
-    height: int,
-    width: int,
-    intensity: str = "percentile",
-    workers: int = 2,
-    progress: bool = True,
-    storage=None,
-) -> CacheReport:
-    """Preprocess every volume of an audit into the cache (`octft data cache`)."""
-    return prepare_volumes(
-        uri, volumes, cache_dir=cache_dir, frames=frames, height=height, width=width, intensity=intensity,
-        workers=workers, progress=progress, storage=storage,
-    ).report
-
-
 def prepare_volumes(
     uri: str,
     volumes: pd.DataFrame,
@@ -74,6 +54,11 @@ def prepare_volumes(
     progress: bool = True,
     storage=None,
 ) -> PreparedVolumes:
+    """Preprocess every volume of an audit into the cache (`octft data cache`; each training run too).
+
+    Volumes that fail to decode are counted in `report.failed` with their reason and left out of
+    `volumes`.
+    """
     if storage is None:
         from octft.data.storage import open_storage
 
