@@ -156,6 +156,17 @@ def check_not_shared(tracking_uri: str, optuna_storage_url: str | None) -> None:
 # Values
 
 
+def default_artifact_location(tracking_uri: str, experiment: str) -> str | None:
+    """Artifacts beside a sqlite store (`<db folder>/mlartifacts/<experiment>`), not in `./mlruns` of
+    whatever directory a worker happened to start in. Other stores keep MLflow's default."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    path = tracking_uri[len("sqlite:///"):].split("?", 1)[0]
+    if not path or path == ":memory:":
+        return None
+    return (Path(path).resolve().parent / "mlartifacts" / experiment).as_uri()
+
+
 def _truncate(kind: str, key: str, text: str, limit: int) -> str:
     if len(text) <= limit:
         return text
@@ -426,6 +437,8 @@ class MlflowTracker:
 
         experiment = self._client.get_experiment_by_name(name)
         if experiment is None:
+            if artifact_location is None:
+                artifact_location = default_artifact_location(self._tracking_uri, name)
             try:
                 return self._client.create_experiment(name, artifact_location=artifact_location)
             except MlflowException as exc:

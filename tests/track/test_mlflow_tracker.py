@@ -339,3 +339,16 @@ def test_importing_the_seam_does_not_import_mlflow():
     code = "import sys, octft.track; print('mlflow' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_artifacts_of_a_new_experiment_live_beside_the_sqlite_store(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # MLflow's own default would be ./mlruns here
+    uri = f"sqlite:///{tmp_path / 'stores' / 'mlflow.db'}"
+    (tmp_path / "stores").mkdir()
+    tracker = MlflowTracker(uri, experiment="beside-the-db", run_name="r")
+    note = tmp_path / "note.txt"
+    note.write_text("hello")
+    tracker.log_artifact(note)
+    tracker.finish("FINISHED")
+    assert list((tmp_path / "stores" / "mlartifacts" / "beside-the-db").rglob("note.txt"))
+    assert not (tmp_path / "mlruns").exists()
