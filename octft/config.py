@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from octft.data.layout import LABELS_KEY
 
@@ -164,13 +164,6 @@ class ExperimentConfig(_Strict):
     runtime: RuntimeConfig = RuntimeConfig()
     tracking: TrackingConfig = TrackingConfig()
     output_dir: str = "runs"
-
-    @model_validator(mode="after")
-    def _check_consistency(self) -> "ExperimentConfig":
-        if self.train.unfreeze_epoch > self.train.epochs:
-            # Allowed (encoder stays frozen for the whole run), but say so where people look.
-            pass
-        return self
 
     def flat(self) -> dict[str, Any]:
         """Every resolved value under its dotted path, e.g. {'optim.lr_head': 0.003, ...}."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -39,6 +39,12 @@ class PreparedVolumes:
     volumes: pd.DataFrame  # the audit's volume table plus a `source_id` column, failed ones removed
     cache: VolumeCache
     report: CacheReport
+    storage: object = None  # where the sources live, so an entry lost after the build is rebuilt
+
+    def dataset(self, split: str) -> "VolumeDataset":
+        """The samples of one split (`train`, `val` or `test`)."""
+        load = partial(_load, self.storage) if self.storage is not None else None
+        return VolumeDataset(self.volumes[self.volumes.split == split], self.cache, load=load)
 
 
 def prepare_volumes(
@@ -70,18 +76,20 @@ def prepare_volumes(
     failed = {sid for sid, _ in report.failed}
     prepared = volumes.assign(source_id=ids)
     prepared = prepared[~prepared.source_id.isin(failed)].reset_index(drop=True)
-    return PreparedVolumes(prepared, cache, report)
+    return PreparedVolumes(prepared, cache, report, storage)
 
 
 class VolumeDataset(torch.utils.data.Dataset):
     """Samples `{"x": (1, T, H, W) float32, "y": class index, "index": row}` read from the cache.
 
     `index` points back into `volumes` (participant, key) so evaluation can aggregate by participant.
+    `load(key)` reads a source volume again when its cache entry went missing or bad after the build.
     """
 
-    def __init__(self, volumes: pd.DataFrame, cache: VolumeCache):
+    def __init__(self, volumes: pd.DataFrame, cache: VolumeCache, *, load: Callable[[str], object] | None = None):
         self.volumes = volumes.reset_index(drop=True)
         self.cache = cache
+        self.load = load
         self.labels = self.volumes.label.to_numpy(dtype=np.int64)
 
     def __len__(self) -> int:
@@ -89,9 +97,13 @@ class VolumeDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         sid = self.volumes.source_id.iloc[index]
-        clip = self.cache.get(sid)
-        if clip is None:  # evicted or corrupted since the build: rebuild from the source
-            raise RuntimeError(f"cache entry for {sid} vanished; run `octft data cache` again")
+        if self.load is not None:
+            # An entry removed or corrupted since the build is detected by the cache and rebuilt here.
+            clip = self.cache.get_or_build(sid, partial(self.load, self.volumes.key.iloc[index]))
+        else:
+            clip = self.cache.get(sid)
+            if clip is None:
+                raise FileNotFoundError(f"no valid cache entry for {sid}: run `octft data cache` again")
         return {
             "x": torch.from_numpy(np.ascontiguousarray(clip, dtype=np.float32)).unsqueeze(0),
             "y": torch.tensor(self.labels[index], dtype=torch.long),

@@ -205,7 +205,7 @@ def evaluate_test_split(checkpoint_dir: str | Path, *, expected_manifest_hash: s
     `expected_manifest_hash` is given (the run's `octft.data_manifest_hash` tag), data that changed since
     training are refused instead of silently scored.
     """
-    from octft.data.dataset import VolumeDataset, prepare_volumes
+    from octft.data.dataset import prepare_volumes
     from octft.predict import load_model, predict_logits
     from octft.train.metrics import aggregate_by_participant
     from octft.train.recipe import audited_data, data_manifest_hash
@@ -229,7 +229,7 @@ def evaluate_test_split(checkpoint_dir: str | Path, *, expected_manifest_hash: s
     test_volumes = prepared.volumes[prepared.volumes.split == "test"]
     if test_volumes.empty:
         raise ValueError(f"the data at {data.uri} has no test volumes after the audit; check the labels' splits")
-    test_set = VolumeDataset(test_volumes, prepared.cache)
+    test_set = prepared.dataset("test")
     logits = predict_logits(loaded.model, lambda index: test_set[index]["x"][0].numpy(), len(test_set),
                             batch_size=loaded.config.train.batch_size)
     _, participant_logits, participant_targets = aggregate_by_participant(

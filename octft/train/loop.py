@@ -17,7 +17,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -62,7 +62,7 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def padded_batches(dataset, batch_size: int, *, order: Sequence[int]) -> list[dict[str, torch.Tensor]] | Any:
+def padded_batches(dataset, batch_size: int, *, order: Sequence[int]) -> Iterator[dict[str, torch.Tensor]]:
     """Batches of exactly `batch_size` rows in `order`; the last is padded with weight-0 copies.
 
     Fixed shapes keep XLA at one graph per step kind; the 0/1 weight `w` keeps padding out of the

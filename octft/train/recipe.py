@@ -107,7 +107,7 @@ def train(
     """Audit -> cache -> model -> fit, tracked in MLflow. Raises on a failed audit or a bad checkpoint."""
     import torch
 
-    from octft.data.dataset import VolumeDataset, prepare_volumes
+    from octft.data.dataset import prepare_volumes
     from octft.train.losses import balanced_class_weights
     from octft.train.loop import fit
     from octft.train.runtime import make_runtime
@@ -134,10 +134,8 @@ def train(
             for source, reason in prepared.report.failed:
                 print(f"  {source}: {reason}")
         volumes = prepared.volumes
-        train_volumes = volumes[volumes.split == "train"]
-        val_volumes = volumes[volumes.split == "val"]
-        train_set = VolumeDataset(train_volumes, prepared.cache)
-        val_set = VolumeDataset(val_volumes, prepared.cache)
+        train_set = prepared.dataset("train")
+        val_set = prepared.dataset("val")
         class_weights = (balanced_class_weights(train_set.labels.tolist(), len(CLASS_SHORT_NAMES))
                          if cfg.loss.class_weights == "balanced" else None)
 

@@ -15,11 +15,6 @@ ONE_CLASS = ([0.97, 0.01, 0.01, 0.01], 0.26)  # one class takes 97% of the predi
 NEAR_CHANCE = ([0.40, 0.30, 0.20, 0.10], 0.27)  # spread predictions, but balanced accuracy at chance (0.25)
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-
 def study_with(pruner):
     return optuna.create_study(direction="maximize", pruner=pruner)
 

@@ -35,20 +35,6 @@ POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from octft.data.synth import synthesize
-
-    root = tmp_path_factory.mktemp("aireadi")
-    synthesize(root / "data", participants=48, seed=0, frames=4, height=32, width=32)
-    return root
-
-
 @pytest.fixture(scope="module")
 def subprocess_env(tmp_path_factory):
     # Worker and trial processes import torch, mlflow and timm; cached bytecode saves seconds per process.

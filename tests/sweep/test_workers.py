@@ -19,20 +19,6 @@ from octft.sweep.workers import describe_exit, device_env
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from octft.data.synth import synthesize
-
-    root = tmp_path_factory.mktemp("aireadi")
-    synthesize(root / "data", participants=48, seed=0, frames=4, height=32, width=32)
-    return root
-
-
 @pytest.fixture
 def subprocess_env(tmp_path_factory, monkeypatch):
     # Worker and trial processes import torch, mlflow and timm; cached bytecode saves seconds per process.

@@ -22,7 +22,7 @@ import torch
 
 from octft.config import load_experiment
 from octft.data.audit import audit_dataset
-from octft.data.dataset import VolumeDataset, prepare_volumes
+from octft.data.dataset import prepare_volumes
 from octft.data.layout import CLASS_SHORT_NAMES
 from octft.data.synth import synthesize
 from octft.train.loop import fit
@@ -41,9 +41,7 @@ def datasets(data_dir: Path, cache_dir: Path, *, frames: int, height: int, width
     assert report.passed, report.failed_guards(())
     prepared = prepare_volumes(str(data_dir), report.volumes, cache_dir=str(cache_dir), frames=frames,
                                height=height, width=width, progress=False)
-    volumes = prepared.volumes
-    return (VolumeDataset(volumes[volumes.split == "train"], prepared.cache),
-            VolumeDataset(volumes[volumes.split == "val"], prepared.cache))
+    return prepared.dataset("train"), prepared.dataset("val")
 
 
 def demo_config(data_dir: Path, cache_dir: Path, shape: dict, *overrides: str):
