@@ -56,3 +56,11 @@ def test_cache_builds_then_reuses(release, tmp_path, capsys):
 def test_unknown_override_key_is_named(release, capsys):
     assert main(["data", "audit", "--data", str(release), "data.selection.region=[macula]"]) == 2
     assert "unknown key 'data.selection.region'" in capsys.readouterr().err
+
+
+def test_b2_without_credentials_is_one_clear_line(monkeypatch, capsys):
+    monkeypatch.delenv("B2_APPLICATION_KEY_ID", raising=False)
+    monkeypatch.delenv("B2_APPLICATION_KEY", raising=False)
+    assert main(["data", "audit", "--data", "b2://aireadi/v3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("octft: error:") and "B2_APPLICATION_KEY_ID" in err and "Traceback" not in err
