@@ -359,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from octft.errors import USER_ERRORS
+    from octft.errors import OctftError
 
     parser = build_parser()
     # `key=value` overrides may follow options too (`octft sweep launch SPEC --workers 2 data.uri=x`):
@@ -372,7 +372,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides = list(args.overrides or []) + stragglers
     try:
         return int(args.func(args) or 0)
-    except USER_ERRORS as error:
+    # TODO(issue 9.7): the built-in types below still hide bugs; raise OctftError at the input instead.
+    except (OctftError, FileNotFoundError, ValueError, PermissionError) as error:
         print(f"octft: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -18,9 +18,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from octft.data.layout import LABELS_KEY
+from octft.errors import OctftError
 
 
-class ConfigError(ValueError):
+class ConfigError(OctftError, ValueError):
     """A configuration that cannot be used; the message names the file, key and valid choices."""
 
 

@@ -1,16 +1,13 @@
-"""The errors a user can act on. The CLI prints these as one line instead of a traceback."""
+"""The errors a user can act on.
+
+Every problem that comes from the user's input (a path, a file, a config value, a store) is raised as a
+subclass of `OctftError` where that input is read, with a message naming the file, key or value and what to
+do. The CLI prints these as one line and exits 2; any other exception is a bug and keeps its traceback.
+This module imports nothing, so the CLI can catch these errors without importing torch.
+"""
 
 from __future__ import annotations
 
-from octft.config import ConfigError
-from octft.data.labels import LabelsError
-from octft.data.storage import StorageError
-from octft.data.volume import OctReadError
-from octft.models.checkpoint import CheckpointError
-from octft.train.loop import TrainingError
-from octft.train.recipe import AuditFailedError
 
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    ConfigError, LabelsError, OctReadError, StorageError, CheckpointError, TrainingError, AuditFailedError,
-    FileNotFoundError, ValueError, PermissionError,
-)
+class OctftError(Exception):
+    """A problem the user can fix; its message says which input and what to do."""

@@ -16,12 +16,13 @@ import pandas as pd
 
 from octft.data.ids import canonical_participant_id
 from octft.data.layout import CLASS_ALIASES, CLASSES, SPLITS
+from octft.errors import OctftError
 
 ID_COLUMNS = ("participant_id", "person_id")
 _SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
 
-class LabelsError(ValueError):
+class LabelsError(OctftError, ValueError):
     """A labels file that cannot be used at all (the message names the file and what to do)."""
 
 

@@ -26,6 +26,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 from urllib.parse import unquote, urlparse
 
 from tqdm import tqdm
+from octft.errors import OctftError
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ class Storage(Protocol):
     def sha1(self, key: str) -> str: ...
 
 
-class StorageError(Exception):
+class StorageError(OctftError):
     """A storage that cannot be used: missing credentials, a service that keeps failing,
     content that does not match its listing."""
 

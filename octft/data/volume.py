@@ -6,9 +6,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from octft.errors import OctftError
 
 
-class OctReadError(Exception):
+class OctReadError(OctftError):
     """A file that cannot be read as an OCT volume.
 
     Carries the file (`source`) and the `reason` so that a scan can count and report it

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from octft.errors import OctftError
 
 # Searched in this order when no key is given.
 ENCODER_KEYS = ("target_encoder", "encoder")
@@ -26,7 +27,7 @@ ENCODER_KEYS = ("target_encoder", "encoder")
 STRIPPED_PREFIXES = ("module.", "backbone.", "_orig_mod.")
 
 
-class CheckpointError(Exception):
+class CheckpointError(OctftError):
     """A file that cannot be used as an encoder checkpoint; the message names the file."""
 
 

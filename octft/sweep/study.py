@@ -40,6 +40,7 @@ from octft.sweep.spec import (
     sampler_settings,
 )
 from octft.track import check_not_shared, redact, resolve_tracking_uri
+from octft.errors import OctftError
 
 DEFAULT_HEARTBEAT_S = 10
 SQLITE_BUSY_TIMEOUT_S = 30
@@ -48,7 +49,7 @@ CONNECT_TIMEOUT_S = 5
 SWEEP_SECTIONS = frozenset(SweepSpec.model_fields)
 
 
-class StorageError(ValueError):
+class StorageError(OctftError, ValueError):
     """The Optuna storage cannot be used (unreachable, unsupported); the message names it, redacted."""
 
 

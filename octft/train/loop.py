@@ -33,9 +33,10 @@ from octft.train.metrics import (
 )
 from octft.train.runtime import Runtime, load_state
 from octft.train.step import eval_step, train_step
+from octft.errors import OctftError
 
 
-class TrainingError(RuntimeError):
+class TrainingError(OctftError, RuntimeError):
     """A run that cannot go on (non-finite loss, bad checkpoint); the message says why."""
 
 

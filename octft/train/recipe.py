@@ -14,9 +14,10 @@ from pathlib import Path
 
 from octft.config import ExperimentConfig, save_resolved
 from octft.data.layout import CLASS_SHORT_NAMES
+from octft.errors import OctftError
 
 
-class AuditFailedError(RuntimeError):
+class AuditFailedError(OctftError, RuntimeError):
     """Training refuses data whose audit failed, unless the failed guards are allowed by name."""
 
 
