@@ -22,6 +22,10 @@ def _print_json(payload, path: str | None) -> None:
         print(f"wrote {path}", file=sys.stderr)
 
 
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def _experiment(args, *, required: bool = False):
     from octft.config import load_experiment, load_experiment_dict
 
@@ -187,15 +191,17 @@ def _sweep_study(args):
     """The spec and the loaded study of `octft sweep status|show` (no workers, no heartbeat)."""
     import optuna
 
+    from octft.errors import UsageError
     from octft.sweep.study import load_launch_spec, open_storage
 
     spec, _, _ = load_launch_spec(args.spec, args.overrides, args.storage)
-    storage = open_storage(spec.storage, heartbeat_interval=None)
+    # Read-only: a mistyped sqlite path must not leave an empty database behind.
+    storage = open_storage(spec.storage, heartbeat_interval=None, create=False)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         return spec, optuna.load_study(study_name=spec.study_name, storage=storage)
     except KeyError:
-        raise ValueError(
+        raise UsageError(
             f"no study {spec.study_name!r} in {spec.storage_redacted}; start it with octft sweep launch {args.spec}"
         ) from None
 
@@ -372,9 +378,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides = list(args.overrides or []) + stragglers
     try:
         return int(args.func(args) or 0)
-    # TODO(issue 9.7): the built-in types below still hide bugs; raise OctftError at the input instead.
-    except (OctftError, FileNotFoundError, ValueError, PermissionError) as error:
-        print(f"octft: error: {error}", file=sys.stderr)
+    # Only octft's own errors are the user's to fix; anything else is a bug and keeps its traceback.
+    except OctftError as error:
+        print(f"octft: error: {_one_line(error)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("octft: interrupted", file=sys.stderr)

@@ -11,3 +11,7 @@ from __future__ import annotations
 
 class OctftError(Exception):
     """A problem the user can fix; its message says which input and what to do."""
+
+
+class UsageError(OctftError, ValueError):
+    """A command-line argument or value that cannot be used (a trial that does not exist, a count below 1)."""

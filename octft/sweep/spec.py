@@ -21,7 +21,6 @@ import shlex
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit, urlunsplit
 
 import optuna
 import yaml
@@ -29,6 +28,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from octft.config import ConfigError, _explain, _Strict, load_experiment, parse_override
 from octft.sweep.space import Param, parse_space, sample_values
+from octft.redaction import normalise_url, redact_url
 
 STORAGE_ENV = "OCTFT_OPTUNA_STORAGE"
 _ENTRY_FIELDS = {"type", "low", "high", "step", "log", "choices"}
@@ -143,6 +143,12 @@ class SweepSpec(_Strict):
             raise ValueError("study_name is empty; name the study (it keys the Optuna storage)")
         return value
 
+    @field_validator("storage")
+    @classmethod
+    def _encoded_password(cls, value: str) -> str:
+        # Before anything parses it: a raw '/', '#', '?' or '@' in a password would be read as URL syntax.
+        return normalise_url(value)
+
     @model_validator(mode="after")
     def _check(self) -> "SweepSpec":
         both = sorted(set(self.fixed) & set(self.space))
@@ -176,15 +182,6 @@ class SweepSpec(_Strict):
     def replay_command(self, params: dict[str, Any], extra: Iterable[str] = ()) -> str:
         """The shell command that reruns one trial: `octft train <base> k=v ...` (shell-quoted)."""
         return shlex.join(["octft", "train", self.base, *self.trial_overrides(params), *extra])
-
-
-def redact_url(url: str) -> str:
-    """`postgresql://user:secret@host/db` -> `postgresql://user:***@host/db`; other URLs unchanged."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 
 def format_value(value: Any) -> str:

@@ -39,7 +39,8 @@ from octft.sweep.spec import (
     redact_url,
     sampler_settings,
 )
-from octft.track import check_not_shared, redact, resolve_tracking_uri
+from octft.redaction import normalise_url, redact_text
+from octft.track import check_not_shared, resolve_tracking_uri
 from octft.errors import OctftError
 
 DEFAULT_HEARTBEAT_S = 10
@@ -78,7 +79,7 @@ def load_launch_spec(spec_path: str | Path, overrides: Sequence[str] = (), stora
     sweep_overrides, experiment_overrides = split_overrides(overrides)
     spec = load_sweep(spec_path, sweep_overrides)
     if storage:
-        spec.storage = storage
+        spec.storage = storage  # validated on assignment: its password percent-encoded before any parsing
     clash = sorted({text.split("=", 1)[0].strip() for text in experiment_overrides} & set(spec.space))
     if clash:
         raise ConfigError(
@@ -111,18 +112,29 @@ def sweep_tracking_uri(spec: SweepSpec) -> str:
 
 
 def open_storage(
-    url: str, *, heartbeat_interval: int | None = DEFAULT_HEARTBEAT_S, grace_period: int | None = None
+    url: str,
+    *,
+    heartbeat_interval: int | None = DEFAULT_HEARTBEAT_S,
+    grace_period: int | None = None,
+    create: bool = True,
 ) -> RDBStorage:
     """An RDB storage that fails fast when unreachable and waits (not crashes) on a busy sqlite file.
 
     With `heartbeat_interval`, a RUNNING trial with no heartbeat for `grace_period` seconds (default twice
-    the interval) is stale: `reap_stale_trials` marks it FAIL and queues one retry.
+    the interval) is stale: `reap_stale_trials` marks it FAIL and queues one retry. `create=False` (read-only
+    commands) refuses a sqlite file that does not exist instead of creating it.
     """
-    shown = redact_url(url)  # the URL as the user wrote it, password hidden
+    url = normalise_url(url)  # before anything parses it: a password may hold any character
+    shown = redact_url(url)
     kind = url.split(":", 1)[0].split("+", 1)[0].lower()
     engine_kwargs: dict[str, Any] = {}
     if kind == "sqlite":
         path = _sqlite_path(url)
+        if not create and not Path(path).is_file():
+            raise StorageError(
+                f"Optuna storage {shown!r}: no such database file {path}; start the study with "
+                "octft sweep launch, or pass the storage it uses with --storage"
+            )
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         engine_kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_S}
     elif kind in ("postgresql", "postgres"):
@@ -144,11 +156,19 @@ def open_storage(
                 grace_period=grace_period, heartbeat_stale_trial_callback=callback,
             )
         except Exception as error:  # sqlalchemy's OperationalError and friends: unreachable, refused, bad auth
-            first_line = str(redact(str(error))).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            first_line = redact_text(str(error), _passwords(url)).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise StorageError(
                 f"cannot open the Optuna storage {shown!r}: {first_line}. Check that the database server "
                 f"is up and reachable from this host, or pass another one with --storage / ${STORAGE_ENV}"
             ) from None
+
+
+def _passwords(url: str) -> list[str]:
+    """The password of `url` in the forms a driver's message may quote it (decoded and as written)."""
+    from urllib.parse import unquote, urlsplit
+
+    password = urlsplit(url).password
+    return [password, unquote(password)] if password else []
 
 
 def _postgres_driver(url: str) -> str:

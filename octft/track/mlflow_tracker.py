@@ -27,6 +27,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlparse
 
+from octft.errors import UsageError
+from octft.redaction import normalise_url, redact_text, redact_url
+
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
@@ -50,8 +53,6 @@ REDACTED = "***"
 _SECRET_WORDS = ("key", "secret", "password", "passwd", "token")
 # Config keys that contain a secret word but name something public (a key *inside* a checkpoint).
 _PUBLIC_KEY_NAMES = frozenset({"checkpoint_key"})
-# scheme://user:password@host -> keep the user, hide the password.
-_URL_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s:/@]*:)([^\s@/]+)(@)")
 _RUN_ID = re.compile(r"[A-Za-z0-9_\-]+")
 
 
@@ -83,7 +84,7 @@ def redact(value: Any, key: str = "") -> Any:
     if key and _is_secret_key(key):
         return REDACTED
     if isinstance(value, str):
-        return _URL_PASSWORD.sub(rf"\1{REDACTED}\3", value)
+        return redact_text(value)
     if isinstance(value, dict):
         return {name: redact(item, str(name)) for name, item in value.items()}
     if isinstance(value, (list, tuple)):
@@ -102,10 +103,10 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     'sqlite:////tmp/runs.db'
     """
     if uri:
-        return uri
+        return normalise_url(uri)
     from_env = os.environ.get("MLFLOW_TRACKING_URI")
     if from_env:
-        return from_env
+        return normalise_url(from_env)
     return f"sqlite:///{Path.cwd() / DEFAULT_DB_NAME}"
 
 
@@ -123,8 +124,12 @@ def _database_identity(url: str) -> tuple | None:
             return None
         return ("sqlite", str(Path(path).expanduser().resolve()))
     if dialect in ("postgresql", "postgres", "mysql", "mariadb", "mssql"):
-        parsed = urlparse(url)
-        return (dialect, (parsed.hostname or "localhost").lower(), parsed.port, parsed.path.strip("/"))
+        parsed = urlparse(normalise_url(url))
+        try:
+            port = parsed.port
+        except ValueError:  # the message would quote the netloc; name the URL redacted instead
+            raise UsageError(f"{redact_url(url)}: the port is not a number; check the URL") from None
+        return (dialect, (parsed.hostname or "localhost").lower(), port, parsed.path.strip("/"))
     return None
 
 
@@ -138,13 +143,13 @@ def check_not_shared(tracking_uri: str, optuna_storage_url: str | None) -> None:
     >>> check_not_shared("sqlite:///runs.db", "sqlite:///./runs.db")
     Traceback (most recent call last):
     ...
-    ValueError: MLflow tracking URI 'sqlite:///runs.db' and Optuna storage 'sqlite:///./runs.db' ...
+    octft.errors.UsageError: MLflow tracking URI 'sqlite:///runs.db' and Optuna storage 'sqlite:///./runs.db' ...
     """
     if not optuna_storage_url:
         return
     tracking_db = _database_identity(tracking_uri)
     if tracking_db is not None and tracking_db == _database_identity(optuna_storage_url):
-        raise ValueError(
+        raise UsageError(
             f"MLflow tracking URI {redact(tracking_uri)!r} and Optuna storage "
             f"{redact(optuna_storage_url)!r} are the same database; MLflow and Optuna both keep "
             "migration tables (alembic_version) there and would break each other. Give each its "
