@@ -27,6 +27,7 @@ from urllib.parse import unquote, urlparse
 
 from tqdm import tqdm
 from octft.errors import OctftError
+from octft.redaction import redact_text, redact_url
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +87,18 @@ class StorageError(OctftError):
     content that does not match its listing."""
 
 
+class StorageURIError(StorageError, ValueError):
+    """A storage URI, root or key that does not name a usable place."""
+
+
+class MissingObjectError(StorageError, FileNotFoundError):
+    """A root folder, bucket or object that does not exist."""
+
+
+class AccessDeniedError(StorageError, PermissionError):
+    """The storage refused the credentials or the access."""
+
+
 @dataclass(frozen=True)
 class Retry:
     """Exponential backoff for transient failures: waits `base_delay_s`, then twice that, ...
@@ -130,7 +143,7 @@ def open_storage(
     if text.startswith("b2://"):
         bucket_name, _, prefix = text[len("b2://") :].partition("/")
         if not bucket_name:
-            raise ValueError(f"storage URI {text!r} names no bucket; use {_URI_FORMS}")
+            raise StorageURIError(f"storage URI {text!r} names no bucket; use {_URI_FORMS}")
         if b2_api is None or not _is_authorized(b2_api):
             b2_api = authorize_b2(b2_api)
         return B2Storage(
@@ -144,10 +157,10 @@ def open_storage(
     if text.startswith("file:"):
         parsed = urlparse(text)
         if parsed.netloc not in ("", "localhost") or not parsed.path.startswith("/"):
-            raise ValueError(f"storage URI {text!r} is not an absolute file URI; use {_URI_FORMS}")
+            raise StorageURIError(f"storage URI {text!r} is not an absolute file URI; use {_URI_FORMS}")
         return LocalStorage(unquote(parsed.path), progress=progress)
     if not text or "://" in text:
-        raise ValueError(f"unsupported storage URI {text!r}; use {_URI_FORMS}")
+        raise StorageURIError(f"unsupported storage URI {redact_url(text)!r}; use {_URI_FORMS}")
     return LocalStorage(text, progress=progress)
 
 
@@ -155,7 +168,7 @@ def _check_key(key: str, uri: str) -> str:
     """Refuse keys that would leave the root once joined to a local path."""
     parts = key.split("/")
     if not key or key.startswith("/") or "\\" in key or any(p in ("", ".", "..") for p in parts):
-        raise ValueError(
+        raise StorageURIError(
             f"storage key {key!r} is not a relative '/'-separated path inside {uri}; "
             "give it as listed, e.g. 'retinal_oct/manifest.tsv'"
         )
@@ -187,13 +200,13 @@ class LocalStorage:
     def __init__(self, root: str | Path, *, progress: bool = False):
         root = Path(root).expanduser().absolute()
         if not root.exists():
-            raise FileNotFoundError(
+            raise MissingObjectError(
                 f"storage root {root} does not exist; check the path (or that its disk is mounted)"
             )
         if not root.is_dir():
-            raise NotADirectoryError(
-                f"storage root {root} is a file; give the folder holding the release"
-            )
+            raise StorageURIError(f"storage root {root} is not a folder; give the folder holding the release")
+        if not os.access(root, os.R_OK | os.X_OK):
+            raise AccessDeniedError(f"storage root {root} is not readable by this user; check its permissions")
         self.root = root
         self.uri = root.as_uri()
         self.progress = progress
@@ -242,11 +255,15 @@ class LocalStorage:
     def local_path(self, key: str) -> Path:
         path = self.root / _check_key(key, self.uri)
         if not path.is_file():
-            raise FileNotFoundError(f"no object {key!r} in {self.uri} (looked for {path})")
+            raise MissingObjectError(f"no object {key!r} in {self.uri} (looked for {path})")
         return path
 
     def read_bytes(self, key: str) -> bytes:
-        return self.local_path(key).read_bytes()
+        path = self.local_path(key)
+        try:
+            return path.read_bytes()
+        except OSError as error:
+            raise StorageError(f"cannot read {path}: {error.strerror or error}; check its permissions") from None
 
     def exists(self, key: str) -> bool:
         return (self.root / _check_key(key, self.uri)).is_file()
@@ -269,10 +286,11 @@ def _is_authorized(b2_api: Any) -> bool:
     return True
 
 
-def authorize_b2(b2_api: Any = None, *, retry: Retry | None = None) -> Any:
+def authorize_b2(b2_api: Any = None, *, retry: Retry | None = None, realm: str = "production") -> Any:
     """Authorise `b2_api` (a new `b2sdk.v2.B2Api` when None) with the key in the environment.
 
-    The key itself never reaches a message, a log line or an exception's text.
+    The key itself never reaches a message, a log line or an exception's text, in any encoding.
+    `realm` is b2sdk's: "production", or the URL of another B2-compatible endpoint.
 
     >>> api = authorize_b2()   # reads B2_APPLICATION_KEY_ID and B2_APPLICATION_KEY  # doctest: +SKIP
     """
@@ -290,21 +308,23 @@ def authorize_b2(b2_api: Any = None, *, retry: Retry | None = None) -> Any:
     if b2_api is None:
         b2_api = B2Api(InMemoryAccountInfo(), cache=InMemoryCache())
     shown_id = key_id[:6] + "..."
+    # HTTP Basic sends "id:key" base64-encoded: a server or proxy echoing headers would show it so.
+    secrets_shown = (key, f"{key_id}:{key}")
     try:
         _call_with_retry(
-            lambda: b2_api.authorize_account("production", key_id, key),
+            lambda: b2_api.authorize_account(realm, key_id, key),
             retry=retry or Retry(),
             what=f"B2 authorisation with key id {shown_id}",
         )
-    # `from None` below: the b2sdk errors in the chain are not ours to vouch for.
-    except StorageError as exc:  # the service kept failing
-        raise StorageError(str(exc).replace(key, "***")) from None
+    # `from None` below: the b2sdk errors in the chain are not ours to vouch for, and may quote the key.
     except (B2Error, PermissionError) as exc:
-        reason = str(exc).replace(key, "***")
-        raise PermissionError(
+        reason = redact_text(str(exc), secrets_shown)
+        raise AccessDeniedError(
             f"B2 refused the application key ({KEY_ID_ENV}={shown_id}): {reason}. "
             f"Check that {KEY_ID_ENV} and {KEY_ENV} hold a current key with read access."
         ) from None
+    except StorageError as exc:  # the service kept failing
+        raise StorageError(redact_text(str(exc), secrets_shown)) from None
     return b2_api
 
 
@@ -335,23 +355,25 @@ def _call_with_retry(call: Callable[[], T], *, retry: Retry, what: str) -> T:
     for attempt in range(1, retry.attempts + 1):
         try:
             return call()
+        # Error texts from B2 or a proxy may echo request headers (the key, the auth token): redacted,
+        # and `from None` keeps the original exception, which holds them, out of any traceback.
         except (FileNotPresent, NonExistentBucket, v3BucketIdNotFound) as exc:
-            raise FileNotFoundError(f"{what}: not found in B2 ({exc})") from exc
+            raise MissingObjectError(f"{what}: not found in B2 ({redact_text(str(exc))})") from None
         except (Unauthorized, AccessDenied, NotAllowedByAppKeyError) as exc:
-            raise PermissionError(
-                f"{what}: B2 refused access ({exc}); check that the application key can read it"
-            ) from exc
+            raise AccessDeniedError(
+                f"{what}: B2 refused access ({redact_text(str(exc))}); check that the application key can read it"
+            ) from None
         except Exception as exc:
             if not _is_transient(exc):
                 raise
             if attempt == retry.attempts:
                 raise StorageError(
-                    f"{what}: gave up after {attempt} attempts; last error: {exc}"
-                ) from exc
+                    f"{what}: gave up after {attempt} attempts; last error: {redact_text(str(exc))}"
+                ) from None
             delay = max(retry.delay_s(attempt), float(getattr(exc, "retry_after_seconds", None) or 0))
             logger.warning(
                 "%s failed (%s: %s); attempt %d of %d, retrying in %.3g s",
-                what, type(exc).__name__, exc, attempt, retry.attempts, delay,
+                what, type(exc).__name__, redact_text(str(exc)), attempt, retry.attempts, delay,
             )
             retry.sleep(delay)
     raise AssertionError("unreachable")  # the loop returns or raises
@@ -470,7 +492,7 @@ class B2Storage:
         for info in self._infos(self._page(name, 1, name)):
             if info.key == key:
                 return info
-        raise FileNotFoundError(f"no object {key!r} in {self.uri}; check the key against a listing")
+        raise MissingObjectError(f"no object {key!r} in {self.uri}; check the key against a listing")
 
     def exists(self, key: str) -> bool:
         try:
