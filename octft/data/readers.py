@@ -34,10 +34,11 @@ type leaves `read_volume`.
 
 from __future__ import annotations
 
-import gzip
 import io
 import math
+import os
 import re
+import stat
 import zlib
 from pathlib import Path, PurePath
 from typing import Any
@@ -58,6 +59,14 @@ _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 # ITU-R BT.601 luma weights for R, G, B.
 _BT601 = np.array([0.299, 0.587, 0.114])
 _NIFTI_UNITS_TO_MM = {"meter": 1000.0, "mm": 1.0, "micron": 0.001, "unknown": 1.0}
+# Inside a gzip stream, the inner format is recognised from this much decompressed data; its header then
+# bounds the rest, so a stream that inflates past what its content declares (a gzip bomb) stops there.
+_GZIP_SNIFF_BYTES = 1 << 20
+# More than any OCT volume holds (a 128 x 1024 x 1024 float32 volume is 0.5 GiB): a header declaring more
+# is refused before anything is allocated or inflated.
+MAX_DECLARED_BYTES = 4 << 30
+_FILE_KINDS = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFCHR: "a character device",
+               stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
 
 
 def read_volume(source: str | Path | bytes, *, name: str | None = None) -> Volume:
@@ -110,15 +119,27 @@ def describe_volume(volume: Volume) -> dict[str, Any]:
 
 def _read_file(path: Path, label: str) -> bytes:
     try:
-        return path.read_bytes()
+        # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer, forever.
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise OctReadError(label, "file not found") from None
-    except IsADirectoryError:
-        raise OctReadError(label, "is a directory, not a file") from None
     except OSError as exc:
-        raise OctReadError(label, f"cannot open: {exc.strerror or exc}") from exc
+        raise OctReadError(label, f"cannot open: {exc.strerror or exc}") from None
     except (TypeError, ValueError) as exc:  # e.g. a NUL byte in the path
-        raise OctReadError(label, f"cannot open: {_one_line(exc)}") from exc
+        raise OctReadError(label, f"cannot open: {_one_line(exc)}") from None
+    # Checked on the opened file, not the name: nothing can be swapped in between.
+    mode = os.fstat(descriptor).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(descriptor)
+        if stat.S_ISDIR(mode):
+            raise OctReadError(label, "is a directory, not a file")
+        kind = _FILE_KINDS.get(stat.S_IFMT(mode), "not a regular file")
+        raise OctReadError(label, f"is {kind}, not a regular file: copy the volume into a file first")
+    with os.fdopen(descriptor, "rb") as file:
+        try:
+            return file.read()
+        except OSError as exc:
+            raise OctReadError(label, f"cannot read: {exc.strerror or exc}") from None
 
 
 def _read_bytes(data: bytes, label: str, *, name_for_format: str, inside_gzip: bool = False) -> Volume:
@@ -126,12 +147,9 @@ def _read_bytes(data: bytes, label: str, *, name_for_format: str, inside_gzip: b
     if fmt == "gzip":
         if inside_gzip:
             raise OctReadError(label, f"{_NOT_RECOGNISED}: gzip inside gzip")
-        try:
-            inner = gzip.decompress(data)
-        except (OSError, EOFError, zlib.error, MemoryError) as exc:
-            raise OctReadError(label, f"corrupt gzip: {_one_line(exc)}") from exc
         # Sniff the inner bytes by the name without `.gz`, so `x.dcm.gz` still hints DICOM.
         inner_name = re.sub(r"\.gz$", "", name_for_format, flags=re.IGNORECASE)
+        inner = _gunzip_bounded(data, label, inner_name)
         return _read_bytes(inner, label, name_for_format=inner_name, inside_gzip=True)
 
     reader = _READERS[fmt]
@@ -203,6 +221,82 @@ def _looks_like_dicom_without_preamble(data: bytes) -> bool:
         return True
     length = int.from_bytes(data[4:8], "little" if group_little in (0x0002, 0x0008) else "big")
     return length <= len(data) - 8  # implicit VR: the first value must fit in the file
+
+
+def _gunzip_bounded(data: bytes, label: str, inner_name: str) -> bytes:
+    """The one gzip member in `data`, inflated no further than its content's header says it holds."""
+    inflater = zlib.decompressobj(wbits=31)  # 31: a gzip header and trailer around the deflate stream
+    try:
+        head = inflater.decompress(data, _GZIP_SNIFF_BYTES)
+        if not inflater.eof and not inflater.unconsumed_tail:
+            raise OctReadError(label, "corrupt gzip: the stream ends early (truncated file?)")
+        limit = _declared_size(head, label, inner_name, complete=inflater.eof)
+        pieces, total = [head], len(head)
+        while not inflater.eof and inflater.unconsumed_tail:
+            piece = inflater.decompress(inflater.unconsumed_tail, min(limit - total + 1, 1 << 24))
+            total += len(piece)
+            if total > limit:
+                raise OctReadError(
+                    label, f"gzip stream inflates past the {limit} bytes its content declares (a gzip bomb?)"
+                )
+            pieces.append(piece)
+    except zlib.error as exc:
+        raise OctReadError(label, f"corrupt gzip: {_one_line(exc)}") from None
+    if not inflater.eof:
+        raise OctReadError(label, "corrupt gzip: the stream ends early (truncated file?)")
+    if inflater.unused_data.strip(b"\0"):
+        raise OctReadError(label, "gzip holds more than one member: decompress it and read the file")
+    return b"".join(pieces)
+
+
+def _declared_size(head: bytes, label: str, name: str, *, complete: bool) -> int:
+    """How many bytes the file starting with `head` says it holds; an OctReadError when it says nothing."""
+    if complete:  # inflated whole within the sniffing window: nothing left to bound
+        return len(head)
+    fmt = _sniff_format(head, label, name)
+    try:
+        if fmt == "npy":
+            header = io.BytesIO(head)
+            version = np.lib.format.read_magic(header)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(header)
+            declared = header.tell() + math.prod(shape) * dtype.itemsize
+        elif fmt == "nifti":
+            import nibabel
+
+            image_type = nibabel.Nifti1Image if _nifti_version(head) == 1 else nibabel.Nifti2Image
+            header = image_type.header_class.from_fileobj(io.BytesIO(head))
+            shape, dtype = header.get_data_shape(), header.get_data_dtype()
+            declared = int(header.get_data_offset()) + math.prod(shape) * dtype.itemsize
+        elif fmt == "dicom":
+            declared = _dicom_declared_size(head, label)
+        else:  # gzip in gzip, or a zip: refused when read; bound them by the window
+            declared = len(head)
+    except OctReadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - numpy and nibabel raise several types on a broken header
+        raise OctReadError(label, f"cannot read the {fmt} header inside gzip: {_one_line(exc)}") from None
+    if declared > MAX_DECLARED_BYTES:
+        raise OctReadError(label, f"its header declares {declared} bytes, more than any OCT volume holds")
+    return max(declared, len(head))
+
+
+def _dicom_declared_size(head: bytes, label: str) -> int:
+    import pydicom
+
+    position = min((p for p in (head.find(_PIXEL_DATA_TAG_LITTLE), head.find(_PIXEL_DATA_TAG_BIG)) if p >= 0),
+                   default=-1)
+    if position < 0:
+        raise OctReadError(label, f"DICOM inside gzip has no Pixel Data within its first {len(head)} bytes")
+    try:
+        dataset = pydicom.dcmread(io.BytesIO(head[:position]), force=True)
+        values = (int(dataset.Rows) * int(dataset.Columns) * int(dataset.get("NumberOfFrames") or 1)
+                  * int(dataset.get("SamplesPerPixel") or 1))
+        bits = int(dataset.get("BitsAllocated") or 64)
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types on a broken header
+        raise OctReadError(label, f"DICOM inside gzip: unreadable header ({_one_line(exc)})") from None
+    # Compressed pixel data is smaller than native; allow for fragment items and trailing elements.
+    return position + math.ceil(values * bits / 8) * 11 // 10 + (1 << 20)
 
 
 # --- DICOM -----------------------------------------------------------------------------
@@ -473,6 +567,11 @@ def _check_array(array: np.ndarray, label: str) -> None:
         )
     if array.size == 0:
         raise OctReadError(label, f"empty image: shape {array.shape}")
+    if array.dtype.kind == "f":
+        bad = array.size - int(np.count_nonzero(np.isfinite(array)))
+        if bad:
+            # Training would turn these into NaN losses; refused here, where the file is named.
+            raise OctReadError(label, f"{bad} of {array.size} pixel values are NaN or infinite")
 
 
 def _one_line(exc: BaseException) -> str:

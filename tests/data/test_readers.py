@@ -34,7 +34,7 @@ from pydicom.uid import (
 )
 
 from octft.data.readers import describe_volume, read_volume
-from octft.data.volume import OctReadError
+from octft.data.volume import OctReadError, Volume
 
 OPHTHALMIC_TOMOGRAPHY = "1.2.840.10008.5.1.4.1.1.77.1.5.4"
 # 32 x 40 frames: OpenJPEG's default of 6 resolution levels needs both sides >= 32.
@@ -589,9 +589,16 @@ def test_describe_volume_is_json_and_matches_the_array(tmp_path):
     assert description["meta"]["participant_id"] == "1001"
 
 
-def test_describe_volume_skips_nan(tmp_path):
+def test_non_finite_pixels_are_refused_and_counted(tmp_path):
     data = np.array([[[1.0, np.nan], [3.0, np.inf]]], np.float32)
     np.save(tmp_path / "nan.npy", data)
-    description = describe_volume(read_volume(tmp_path / "nan.npy"))
+    with pytest.raises(OctReadError) as error:
+        read_volume(tmp_path / "nan.npy")
+    assert_names(error, str(tmp_path / "nan.npy"), "2 of 4 pixel values are NaN or infinite")
+
+
+def test_describe_volume_skips_nan():
+    data = np.array([[[1.0, np.nan], [3.0, np.inf]]], np.float32)
+    description = describe_volume(Volume(array=data))
     assert (description["min"], description["max"], description["mean"]) == (1.0, 3.0, 2.0)
     json.dumps(description, allow_nan=False)
