@@ -26,6 +26,7 @@ from octft.config import ExperimentConfig, load_experiment
 from octft.data.ids import canonical_participant_id
 from octft.data.layout import CLASS_SHORT_NAMES
 from octft.data.volume import OctReadError
+from octft.models.checkpoint import CheckpointError
 
 CHECKPOINT_FILE = "best.pt"
 CONFIG_FILE = "config.yaml"
@@ -72,7 +73,7 @@ def resolve_checkpoint_folder(model_uri: str, *, tracking_uri: str | None = None
     if not model_uri.startswith(("models:/", "runs:/")):
         folder = Path(model_uri)
         if not folder.is_dir():
-            raise FileNotFoundError(
+            raise CheckpointError(
                 f"model {model_uri!r} is neither a models:/<name>@<alias> URI nor a checkpoint folder; give "
                 "models:/<name>@champion or a folder holding best.pt and config.yaml"
             )
@@ -102,7 +103,7 @@ def resolve_checkpoint_folder(model_uri: str, *, tracking_uri: str | None = None
             run_id, _, artifact_path = model_uri[len("runs:/"):].partition("/")
         local = client.download_artifacts(run_id, artifact_path or "checkpoint", str(download_to))
     except MlflowException as error:
-        raise ValueError(
+        raise CheckpointError(
             f"model {model_uri!r} cannot be loaded from the MLflow store {redact(uri)}: {error.message}; check the "
             "name and alias (`octft promote SPEC` registers the champion) or pass --tracking-uri"
         ) from None
@@ -123,18 +124,22 @@ def load_model(model_uri: str, *, tracking_uri: str | None = None) -> LoadedMode
         folder = resolve_checkpoint_folder(model_uri, tracking_uri=tracking_uri, download_to=download_to)
         missing = [name for name in (CHECKPOINT_FILE, CONFIG_FILE) if not (folder / name).is_file()]
         if missing:
-            raise FileNotFoundError(
+            raise CheckpointError(
                 f"model {model_uri!r} ({folder}) lacks {', '.join(missing)}; a model folder is a run's "
                 "checkpoint/ folder: best.pt beside the config.yaml it was trained with"
             )
         config = load_experiment(folder / CONFIG_FILE)
-        state = load_state(folder / CHECKPOINT_FILE)
+        state = load_state(folder / CHECKPOINT_FILE, required=("model",))
     # The fine-tuned weights replace every encoder weight: do not read the pretraining checkpoint again.
     config.model.checkpoint = None
     model, _ = build_model(config, len(CLASS_SHORT_NAMES))
-    if "model" not in state:
-        raise ValueError(f"{model_uri}: {CHECKPOINT_FILE} has no 'model' entry (found {sorted(state)}); is it a best.pt?")
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, TypeError) as error:  # keys or shapes of another model
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(
+            f"{model_uri}: {CHECKPOINT_FILE} does not fit the model of its config.yaml ({first_line})"
+        ) from None
     model.eval()
     return LoadedModel(model, config, model_uri)
 
@@ -166,12 +171,12 @@ def list_inputs(inputs: Iterable[str | Path]) -> list[Path]:
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(OCT_SUFFIXES))
             if not found:
-                raise FileNotFoundError(f"{path}: no OCT files ({', '.join(OCT_SUFFIXES)}) in this folder")
+                raise OctReadError(str(path), f"no OCT files ({', '.join(OCT_SUFFIXES)}) in this folder")
             files.extend(found)
         elif path.is_file():
             files.append(path)
         else:
-            raise FileNotFoundError(f"{path}: no such file or folder")
+            raise OctReadError(str(path), "no such file or folder")
     return files
 
 

@@ -31,6 +31,7 @@ from octft.train.metrics import (
     confusion_update,
     softmax,
 )
+from octft.models.checkpoint import CheckpointError
 from octft.train.runtime import Runtime, load_state
 from octft.train.step import eval_step, train_step
 from octft.errors import OctftError
@@ -190,10 +191,17 @@ def fit(
 
     state = {"epoch": -1, "best_value": -math.inf, "best_epoch": None, "best_metrics": {}, "bad_epochs": 0, "history": []}
     if resume and (run_dir / "last.pt").is_file():
-        saved = load_state(run_dir / "last.pt")
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        state = json.loads(saved["loop_state"])
+        saved = load_state(run_dir / "last.pt", required=("model", "optimizer", "loop_state"))
+        try:
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            state = json.loads(saved["loop_state"])
+        except (RuntimeError, ValueError, TypeError, KeyError) as error:  # shapes, groups, text of another run
+            raise CheckpointError(
+                f"{run_dir / 'last.pt'} does not fit this experiment ({type(error).__name__}: "
+                f"{str(error).strip().splitlines()[0] if str(error).strip() else 'no details'}); resume with the "
+                "config that wrote it, or start without --resume"
+            ) from None
         print(f"resumed from {run_dir / 'last.pt'} after epoch {state['epoch']}", flush=True)
 
     status, stop_reason = "completed", None
@@ -231,9 +239,13 @@ def fit(
         volume_confusion = runtime.to_host(confusion).round().astype(np.int64)
         logits = runtime.to_host(val_logits)
         if not math.isfinite(train_loss):
+            kept = (
+                f"the last good checkpoint ({run_dir / 'last.pt'}) is kept" if (run_dir / "last.pt").is_file()
+                else "no checkpoint was written before it"
+            )
             raise TrainingError(
                 f"training loss is {train_loss} at epoch {epoch}: lower optim.lr_head / optim.lr_encoder or check "
-                f"the data; the last good checkpoint ({run_dir / 'last.pt'}) is kept"
+                f"the data; {kept}"
             )
 
         metrics = evaluate_logits(logits, val_targets, val_participants, volume_confusion, class_names)

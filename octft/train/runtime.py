@@ -101,16 +101,34 @@ def make_runtime(kind: Kind = "auto", precision: Precision = "auto", num_devices
     return EagerRuntime(kind, precision=precision, num_devices=num_devices)
 
 
-def load_state(path: str | os.PathLike) -> dict:
+def load_state(path: str | os.PathLike, *, required: Iterable[str] = ()) -> dict:
     """Read a checkpoint written by `Runtime.save`; tensors come back on the CPU.
 
     Checkpoints hold plain CPU state dicts, so one saved on N devices loads on any M: load it,
-    `model.load_state_dict(...)`, then `runtime.to_device(model)`.
+    `model.load_state_dict(...)`, then `runtime.to_device(model)`. A file that is missing, is not such a
+    checkpoint (junk, another format, pickled code that weights_only refuses) or lacks a `required` entry is a
+    `CheckpointError` naming it.
     """
+    from octft.models.checkpoint import CheckpointError
+
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist: check the run directory or start without resuming")
-    return torch.load(path, map_location="cpu", weights_only=True)
+        raise CheckpointError(f"checkpoint {path} does not exist: check the run directory or start without resuming")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError...: not a checkpoint of ours
+        lines = str(error).strip().splitlines() or [type(error).__name__]
+        # weights_only's refusal is a long how-to; the line naming the refused object is the useful one.
+        reason = next((line.strip() for line in lines if "Unsupported global" in line), lines[0].strip())
+        raise CheckpointError(
+            f"{path}: not an octft checkpoint ({type(error).__name__}: {reason[:300]}); it may be damaged or "
+            "from elsewhere: train again, or point to a run's own checkpoint"
+        ) from None
+    missing = [key for key in required if not isinstance(state, dict) or key not in state]
+    if missing:
+        found = sorted(map(str, state)) if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{path}: not an octft checkpoint (no {', '.join(missing)} entry; found {found})")
+    return state
 
 
 def _xla_installed() -> bool:

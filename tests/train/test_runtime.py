@@ -18,6 +18,7 @@ import pytest
 import torch
 from torch import nn
 
+from octft.models.checkpoint import CheckpointError
 from octft.train.runtime import load_state, make_runtime
 
 
@@ -174,8 +175,17 @@ def test_killed_or_failed_write_never_replaces_the_last_good_checkpoint(tmp_path
 
 
 def test_missing_checkpoint_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="checkpoint .*nowhere.pt does not exist"):
+    with pytest.raises(CheckpointError, match="checkpoint .*nowhere.pt does not exist"):
         load_state(tmp_path / "nowhere.pt")
+
+
+def test_junk_or_incomplete_checkpoint_is_a_checkpoint_error(tmp_path):
+    (tmp_path / "junk.pt").write_bytes(b"\x80\x04junk, not a pickle")
+    with pytest.raises(CheckpointError, match=r"junk\.pt: not an octft checkpoint"):
+        load_state(tmp_path / "junk.pt")
+    torch.save({"step": torch.tensor(1)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match=r"no model entry; found \['step'\]"):
+        load_state(tmp_path / "other.pt", required=("model",))
 
 
 def test_runtime_and_step_import_without_torch_xla():
