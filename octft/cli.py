@@ -116,8 +116,9 @@ def cmd_data_cache(args) -> int:
     ).report
     print(f"cache {cfg.data.cache_dir}: built {result.built}, reused {result.reused}, failed {len(result.failed)}")
     for source, reason in result.failed:
-        print(f"  failed: {source}: {reason}")
-    return 0
+        print(f"octft: could not cache {source}: {reason}", file=sys.stderr)
+    # A volume that failed here is missing from training: not a success, even if the rest was built.
+    return EXIT_GUARD_FAILED if result.failed else 0
 
 
 # ---------------------------------------------------------------- train / checkpoint

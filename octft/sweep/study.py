@@ -408,6 +408,9 @@ def launch(
     except KeyboardInterrupt:
         # The workers got the same Ctrl-C (one process group); give them a moment to tell Optuna.
         codes = [process.wait(timeout=60) for process in processes]
+        # Trials still RUNNING belong to another launch (another host) that keeps the parent run open.
+        if not any(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False)):
+            end_parent_run(tracking_uri, parent_run_id, "KILLED", "interrupted (Ctrl-C)")
         raise
 
     trials = study.get_trials(deepcopy=False)

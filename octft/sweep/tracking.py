@@ -17,7 +17,7 @@ import optuna
 from optuna.trial import TrialState
 
 from octft.sweep.spec import SweepSpec, sampler_settings
-from octft.track import MlflowTracker
+from octft.track import END_REASON_TAG, MlflowTracker
 
 PARENT_ATTR = "mlflow_parent_run_id"
 RUN_STATUS_OF = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED", TrialState.FAIL: "FAILED"}
@@ -95,11 +95,15 @@ def update_parent_best(tracking_uri: str, parent_run_id: str, study: optuna.Stud
         client.set_tag(parent_run_id, "best_run_id", str(best.user_attrs["mlflow_run_id"]))
 
 
-def end_parent_run(tracking_uri: str, parent_run_id: str) -> None:
-    """End the parent run FINISHED (a later launch that adds trials reopens it)."""
+def end_parent_run(tracking_uri: str, parent_run_id: str, status: str = "FINISHED", reason: str | None = None) -> None:
+    """End the parent run `status` (a later launch that adds trials reopens it); `reason` lands in its
+    `octft.end_reason` tag."""
     from mlflow.tracking import MlflowClient
 
-    MlflowClient(tracking_uri=tracking_uri).set_terminated(parent_run_id, status="FINISHED")
+    client = MlflowClient(tracking_uri=tracking_uri)
+    if reason:
+        client.set_tag(parent_run_id, END_REASON_TAG, reason)
+    client.set_terminated(parent_run_id, status=status)
 
 
 def reopen_parent_run(tracking_uri: str, parent_run_id: str) -> None:
