@@ -17,8 +17,13 @@ def _print_json(payload, path: str | None) -> None:
     if path in (None, "-"):
         print(text)
     else:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(text + "\n")
+        from octft.errors import UsageError
+
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(text + "\n")
+        except OSError as error:
+            raise UsageError(f"--json {path}: cannot write it ({error.strerror or error}); give a writable path") from None
         print(f"wrote {path}", file=sys.stderr)
 
 

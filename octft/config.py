@@ -258,6 +258,8 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
         tree = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML ({error})") from None
+    except (OSError, UnicodeDecodeError) as error:  # unreadable, or not a text file at all
+        raise ConfigError(f"{path}: cannot read it as YAML text ({getattr(error, 'strerror', None) or error})") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: expected a mapping of sections (data, model, train, ...), got {type(tree).__name__}")
     return load_experiment_dict(tree, overrides, source=str(path))

@@ -15,3 +15,7 @@ class OctftError(Exception):
 
 class UsageError(OctftError, ValueError):
     """A command-line argument or value that cannot be used (a trial that does not exist, a count below 1)."""
+
+
+class MissingInputError(OctftError, FileNotFoundError):
+    """A file, folder, database or run the command was pointed at does not exist."""

@@ -6,13 +6,26 @@
     (128, 496, 768)
 """
 
-from octft.data.audit import AuditReport, audit, audit_dataset, format_report
-from octft.data.ids import canonical_participant_id
-from octft.data.labels import Labels, LabelsError, load_labels
-from octft.data.locator import Located, OctFile, locate
-from octft.data.readers import describe_volume, read_volume
-from octft.data.storage import ObjectInfo, Storage, open_storage
-from octft.data.volume import OctReadError, Volume
+import importlib
+from typing import Any
+
+# Imported on first use (PEP 562): `octft.data.layout` or `.storage` alone must not pull in pandas.
+_HOMES = {
+    "AuditReport": "audit", "audit": "audit", "audit_dataset": "audit", "format_report": "audit",
+    "canonical_participant_id": "ids",
+    "Labels": "labels", "LabelsError": "labels", "load_labels": "labels",
+    "Located": "locator", "OctFile": "locator", "locate": "locator",
+    "describe_volume": "readers", "read_volume": "readers",
+    "ObjectInfo": "storage", "Storage": "storage", "open_storage": "storage",
+    "OctReadError": "volume", "Volume": "volume",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
+
 
 __all__ = [
     "AuditReport", "Labels", "LabelsError", "Located", "ObjectInfo", "OctFile", "OctReadError", "Storage", "Volume",

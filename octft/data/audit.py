@@ -188,11 +188,9 @@ def audit(
         ],
         columns=["key", "participant_id", "label", "class_name", "split", "device", "laterality", "region", "size", "sha1"],
     )
-    splits = {split: {name: 0 for name in CLASSES} for split in SPLITS}
+    splits = participants_per_class(volumes)
     split_volumes = {split: {name: 0 for name in CLASSES} for split in SPLITS}
     if len(volumes):
-        for (split, name), count in volumes.groupby(["split", "class_name"])["participant_id"].nunique().items():
-            splits[split][name] = int(count)
         for (split, name), count in volumes.groupby(["split", "class_name"]).size().items():
             split_volumes[split][name] = int(count)
 
@@ -253,16 +251,7 @@ def audit(
             f"({match_rate:.1%}; minimum {min_match_rate:.0%})",
         ),
     ]
-    for split in SPLITS:
-        short = [name for name, n in splits[split].items() if n < max(min_per_class, 1)]
-        guards.append(
-            Guard(
-                f"classes_in_{split}",
-                not short,
-                f"{split}: " + ", ".join(f"{name}={n}" for name, n in splits[split].items())
-                + (f"; below {max(min_per_class, 1)}: {', '.join(short)}" if short else ""),
-            )
-        )
+    guards += split_class_guards(splits, min_per_class)
     guards.append(
         Guard(
             "participant_in_one_split",
@@ -283,6 +272,34 @@ def audit(
     )
     summary["seconds"] = round(time.perf_counter() - started, 3)
     return AuditReport(summary=summary, volumes=volumes, guards=guards)
+
+
+def participants_per_class(volumes: pd.DataFrame) -> dict[str, dict[str, int]]:
+    """{split: {class name: participants}} of a volume table (every split and class present, zeros included)."""
+    splits = {split: {name: 0 for name in CLASSES} for split in SPLITS}
+    if len(volumes):
+        for (split, name), count in volumes.groupby(["split", "class_name"])["participant_id"].nunique().items():
+            splits[split][name] = int(count)
+    return splits
+
+
+def split_class_guards(splits: dict[str, dict[str, int]], min_per_class: int) -> list[Guard]:
+    """`classes_in_<split>`: every class has at least `min_per_class` participants (at least 1) in the split.
+
+    The audit checks the files it found; training checks again what survived the cache, with this same rule.
+    """
+    guards = []
+    for split in SPLITS:
+        short = [name for name, n in splits[split].items() if n < max(min_per_class, 1)]
+        guards.append(
+            Guard(
+                f"classes_in_{split}",
+                not short,
+                f"{split}: " + ", ".join(f"{name}={n}" for name, n in splits[split].items())
+                + (f"; below {max(min_per_class, 1)}: {', '.join(short)}" if short else ""),
+            )
+        )
+    return guards
 
 
 def _id_order(participant_id: str) -> tuple[int, str]:

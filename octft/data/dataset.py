@@ -40,6 +40,7 @@ class PreparedVolumes:
     cache: VolumeCache
     report: CacheReport
     storage: object = None  # where the sources live, so an entry lost after the build is rebuilt
+    failed_volumes: pd.DataFrame | None = None  # the rows of the audit's table that failed to build
 
     def dataset(self, split: str) -> "VolumeDataset":
         """The samples of one split (`train`, `val` or `test`)."""
@@ -75,8 +76,9 @@ def prepare_volumes(
     report = cache.build(items, workers=workers, progress=progress)
     failed = {sid for sid, _ in report.failed}
     prepared = volumes.assign(source_id=ids)
-    prepared = prepared[~prepared.source_id.isin(failed)].reset_index(drop=True)
-    return PreparedVolumes(prepared, cache, report, storage)
+    lost = prepared.source_id.isin(failed)
+    return PreparedVolumes(prepared[~lost].reset_index(drop=True), cache, report, storage,
+                           failed_volumes=prepared[lost].reset_index(drop=True))
 
 
 class VolumeDataset(torch.utils.data.Dataset):

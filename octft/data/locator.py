@@ -20,6 +20,7 @@ import pandas as pd
 
 from octft.data.ids import canonical_participant_id
 from octft.data.layout import DEVICES, MANIFEST_KEY, OCT_PREFIX
+from octft.data.labels import LabelsError
 
 IMAGE_EXTENSIONS = (".dcm", ".dicom", ".nii", ".nii.gz", ".npy", ".npz")
 MANIFEST_ID_COLUMNS = ("participant_id", "person_id")
@@ -129,7 +130,7 @@ def read_manifest(data: bytes, *, name: str = MANIFEST_KEY) -> pd.DataFrame:
     frame.columns = [str(c).strip().lstrip("\ufeff") for c in frame.columns]
     id_column = next((c for c in MANIFEST_ID_COLUMNS if c in frame.columns), None)
     if id_column is None or "filepath" not in frame.columns:
-        raise ValueError(
+        raise LabelsError(
             f"{name}: needs columns 'filepath' and one of {MANIFEST_ID_COLUMNS}; found {list(frame.columns)}. "
             "Fix the manifest or set data.use_manifest=false to attribute files by folder."
         )

@@ -227,8 +227,12 @@ class LocalStorage:
     def _walk(
         self, folder: Path, relative: str, prefix: str, ancestors: set[tuple[int, int]]
     ) -> Iterator[ObjectInfo]:
-        with os.scandir(folder) as scan:
-            entries = [(entry, entry.is_dir()) for entry in scan]
+        try:
+            with os.scandir(folder) as scan:
+                entries = [(entry, entry.is_dir()) for entry in scan]
+        except PermissionError:
+            # Not skipped: files there would silently be missing from the release.
+            raise AccessDeniedError(f"cannot list {folder} in {self.uri}: permission denied; check its permissions") from None
         # A folder sorts as its name plus '/', so that this depth-first walk yields keys in
         # the order of sorted(keys), as B2 lists them: "a-b" < "a.txt" < "a/x". Sorting bare
         # names would put folder "a" first.

@@ -34,6 +34,7 @@ from pydicom.uid import (
 )
 from tqdm import tqdm
 
+from octft.errors import UsageError
 from octft.data.layout import (
     CLASSES,
     DEVICES,
@@ -181,13 +182,13 @@ def split_class_counts(participants: int) -> dict[str, dict[str, int]]:
     2
     """
     if participants < MIN_PARTICIPANTS:
-        raise ValueError(
+        raise UsageError(
             f"participants={participants} is below the minimum of {MIN_PARTICIPANTS} "
             f"({MIN_PER_SPLIT_CLASS} per class in each of {len(SPLITS)} splits x {len(CLASSES)} classes); "
             f"pass participants >= {MIN_PARTICIPANTS}"
         )
     if participants > MAX_PARTICIPANTS:
-        raise ValueError(
+        raise UsageError(
             f"participants={participants} is above the maximum of {MAX_PARTICIPANTS} "
             f"(four-digit IDs, 999 per site); pass participants <= {MAX_PARTICIPANTS}"
         )
@@ -230,7 +231,7 @@ def synthesize(
     cell_counts = split_class_counts(participants)
     for name, value, least in (("frames", frames, 1), ("height", height, 16), ("width", width, 16)):
         if value < least:
-            raise ValueError(f"{name}={value} is too small for a retinal OCT volume; pass {name} >= {least}")
+            raise UsageError(f"{name}={value} is too small for a retinal OCT volume; pass {name} >= {least}")
     root = Path(out_dir)
     rng = np.random.default_rng(seed)
     # Faults draw from their own stream so the labelled participants are the same clean or messy.

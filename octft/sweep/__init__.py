@@ -5,20 +5,28 @@
     >>> promote(load_sweep("sweeps/demo.yaml"))                     # doctest: +SKIP
 """
 
-from octft.sweep.promote import promote
-from octft.sweep.pruners import CollapsePruner, build_pruner, epoch_attr, record_epoch
-from octft.sweep.report import render_report
-from octft.sweep.space import CategoricalParam, FloatParam, IntParam, Param, distributions, parse_space, suggest
-from octft.sweep.spec import (
-    STORAGE_ENV,
-    SweepSpec,
-    build_sampler,
-    format_value,
-    load_sweep,
-    redact_url,
-    sampler_settings,
-)
-from octft.sweep.study import launch
+import importlib
+from typing import Any
+
+# Imported on first use (PEP 562): `octft sweep status` must not import promotion's data and model stack.
+_HOMES = {
+    "promote": "promote",
+    "CollapsePruner": "pruners", "build_pruner": "pruners", "epoch_attr": "pruners", "record_epoch": "pruners",
+    "render_report": "report",
+    "CategoricalParam": "space", "FloatParam": "space", "IntParam": "space", "Param": "space",
+    "distributions": "space", "parse_space": "space", "suggest": "space",
+    "STORAGE_ENV": "spec", "SweepSpec": "spec", "build_sampler": "spec", "format_value": "spec",
+    "load_sweep": "spec", "sampler_settings": "spec",
+    "redact_url": "spec",
+    "launch": "study",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
+
 
 __all__ = [
     "STORAGE_ENV",

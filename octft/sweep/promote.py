@@ -32,6 +32,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from octft.data.layout import CLASS_SHORT_NAMES
 from octft.sweep.spec import SweepSpec, redact_url
+from octft.errors import MissingInputError, UsageError
 
 CHAMPION_ALIAS = "champion"
 CHECKPOINT_ARTIFACT = "checkpoint"
@@ -72,12 +73,12 @@ def open_study(spec: SweepSpec, storage: str | None = None) -> optuna.Study:
         path = Path(url.removeprefix("sqlite:///").split("?", 1)[0])
         if not path.is_file():
             # Optuna would create an empty database here and then say the study does not exist.
-            raise FileNotFoundError(f"Optuna storage {url}: no such database file {path}; run `octft sweep` first or pass --storage")
+            raise MissingInputError(f"Optuna storage {url}: no such database file {path}; run `octft sweep` first or pass --storage")
     try:
         return optuna.load_study(study_name=spec.study_name, storage=url)
     except KeyError:
         names = optuna.get_all_study_names(storage=url)
-        raise ValueError(
+        raise UsageError(
             f"study {spec.study_name!r} is not in the Optuna storage {redact_url(url)} (studies there: "
             f"{names or 'none'}); run `octft sweep` first, or pass the storage it used with --storage"
         ) from None
@@ -123,13 +124,13 @@ def select_trial(
     if trial_number is not None:
         chosen = next((trial for trial in trials if trial.number == trial_number), None)
         if chosen is None:
-            raise ValueError(
+            raise UsageError(
                 f"study {study.study_name!r} has no trial {trial_number} (trials 0..{len(trials) - 1}); "
                 "see `octft report` for the list"
             )
         reason = unpromotable_reason(chosen, min_class_f1)
         if reason:
-            raise ValueError(f"cannot promote: {reason}")
+            raise UsageError(f"cannot promote: {reason}")
         return chosen, []
 
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
@@ -142,7 +143,7 @@ def select_trial(
             return trial, skipped
         skipped.append(f"skipped {reason} (value {trial.value:.4f})")
     states = {state.name.lower(): sum(t.state == state for t in trials) for state in TrialState}
-    raise ValueError(
+    raise UsageError(
         f"no trial of study {study.study_name!r} can be promoted ({', '.join(f'{n} {s}' for s, n in states.items() if n)}"
         f"){': ' + '; '.join(skipped) if skipped else ''}; run more trials, or lower promote.min_class_f1 on purpose"
     )
@@ -221,14 +222,14 @@ def evaluate_test_split(checkpoint_dir: str | Path, *, expected_manifest_hash: s
     if expected_manifest_hash is not None:
         found = data_manifest_hash(prepared.volumes)
         if found != expected_manifest_hash:
-            raise ValueError(
+            raise UsageError(
                 f"the data at {data.uri} changed since the trial trained (manifest hash {found}, the run's "
                 f"octft.data_manifest_hash tag says {expected_manifest_hash}); test scores would not describe "
                 "that model: restore the data, or retrain on the new data"
             )
     test_volumes = prepared.volumes[prepared.volumes.split == "test"]
     if test_volumes.empty:
-        raise ValueError(f"the data at {data.uri} has no test volumes after the audit; check the labels' splits")
+        raise UsageError(f"the data at {data.uri} has no test volumes after the audit; check the labels' splits")
     test_set = prepared.dataset("test")
     logits = predict_logits(loaded.model, lambda index: test_set[index]["x"][0].numpy(), len(test_set),
                             batch_size=loaded.config.train.batch_size)
@@ -297,7 +298,7 @@ def promote(
     try:
         run_tags = client.get_run(run_id).data.tags
     except Exception as error:  # mlflow raises MlflowException; say which store and run
-        raise ValueError(
+        raise UsageError(
             f"trial {trial.number}'s MLflow run {run_id} is not in the MLflow store at {redact(tracking_uri)} "
             f"({type(error).__name__}); pass the store the sweep logged to with --tracking-uri"
         ) from None

@@ -14,6 +14,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from octft.sweep.spec import SweepSpec, format_value
+from octft.errors import UsageError
 
 
 def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
@@ -83,7 +84,7 @@ def replay_command(study: optuna.Study, number: int, spec: SweepSpec | None = No
     """The `octft train ...` command that reruns trial `number`: base, the trial's overrides, the CLI overrides."""
     trials = [trial for trial in study.get_trials(deepcopy=False) if trial.number == number]
     if not trials:
-        raise ValueError(
+        raise UsageError(
             f"study {study.study_name!r} has no trial {number}; it has trials 0..{len(study.trials) - 1} "
             "(see octft sweep status)"
         )
@@ -92,5 +93,5 @@ def replay_command(study: optuna.Study, number: int, spec: SweepSpec | None = No
         return str(trial.user_attrs["replay"])
     # A trial whose process never started (waiting, or its worker died first): rebuild from its params.
     if spec is None or set(trial.params) != set(spec.space):
-        raise ValueError(f"trial {number} of study {study.study_name!r} has no sampled params yet; nothing to replay")
+        raise UsageError(f"trial {number} of study {study.study_name!r} has no sampled params yet; nothing to replay")
     return spec.replay_command(trial.params, extra=study.user_attrs.get("cli_overrides", []))

@@ -253,6 +253,8 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepSpe
         tree = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML ({error})") from None
+    except (OSError, UnicodeDecodeError) as error:  # unreadable, or not a text file at all
+        raise ConfigError(f"{path}: cannot read it as YAML text ({getattr(error, 'strerror', None) or error})") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: expected a mapping (base, study_name, space, ...), got {type(tree).__name__}")
     tree = json.loads(json.dumps(tree))  # plain types, and a copy the overrides may change

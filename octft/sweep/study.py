@@ -154,6 +154,7 @@ def open_storage(
             return RDBStorage(
                 url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
                 grace_period=grace_period, heartbeat_stale_trial_callback=callback,
+                skip_table_creation=not create,  # read-only commands write nothing, not even an empty schema
             )
         except Exception as error:  # sqlalchemy's OperationalError and friends: unreachable, refused, bad auth
             first_line = redact_text(str(error), _passwords(url)).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -49,6 +49,7 @@ from octft.sweep.study import (
 )
 from octft.sweep.tracking import settle_run, update_parent_best
 from octft.track import redact
+from octft.errors import UsageError
 
 STDERR_TAIL_LINES = 20
 # TPU chips per process, as the bounds libtpu wants for 1, 2, 4 and 8 chips of one host.
@@ -72,7 +73,7 @@ def device_env(worker_index: int, devices_per_trial: int, environ: dict[str, str
         return {"CPU_NUM_DEVICES": str(devices_per_trial)}
     if pjrt == "TPU":
         if devices_per_trial not in _TPU_CHIP_BOUNDS:
-            raise ValueError(f"--devices-per-trial {devices_per_trial} on TPU must be one of {sorted(_TPU_CHIP_BOUNDS)}")
+            raise UsageError(f"--devices-per-trial {devices_per_trial} on TPU must be one of {sorted(_TPU_CHIP_BOUNDS)}")
         port = _TPU_BASE_PORT + worker_index
         return {
             "TPU_VISIBLE_CHIPS": devices,

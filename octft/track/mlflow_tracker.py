@@ -435,7 +435,7 @@ class MlflowTracker:
         except MlflowException as exc:
             if _error_code(exc) != "RESOURCE_DOES_NOT_EXIST":
                 raise
-            raise ValueError(f"{argument}={run_id!r}: no such MLflow run in {self.tracking_uri}; {advice}") from None
+            raise UsageError(f"{argument}={run_id!r}: no such MLflow run in {self.tracking_uri}; {advice}") from None
 
     def _experiment_id(self, name: str, artifact_location: str | None) -> str:
         from mlflow.exceptions import MlflowException
@@ -452,7 +452,7 @@ class MlflowTracker:
                     raise
                 experiment = self._client.get_experiment_by_name(name)
         if experiment.lifecycle_stage == "deleted":
-            raise ValueError(
+            raise UsageError(
                 f"MLflow experiment {name!r} is deleted in {self.tracking_uri}; restore it "
                 f"(mlflow experiments restore --experiment-id {experiment.experiment_id}) or pick another name"
             )

@@ -331,6 +331,8 @@ def evaluate_logits(
     metrics["val/auc_macro"] = participant["auc_macro"]
     metrics.update({f"val_volume/{k}": v for k, v in volume.items()})
     metrics["val/participants"] = float(len(ids))
+    # Said in the metrics themselves: a mean over fewer classes must not pass for one over all of them.
+    metrics["val/classes_present"] = float(len(np.unique(participant_targets)))
     return metrics
 
 

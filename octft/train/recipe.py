@@ -65,6 +65,30 @@ def audited_data(data):
     return report
 
 
+def check_after_cache(data, prepared) -> None:
+    """The audit's split guards again, on the volumes that survived the cache.
+
+    A volume that failed to decode at cache time can empty a class of a split the audit saw full; validation
+    would then average over fewer classes without saying so. Refused like the audit refuses, naming the files.
+    """
+    from octft.data.audit import participants_per_class, split_class_guards
+
+    guards = split_class_guards(participants_per_class(prepared.volumes), data.audit_kwargs()["min_per_class"])
+    failed = [guard for guard in guards if not guard.passed and guard.name not in set(data.allow_failed_guards)]
+    if not failed:
+        return
+    reasons = dict(prepared.report.failed)
+    lost = prepared.failed_volumes
+    lost = lost[lost.split.isin([guard.name.removeprefix("classes_in_") for guard in failed])]
+    files = [f"{row.key} ({row.split}, {row.class_name}): {reasons[row.source_id]}" for row in lost.itertuples(index=False)]
+    names = ", ".join(guard.name for guard in failed)
+    raise AuditFailedError(
+        f"after the cache, {'; '.join(guard.detail for guard in failed)}: volumes that failed to decode left "
+        f"the split short ({'; '.join(files[:10])}{' ...' if len(files) > 10 else ''}); fix or replace those "
+        f"files, or override on purpose with data.allow_failed_guards=[{names}]"
+    )
+
+
 def build_model(cfg: ExperimentConfig, num_classes: int):
     from octft.models import Classifier, build_encoder, build_head
     from octft.models.checkpoint import load_encoder_checkpoint
@@ -134,6 +158,7 @@ def train(
             print(f"{len(prepared.report.failed)} volumes could not be read and are left out:")
             for source, reason in prepared.report.failed:
                 print(f"  {source}: {reason}")
+            check_after_cache(data, prepared)
         volumes = prepared.volumes
         train_set = prepared.dataset("train")
         val_set = prepared.dataset("val")
