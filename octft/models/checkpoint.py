@@ -114,7 +114,7 @@ def _load_file(path: Path) -> Any:
             failure = error
     lines = str(failure).strip().splitlines() or ["no details"]
     # weights_only's refusal is a long how-to; the line naming the refused object is the useful one.
-    first_line = next((line.strip() for line in lines if "Unsupported global" in line), lines[0])
+    first_line = next((line.strip() for line in lines if "unsupported global" in line.lower()), lines[0])
     raise CheckpointError(
         f"{path}: not a PyTorch checkpoint that loads with weights_only=True "
         f"({type(failure).__name__}: {first_line}); point to a V-JEPA pretraining .pt/.pth file"

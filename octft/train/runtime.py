@@ -119,7 +119,7 @@ def load_state(path: str | os.PathLike, *, required: Iterable[str] = ()) -> dict
     except Exception as error:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError...: not a checkpoint of ours
         lines = str(error).strip().splitlines() or [type(error).__name__]
         # weights_only's refusal is a long how-to; the line naming the refused object is the useful one.
-        reason = next((line.strip() for line in lines if "Unsupported global" in line), lines[0].strip())
+        reason = next((line.strip() for line in lines if "unsupported global" in line.lower()), lines[0].strip())
         raise CheckpointError(
             f"{path}: not an octft checkpoint ({type(error).__name__}: {reason[:300]}); it may be damaged or "
             "from elsewhere: train again, or point to a run's own checkpoint"
