@@ -31,6 +31,8 @@ from typing import Any, Callable, ContextManager, Iterable, Iterator, Literal, P
 import numpy as np
 import torch
 
+from octft.errors import OctftError
+
 Kind = Literal["auto", "xla", "cpu", "cuda"]
 Precision = Literal["auto", "bf16", "fp32"]
 
@@ -92,13 +94,17 @@ def make_runtime(kind: Kind = "auto", precision: Precision = "auto", num_devices
         kind = _detect_kind()
     if kind == "xla":
         if not _xla_installed():
-            raise RuntimeError(
+            raise RuntimeUnavailableError(
                 "runtime kind 'xla' needs torch_xla, which is not installed: install it or use kind='cpu'"
             )
         return XlaRuntime(precision=precision, num_devices=num_devices)
     if kind == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("runtime kind 'cuda' asked for, but torch sees no CUDA device: use kind='cpu' or 'auto'")
+        raise RuntimeUnavailableError("runtime kind 'cuda' asked for, but torch sees no CUDA device: use kind='cpu' or 'auto'")
     return EagerRuntime(kind, precision=precision, num_devices=num_devices)
+
+
+class RuntimeUnavailableError(OctftError, RuntimeError):
+    """The runtime a config asks for (runtime.kind) is not available on this machine."""
 
 
 def load_state(path: str | os.PathLike, *, required: Iterable[str] = ()) -> dict:
