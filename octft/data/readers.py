@@ -62,6 +62,9 @@ _NIFTI_UNITS_TO_MM = {"meter": 1000.0, "mm": 1.0, "micron": 0.001, "unknown": 1.
 # Inside a gzip stream, the inner format is recognised from this much decompressed data; its header then
 # bounds the rest, so a stream that inflates past what its content declares (a gzip bomb) stops there.
 _GZIP_SNIFF_BYTES = 1 << 20
+# Deflated Explicit VR Little Endian: the data set after the file meta is one deflate stream (a bomb's carrier).
+_DEFLATED_SYNTAX = b"1.2.840.10008.1.2.1.99"
+_FILE_META_SCAN = 4096
 # More than any OCT volume holds (a 128 x 1024 x 1024 float32 volume is 0.5 GiB): a header declaring more
 # is refused before anything is allocated or inflated.
 MAX_DECLARED_BYTES = 4 << 30
@@ -306,6 +309,8 @@ def _read_dicom(data: bytes, label: str) -> tuple[np.ndarray, dict[str, Any]]:
     import pydicom
     from pydicom.pixels import get_decoder
 
+    if _DEFLATED_SYNTAX in data[:_FILE_META_SCAN]:
+        _check_deflated_size(data, label)
     dataset = pydicom.dcmread(io.BytesIO(data), force=True)
     if not any(keyword in dataset for keyword in _PIXEL_KEYWORDS):
         # pydicom drops a Pixel Data element that the file ends inside (with a warning only).
@@ -358,6 +363,31 @@ def _read_dicom(data: bytes, label: str) -> tuple[np.ndarray, dict[str, Any]]:
     meta = _dicom_meta(dataset)
     meta.update(transfer_syntax=str(syntax), photometric_interpretation=photometric or None)
     return array.reshape(frames, rows, columns), meta
+
+
+def _check_deflated_size(data: bytes, label: str) -> None:
+    """A Deflated Explicit VR data set must not inflate past what its own header declares.
+
+    pydicom inflates the whole data set at once; counted here first, in chunks that are dropped, so a small file
+    inflating to gigabytes is refused instead of filling memory.
+    """
+    if data[128:132] != b"DICM" or data[132:138] != b"\x02\x00\x00\x00UL":
+        raise OctReadError(label, "deflated DICOM without a standard file meta header: not supported")
+    start = 144 + int.from_bytes(data[140:144], "little")  # after (0002,0000) File Meta Information Group Length
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)  # raw deflate, as the standard stores the data set
+    try:
+        head = inflater.decompress(data[start:], _GZIP_SNIFF_BYTES)
+        if inflater.eof or not inflater.unconsumed_tail:
+            return  # inflated whole within the window, or truncated: pydicom reports that
+        limit, total = _dicom_declared_size(head, label), len(head)
+        while not inflater.eof and inflater.unconsumed_tail:
+            total += len(inflater.decompress(inflater.unconsumed_tail, min(limit - total + 1, 1 << 24)))
+            if total > limit:
+                raise OctReadError(
+                    label, f"deflated data set inflates past the {limit} bytes its header declares (a zip bomb?)"
+                )
+    except zlib.error as exc:
+        raise OctReadError(label, f"corrupt deflated data set: {_one_line(exc)}") from None
 
 
 def _transfer_syntax(dataset: Any) -> Any:

@@ -7,6 +7,7 @@ import io
 import os
 import pickle
 import stat
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -123,25 +124,85 @@ def test_gzip_bomb_is_refused_within_bounded_memory(inner, tmp_path):
         for _ in range(1024):
             file.write(chunk)
     assert bomb.stat().st_size < 2 << 20
+    message, grown_mib = read_in_child(bomb)
+    assert "scan.npy.gz" in message and ("gzip bomb" in message or "not DICOM, NIfTI or NumPy" in message), message
+    assert grown_mib < 64, f"peak memory grew {grown_mib} MiB reading a 1 MB file"
+
+
+def test_deflated_dicom_bomb_is_refused_within_bounded_memory(tmp_path):
+    """Deflated Explicit VR: 1 MB inflating to 1 GiB of Pixel Data declared as 2 frames of 8 x 8."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    honest = deflated_dicom(tmp_path / "honest.dcm")
+    assert read_volume(honest).shape == (2, 8, 8)  # a well-formed deflated file still reads
+
+    bomb = tmp_path / "bomb.dcm"
+    data = honest.read_bytes()
+    start = 144 + int.from_bytes(data[140:144], "little")  # the deflated data set starts after the file meta
+    header = DicomBytesIO()
+    header.is_little_endian, header.is_implicit_VR = True, False
+    write_dataset(header, small_image_dataset())
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    with bomb.open("wb") as file:
+        file.write(data[:start])
+        file.write(compressor.compress(header.getvalue() + b"\xe0\x7f\x10\x00OB\x00\x00" + (1 << 30).to_bytes(4, "little")))
+        chunk = bytes(1 << 20)
+        for _ in range(1024):
+            file.write(compressor.compress(chunk))
+        file.write(compressor.flush())
+    assert bomb.stat().st_size < 2 << 20
+    message, grown_mib = read_in_child(bomb)
+    assert "bomb.dcm: deflated data set inflates past" in message, message
+    assert grown_mib < 64, f"peak memory grew {grown_mib} MiB reading a 1 MB file"
+
+
+def small_image_dataset():
+    from pydicom import Dataset
+
+    dataset = Dataset()
+    dataset.PatientID, dataset.Modality = "1001", "OPT"
+    dataset.Rows, dataset.Columns, dataset.NumberOfFrames = 8, 8, 2
+    dataset.SamplesPerPixel, dataset.PhotometricInterpretation = 1, "MONOCHROME2"
+    dataset.BitsAllocated = dataset.BitsStored = 8
+    dataset.HighBit, dataset.PixelRepresentation = 7, 0
+    return dataset
+
+
+def deflated_dicom(path: Path) -> Path:
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
+
+    dataset = small_image_dataset()
+    dataset.file_meta = FileMetaDataset()
+    dataset.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    dataset.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.77.1.5.4"
+    dataset.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    dataset.PixelData = bytes(range(128))
+    dataset.save_as(path, enforce_file_format=True)
+    return path
+
+
+def read_in_child(path: Path) -> tuple[str, int]:
+    """(the OctReadError's message, MiB the peak memory grew) of reading `path` in a fresh process."""
+    import subprocess
+    import sys
+
     script = (
-        "import resource, sys\n"
+        "import resource\n"
         "from octft.data.readers import read_volume\n"
         "from octft.data.volume import OctReadError\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "try:\n"
-        f"    read_volume({str(bomb)!r})\n"
+        f"    read_volume({str(path)!r})\n"
         "except OctReadError as error:\n"
         "    print(error)\n"
         "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n"
     )
-    import subprocess
-    import sys
-
-    finished = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+    finished = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                               env=dict(os.environ, PYTHONPATH=str(REPO)))
     message, grown_mib = finished.stdout.strip().splitlines()
-    assert "scan.npy.gz" in message and ("gzip bomb" in message or "not DICOM, NIfTI or NumPy" in message), message
-    assert int(grown_mib) < 64, f"peak memory grew {grown_mib} MiB reading a 1 MB file"
+    return message, int(grown_mib)
 
 
 def test_non_finite_dicom_is_refused_by_inspect_and_counted_by_verify(release, tmp_path, capsys):
