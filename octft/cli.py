@@ -136,7 +136,7 @@ def cmd_train(args) -> int:
         cfg.tracking.tracking_uri = args.tracking_uri
     result = train(cfg, resume=args.resume, run_dir=args.run_dir)
     print(
-        f"{result.status}: best val/balanced_accuracy {result.best_value:.4f} at epoch {result.best_epoch} "
+        f"{result.status}: best {cfg.train.objective.metric} {result.best_value:.4f} at epoch {result.best_epoch} "
         f"({result.epochs_run} epochs run){'; ' + result.stop_reason if result.stop_reason else ''}"
     )
     print(f"run directory: {result.run_dir}   MLflow run: {result.run_id}")

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from octft.data.layout import LABELS_KEY
 from octft.errors import OctftError
@@ -26,7 +26,20 @@ class ConfigError(OctftError, ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: an infinite or NaN learning rate, threshold or fraction is never meant.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+def _refuse_bool(value: Any) -> Any:
+    # pydantic reads `true` as 1 in a number field, so `train.epochs=true` would train one epoch.
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got the boolean {str(value).lower()}")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_refuse_bool)]
+Float = Annotated[float, BeforeValidator(_refuse_bool)]
+Beta = Annotated[float, BeforeValidator(_refuse_bool), Field(ge=0, lt=1)]
 
 
 class SelectionConfig(_Strict):
@@ -43,23 +56,32 @@ class SelectionConfig(_Strict):
 class GuardConfig(_Strict):
     """Thresholds of the audit's guards. A failed guard stops `octft data audit` and training."""
 
-    min_match_rate: float = Field(0.9, ge=0, le=1)
-    min_per_class: int = Field(1, ge=0)
-    max_duplicate_files: int = Field(0, ge=0)
+    min_match_rate: Float = Field(0.9, ge=0, le=1)
+    min_per_class: Int = Field(1, ge=0)
+    max_duplicate_files: Int = Field(0, ge=0)
 
 
 class SplitConfig(_Strict):
     """Used only when the labels have no `recommended_split`: a seeded, class-stratified split by participant."""
 
-    val_fraction: float = Field(0.15, gt=0, lt=1)
-    test_fraction: float = Field(0.15, gt=0, lt=1)
-    seed: int = 0
+    val_fraction: Float = Field(0.15, gt=0, lt=1)
+    test_fraction: Float = Field(0.15, gt=0, lt=1)
+    seed: Int = 0
+
+    @model_validator(mode="after")
+    def _leaves_train(self) -> "SplitConfig":
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(
+                f"data.split.val_fraction + data.split.test_fraction is {self.val_fraction + self.test_fraction:g}: "
+                "nothing would be left to train on; keep their sum below 1"
+            )
+        return self
 
 
 class PreprocessConfig(_Strict):
-    frames: int = Field(16, ge=1)
-    height: int = Field(224, ge=8)
-    width: int = Field(224, ge=8)
+    frames: Int = Field(16, ge=1)
+    height: Int = Field(224, ge=8)
+    width: Int = Field(224, ge=8)
     intensity: Literal["zscore", "minmax", "percentile"] = "percentile"
 
 
@@ -103,44 +125,74 @@ class DataConfig(_Strict):
 
 class ModelConfig(_Strict):
     size: str = "vit_base"
-    patch_size: int = 16
-    tubelet_size: int = 2
-    in_chans: int = 1
+    patch_size: Int = Field(16, ge=1)
+    tubelet_size: Int = Field(2, ge=1)
+    in_chans: Int = Field(1, ge=1)
     use_rope: bool = True
     rope_layout: Literal["vjepa2", "interleaved"] = "vjepa2"
-    drop_path_rate: float = 0.0
-    norm_eps: float = 1e-6  # V-JEPA's named sizes use 1e-6
+    drop_path_rate: Float = Field(0.0, ge=0, lt=1)
+    norm_eps: Float = Field(1e-6, gt=0)  # V-JEPA's named sizes use 1e-6
     head: Literal["mlp", "attentive", "linear"] = "mlp"
-    head_hidden_features: int = 256
-    head_dropout: float = 0.1
+    head_hidden_features: Int = Field(256, ge=1)
+    head_dropout: Float = Field(0.1, ge=0, lt=1)
     checkpoint: str | None = None
     checkpoint_key: str | None = None  # default: target_encoder, falling back to encoder
     allow_missing: list[str] = []
     allow_unexpected: list[str] = []
 
 
+class ObjectiveConfig(_Strict):
+    """The one figure a run is judged by: it picks the best epoch, drives early stopping, decides `best.pt`,
+    and (in a sweep) ranks trials and promotion. Any participant-level validation metric (`val/...`)."""
+
+    metric: str = "val/balanced_accuracy"
+    direction: Literal["maximize", "minimize"] = "maximize"
+
+    @field_validator("metric")
+    @classmethod
+    def _validation_metric(cls, value: str) -> str:
+        if not value.startswith("val/"):
+            raise ValueError(
+                f"{value!r} is not a validation metric; use a val/... metric such as val/balanced_accuracy, "
+                "val/macro_f1, val/auc_macro or val/loss"
+            )
+        return value
+
+
 class TrainConfig(_Strict):
-    epochs: int = Field(20, ge=1)
-    batch_size: int = Field(4, ge=1)  # per optimizer micro-batch, global over all devices
-    accumulation_steps: int = Field(4, ge=1)
-    unfreeze_epoch: int = Field(3, ge=0)
-    clip_norm: float | None = 1.0
-    early_stopping_patience: int | None = 5
-    seed: int = 0
-    num_workers: int = 0
+    epochs: Int = Field(20, ge=1)
+    batch_size: Int = Field(4, ge=1)  # per optimizer micro-batch, global over all devices
+    accumulation_steps: Int = Field(4, ge=1)
+    # null: the encoder never unfreezes (a probe run: only the head trains).
+    unfreeze_epoch: Int | None = Field(3, ge=0)
+    clip_norm: Float | None = Field(1.0, gt=0)  # null: no clipping
+    # Counted only over epochs with a trainable encoder; null: no early stopping.
+    early_stopping_patience: Int | None = Field(5, ge=1)
+    objective: ObjectiveConfig = ObjectiveConfig()
+    seed: Int = 0
+    num_workers: Int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _unfreezes_in_time(self) -> "TrainConfig":
+        if self.unfreeze_epoch is not None and self.unfreeze_epoch >= self.epochs:
+            raise ValueError(
+                f"train.unfreeze_epoch ({self.unfreeze_epoch}) must be below train.epochs ({self.epochs}), or the "
+                "encoder never trains; for a run that never unfreezes on purpose set train.unfreeze_epoch=null"
+            )
+        return self
 
 
 class OptimConfig(_Strict):
-    lr_head: float = Field(3e-3, gt=0)
-    lr_encoder: float = Field(1e-5, gt=0)
-    weight_decay: float = Field(0.05, ge=0)
-    warmup_epochs: float = Field(1.0, ge=0)
-    min_lr_ratio: float = Field(0.01, ge=0, le=1)
-    betas: tuple[float, float] = (0.9, 0.999)
+    lr_head: Float = Field(3e-3, gt=0)
+    lr_encoder: Float = Field(1e-5, gt=0)
+    weight_decay: Float = Field(0.05, ge=0)
+    warmup_epochs: Float = Field(1.0, ge=0)
+    min_lr_ratio: Float = Field(0.01, ge=0, le=1)
+    betas: tuple[Beta, Beta] = (0.9, 0.999)  # each in [0, 1), as AdamW requires
 
 
 class LossConfig(_Strict):
-    label_smoothing: float = Field(0.05, ge=0, lt=1)
+    label_smoothing: Float = Field(0.05, ge=0, lt=1)
     class_weights: Literal["balanced", "none"] = "balanced"
 
 
@@ -235,6 +287,9 @@ def _explain(error: ValidationError, model: type[BaseModel], source: str) -> Con
             parent = ".".join(str(p) for p in loc[:-1]) or "<top level>"
             valid = ", ".join(_valid_keys(model, loc[:-1]))
             lines.append(f"unknown key {dotted!r}; valid keys under {parent}: {valid}")
+        elif item["type"] == "value_error" and isinstance(item.get("input"), dict):
+            # A rule across keys of a section: its message names the keys; the section's values are noise.
+            lines.append(str(item["ctx"]["error"]))
         else:
             lines.append(f"{dotted}: {item['msg']} (got {item.get('input')!r})")
     return ConfigError(f"{source}: " + "; ".join(lines))

@@ -6,7 +6,9 @@ reporter (Optuna or nothing); it never imports optuna or mlflow and never tests 
 Per epoch: set the encoder frozen or trainable (progressive unfreezing), run the training steps
 (graph-stable: fixed shapes, no host reads inside a step), evaluate once on the validation split
 (confusion counts accumulated on device, logits fetched once), score at participant level, log,
-report, checkpoint, and stop early on validation balanced accuracy.
+report, checkpoint, and stop early. One objective (`objective_metric`, `objective_direction`) picks the
+best epoch, writes `best.pt`, drives early stopping and is what the reporter receives. Stop rules count
+only epochs with a trainable encoder: a late-unfreezing run is never stopped before its encoder moved.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from octft.train.losses import mean_loss, row_losses
 from octft.train.metrics import (
     aggregate_by_participant,
     classification_metrics,
@@ -51,6 +54,10 @@ class Reporter(Protocol):
 class NullReporter:
     def report(self, epoch: int, value: float, metrics: dict[str, float]) -> str | None:
         return None
+
+
+# How a run ended, as recorded in `last.pt`; a run in one of these states is not trained further by --resume.
+ENDED = ("completed", "early_stopped", "pruned")
 
 
 @dataclass
@@ -147,7 +154,7 @@ def fit(
     epochs: int,
     batch_size: int,
     accumulation_steps: int,
-    unfreeze_epoch: int,
+    unfreeze_epoch: int | None,
     lr_head: float,
     lr_encoder: float,
     weight_decay: float = 0.05,
@@ -158,6 +165,8 @@ def fit(
     class_weights: torch.Tensor | None = None,
     clip_norm: float | None = 1.0,
     early_stopping_patience: int | None = None,
+    objective_metric: str = "val/balanced_accuracy",
+    objective_direction: str = "maximize",
     seed: int = 0,
     run_dir: str | Path,
     resume: bool = False,
@@ -166,9 +175,17 @@ def fit(
 
     `train_set` / `val_set` yield `{"x", "y"}` samples; `val_set.participant_ids(indices)` maps rows to
     participants, whose averaged logits give the reported (participant-level) figures. Checkpoints
-    go to `run_dir/last.pt` every epoch and `run_dir/checkpoint/best.pt` on improvement; `resume=True`
-    continues from `last.pt` and ends as an uninterrupted run would.
+    go to `run_dir/last.pt` every epoch and `run_dir/checkpoint/best.pt` when `objective_metric` improves
+    (in `objective_direction`); `resume=True` continues from `last.pt` and ends as an uninterrupted run
+    would, or, when `last.pt` says the run already ended (completed, early-stopped, pruned), returns that
+    outcome without training. `unfreeze_epoch=None` never unfreezes the encoder (a probe run);
+    `early_stopping_patience` counts only epochs from `unfreeze_epoch` on (from 0 for a probe run).
     """
+    if objective_direction not in ("maximize", "minimize"):
+        raise ValueError(f"objective_direction must be maximize or minimize, got {objective_direction!r}")
+    maximize = objective_direction == "maximize"
+    # Epochs before this one never count towards early stopping: the encoder could not yet have moved.
+    counted_from = 0 if unfreeze_epoch is None else unfreeze_epoch
     reporter = reporter or NullReporter()
     run_dir = Path(run_dir)
     (run_dir / "checkpoint").mkdir(parents=True, exist_ok=True)
@@ -181,7 +198,7 @@ def fit(
     weight = class_weights.to(runtime.device) if class_weights is not None else None
 
     def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits, targets, weight=weight, label_smoothing=label_smoothing, reduction="none")
+        return row_losses(logits, targets, class_weights=weight, label_smoothing=label_smoothing)
 
     steps_per_epoch = math.ceil(len(train_set) / step_rows)
     total_steps = steps_per_epoch * epochs
@@ -189,13 +206,22 @@ def fit(
     val_participants = val_set.participant_ids(range(len(val_set)))
     val_targets = np.asarray([int(val_set[i]["y"]) for i in range(len(val_set))]) if len(val_set) else np.zeros(0, int)
 
-    state = {"epoch": -1, "best_value": -math.inf, "best_epoch": None, "best_metrics": {}, "bad_epochs": 0, "history": []}
+    state = {"epoch": -1, "best_value": -math.inf if maximize else math.inf, "best_epoch": None, "best_metrics": {},
+             "bad_epochs": 0, "history": [], "status": "running", "stop_reason": None}
     if resume and (run_dir / "last.pt").is_file():
         saved = load_state(run_dir / "last.pt", required=("model", "optimizer", "loop_state"))
         try:
+            state = json.loads(saved["loop_state"])
+            state.setdefault("status", "running")  # last.pt written before runs recorded how they ended
+            state.setdefault("stop_reason", None)
+            if state["status"] in ENDED:
+                print(f"{run_dir} already ended ({state['status']}"
+                      + (f": {state['stop_reason']}" if state.get("stop_reason") else "")
+                      + f") after epoch {state['epoch']}; best {objective_metric} {state['best_value']:.4f} at epoch "
+                      f"{state['best_epoch']}; nothing to resume", flush=True)
+                return _result(state)
             model.load_state_dict(saved["model"])
             optimizer.load_state_dict(saved["optimizer"])
-            state = json.loads(saved["loop_state"])
         except (RuntimeError, ValueError, TypeError, KeyError) as error:  # shapes, groups, text of another run
             raise CheckpointError(
                 f"{run_dir / 'last.pt'} does not fit this experiment ({type(error).__name__}: "
@@ -204,13 +230,13 @@ def fit(
             ) from None
         print(f"resumed from {run_dir / 'last.pt'} after epoch {state['epoch']}", flush=True)
 
-    status, stop_reason = "completed", None
     for epoch in range(state["epoch"] + 1, epochs):
+        encoder_trainable = unfreeze_epoch is not None and epoch >= unfreeze_epoch
         started = time.perf_counter()
         # Every random draw of an epoch derives from (seed, epoch): a resumed run replays it exactly.
         torch.manual_seed(seed * 100_003 + epoch)
         runtime.manual_seed(seed * 100_003 + epoch)
-        set_encoder_trainable(model, epoch >= unfreeze_epoch)
+        set_encoder_trainable(model, encoder_trainable)
         model.head.train(True)
         order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
 
@@ -248,58 +274,75 @@ def fit(
                 f"the data; {kept}"
             )
 
-        metrics = evaluate_logits(logits, val_targets, val_participants, volume_confusion, class_names)
+        metrics = evaluate_logits(logits, val_targets, val_participants, volume_confusion, class_names,
+                                  class_weights=class_weights, label_smoothing=label_smoothing)
+        if objective_metric not in metrics:
+            raise TrainingError(
+                f"objective metric {objective_metric!r} is not a validation metric of this run; set "
+                f"train.objective.metric to one of: {', '.join(sorted(k for k in metrics if k.startswith('val/')))}"
+            )
         epoch_seconds = time.perf_counter() - started
         compile_stats = runtime.compile_stats()
         metrics.update({
             "train/loss": train_loss,
             "lr/head": lr_head * factor,
             "lr/encoder": lr_encoder * factor,
-            "train/encoder_trainable": float(epoch >= unfreeze_epoch),
+            "train/encoder_trainable": float(encoder_trainable),
             "perf/samples_per_second": steps_per_epoch * step_rows / max(train_seconds, 1e-9),
             "perf/epoch_seconds": epoch_seconds,
             "xla/compiles": compile_stats.get("compiles", 0),
             "xla/compile_seconds": compile_stats.get("compile_seconds", 0.0),
         })
-        value = metrics["val/balanced_accuracy"]
+        value = metrics[objective_metric]
         tracker.log_metrics(metrics, step=epoch)
         state["history"].append({"epoch": epoch, **{k: metrics[k] for k in ("train/loss", "val/loss", "val/balanced_accuracy")}})
         print(
             f"epoch {epoch:3d}  train/loss {train_loss:.4f}  val/loss {metrics['val/loss']:.4f}  "
             f"val/balanced_accuracy {value:.3f}  val/macro_f1 {metrics['val/macro_f1']:.3f}  "
-            f"encoder {'trainable' if epoch >= unfreeze_epoch else 'frozen'}  {epoch_seconds:.1f}s",
+            f"encoder {'trainable' if encoder_trainable else 'frozen'}  {epoch_seconds:.1f}s",
             flush=True,
         )
 
-        improved = value > state["best_value"]
+        # NaN never improves (a validation class gone missing makes AUC NaN).
+        improved = value > state["best_value"] if maximize else value < state["best_value"]
         if improved:
             state.update(best_value=value, best_epoch=epoch, best_metrics=metrics, bad_epochs=0)
             runtime.save({"model": model.state_dict(), "epoch": epoch, "metrics": json.dumps(metrics)},
                          run_dir / "checkpoint" / "best.pt")
             if runtime.is_main:
                 write_best_artifacts(run_dir, logits, val_targets, val_participants, class_names, metrics)
-        else:
+        elif epoch >= counted_from:
             state["bad_epochs"] += 1
         state["epoch"] = epoch
-        runtime.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "loop_state": json.dumps(state)},
-                     run_dir / "last.pt")
 
+        # Decided before last.pt is written, so that last.pt records how the run ended.
         reason = runtime.broadcast_object(reporter.report(epoch, value, metrics))
         if reason is not None:
-            status, stop_reason = "pruned", reason
-            break
-        if early_stopping_patience is not None and state["bad_epochs"] >= early_stopping_patience:
-            status = "early_stopped"
-            stop_reason = f"no improvement of val/balanced_accuracy for {early_stopping_patience} epochs"
+            state.update(status="pruned", stop_reason=reason)
+        elif early_stopping_patience is not None and state["bad_epochs"] >= early_stopping_patience:
+            state.update(status="early_stopped", stop_reason=(
+                f"no improvement of {objective_metric} ({objective_direction}) for {early_stopping_patience} epochs "
+                f"with a trainable encoder" + (f" (counted from the unfreeze epoch {unfreeze_epoch})" if counted_from else "")))
+        elif epoch == epochs - 1:
+            state["status"] = "completed"
+        runtime.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "loop_state": json.dumps(state)},
+                     run_dir / "last.pt")
+        if state["status"] in ENDED:
             break
 
+    if state["status"] == "running":  # resumed after the last epoch had run but before the status existed
+        state["status"] = "completed"
+    return _result(state)
+
+
+def _result(state: dict) -> FitResult:
     return FitResult(
-        status=status,
+        status=state["status"],
         best_epoch=state["best_epoch"],
         best_value=state["best_value"],
         best_metrics=state["best_metrics"],
         epochs_run=state["epoch"] + 1,
-        stop_reason=stop_reason,
+        stop_reason=state.get("stop_reason"),
         history=state["history"],
     )
 
@@ -310,8 +353,15 @@ def evaluate_logits(
     participant_ids: Sequence[str],
     volume_confusion: np.ndarray,
     class_names: Sequence[str],
+    *,
+    class_weights: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
 ) -> dict[str, float]:
-    """Validation scores: `val/*` at participant level (the reported figures), `val_volume/*` per volume."""
+    """Validation scores: `val/*` at participant level (the reported figures), `val_volume/*` per volume.
+
+    `val/loss` is the training loss (`octft.train.losses`, same class weights and smoothing) over the
+    participants' averaged logits, like every other `val/` figure.
+    """
     import warnings
 
     metrics: dict[str, float] = {}
@@ -325,8 +375,8 @@ def evaluate_logits(
         participant = classification_metrics(
             participant_confusion, probs=softmax(mean_logits), targets=participant_targets, class_names=class_names
         )
-    volume_loss = float(F.cross_entropy(torch.from_numpy(logits).float(), torch.from_numpy(targets).long()))
-    metrics["val/loss"] = volume_loss
+    metrics["val/loss"] = mean_loss(torch.from_numpy(mean_logits).float(), torch.from_numpy(participant_targets).long(),
+                                    class_weights=class_weights, label_smoothing=label_smoothing)
     metrics.update({f"val/{k}": v for k, v in participant.items()})
     metrics["val/auc_macro"] = participant["auc_macro"]
     metrics.update({f"val_volume/{k}": v for k, v in volume.items()})

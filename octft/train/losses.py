@@ -1,8 +1,11 @@
-"""Class-balanced, label-smoothed cross-entropy that ignores the padding rows of a fixed-shape batch.
+"""The one loss octft trains with, and reports as `train/loss` and `val/loss`.
 
-XLA compiles one graph per input shape, so the last batch of an epoch is padded to full size and carries a
-0/1 `weights` mask instead of being shorter. The loss below is written with fixed shapes and no Python
-branch on tensor values, so padded and full batches share one compiled graph.
+Per row: class-weighted, label-smoothed cross-entropy (`row_losses`). Per batch: the mean over the real
+rows, `sum(w * row_losses) / sum(w)` with `w` the 0/1 padding mask (`octft.train.step.train_step`). This is
+NOT torch's weighted mean (`F.cross_entropy(..., weight=...)` divides by the summed class weight of the
+targets): with balanced weights both have the same expectation, but only the row mean splits exactly into
+micro-batches and devices, whose class mixes differ. Fixed shapes and no branch on tensor values, so
+padded and full batches share one compiled graph.
 """
 
 from __future__ import annotations
@@ -42,71 +45,46 @@ def balanced_class_weights(labels: Sequence[int], num_classes: int) -> torch.Ten
     return torch.tensor(weights, dtype=torch.float32)
 
 
-def weighted_cross_entropy(
+def row_losses(
     logits: torch.Tensor,
     targets: torch.Tensor,
-    weights: torch.Tensor,
+    *,
     class_weights: torch.Tensor | None = None,
     label_smoothing: float = 0.0,
 ) -> torch.Tensor:
-    """Mean class-weighted, label-smoothed cross-entropy over the real (weight 1) rows of a padded batch.
+    """(B,) float32 loss per row: `class_weights[target] * (1 - s) * nll + (s / C) * sum_c class_weights[c] * -log p_c`.
 
-    Equals `F.cross_entropy(logits[real], targets[real], weight=class_weights,
-    label_smoothing=label_smoothing)`: like torch, the weighted mean divides by the summed class weight of
-    the real rows' targets. Padding rows (weight 0) add nothing to the value or the gradient, whatever
-    their logits or targets hold. Computed in float32 whatever the logits' dtype.
+    Exactly `F.cross_entropy(logits, targets, weight=class_weights, label_smoothing=s, reduction="none")`
+    (the smoothing mass is spread uniformly, each class term scaled by that class's weight), computed in
+    float32 whatever the logits' dtype. Targets must be valid class indices: the step gives padding rows
+    class 0 and weight 0.
 
-    >>> logits, targets = torch.randn(4, 3), torch.tensor([0, 2, 1, 0])
-    >>> mask = torch.tensor([1.0, 1.0, 1.0, 0.0])  # the last row is padding
-    >>> loss = weighted_cross_entropy(logits, targets, mask, torch.tensor([1.0, 2.0, 0.5]))
-    >>> torch.allclose(loss, F.cross_entropy(logits[:3], targets[:3], weight=torch.tensor([1.0, 2.0, 0.5])))
-    True
+    >>> logits, targets = torch.tensor([[2.0, 0.0], [0.0, 2.0]]), torch.tensor([0, 0])
+    >>> row_losses(logits, targets, class_weights=torch.tensor([2.0, 1.0]))
+    tensor([0.2539, 4.2539])
     """
-    row_losses, row_weights = weighted_cross_entropy_terms(logits, targets, weights, class_weights, label_smoothing)
-    # An all-padding batch has a zero denominator; the clamp makes its loss 0 instead of NaN and changes
-    # nothing else, since any real row contributes a class weight far above `tiny`.
-    return row_losses.sum() / row_weights.sum().clamp_min(torch.finfo(torch.float32).tiny)
-
-
-def weighted_cross_entropy_terms(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    weights: torch.Tensor,
-    class_weights: torch.Tensor | None = None,
-    label_smoothing: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row numerator and denominator of `weighted_cross_entropy`, both (B,) float32.
-
-    `row_losses.sum() / row_weights.sum()` is the loss. Split micro-batches (gradient accumulation) or
-    devices reproduce the whole batch's loss exactly by dividing each part's `row_losses.sum()` by the
-    whole batch's `row_weights.sum()`; a per-part mean would weigh the parts wrongly. Padding rows are 0
-    in both.
-    """
-    if logits.ndim != 2 or targets.shape != logits.shape[:1] or weights.shape != logits.shape[:1]:
-        raise ValueError(
-            f"expected logits (B, C), targets (B,) and weights (B,), got {tuple(logits.shape)}, "
-            f"{tuple(targets.shape)} and {tuple(weights.shape)}"
-        )
+    if logits.ndim != 2 or targets.shape != logits.shape[:1]:
+        raise ValueError(f"expected logits (B, C) and targets (B,), got {tuple(logits.shape)} and {tuple(targets.shape)}")
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-    num_classes = logits.shape[1]
-    if class_weights is None:
-        class_weights = torch.ones(num_classes, device=logits.device)
-    if class_weights.shape != (num_classes,):
-        raise ValueError(f"class_weights must have shape ({num_classes},), got {tuple(class_weights.shape)}")
+    if class_weights is not None:
+        if class_weights.shape != (logits.shape[1],):
+            raise ValueError(f"class_weights must have shape ({logits.shape[1]},), got {tuple(class_weights.shape)}")
+        class_weights = class_weights.to(device=logits.device, dtype=torch.float32)
+    return F.cross_entropy(logits.float(), targets, weight=class_weights, label_smoothing=label_smoothing, reduction="none")
 
-    weights = weights.float()
-    class_weights = class_weights.to(device=logits.device, dtype=torch.float32)
-    real = weights > 0
-    # Padding rows may hold anything (a -1 target, NaN logits from an empty input); zero them before any op
-    # so that neither the forward value nor log_softmax's backward can carry them into the real rows.
-    safe_targets = torch.where(real, targets, torch.zeros_like(targets))
-    safe_logits = torch.where(real[:, None], logits.float(), torch.zeros_like(logits, dtype=torch.float32))
 
-    log_probs = F.log_softmax(safe_logits, dim=1)
-    row_weights = class_weights[safe_targets] * weights
-    nll = -log_probs.gather(1, safe_targets[:, None]).squeeze(1) * row_weights
-    # torch spreads the smoothing mass uniformly, each class term scaled by that class's weight.
-    smooth = -(log_probs * class_weights[None, :]).sum(dim=1) * weights
-    row_losses = (1.0 - label_smoothing) * nll + (label_smoothing / num_classes) * smooth
-    return row_losses, row_weights
+def mean_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    class_weights: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+) -> float:
+    """The training loss's value over a whole set of rows (no padding): the mean of `row_losses`.
+
+    What `val/loss` reports, over participants' averaged logits, so that it and `train/loss` are one loss.
+    """
+    if len(targets) == 0:
+        return float("nan")
+    return float(row_losses(logits, targets, class_weights=class_weights, label_smoothing=label_smoothing).mean())

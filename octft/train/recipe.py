@@ -89,6 +89,27 @@ def check_after_cache(data, prepared) -> None:
     )
 
 
+def ended_run(run_dir: Path):
+    """The outcome recorded in `run_dir/last.pt` when that run already ended (completed, early-stopped or
+    pruned), printed for the user; None when there is nothing or it can go on (a failed or killed run)."""
+    from octft.train.loop import ENDED, _result
+    from octft.train.runtime import load_state
+
+    if not (run_dir / "last.pt").is_file():
+        return None
+    try:
+        state = json.loads(load_state(run_dir / "last.pt", required=("loop_state",))["loop_state"])
+    except ValueError:  # not JSON: fit() refuses the file with a CheckpointError naming it
+        return None
+    if not isinstance(state, dict) or state.get("status") not in ENDED:
+        return None
+    result = _result(state)
+    print(f"{run_dir} already ended: {result.status}" + (f" ({result.stop_reason})" if result.stop_reason else "")
+          + f" after {result.epochs_run} epochs, best value {result.best_value:.4f} at epoch {result.best_epoch}; "
+          "not training further (start a new run directory to train again)", flush=True)
+    return result
+
+
 def build_model(cfg: ExperimentConfig, num_classes: int):
     from octft.models import Classifier, build_encoder, build_head
     from octft.models.checkpoint import load_encoder_checkpoint
@@ -141,6 +162,12 @@ def train(
     run_dir.mkdir(parents=True, exist_ok=True)
     run_file = run_dir / "run.json"
     previous = json.loads(run_file.read_text()) if (resume and run_file.is_file()) else {}
+    if resume:
+        ended = ended_run(run_dir)
+        if ended is not None:
+            # Neither the data, the model nor the MLflow run is touched: reopening the run would move its end time.
+            return TrainResult(run_dir, previous.get("mlflow_run_id"), ended.status, ended.best_value, ended.best_epoch,
+                               ended.best_metrics, ended.epochs_run, ended.stop_reason)
 
     if tracker is None:
         from octft.track.mlflow_tracker import MlflowTracker
@@ -199,7 +226,9 @@ def train(
             lr_head=cfg.optim.lr_head, lr_encoder=cfg.optim.lr_encoder, weight_decay=cfg.optim.weight_decay,
             betas=tuple(cfg.optim.betas), warmup_epochs=cfg.optim.warmup_epochs, min_lr_ratio=cfg.optim.min_lr_ratio,
             label_smoothing=cfg.loss.label_smoothing, class_weights=class_weights, clip_norm=cfg.train.clip_norm,
-            early_stopping_patience=cfg.train.early_stopping_patience, seed=cfg.train.seed, run_dir=run_dir,
+            early_stopping_patience=cfg.train.early_stopping_patience,
+            objective_metric=cfg.train.objective.metric, objective_direction=cfg.train.objective.direction,
+            seed=cfg.train.seed, run_dir=run_dir,
             resume=resume,
         )
         best_dir = run_dir / "best"

@@ -25,7 +25,7 @@ from octft.data.audit import audit_dataset
 from octft.data.dataset import prepare_volumes
 from octft.data.layout import CLASS_SHORT_NAMES
 from octft.data.synth import synthesize
-from octft.train.loop import fit
+from octft.train.loop import TrainingError, fit
 from octft.train.losses import balanced_class_weights
 from octft.train.recipe import build_model
 from octft.train.runtime import load_state, make_runtime
@@ -70,7 +70,7 @@ def small_data(tmp_path_factory) -> tuple[Path, Path]:
     return root / "data", root / "cache"
 
 
-def run_fit(cfg, train_set, val_set, run_dir: Path, reporter=None, model=None):
+def run_fit(cfg, train_set, val_set, run_dir: Path, reporter=None, model=None, resume=False):
     """fit() with the arguments the recipe derives from `cfg`, on eager CPU, logging nowhere."""
     torch.manual_seed(cfg.train.seed)
     model = model if model is not None else build_model(cfg, len(CLASS_SHORT_NAMES))[0]
@@ -82,7 +82,8 @@ def run_fit(cfg, train_set, val_set, run_dir: Path, reporter=None, model=None):
         lr_head=cfg.optim.lr_head, lr_encoder=cfg.optim.lr_encoder, weight_decay=cfg.optim.weight_decay,
         betas=tuple(cfg.optim.betas), warmup_epochs=cfg.optim.warmup_epochs, min_lr_ratio=cfg.optim.min_lr_ratio,
         label_smoothing=cfg.loss.label_smoothing, class_weights=class_weights, clip_norm=cfg.train.clip_norm,
-        early_stopping_patience=cfg.train.early_stopping_patience, seed=cfg.train.seed, run_dir=run_dir,
+        early_stopping_patience=cfg.train.early_stopping_patience, objective_metric=cfg.train.objective.metric,
+        objective_direction=cfg.train.objective.direction, seed=cfg.train.seed, run_dir=run_dir, resume=resume,
     )
 
 
@@ -135,6 +136,87 @@ def test_encoder_moves_only_from_the_unfreeze_epoch(small_data, tmp_path):
         else:
             assert set(encoder_moved) == set(encoder), f"epoch {epoch}: not moved: {set(encoder) - set(encoder_moved)}"
         assert set(head_moved) == set(head), f"epoch {epoch}: head not moved: {set(head) - set(head_moved)}"
+
+
+# Learning rates this small leave every prediction as it was: the validation score is flat from epoch 0.
+FLAT = ("optim.lr_head=1e-9", "optim.lr_encoder=1e-9", "optim.weight_decay=0", "train.epochs=10")
+
+
+def test_early_stopping_counts_only_epochs_with_a_trainable_encoder(small_data, tmp_path):
+    data_dir, cache_dir = small_data
+    train_set, val_set = datasets(data_dir, cache_dir, **SMALL)
+    cfg = demo_config(data_dir, cache_dir, SMALL, *FLAT, "train.unfreeze_epoch=5", "train.early_stopping_patience=2")
+
+    result = run_fit(cfg, train_set, val_set, tmp_path / "late")
+
+    scores = [h["val/balanced_accuracy"] for h in result.history]
+    assert len(set(scores)) == 1, scores  # flat, so only the patience rule ends it
+    # Epoch 0 is the best; epochs 1-4 (frozen) do not count; 5 and 6 exhaust a patience of 2.
+    assert (result.status, result.epochs_run, result.best_epoch) == ("early_stopped", 7, 0)
+    assert "counted from the unfreeze epoch 5" in result.stop_reason
+
+
+def test_a_probe_run_never_unfreezes_and_counts_from_epoch_0(small_data, tmp_path):
+    data_dir, cache_dir = small_data
+    train_set, val_set = datasets(data_dir, cache_dir, **SMALL)
+    cfg = demo_config(data_dir, cache_dir, SMALL, *FLAT, "train.unfreeze_epoch=null", "train.early_stopping_patience=2")
+    torch.manual_seed(0)
+    model = build_model(cfg, len(CLASS_SHORT_NAMES))[0]
+    encoder_before = {name: p.detach().clone() for name, p in model.encoder.named_parameters()}
+
+    result = run_fit(cfg, train_set, val_set, tmp_path / "probe", model=model)
+
+    assert (result.status, result.epochs_run) == ("early_stopped", 3)
+    assert result.best_metrics["train/encoder_trainable"] == 0.0
+    for name, value in model.encoder.named_parameters():
+        assert torch.equal(value.detach().cpu(), encoder_before[name]), name
+
+
+def test_the_objective_picks_the_best_epoch_and_best_pt(small_data, tmp_path):
+    data_dir, cache_dir = small_data
+    train_set, val_set = datasets(data_dir, cache_dir, **SMALL)
+    cfg = demo_config(data_dir, cache_dir, SMALL, "train.epochs=5", "train.unfreeze_epoch=0",
+                      "train.early_stopping_patience=null", "train.objective.metric=val/loss",
+                      "train.objective.direction=minimize")
+
+    result = run_fit(cfg, train_set, val_set, tmp_path / "run")
+
+    losses = [h["val/loss"] for h in result.history]
+    assert result.best_epoch == int(np.argmin(losses)) and result.best_value == min(losses), losses
+    assert load_state(tmp_path / "run" / "checkpoint" / "best.pt")["epoch"] == result.best_epoch
+    assert json.loads((tmp_path / "run" / "best" / "metrics.json").read_text())["val/loss"] == min(losses)
+
+
+def test_an_objective_the_run_does_not_compute_is_named(small_data, tmp_path):
+    data_dir, cache_dir = small_data
+    train_set, val_set = datasets(data_dir, cache_dir, **SMALL)
+    cfg = demo_config(data_dir, cache_dir, SMALL, "train.epochs=2", "train.objective.metric=val/accuracy_typo")
+    with pytest.raises(TrainingError, match=r"'val/accuracy_typo' is not a validation metric.*val/balanced_accuracy"):
+        run_fit(cfg, train_set, val_set, tmp_path / "run")
+
+
+def test_resume_of_an_ended_run_reports_its_outcome_and_trains_nothing(small_data, tmp_path, capsys):
+    data_dir, cache_dir = small_data
+    train_set, val_set = datasets(data_dir, cache_dir, **SMALL)
+    cfg = demo_config(data_dir, cache_dir, SMALL, *FLAT, "train.unfreeze_epoch=1", "train.early_stopping_patience=1")
+    first = run_fit(cfg, train_set, val_set, tmp_path / "run")
+    assert first.status == "early_stopped"
+    saved = load_state(tmp_path / "run" / "last.pt")
+    assert json.loads(saved["loop_state"])["status"] == "early_stopped"
+    modified = (tmp_path / "run" / "last.pt").stat().st_mtime_ns, (tmp_path / "run" / "checkpoint" / "best.pt").stat().st_mtime_ns
+
+    # More epochs and patience would let it train on, were it resumable.
+    longer = demo_config(data_dir, cache_dir, SMALL, *FLAT, "train.unfreeze_epoch=1", "train.early_stopping_patience=null")
+    again = run_fit(longer, train_set, val_set, tmp_path / "run", resume=True)
+
+    assert (again.status, again.epochs_run, again.best_epoch) == (first.status, first.epochs_run, first.best_epoch)
+    assert "already ended (early_stopped" in capsys.readouterr().out
+    assert ((tmp_path / "run" / "last.pt").stat().st_mtime_ns,
+            (tmp_path / "run" / "checkpoint" / "best.pt").stat().st_mtime_ns) == modified
+    from octft.train.recipe import ended_run
+
+    assert ended_run(tmp_path / "run").status == "early_stopped"
+    assert ended_run(tmp_path / "nothing-here") is None
 
 
 # ---------------------------------------------------------------------------------------------- subprocesses
@@ -228,7 +310,7 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(small_data, tmp_path):
         process.wait(timeout=60)
     assert process.returncode == -signal.SIGKILL, (tmp_path / "stderr.txt").read_text()[-2000:]
     interrupted = json.loads(load_state(resumed_dir / "last.pt")["loop_state"])
-    assert interrupted["epoch"] in (0, 1)
+    assert interrupted["epoch"] in (0, 1) and interrupted["status"] == "running"  # killed: resumable
 
     resumed = run_cli(command + ["--resume"])
     assert f"after epoch {interrupted['epoch']}" in resumed.stdout

@@ -1,4 +1,5 @@
-"""Losses against torch's cross-entropy on the unpadded batch, class weights against scikit-learn."""
+"""The one loss: per-row values against the formula, the batch value `train_step` trains on against the
+mean over real rows, `val/loss` against the same loss over participants; class weights against scikit-learn."""
 
 from __future__ import annotations
 
@@ -15,7 +16,10 @@ import torch.nn.functional as F
 from sklearn.utils.class_weight import compute_class_weight
 
 from octft.train import losses
-from octft.train.losses import balanced_class_weights, weighted_cross_entropy, weighted_cross_entropy_terms
+from octft.train.loop import evaluate_logits
+from octft.train.losses import balanced_class_weights, mean_loss, row_losses
+from octft.train.runtime import make_runtime
+from octft.train.step import train_step
 
 NUM_CLASSES = 4
 
@@ -50,79 +54,111 @@ def test_balanced_class_weights_name_a_class_missing_from_the_training_split():
         balanced_class_weights([0, 1, 2, 3, 4], NUM_CLASSES)
 
 
+def _formula(logits, targets, class_weights, label_smoothing):
+    """The documented per-row loss, written out."""
+    log_probs = torch.log_softmax(logits.float(), dim=1)
+    nll = -log_probs.gather(1, targets[:, None]).squeeze(1) * class_weights[targets]
+    smooth = -(log_probs * class_weights[None, :]).sum(dim=1)
+    return (1 - label_smoothing) * nll + label_smoothing / logits.shape[1] * smooth
+
+
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
-@pytest.mark.parametrize("use_class_weights", [False, True])
-def test_loss_and_gradient_equal_torch_on_the_unpadded_batch(label_smoothing, use_class_weights):
-    logits, targets, weights, real = _padded_batch(seed=0)
-    class_weights = torch.tensor([0.5, 3.0, 1.0, 2.0]) if use_class_weights else None
+def test_row_losses_follow_the_documented_formula(label_smoothing):
+    logits, targets, _, real = _padded_batch(seed=0)
+    class_weights = torch.tensor([0.5, 3.0, 1.0, 2.0])
+    rows = row_losses(logits[:real], targets[:real], class_weights=class_weights, label_smoothing=label_smoothing)
+    torch.testing.assert_close(rows, _formula(logits[:real], targets[:real], class_weights, label_smoothing))
+    unweighted = row_losses(logits[:real], targets[:real], label_smoothing=label_smoothing)
+    torch.testing.assert_close(unweighted, _formula(logits[:real], targets[:real], torch.ones(4), label_smoothing))
 
-    loss = weighted_cross_entropy(logits, targets, weights, class_weights, label_smoothing)
-    loss.backward()
 
-    reference_logits = logits.detach()[:real].clone().requires_grad_()
-    reference = F.cross_entropy(
-        reference_logits, targets[:real], weight=class_weights, label_smoothing=label_smoothing
+class _Linear(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(6, NUM_CLASSES)
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+def _step(model, batch, class_weights, label_smoothing, accumulation_steps=1):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    return train_step(
+        model, batch, optimizer=optimizer, accumulation_steps=accumulation_steps, runtime=make_runtime("cpu"),
+        loss_fn=lambda logits, y: row_losses(logits, y, class_weights=class_weights, label_smoothing=label_smoothing),
     )
-    reference.backward()
-    torch.testing.assert_close(loss, reference)
-    torch.testing.assert_close(logits.grad[:real], reference_logits.grad)
-    assert torch.equal(logits.grad[real:], torch.zeros_like(logits.grad[real:]))  # padding gets no gradient
 
 
-def test_weighted_mean_divides_by_the_summed_target_class_weights():
-    logits, targets, weights, real = _padded_batch(seed=1)
+def test_the_step_trains_on_the_mean_over_real_rows_not_torchs_weighted_mean():
+    torch.manual_seed(0)
+    model = _Linear()
+    x = torch.randn(16, 6)
+    y = torch.randint(0, NUM_CLASSES, (16,))
+    w = torch.cat([torch.ones(10), torch.zeros(6)])
+    y[10:] = 3
     class_weights = torch.tensor([0.5, 3.0, 1.0, 2.0])
-    per_sample = F.cross_entropy(logits[:real], targets[:real], weight=class_weights, reduction="none")
+    with torch.no_grad():
+        logits = model(x[:10])
+    expected = _formula(logits, y[:10], class_weights, 0.1).mean()
 
-    loss = weighted_cross_entropy(logits, targets, weights, class_weights)
+    out = _step(model, {"x": x, "y": y, "w": w}, class_weights, 0.1)
 
-    torch.testing.assert_close(loss, per_sample.sum() / class_weights[targets[:real]].sum())
-    assert not torch.isclose(loss, per_sample.sum() / real)  # not a plain mean over the rows
+    torch.testing.assert_close(out["loss_sum"] / out["weight_sum"], expected)
+    torchs_mean = F.cross_entropy(logits, y[:10], weight=class_weights, label_smoothing=0.1)
+    assert not torch.isclose(expected, torchs_mean)  # the documented difference is real
 
 
-def test_terms_split_into_micro_batches_reproduce_the_whole_batch_loss():
-    logits, targets, weights, _ = _padded_batch(seed=6)
+def test_accumulated_micro_batches_and_padding_train_as_one_batch():
+    torch.manual_seed(1)
+    x, y = torch.randn(8, 6), torch.randint(0, NUM_CLASSES, (8,))
     class_weights = torch.tensor([0.5, 3.0, 1.0, 2.0])
-    whole = weighted_cross_entropy(logits, targets, weights, class_weights, 0.1)
-    _, row_weights = weighted_cross_entropy_terms(logits, targets, weights, class_weights, 0.1)
-
-    parts = [
-        weighted_cross_entropy_terms(logits[rows], targets[rows], weights[rows], class_weights, 0.1)[0].sum()
-        for rows in (slice(0, 8), slice(8, 16))
-    ]
-    torch.testing.assert_close(sum(parts) / row_weights.sum(), whole)
-    part_means = [
-        weighted_cross_entropy(logits[rows], targets[rows], weights[rows], class_weights, 0.1)
-        for rows in (slice(0, 8), slice(8, 16))
-    ]
-    assert not torch.isclose(sum(part_means) / 2, whole)  # averaging per-part means would be wrong
+    whole, split = _Linear(), _Linear()
+    split.load_state_dict(whole.state_dict())
+    _step(whole, {"x": x, "y": y, "w": torch.ones(8)}, class_weights, 0.1)
+    # The same rows as two micro-batches plus 8 padding rows full of garbage.
+    padded = {"x": torch.cat([x, torch.full((8, 6), 1e6)]), "y": torch.cat([y, torch.zeros(8, dtype=torch.long)]),
+              "w": torch.cat([torch.ones(8), torch.zeros(8)])}
+    _step(split, padded, class_weights, 0.1, accumulation_steps=2)
+    for a, b in zip(whole.parameters(), split.parameters()):
+        torch.testing.assert_close(a, b)
 
 
-def test_all_padding_batch_gives_zero_loss_and_gradient():
-    logits, targets, _, _ = _padded_batch(seed=2)
-    loss = weighted_cross_entropy(logits, targets, torch.zeros(len(targets)), label_smoothing=0.1)
-    loss.backward()
-    assert loss.item() == 0.0
-    assert torch.equal(logits.grad, torch.zeros_like(logits.grad))
+def test_val_loss_is_the_training_loss_over_participants():
+    rng = np.random.default_rng(0)
+    participants = ["1", "1", "2", "3", "3", "4", "5", "6"]
+    targets = np.array([0, 0, 1, 2, 2, 3, 0, 1])
+    logits = rng.normal(size=(8, NUM_CLASSES)).astype(np.float32)
+    confusion = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
+    for target, prediction in zip(targets, logits.argmax(1)):
+        confusion[target, prediction] += 1
+    class_weights = torch.tensor([0.5, 3.0, 1.0, 2.0])
+
+    metrics = evaluate_logits(logits, targets, participants, confusion, ["a", "b", "c", "d"],
+                              class_weights=class_weights, label_smoothing=0.1)
+
+    mean_logits = np.stack([logits[[0, 1]].mean(0), logits[2], logits[[3, 4]].mean(0), logits[5], logits[6], logits[7]])
+    expected = _formula(torch.from_numpy(mean_logits), torch.tensor([0, 1, 2, 3, 0, 1]), class_weights, 0.1).mean()
+    assert metrics["val/loss"] == pytest.approx(float(expected), rel=1e-6)
+    assert metrics["val/participants"] == 6
 
 
 def test_bfloat16_logits_are_scored_in_float32():
-    logits, targets, weights, real = _padded_batch(seed=3)
-    low_precision = logits.detach().to(torch.bfloat16)
-    loss = weighted_cross_entropy(low_precision, targets, weights, label_smoothing=0.1)
-    reference = F.cross_entropy(low_precision[:real].float(), targets[:real], label_smoothing=0.1)
-    assert loss.dtype == torch.float32
-    torch.testing.assert_close(loss, reference)
+    logits, targets, _, real = _padded_batch(seed=3)
+    low_precision = logits.detach()[:real].to(torch.bfloat16)
+    rows = row_losses(low_precision, targets[:real], label_smoothing=0.1)
+    assert rows.dtype == torch.float32
+    torch.testing.assert_close(rows, _formula(low_precision.float(), targets[:real], torch.ones(4), 0.1))
+    assert mean_loss(low_precision, targets[:real], label_smoothing=0.1) == pytest.approx(float(rows.mean()))
 
 
 def test_bad_arguments_are_named():
-    logits, targets, weights, _ = _padded_batch(seed=4)
+    logits, targets, _, real = _padded_batch(seed=4)
     with pytest.raises(ValueError, match="label_smoothing must be in"):
-        weighted_cross_entropy(logits, targets, weights, label_smoothing=1.0)
+        row_losses(logits[:real], targets[:real], label_smoothing=1.0)
     with pytest.raises(ValueError, match=r"class_weights must have shape \(4,\)"):
-        weighted_cross_entropy(logits, targets, weights, torch.ones(3))
-    with pytest.raises(ValueError, match="weights"):
-        weighted_cross_entropy(logits, targets, weights[:-1])
+        row_losses(logits[:real], targets[:real], class_weights=torch.ones(3))
+    with pytest.raises(ValueError, match="targets"):
+        row_losses(logits, targets[:-1])
 
 
 # Run in a fresh interpreter: once any CPU backward has run in a process, torch's autograd engine has no
@@ -131,13 +167,14 @@ _XLA_SCRIPT = """
 import json, sys
 import torch, torch_xla
 import torch_xla.debug.metrics as xla_metrics
-from octft.train.losses import weighted_cross_entropy
+from octft.train.losses import row_losses
 
 logits, targets, weights, class_weights = torch.load(sys.argv[1])
 device = torch_xla.device()
 xla_metrics.clear_all()
 xla_logits = logits.to(device).requires_grad_()
-loss = weighted_cross_entropy(xla_logits, targets.to(device), weights.to(device), class_weights.to(device), 0.1)
+rows = row_losses(xla_logits, targets.to(device), class_weights=class_weights.to(device), label_smoothing=0.1)
+loss = (rows * weights.to(device)).sum() / weights.to(device).sum()
 loss.backward()
 torch_xla.sync()
 # Read the counters before the host reads below (.item() itself counts as aten::_local_scalar_dense).
@@ -152,10 +189,13 @@ print(json.dumps({"loss": loss.cpu().tolist(), "grad": xla_logits.grad.cpu().tol
 def test_loss_on_xla_equals_cpu_without_aten_fallback(tmp_path):
     pytest.importorskip("torch_xla")
     logits, targets, weights, _ = _padded_batch(seed=5)
+    # Padding rows are copies of real rows in training (padded_batches), never NaN.
+    logits = torch.nan_to_num(logits.detach()).requires_grad_()
     class_weights = torch.tensor([0.5, 3.0, 1.0, 2.0])
-    cpu_loss = weighted_cross_entropy(logits, targets, weights, class_weights, 0.1)
+    safe_targets = torch.where(weights > 0, targets, torch.zeros_like(targets))  # as train_step gives padding class 0
+    cpu_loss = (row_losses(logits, safe_targets, class_weights=class_weights, label_smoothing=0.1) * weights).sum() / weights.sum()
     cpu_loss.backward()
-    torch.save((logits.detach(), targets, weights, class_weights), tmp_path / "batch.pt")
+    torch.save((logits.detach(), safe_targets, weights, class_weights), tmp_path / "batch.pt")
 
     env = {**os.environ, "PJRT_DEVICE": os.environ.get("PJRT_DEVICE", "CPU")}
     env.setdefault("CPU_NUM_DEVICES", "4")
