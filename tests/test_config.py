@@ -55,3 +55,33 @@ def test_yaml_that_is_not_a_mapping(tmp_path):
     path.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="bad.yaml"):
         load_experiment(path)
+
+
+@pytest.mark.parametrize("override, key, says", [
+    ("train.clip_norm=-1", "train.clip_norm", "greater than 0"),
+    ("train.clip_norm=0", "train.clip_norm", "greater than 0"),
+    ("train.early_stopping_patience=0", "train.early_stopping_patience", "greater than or equal to 1"),
+    ("train.unfreeze_epoch=16", "train.unfreeze_epoch (16) must be below train.epochs (16)", "unfreeze_epoch=null"),
+    ("train.epochs=true", "train.epochs", "boolean true"),
+    ("optim.lr_head=false", "optim.lr_head", "boolean false"),
+    ("optim.betas=[2,3]", "optim.betas.0", "less than 1"),
+    ("optim.betas=[0.9,-0.1]", "optim.betas.1", "greater than or equal to 0"),
+    ("optim.lr_encoder=.nan", "optim.lr_encoder", "finite"),
+    ("model.head_dropout=1", "model.head_dropout", "less than 1"),
+    ("data.split.val_fraction=0.9", "val_fraction + data.split.test_fraction", "below 1"),
+    ("data.split.test_fraction=0.85", "val_fraction + data.split.test_fraction", "below 1"),
+    ("train.objective.metric=balanced_accuracy", "train.objective.metric", "val/balanced_accuracy"),
+    ("train.objective.direction=max", "train.objective.direction", "maximize"),
+])
+def test_values_that_make_no_sense_are_refused_naming_the_key(override, key, says):
+    with pytest.raises(ConfigError) as error:
+        load_experiment(ROOT / "experiments" / "demo.yaml", [override])
+    message = str(error.value)
+    assert "\n" not in message and key in message and says in message, message
+
+
+def test_null_disables_what_may_be_disabled():
+    cfg = load_experiment(ROOT / "experiments" / "demo.yaml", [
+        "train.unfreeze_epoch=null", "train.clip_norm=null", "train.early_stopping_patience=null"])
+    assert (cfg.train.unfreeze_epoch, cfg.train.clip_norm, cfg.train.early_stopping_patience) == (None, None, None)
+    assert (cfg.train.objective.metric, cfg.train.objective.direction) == ("val/balanced_accuracy", "maximize")

@@ -3,7 +3,9 @@
 A fine-tune collapses when the head predicts (nearly) one class, or balanced accuracy sits at chance. Such a
 trial rarely recovers, so it is pruned after `patience` collapsed epochs in a row. Epochs before the encoder
 unfreezes, plus `grace_epochs`, never count: the head may collapse while the encoder is frozen and recover
-once it trains. Collapse is judged by `octft.train.metrics.is_collapsed`, the one definition the training
+once it trains. The wrapped pruner's warm-up counts from the unfreeze epoch too (`warmup_steps`): a trial
+that unfreezes at epoch 6 is not compared with the median before its encoder moved. Epochs stay the
+reported steps (Optuna refuses negative steps); each trial's warm-up is shifted instead. Collapse is judged by `octft.train.metrics.is_collapsed`, the one definition the training
 loop shares. The reporter hands over each epoch's prediction shares with `record_epoch`:
 
     >>> import optuna
@@ -22,7 +24,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from optuna.pruners import BasePruner, MedianPruner, PercentilePruner
+from optuna.pruners import BasePruner, HyperbandPruner, MedianPruner, PercentilePruner, SuccessiveHalvingPruner
 from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, Trial, TrialState
 
@@ -58,9 +60,11 @@ class CollapsePruner(BasePruner):
     """Prune trials whose validation predictions collapsed for `patience` consecutive reported epochs.
 
     Counting starts at the trial's unfreeze epoch (`params["train.unfreeze_epoch"]` when sampled, else user
-    attr `unfreeze_epoch`, else 0) plus `grace_epochs`; a healthy epoch, or one with no record, resets the
-    count. A trial that has not collapsed goes to `wrapped` (None: never pruned otherwise). With
-    `enabled=False` the collapse rule is off and only `wrapped` decides.
+    attr `unfreeze_epoch`, else 0; null, a probe run that never unfreezes, is 0) plus `grace_epochs`; a healthy
+    epoch, or one with no record, resets the count. A trial that has not collapsed goes to `wrapped` (None:
+    never pruned otherwise) from its unfreeze epoch plus `warmup_steps` on; give the wrapped pruner no
+    warm-up of its own (`n_warmup_steps=0`), or it would count from epoch 0 as well. With `enabled=False`
+    the collapse rule is off and only `wrapped` decides.
     `prune_reason` says why a trial was pruned, for the trial's user attrs and MLflow.
     """
 
@@ -73,16 +77,17 @@ class CollapsePruner(BasePruner):
         n_classes: int = len(CLASSES),
         wrapped: BasePruner | None = MedianPruner(),
         enabled: bool = True,
+        warmup_steps: int = 0,
     ) -> None:
         if n_classes < 2 or not 1.0 / n_classes <= max_class_share <= 1.0:
             raise ValueError(
                 f"max_class_share must be in 1/n_classes..1 with n_classes >= 2, got max_class_share="
                 f"{max_class_share}, n_classes={n_classes}"
             )
-        if chance_margin < 0 or patience < 1 or grace_epochs < 0:
+        if chance_margin < 0 or patience < 1 or grace_epochs < 0 or warmup_steps < 0:
             raise ValueError(
-                f"need chance_margin >= 0, patience >= 1 and grace_epochs >= 0, got chance_margin={chance_margin}, "
-                f"patience={patience}, grace_epochs={grace_epochs}"
+                f"need chance_margin >= 0, patience >= 1, grace_epochs >= 0 and warmup_steps >= 0, got chance_margin="
+                f"{chance_margin}, patience={patience}, grace_epochs={grace_epochs}, warmup_steps={warmup_steps}"
             )
         self.max_class_share = max_class_share
         self.chance_margin = chance_margin
@@ -91,6 +96,7 @@ class CollapsePruner(BasePruner):
         self.n_classes = n_classes
         self.wrapped = wrapped
         self.enabled = enabled
+        self.warmup_steps = warmup_steps
         # The reason behind each prune decision, so `prune_reason` reports the decision that was made even
         # if other workers finish trials in between (which can change the median).
         self._decisions: dict[tuple[int, int], dict[str, Any]] = {}
@@ -118,7 +124,9 @@ class CollapsePruner(BasePruner):
         collapse = self._collapse(trial, step) if self.enabled else None
         if collapse is not None:
             return collapse
-        if self.wrapped is not None and self.wrapped.prune(study, trial):
+        if self.wrapped is None or step < unfreeze_epoch_of(trial) + self.warmup_steps:
+            return None
+        if self.wrapped.prune(study, trial):
             return _wrapped_reason(self.wrapped, study, trial, step)
         return None
 
@@ -127,7 +135,7 @@ class CollapsePruner(BasePruner):
         # loading or validating a sweep spec does not need.
         from octft.train.metrics import is_collapsed
 
-        unfreeze_epoch = int(trial.params.get(UNFREEZE_PARAM, trial.user_attrs.get(UNFREEZE_ATTR, 0)))
+        unfreeze_epoch = unfreeze_epoch_of(trial)
         first_counted = unfreeze_epoch + self.grace_epochs
         streak: list[tuple[int, str, dict[str, Any]]] = []
         for epoch in sorted(trial.intermediate_values):
@@ -159,6 +167,36 @@ class CollapsePruner(BasePruner):
         }
 
 
+class HyperbandCollapsePruner(CollapsePruner, HyperbandPruner):
+    """CollapsePruner around a HyperbandPruner, seen by Optuna as a HyperbandPruner.
+
+    Optuna's samplers and `tell` give a trial only the trials of its Hyperband bracket, and they do so only
+    when `isinstance(study.pruner, HyperbandPruner)`; this class passes that check and answers the two
+    bracket questions with the wrapped pruner's answers, so wrapping keeps brackets working. It is the one
+    place octft inherits an implementation, because that isinstance check leaves no other seam.
+    """
+
+    def __init__(self, *, wrapped: HyperbandPruner, **kwargs: Any) -> None:
+        CollapsePruner.__init__(self, wrapped=wrapped, **kwargs)  # HyperbandPruner's own state is never used
+
+    def _get_bracket_id(self, study: Study, trial: FrozenTrial) -> int:
+        hyperband = self.wrapped
+        if not hyperband._pruners:
+            # Without this, a fresh process (each worker) would put every trial in bracket 0 until its first
+            # prune call; with max_resource known the brackets need no trials.
+            hyperband._try_initialization(study)
+        return hyperband._get_bracket_id(study, trial)
+
+    def _create_bracket_study(self, study: Study, bracket_id: int) -> Study:
+        return self.wrapped._create_bracket_study(study, bracket_id)
+
+
+def unfreeze_epoch_of(trial: FrozenTrial) -> int:
+    """The epoch from which the trial's encoder trains; 0 for a probe run (null) or when unknown."""
+    value = trial.params.get(UNFREEZE_PARAM, trial.user_attrs.get(UNFREEZE_ATTR, 0))
+    return 0 if value is None else int(value)
+
+
 def _frozen(study: Study, trial: Trial) -> FrozenTrial:
     for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if frozen.number == trial.number:
@@ -168,7 +206,7 @@ def _frozen(study: Study, trial: Trial) -> FrozenTrial:
 
 def _wrapped_reason(pruner: BasePruner, study: Study, trial: FrozenTrial, step: int) -> dict[str, Any]:
     name = type(pruner).__name__
-    label = "median" if isinstance(pruner, MedianPruner) else name.lower().removesuffix("pruner")
+    label = _PRUNE_REASONS.get(type(pruner), name.lower().removesuffix("pruner"))
     values = np.asarray(list(trial.intermediate_values.values()), dtype=float)
     maximize = study.direction == StudyDirection.MAXIMIZE
     best = float(np.nanmax(values) if maximize else np.nanmin(values)) if not np.all(np.isnan(values)) else math.nan
@@ -191,25 +229,43 @@ def _wrapped_reason(pruner: BasePruner, study: Study, trial: FrozenTrial, step: 
     return reason
 
 
-def build_pruner(spec: SweepSpec) -> CollapsePruner:
-    """The pruner a `SweepSpec` describes: CollapsePruner around a median, percentile or no pruner.
+_PRUNE_REASONS: dict[type, str] = {
+    MedianPruner: "median",
+    PercentilePruner: "percentile",
+    HyperbandPruner: "hyperband",
+    SuccessiveHalvingPruner: "successive_halving",
+}
 
-    `pruner.collapse.enabled=false` leaves the wrapped pruner alone; with `pruner.wrapped.type=none` too,
-    nothing is pruned.
+
+def build_pruner(spec: SweepSpec) -> CollapsePruner:
+    """The pruner a `SweepSpec` describes: CollapsePruner around a median, percentile, Hyperband, successive
+    halving or no pruner.
+
+    `n_warmup_steps` becomes the wrapper's per-trial warm-up (counted from each trial's unfreeze epoch); the
+    Optuna pruner itself gets none. `pruner.collapse.enabled=false` leaves the wrapped pruner alone; with
+    `pruner.wrapped.type=none` too, nothing is pruned.
     """
     wrapped_spec = spec.pruner.wrapped
     schedule = {
         "n_startup_trials": wrapped_spec.n_startup_trials,
-        "n_warmup_steps": wrapped_spec.n_warmup_steps,
+        "n_warmup_steps": 0,
         "interval_steps": wrapped_spec.interval_steps,
         "n_min_trials": wrapped_spec.n_min_trials,
     }
+    halving = {"min_resource": wrapped_spec.min_resource, "reduction_factor": wrapped_spec.reduction_factor,
+               "bootstrap_count": wrapped_spec.bootstrap_count}
+    collapse = dict(**spec.pruner.collapse.model_dump(), n_classes=len(CLASSES), warmup_steps=wrapped_spec.n_warmup_steps)
     wrapped: BasePruner | None
     if wrapped_spec.type == "median":
         wrapped = MedianPruner(**schedule)
     elif wrapped_spec.type == "percentile":
         wrapped = PercentilePruner(wrapped_spec.percentile, **schedule)
+    elif wrapped_spec.type == "hyperband":
+        hyperband = HyperbandPruner(max_resource=wrapped_spec.max_resource, **halving)
+        return HyperbandCollapsePruner(wrapped=hyperband, **collapse)
+    elif wrapped_spec.type == "successive_halving":
+        wrapped = SuccessiveHalvingPruner(min_early_stopping_rate=wrapped_spec.min_early_stopping_rate, **halving)
     else:
         wrapped = None
-    return CollapsePruner(**spec.pruner.collapse.model_dump(), n_classes=len(CLASSES), wrapped=wrapped)
+    return CollapsePruner(**collapse, wrapped=wrapped)
 

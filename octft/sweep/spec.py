@@ -26,7 +26,7 @@ import optuna
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from octft.config import ConfigError, _explain, _Strict, load_experiment, parse_override
+from octft.config import ConfigError, ObjectiveConfig, _explain, _Strict, load_experiment, parse_override
 from octft.sweep.space import Param, parse_space, sample_values
 from octft.redaction import normalise_url, redact_url
 
@@ -39,11 +39,9 @@ class MlflowSpec(_Strict):
     experiment: str = "octft-sweep"
 
 
-class ObjectiveSpec(_Strict):
-    """What a trial returns: `metric` at the trial's best epoch (the epoch early stopping keeps)."""
-
-    metric: str = "val/balanced_accuracy"
-    direction: Literal["maximize", "minimize"] = "maximize"
+# The study's objective reaches every trial as these overrides, so a trial picks its best epoch, stops
+# early and writes best.pt by the very figure the study ranks it by, and its replay command says so.
+OBJECTIVE_KEYS = ("train.objective.metric", "train.objective.direction")
 
 
 _TPE_ONLY = ("n_startup_trials", "n_ei_candidates", "multivariate", "group", "constant_liar")
@@ -83,15 +81,39 @@ class CollapseSpec(_Strict):
     grace_epochs: int = Field(1, ge=0)
 
 
-class WrappedPrunerSpec(_Strict):
-    """The pruner CollapsePruner defers to for ordinary underperformers (`type: none` for no such pruner)."""
+_WRAPPED_FIELDS = {
+    "percentile": ("percentile",),
+    "n_startup_trials": ("median", "percentile"),
+    "interval_steps": ("median", "percentile"),
+    "n_min_trials": ("median", "percentile"),
+    "min_resource": ("hyperband", "successive_halving"),
+    "reduction_factor": ("hyperband", "successive_halving"),
+    "bootstrap_count": ("hyperband", "successive_halving"),
+    "max_resource": ("hyperband",),
+    "min_early_stopping_rate": ("successive_halving",),
+}
 
-    type: Literal["median", "percentile", "none"] = "median"
-    percentile: float | None = Field(None, ge=0, le=100)  # type: percentile only
-    n_startup_trials: int = Field(5, ge=0)
+
+class WrappedPrunerSpec(_Strict):
+    """The pruner CollapsePruner defers to for ordinary underperformers (`type: none` for no such pruner).
+
+    Optuna's pruners with their own arguments. `n_warmup_steps` (any type) counts from each trial's
+    unfreeze epoch: the pruner judges a trial only from its unfreeze epoch + n_warmup_steps on. Hyperband's
+    and successive halving's rungs (`min_resource` x `reduction_factor`^k epochs) count from epoch 0, as
+    Optuna defines them; set `max_resource` to the trials' epochs so that brackets exist from the first trial.
+    """
+
+    type: Literal["median", "percentile", "hyperband", "successive_halving", "none"] = "median"
     n_warmup_steps: int = Field(0, ge=0)
+    percentile: float | None = Field(None, ge=0, le=100)  # percentile only
+    n_startup_trials: int = Field(5, ge=0)  # median, percentile
     interval_steps: int = Field(1, ge=1)
     n_min_trials: int = Field(1, ge=1)
+    min_resource: int = Field(1, ge=1)  # hyperband, successive_halving
+    reduction_factor: int = Field(3, ge=2)
+    bootstrap_count: int = Field(0, ge=0)
+    max_resource: int | Literal["auto"] = "auto"  # hyperband
+    min_early_stopping_rate: int = Field(0, ge=0)  # successive_halving
 
     @model_validator(mode="before")
     @classmethod
@@ -102,8 +124,14 @@ class WrappedPrunerSpec(_Strict):
     def _check(self) -> "WrappedPrunerSpec":
         if self.type == "percentile" and self.percentile is None:
             raise ValueError("type: percentile needs percentile (0..100), e.g. percentile: 25")
-        if self.type != "percentile" and self.percentile is not None:
-            raise ValueError(f"percentile applies to type: percentile only, not type: {self.type}")
+        # `type: none` ignores the rest, so one override switches a configured pruner off.
+        misplaced = sorted(name for name in self.model_fields_set & set(_WRAPPED_FIELDS)
+                           if self.type != "none" and self.type not in _WRAPPED_FIELDS[name])
+        if misplaced:
+            raise ValueError(", ".join(f"{name} applies to type: {' / '.join(_WRAPPED_FIELDS[name])}" for name in misplaced)
+                             + f", not type: {self.type}; remove it")
+        if isinstance(self.max_resource, int) and self.max_resource < self.min_resource:
+            raise ValueError(f"max_resource {self.max_resource} is below min_resource {self.min_resource}")
         return self
 
 
@@ -127,7 +155,8 @@ class SweepSpec(_Strict):
     # May hold a database password: kept out of repr; log `storage_redacted` instead.
     storage: str = Field("sqlite:///optuna.db", repr=False)
     mlflow: MlflowSpec = MlflowSpec()
-    objective: ObjectiveSpec = ObjectiveSpec()
+    # What ranks trials and promotion; passed to every trial as train.objective.* (see OBJECTIVE_KEYS).
+    objective: ObjectiveConfig = ObjectiveConfig()
     n_trials: int | None = Field(8, ge=1)
     timeout_s: float | None = Field(None, gt=0)
     fixed: dict[str, Any] = {}
@@ -154,6 +183,10 @@ class SweepSpec(_Strict):
         both = sorted(set(self.fixed) & set(self.space))
         if both:
             raise ValueError(f"{', '.join(both)} are both fixed and in the space; keep each in one of them")
+        objective = sorted((set(self.fixed) | set(self.space)) & set(OBJECTIVE_KEYS))
+        if objective:
+            raise ValueError(f"{', '.join(objective)} is set by the sweep's objective: section (metric, direction); "
+                             "remove it from fixed / space")
         if self.promote.model_name is None:
             self.promote.model_name = self.study_name
         return self
@@ -163,8 +196,13 @@ class SweepSpec(_Strict):
         """`storage` with any password replaced by `***`, safe for logs and MLflow params."""
         return redact_url(self.storage)
 
+    def objective_overrides(self) -> list[str]:
+        """The study's objective as trial overrides: `train.objective.metric=...`, `train.objective.direction=...`."""
+        return [f"{OBJECTIVE_KEYS[0]}={format_value(self.objective.metric)}",
+                f"{OBJECTIVE_KEYS[1]}={format_value(self.objective.direction)}"]
+
     def trial_overrides(self, params: dict[str, Any]) -> list[str]:
-        """`key=value` overrides of one trial: `fixed` first, then `params` in space order.
+        """`key=value` overrides of one trial: the objective, `fixed`, then `params` in space order.
 
         Floats are written with `repr`, so parsing them back gives the very same number.
         """
@@ -175,7 +213,7 @@ class SweepSpec(_Strict):
                 f"params do not match the space of study {self.study_name!r}: unknown {unknown}, missing {missing} "
                 f"(space: {sorted(self.space)})"
             )
-        return [f"{key}={format_value(value)}" for key, value in self.fixed.items()] + [
+        return self.objective_overrides() + [f"{key}={format_value(value)}" for key, value in self.fixed.items()] + [
             f"{key}={format_value(params[key])}" for key in self.space
         ]
 
@@ -324,7 +362,7 @@ def _check_against_base(spec: SweepSpec, path: Path) -> None:
             f"{path}: base experiment {spec.base!r} not found from {Path.cwd()}; base is relative to the directory "
             "octft runs from (the repo root), e.g. base: experiments/demo.yaml"
         )
-    fixed = [f"{key}={format_value(value)}" for key, value in spec.fixed.items()]
+    fixed = spec.objective_overrides() + [f"{key}={format_value(value)}" for key, value in spec.fixed.items()]
     try:
         load_experiment(base, fixed)
     except ConfigError as error:

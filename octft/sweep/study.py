@@ -32,6 +32,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from octft.config import ConfigError, ExperimentConfig, load_experiment
 from octft.sweep.spec import (
+    OBJECTIVE_KEYS,
     STORAGE_ENV,
     SweepSpec,
     format_value,
@@ -80,7 +81,14 @@ def load_launch_spec(spec_path: str | Path, overrides: Sequence[str] = (), stora
     spec = load_sweep(spec_path, sweep_overrides)
     if storage:
         spec.storage = storage  # validated on assignment: its password percent-encoded before any parsing
-    clash = sorted({text.split("=", 1)[0].strip() for text in experiment_overrides} & set(spec.space))
+    keys = {text.split("=", 1)[0].strip() for text in experiment_overrides}
+    objective = sorted(keys & set(OBJECTIVE_KEYS))
+    if objective:
+        raise ConfigError(
+            f"{spec_path}: override {', '.join(objective)} would give trials another objective than the study's; "
+            "set objective.metric=... / objective.direction=... (the sweep's objective) instead"
+        )
+    clash = sorted(keys & set(spec.space))
     if clash:
         raise ConfigError(
             f"{spec_path}: override {', '.join(clash)} is a key of the search space; change the space instead, "
@@ -91,8 +99,8 @@ def load_launch_spec(spec_path: str | Path, overrides: Sequence[str] = (), stora
 
 
 def base_config(spec: SweepSpec, experiment_overrides: Sequence[str] = ()) -> ExperimentConfig:
-    """The base experiment with `fixed` and the command-line overrides (no trial params)."""
-    fixed = [f"{key}={format_value(value)}" for key, value in spec.fixed.items()]
+    """The base experiment with the objective, `fixed` and the command-line overrides (no trial params)."""
+    fixed = spec.objective_overrides() + [f"{key}={format_value(value)}" for key, value in spec.fixed.items()]
     return load_experiment(spec.base, fixed + list(experiment_overrides))
 
 

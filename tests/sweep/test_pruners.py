@@ -4,7 +4,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from optuna.pruners import MedianPruner, PercentilePruner
+from optuna.pruners import HyperbandPruner, MedianPruner, PercentilePruner, SuccessiveHalvingPruner
 from optuna.trial import TrialState
 
 from octft.sweep import CollapsePruner, SweepSpec, build_pruner, epoch_attr, record_epoch
@@ -182,6 +182,8 @@ def test_build_pruner_follows_the_spec():
     assert (pruner.max_class_share, pruner.chance_margin, pruner.patience, pruner.grace_epochs, pruner.n_classes) == (
         0.8, 0.02, 3, 0, 4)
     assert isinstance(pruner.wrapped, PercentilePruner) and not isinstance(pruner.wrapped, MedianPruner)
+    # The warm-up moves to the wrapper, which counts it from each trial's unfreeze epoch.
+    assert pruner.warmup_steps == 1 and pruner.wrapped._n_warmup_steps == 0
     for wrapped in (None, "none", {"type": "none"}):
         spec = SweepSpec.model_validate({"base": "b.yaml", "study_name": "t", "pruner": {"wrapped": wrapped}})
         assert build_pruner(spec).wrapped is None
@@ -210,3 +212,104 @@ def test_sweep_overrides_switch_the_collapse_rule_and_the_wrapped_pruner_off():
     assert median_alone.enabled is False and isinstance(median_alone.wrapped, MedianPruner)
     nothing = build_pruner(load_sweep(demo, ["pruner.collapse.enabled=false", "pruner.wrapped.type=none"]))
     assert nothing.enabled is False and nothing.wrapped is None
+
+
+def test_the_median_warm_up_counts_from_each_trials_unfreeze_epoch():
+    pruner = build_pruner(SweepSpec.model_validate({
+        "base": "b.yaml", "study_name": "t",
+        "pruner": {"collapse": {"enabled": False}, "wrapped": {"type": "median", "n_startup_trials": 1, "n_warmup_steps": 2}},
+    }))
+    study = study_with(pruner)
+    finish_good_trials(study, 2, values=(0.8,) * 8)
+    # The same poor scores, unfrozen at 0, at 4, and never (a probe run counts from epoch 0).
+    assert decisions(study, [HEALTHY] * 8, unfreeze_param=0, value=0.3)[1] == [False, False] + [True] * 6
+    assert decisions(study, [HEALTHY] * 8, unfreeze_param=4, value=0.3)[1] == [False] * 6 + [True] * 2
+    probe = study.ask()
+    probe.set_user_attr("unfreeze_epoch", None)  # what the reporter records for train.unfreeze_epoch=null
+    answers = []
+    for epoch in range(4):
+        record_epoch(probe, epoch, 0.3, *HEALTHY)
+        answers.append(probe.should_prune())
+    assert answers == [False, False, True, True]
+
+
+class CountingSampler(optuna.samplers.RandomSampler):
+    """Records how many finished trials the study it samples from holds (a bracket study holds fewer)."""
+
+    def __init__(self):
+        super().__init__(seed=0)
+        self.seen = []
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        self.seen.append(len(study.get_trials(states=(TrialState.COMPLETE,))))
+        return super().sample_independent(study, trial, param_name, param_distribution)
+
+
+def _hyperband_study(pruner, storage):
+    sampler = CountingSampler()
+    study = optuna.create_study(direction="maximize", pruner=pruner, sampler=sampler, study_name="brackets",
+                                storage=storage)
+    for number in range(12):
+        trial = study.ask()
+        trial.suggest_float("x", 0, 1)
+        for epoch in range(3):
+            trial.report(0.5 + 0.01 * number, epoch)
+            trial.should_prune()  # as the reporter asks every epoch
+        study.tell(trial, 0.5 + 0.01 * number)
+    return sampler.seen
+
+
+def test_hyperband_brackets_reach_the_sampler_through_the_collapse_wrapper(tmp_path):
+    spec = SweepSpec.model_validate({
+        "base": "b.yaml", "study_name": "t",
+        "pruner": {"wrapped": {"type": "hyperband", "min_resource": 1, "max_resource": 9, "reduction_factor": 3}},
+    })
+    wrapper = build_pruner(spec)
+    assert isinstance(wrapper, CollapsePruner) and isinstance(wrapper, HyperbandPruner)
+    bare = _hyperband_study(HyperbandPruner(min_resource=1, max_resource=9, reduction_factor=3),
+                            f"sqlite:///{tmp_path / 'bare.db'}")
+    wrapped = _hyperband_study(wrapper, f"sqlite:///{tmp_path / 'wrapped.db'}")
+    # Each trial's sampler sees only the finished trials of its own bracket, as with a bare HyperbandPruner;
+    # without the bracket study it would see all of them (0, 1, 2, ... 11).
+    assert wrapped[1:] == bare[1:] and wrapped[1:] != list(range(1, 12)), (wrapped, bare)
+
+    # A worker process opens the study with a fresh pruner: its first trial already samples within a bracket.
+    sampler = CountingSampler()
+    study = optuna.load_study(study_name="brackets", storage=f"sqlite:///{tmp_path / 'wrapped.db'}",
+                              sampler=sampler, pruner=build_pruner(spec))
+    study.ask().suggest_float("x", 0, 1)
+    assert sampler.seen[0] < 12
+
+
+def test_hyperband_and_successive_halving_prune_with_their_own_reason():
+    for kind, cls in (("hyperband", HyperbandPruner), ("successive_halving", SuccessiveHalvingPruner)):
+        pruner = build_pruner(SweepSpec.model_validate({
+            "base": "b.yaml", "study_name": "t",
+            "pruner": {"collapse": {"enabled": False}, "wrapped": {"type": kind, "min_resource": 1, "reduction_factor": 2}},
+        }))
+        assert isinstance(pruner.wrapped, cls)
+        study = study_with(pruner)
+        for number in range(10):
+            trial, _ = decisions(study, [HEALTHY] * 4, unfreeze_param=0, value=0.9)  # rungs are filled on asking
+            study.tell(trial, 0.9)
+        pruned = []
+        for number in range(10):
+            trial = study.ask()
+            for epoch in range(4):  # as the reporter does: stop at the first prune decision
+                record_epoch(trial, epoch, 0.1, *HEALTHY)
+                if trial.should_prune():
+                    pruned.append(study.pruner.prune_reason(study, trial)["prune_reason"])
+                    study.tell(trial, state=TrialState.PRUNED)
+                    break
+            else:
+                study.tell(trial, 0.1)
+        assert pruned and set(pruned) == {kind}, (kind, pruned)
+
+
+def test_pruner_arguments_belong_to_their_type():
+    for wrapped, says in (({"type": "median", "reduction_factor": 2}, "reduction_factor applies to type: hyperband"),
+                          ({"type": "hyperband", "n_startup_trials": 2}, "n_startup_trials applies to type: median"),
+                          ({"type": "successive_halving", "max_resource": 9}, "max_resource applies to type: hyperband"),
+                          ({"type": "hyperband", "min_resource": 5, "max_resource": 2}, "below min_resource")):
+        with pytest.raises(ValueError, match=says):
+            SweepSpec.model_validate({"base": "b.yaml", "study_name": "t", "pruner": {"wrapped": wrapped}})

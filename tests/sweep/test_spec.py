@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SPACE = {
     "optim.lr_head": {"type": "float", "low": 1.0e-4, "high": 1.0e-1, "log": True},
     "optim.lr_encoder": {"type": "float", "low": 1.0e-6, "high": 1.0e-4, "log": True},
-    "train.unfreeze_epoch": {"type": "int", "low": 0, "high": 4},
+    "train.unfreeze_epoch": {"type": "int", "low": 0, "high": 2},  # below the fixed 3 epochs
     "loss.label_smoothing": {"type": "float", "low": 0.0, "high": 0.2, "step": 0.05},
     "train.accumulation_steps": {"type": "categorical", "choices": [1, 2, 4]},
     "model.head": {"type": "categorical", "choices": ["mlp", "linear"]},
@@ -41,7 +41,7 @@ def _no_storage_env(monkeypatch):
 
 def write_sweep(tmp_path, **changes):
     base = tmp_path / "tiny.yaml"
-    base.write_text(yaml.safe_dump({"name": "tiny", "train": {"epochs": 4, "batch_size": 2}}))
+    base.write_text(yaml.safe_dump({"name": "tiny", "train": {"epochs": 4, "batch_size": 2, "unfreeze_epoch": 1}}))
     tree = {"base": str(base), "study_name": "tiny", "fixed": {"train.epochs": 3}, "space": SPACE}
     tree.update(changes)
     path = tmp_path / "sweep.yaml"
@@ -130,7 +130,7 @@ def test_a_key_both_fixed_and_swept_is_an_error(tmp_path):
 def test_replay_command_round_trips_exactly_through_the_cli_parser(tmp_path):
     spec = load_sweep(write_sweep(tmp_path))
     study = optuna.create_study(sampler=build_sampler(spec))
-    awkward = {"optim.lr_head": 0.3 - 0.2, "optim.lr_encoder": 1.2345678901234567e-05, "train.unfreeze_epoch": 4,
+    awkward = {"optim.lr_head": 0.3 - 0.2, "optim.lr_encoder": 1.2345678901234567e-05, "train.unfreeze_epoch": 2,
                "loss.label_smoothing": 0.15, "train.accumulation_steps": 4, "model.head": "linear"}
     study.enqueue_trial(awkward)
     extra = ["data.uri=/data with space/aireadi"]
@@ -143,16 +143,18 @@ def test_replay_command_round_trips_exactly_through_the_cli_parser(tmp_path):
         for key, value in params.items():
             assert replayed[key] == value and type(replayed[key]) is type(value), key
         assert replayed["train.epochs"] == 3 and replayed["data.uri"] == "/data with space/aireadi"
+        assert (replayed["train.objective.metric"], replayed["train.objective.direction"]) == (
+            spec.objective.metric, spec.objective.direction)
         study.tell(trial, 0.5)
     assert study.trials[0].params["optim.lr_head"] == awkward["optim.lr_head"] != 0.1  # the enqueued float survived
 
 
-def test_trial_overrides_put_fixed_first_then_the_space_in_order(tmp_path):
-    spec = load_sweep(write_sweep(tmp_path))
+def test_trial_overrides_put_the_objective_and_fixed_first_then_the_space_in_order(tmp_path):
+    spec = load_sweep(write_sweep(tmp_path, objective={"metric": "val/loss", "direction": "minimize"}))
     params = {"model.head": "mlp", "train.accumulation_steps": 2, "loss.label_smoothing": 0.05,
               "train.unfreeze_epoch": 1, "optim.lr_encoder": 1e-05, "optim.lr_head": 0.0012}
     assert spec.trial_overrides(params) == [
-        "train.epochs=3", "optim.lr_head=0.0012", "optim.lr_encoder=1e-05", "train.unfreeze_epoch=1",
+        "train.objective.metric=val/loss", "train.objective.direction=minimize", "train.epochs=3", "optim.lr_head=0.0012", "optim.lr_encoder=1e-05", "train.unfreeze_epoch=1",
         "loss.label_smoothing=0.05", "train.accumulation_steps=2", "model.head=mlp",
     ]
     with pytest.raises(ValueError, match="unknown \\['optim.lr'\\].*missing \\['optim.lr_head'\\]"):
@@ -167,7 +169,7 @@ def test_fixed_values_mean_what_they_mean_on_the_command_line(tmp_path):
     assert spec.fixed["optim.weight_decay"] == 0.001
     lows = {"optim.lr_head": 1e-4, "optim.lr_encoder": 1e-6, "train.unfreeze_epoch": 0, "loss.label_smoothing": 0.0,
             "train.accumulation_steps": 1, "model.head": "mlp"}
-    assert spec.trial_overrides(lows)[:2] == ["train.epochs=3", "optim.weight_decay=0.001"]
+    assert spec.trial_overrides(lows)[2:4] == ["train.epochs=3", "optim.weight_decay=0.001"]
 
 
 def test_format_value_reads_back_exactly_or_refuses():
@@ -180,9 +182,9 @@ def test_format_value_reads_back_exactly_or_refuses():
 
 
 def test_sweep_overrides_address_fixed_and_space_entries(tmp_path):
-    spec = load_sweep(write_sweep(tmp_path), ["n_trials=2", "sampler.seed=7", "fixed.train.epochs=2",
+    spec = load_sweep(write_sweep(tmp_path), ["n_trials=2", "sampler.seed=7", "fixed.train.epochs=5",
                                               "space.optim.lr_head.high=0.5", "space.model.head=null"])
-    assert spec.n_trials == 2 and spec.sampler.seed == 7 and spec.fixed == {"train.epochs": 2}
+    assert spec.n_trials == 2 and spec.sampler.seed == 7 and spec.fixed == {"train.epochs": 5}
     assert spec.space["optim.lr_head"].high == 0.5 and "model.head" not in spec.space
     assert "'fixed.train.epochz'" not in error_of(write_sweep(tmp_path), ["fixed.train.epochz=2"])
     assert "'train.epochz'" in error_of(write_sweep(tmp_path), ["fixed.train.epochz=2"])
@@ -252,3 +254,14 @@ def test_suggest_draws_every_entry_within_its_distribution():
     # Fixed distributions give an ask() whose params match suggest()'s names and types.
     trial = study.ask(fixed_distributions=expected)
     assert set(trial.params) == set(SPACE) and suggest(trial, space) == trial.params
+
+
+def test_the_objective_belongs_to_the_objective_section(tmp_path):
+    message = error_of(write_sweep(tmp_path, fixed={"train.epochs": 3, "train.objective.metric": "val/loss"}))
+    assert "train.objective.metric is set by the sweep's objective" in message
+    assert "val/balanced_accuracy" in error_of(write_sweep(tmp_path, objective={"metric": "loss"}))
+
+
+def test_an_unfreeze_epoch_the_trials_never_reach_is_refused_at_load(tmp_path):
+    message = error_of(write_sweep(tmp_path), ["space.train.unfreeze_epoch.high=3"])
+    assert "'train.unfreeze_epoch' (value 3)" in message and "must be below train.epochs (3)" in message
