@@ -239,6 +239,11 @@ def audit(
         "manifest_missing": located.manifest_missing,
         "manifest_invalid": located.manifest_invalid,
         "labels_invalid": [{"row": r, "id": i, "reason": why} for r, i, why in labels.invalid],
+        "labels_conflicting": [
+            {"participant_id": c.participant_id, "rows": [{"row": n, "id": i, "class": k, "split": s} for n, i, k, s in c.rows]}
+            for c in labels.conflicts
+        ],
+        "labels_duplicate_rows_merged": labels.duplicate_rows,
         "seconds": None,
     }
     assert found == len(selected) + len(unlabeled) + len(unparsed) + len(excluded), "a file fell out of the accounting"
@@ -252,13 +257,15 @@ def audit(
         ),
     ]
     guards += split_class_guards(splits, min_per_class)
+    conflict_ids = [c.participant_id for c in labels.conflicts]
     guards.append(
         Guard(
-            "participant_in_one_split",
-            not labels.conflicting_splits,
-            "no participant in two splits"
-            if not labels.conflicting_splits
-            else f"{len(labels.conflicting_splits)} participants in two splits: {labels.conflicting_splits[:10]}",
+            "conflicting_labels",
+            not labels.conflicts,
+            f"every participant has one class and one split ({labels.duplicate_rows} identical duplicate rows merged)"
+            if not labels.conflicts
+            else f"{len(conflict_ids)} participants with rows of different classes or splits, left out: "
+            f"{', '.join(conflict_ids[:10])}{' ...' if len(conflict_ids) > 10 else ''}",
         )
     )
     n_duplicate_files = sum(len(group) - 1 for group in located.duplicates)
@@ -336,6 +343,8 @@ def format_report(report: AuditReport) -> str:
         ("manifest rows without a file", d["manifest_missing"], lambda r: f"row {r['row']}: {r['filepath']}"),
         ("ID mismatches", d["id_mismatches"], lambda r: str(r)),
         ("unusable label rows", d["labels_invalid"], lambda r: f"row {r['row']}: {r['reason']}"),
+        ("conflicting label rows", d["labels_conflicting"], lambda r: f"{r['participant_id']}: " + ", ".join(
+            f"row {x['row']} {x['id']!r} {x['class']}/{x['split'] or '-'}" for x in r["rows"])),
     ):
         if rows:
             lines.append(f"{title} ({len(rows)}):")

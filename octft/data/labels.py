@@ -26,18 +26,29 @@ class LabelsError(OctftError, ValueError):
     """A labels file that cannot be used at all (the message names the file and what to do)."""
 
 
+@dataclass(frozen=True)
+class LabelConflict:
+    """One participant whose label rows disagree: each row as (row number, raw id, class name, split)."""
+
+    participant_id: str
+    rows: tuple[tuple[int, str, str, str | None], ...]
+
+
 @dataclass
 class Labels:
     """Usable labels plus every row that could not be used, with the reason.
 
     `table` columns: participant_id (canonical str), label (int, index into CLASSES), class_name, split.
-    `invalid` rows: (row number in the file, raw id, reason). `split_source` is "recommended_split"
-    or "stratified(seed=...)".
+    `invalid` rows: (row number in the file, raw id, reason). `conflicts`: participants whose rows (after ID
+    normalisation: `1001` and `01001` are one) disagree on class or split, with the rows; they are left out
+    of `table`, so that no first row silently wins. `duplicate_rows`: rows that repeat an earlier row of
+    the same participant exactly, merged into it. `split_source` is "recommended_split" or "stratified(seed=...)".
     """
 
     table: pd.DataFrame
     invalid: list[tuple[int, str, str]] = field(default_factory=list)
-    conflicting_splits: list[str] = field(default_factory=list)
+    conflicts: list[LabelConflict] = field(default_factory=list)
+    duplicate_rows: int = 0
     split_source: str = "recommended_split"
     source: str = ""
 
@@ -129,19 +140,23 @@ def load_labels(
             if split is None:
                 invalid.append((number, raw_id, f"recommended_split {record['recommended_split']!r} is not one of {list(SPLITS)}"))
                 continue
-        rows.append((pid, index, split, number))
+        rows.append((pid, index, split, number, raw_id))
 
-    # One participant, one class, one split. Zero-padded duplicates collapse here too.
+    # One participant, one class, one split. Zero-padded duplicates collapse here too: identical rows merge,
+    # disagreeing ones leave the participant out and are reported.
+    by_participant: dict[str, list[tuple[int, str | None, int, str]]] = {}
+    for pid, index, split, number, raw_id in rows:
+        by_participant.setdefault(pid, []).append((index, split, number, raw_id))
     table: dict[str, tuple[int, str | None, int]] = {}
-    conflicting: list[str] = []
-    for pid, index, split, number in rows:
-        if pid in table:
-            previous_index, previous_split, previous_row = table[pid]
-            if previous_split != split:
-                conflicting.append(pid)
-            if previous_index != index:
-                invalid.append((number, pid, f"participant {pid} also on row {previous_row} with another study_group"))
+    conflicts: list[LabelConflict] = []
+    duplicate_rows = 0
+    for pid, entries in by_participant.items():
+        if len({(index, split) for index, split, _, _ in entries}) > 1:
+            conflicts.append(LabelConflict(pid, tuple(
+                (number, raw_id, CLASSES[index], split) for index, split, number, raw_id in entries)))
             continue
+        duplicate_rows += len(entries) - 1
+        index, split, number, _ = entries[0]
         table[pid] = (index, split, number)
 
     split_source = "recommended_split"
@@ -160,4 +175,5 @@ def load_labels(
             "split": [table[p][1] for p in ids],
         }
     )
-    return Labels(result, invalid, sorted(set(conflicting)), split_source, label)
+    conflicts.sort(key=lambda conflict: conflict.rows[0][0])
+    return Labels(result, invalid, conflicts, duplicate_rows, split_source, label)

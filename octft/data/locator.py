@@ -12,6 +12,7 @@ the reason in `problem`, so callers count it instead of dropping it.
 from __future__ import annotations
 
 import io
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -89,12 +90,23 @@ def _int_or_none(value: object) -> int | None:
         return None
 
 
+_LATERALITY_TOKENS = {"l": "L", "left": "L", "os": "L", "r": "R", "right": "R", "od": "R"}
+
+
 def _name_tokens(name: str) -> tuple[str | None, str | None, str | None]:
-    """(leading id, laterality, region) from an AI-READI file name like `1001_maestro2_macula_oct_l_<uid>.dcm`."""
-    stem = name.split(".", 1)[0] if not name[:1].isdigit() else name
-    tokens = stem.lower().replace("-", "_").split("_")
+    """(leading id, laterality, region) from an AI-READI file name like `1001_maestro2_macula_oct_l_<uid>.dcm`.
+
+    The extension goes first, so a token just before it counts like any other (`..._oct_r.dcm`,
+    `..._l_macula.dcm`); tokens split at `_`, `-`, `.` and spaces (a DICOM UID's dots leave only digits).
+
+    >>> _name_tokens("1001_maestro2_oct_l_macula.dcm")
+    ('1001', 'L', 'macula')
+    """
+    extension = file_extension(name)
+    stem = name[: -len(extension)] if extension != "(none)" else name
+    tokens = re.split(r"[_\-. ]+", stem.lower())
     leading = tokens[0] if tokens and tokens[0].isdigit() else None
-    laterality = next((t.upper() for t in tokens[1:] if t in ("l", "r")), None)
+    laterality = next((_LATERALITY_TOKENS[t] for t in tokens[1:] if t in _LATERALITY_TOKENS), None)
     region = "macula" if "macula" in tokens else "optic_disc" if ("disc" in tokens or "optic" in tokens) else None
     return leading, laterality, region
 

@@ -60,10 +60,27 @@ def test_bad_rows_are_reported_not_dropped_silently():
 
 
 def test_participant_in_two_splits_is_caught_even_when_zero_padded():
-    data = _tsv([(1001, "healthy", "train"), ("01001", "healthy", "val")])
+    data = _tsv([(1001, "healthy", "train"), ("01001", "healthy", "val"), (1002, "healthy", "train")])
     labels = load_labels(data)
-    assert labels.conflicting_splits == ["1001"]
-    assert len(labels.table) == 1
+    assert [c.participant_id for c in labels.conflicts] == ["1001"]
+    assert list(labels.table.participant_id) == ["1002"]  # no first row wins
+
+
+def test_participant_in_two_classes_is_a_conflict_naming_both_rows():
+    data = _tsv([(1001, "healthy", "train"), ("01001", "insulin_dependent", "train")])
+    labels = load_labels(data)
+    (conflict,) = labels.conflicts
+    assert conflict.participant_id == "1001"
+    assert conflict.rows == ((2, "1001", "healthy", "train"), (3, "01001", "insulin_dependent", "train"))
+    assert labels.table.empty and labels.invalid == []
+
+
+def test_identical_duplicate_rows_are_merged_and_counted():
+    data = _tsv([(1001, "healthy", "train"), ("01001", "healthy", "train"), ("sub-1001", "healthy", "train"),
+                 (1002, "healthy", "val")])
+    labels = load_labels(data)
+    assert labels.conflicts == [] and labels.duplicate_rows == 2
+    assert list(labels.table.participant_id) == ["1001", "1002"]
 
 
 def test_missing_columns_message_names_file_and_columns():

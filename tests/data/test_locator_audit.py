@@ -164,3 +164,49 @@ def test_a_file_name_that_disagrees_with_its_folder_is_reported(tmp_path):
     assert {"key": f"{OCT}/zeiss_cirrus/1000/4555_cirrus_macula_oct_l_q.dcm", "folder_id": "1000",
             "file_name_id": "4555"} in d["id_mismatches"]
     assert d["files"]["matched"] == 25  # the folder decides; the mismatch is reported, not dropped
+
+
+def test_contradicting_label_rows_fail_the_conflicting_labels_guard(tmp_path):
+    rows = make_release(tmp_path, with_manifest=True)
+    first = rows[0][0]
+    # The same participant again, zero-padded, in another class: one of the two rows must be wrong.
+    text = (tmp_path / "participants.tsv").read_text() + f"0{first}\tinsulin_dependent\t{rows[0][2]}\n"
+    (tmp_path / "participants.tsv").write_text(text)
+    report = audit_dataset(str(tmp_path), min_per_class=1)
+    guards = {g.name: g for g in report.guards}
+    assert not guards["conflicting_labels"].passed and first in guards["conflicting_labels"].detail
+    assert "conflicting_labels" in [g.name for g in report.failed_guards(())]
+    assert "conflicting_labels" not in [g.name for g in report.failed_guards(["conflicting_labels"])]
+    summary = report.to_dict()
+    assert summary["labels_conflicting"][0]["participant_id"] == first
+    # Its files are counted as unlabeled, never trained on under either class.
+    assert first in summary["participants"]["oct_without_labels"] and first not in set(report.volumes.participant_id)
+
+
+def test_identical_duplicate_label_rows_pass_and_are_counted(tmp_path):
+    rows = make_release(tmp_path, with_manifest=True)
+    pid, group, split = rows[0]
+    (tmp_path / "participants.tsv").write_text((tmp_path / "participants.tsv").read_text() + f"0{pid}\t{group}\t{split}\n")
+    report = audit_dataset(str(tmp_path))
+    assert report.passed and report.to_dict()["labels_duplicate_rows_merged"] == 1
+    assert "1 identical duplicate rows merged" in {g.name: g for g in report.guards}["conflicting_labels"].detail
+
+
+@pytest.mark.parametrize("name, laterality, region", [
+    ("{pid}_maestro2_oct_r.dcm", "R", None),
+    ("{pid}_maestro2_oct_l_macula.dcm", "L", "macula"),
+    ("{pid}_maestro2_macula_oct_l_1.2.840.1.dcm", "L", "macula"),
+    ("{pid}_cirrus_optic_disc_OD.nii.gz", "R", "optic_disc"),
+    ("{pid}-spectralis-macula-left", "L", "macula"),
+])
+def test_laterality_and_region_are_found_anywhere_in_the_file_name(name, laterality, region):
+    item = parse_key(f"{OCT}/zeiss_cirrus/1001/{name.format(pid=1001)}", 10)
+    assert (item.participant_id, item.laterality, item.region, item.problem) == ("1001", laterality, region, None)
+
+
+def test_without_a_manifest_a_region_last_in_the_name_is_selected(tmp_path):
+    write(tmp_path, f"{OCT}/topcon_maestro2/1001/1001_maestro2_oct_l_macula.dcm", b"a" * 20)
+    write(tmp_path, f"{OCT}/topcon_maestro2/1001/1001_maestro2_oct_r_macula.dcm", b"b" * 20)
+    (tmp_path / "participants.tsv").write_bytes(labels_tsv([("1001", "healthy", "train")]))
+    report = audit_dataset(str(tmp_path), min_per_class=0)
+    assert sorted(report.volumes.laterality) == ["L", "R"] and set(report.volumes.region) == {"macula"}
