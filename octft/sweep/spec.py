@@ -18,6 +18,7 @@ import json
 import numbers
 import os
 import shlex
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -44,27 +45,66 @@ class MlflowSpec(_Strict):
 OBJECTIVE_KEYS = ("train.objective.metric", "train.objective.direction")
 
 
-_TPE_ONLY = ("n_startup_trials", "n_ei_candidates", "multivariate", "group", "constant_liar")
+# The arguments each sampler is built with (besides `seed`), in the order they are recorded.
+SAMPLER_ARGUMENTS: dict[str, tuple[str, ...]] = {
+    "tpe": ("n_startup_trials", "n_ei_candidates", "multivariate", "group", "constant_liar"),
+    "random": (),
+    "gp": ("n_startup_trials", "deterministic_objective"),
+    "cmaes": ("n_startup_trials", "sigma0", "popsize", "consider_pruned_trials", "use_separable_cma", "with_margin",
+              "lr_adapt"),
+    "qmc": ("qmc_type", "scramble"),
+}
+# Optuna's own default of n_startup_trials differs by sampler; the recorded value is always the one used.
+_DEFAULT_STARTUP = {"tpe": 10, "gp": 10, "cmaes": 1}
 
 
 class SamplerSpec(_Strict):
-    """Optuna's sampler, every argument spelled out: Optuna 5 changed TPE's defaults once and may again."""
+    """Optuna's sampler, every argument spelled out: Optuna 5 changed TPE's defaults once and may again.
 
-    type: Literal["tpe", "random"] = "tpe"
+    - `tpe`: the default; with `constant_liar`, parallel workers avoid the points their running trials hold.
+    - `random`: independent draws.
+    - `gp`: Gaussian-process Bayesian optimisation, for few expensive trials. It has no constant liar: it
+      ignores running trials, so K parallel workers may propose K nearly identical points; use it with
+      one or two workers.
+    - `cmaes`: CMA-ES over float and int parameters (categorical ones fall back to random draws); its
+      generations need many trials (tens at least).
+    - `qmc`: a quasi-random (Sobol or Halton) sequence that spreads trials evenly. All workers share one
+      sequence: they get the same seed (no per-worker offset) and Optuna hands out its points in order.
+    Each worker of each launch gets `seed` + an offset (except `qmc`), so that workers do not repeat each
+    other's random draws.
+    """
+
+    type: Literal["tpe", "random", "gp", "cmaes", "qmc"] = "tpe"
     seed: int | None = 0
-    n_startup_trials: int = Field(10, ge=0)
-    n_ei_candidates: int = Field(24, ge=1)
+    n_startup_trials: int | None = Field(None, ge=0)  # tpe, gp (default 10), cmaes (default 1)
+    n_ei_candidates: int = Field(24, ge=1)  # tpe
     multivariate: bool = True
     group: bool = False
     constant_liar: bool = True
+    deterministic_objective: bool = False  # gp
+    sigma0: float | None = Field(None, gt=0)  # cmaes
+    popsize: int | None = Field(None, ge=1)
+    consider_pruned_trials: bool = False
+    use_separable_cma: bool = False
+    with_margin: bool = False
+    lr_adapt: bool = False
+    qmc_type: Literal["sobol", "halton"] = "sobol"  # qmc
+    scramble: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> "SamplerSpec":
-        misplaced = sorted(set(_TPE_ONLY) & self.model_fields_set)
-        if self.type == "random" and misplaced:
-            raise ValueError(f"{', '.join(misplaced)} apply to type: tpe only; remove them or set type: tpe")
+        allowed = set(SAMPLER_ARGUMENTS[self.type]) | {"type", "seed"}
+        misplaced = sorted(self.model_fields_set - allowed)
+        if misplaced:
+            owners = {name: [kind for kind, names in SAMPLER_ARGUMENTS.items() if name in names] for name in misplaced}
+            raise ValueError("; ".join(f"{name} applies to type: {' / '.join(owners[name])}" for name in misplaced)
+                             + f", not type: {self.type}; remove it")
         if self.group and not self.multivariate:
             raise ValueError("group: true needs multivariate: true")
+        if self.type == "qmc" and self.scramble and self.seed is None:
+            raise ValueError("qmc with scramble: true needs a seed: every worker must scramble the same sequence")
+        if self.type == "cmaes" and self.use_separable_cma and self.with_margin:
+            raise ValueError("use_separable_cma and with_margin cannot both be true (Optuna's CMA-ES refuses it)")
         return self
 
 
@@ -253,13 +293,19 @@ def sampler_settings(spec: SweepSpec, *, seed_offset: int = 0) -> dict[str, Any]
     """Every argument the sampler is built with, for recording with the study (MLflow params, study attrs).
 
     `seed_offset` (a worker's index) gives each parallel worker its own seed; otherwise workers that start
-    together draw the same random startup trials.
+    together draw the same random startup trials. `qmc` ignores it: its workers share one sequence.
     """
     sampler = spec.sampler
+    if sampler.type == "qmc":
+        seed_offset = 0
     seed = None if sampler.seed is None else sampler.seed + seed_offset
-    if sampler.type == "random":
-        return {"type": "random", "seed": seed}
-    return {"type": "tpe", "seed": seed, **{name: getattr(sampler, name) for name in _TPE_ONLY}}
+    settings: dict[str, Any] = {"type": sampler.type, "seed": seed}
+    for name in SAMPLER_ARGUMENTS[sampler.type]:
+        value = getattr(sampler, name)
+        if name == "n_startup_trials" and value is None:
+            value = _DEFAULT_STARTUP[sampler.type]
+        settings[name] = value
+    return settings
 
 
 def build_sampler(spec: SweepSpec, *, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
@@ -269,9 +315,19 @@ def build_sampler(spec: SweepSpec, *, seed_offset: int = 0) -> optuna.samplers.B
     """
     settings = sampler_settings(spec, seed_offset=seed_offset)
     arguments = {name: value for name, value in settings.items() if name != "type"}
-    if settings["type"] == "random":
+    kind = settings["type"]
+    if kind == "random":
         return optuna.samplers.RandomSampler(**arguments)
-    return optuna.samplers.TPESampler(**arguments)
+    if kind == "tpe":
+        return optuna.samplers.TPESampler(**arguments)
+    # The experimental samplers warn on construction; the warning says nothing the spec does not.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if kind == "gp":
+            return optuna.samplers.GPSampler(**arguments)
+        if kind == "cmaes":
+            return optuna.samplers.CmaEsSampler(**arguments)
+        return optuna.samplers.QMCSampler(**arguments)
 
 
 def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepSpec:

@@ -1,4 +1,5 @@
 import inspect
+import json
 import math
 import shlex
 import warnings
@@ -265,3 +266,79 @@ def test_the_objective_belongs_to_the_objective_section(tmp_path):
 def test_an_unfreeze_epoch_the_trials_never_reach_is_refused_at_load(tmp_path):
     message = error_of(write_sweep(tmp_path), ["space.train.unfreeze_epoch.high=3"])
     assert "'train.unfreeze_epoch' (value 3)" in message and "must be below train.epochs (3)" in message
+
+
+NUMERIC_ONLY = ["space.model.head=null", "space.train.accumulation_steps=null"]
+
+
+@pytest.mark.parametrize("kind, cls, left_at_default", [
+    ("gp", optuna.samplers.GPSampler, {"independent_sampler", "constraints_func", "warn_independent_sampling"}),
+    ("cmaes", optuna.samplers.CmaEsSampler, {"x0", "independent_sampler", "warn_independent_sampling",
+                                             "restart_strategy", "inc_popsize", "source_trials"}),
+    ("qmc", optuna.samplers.QMCSampler, {"independent_sampler", "warn_asynchronous_seeding",
+                                         "warn_independent_sampling"}),
+])
+def test_gp_cmaes_and_qmc_samplers_are_built_with_recorded_settings(tmp_path, kind, cls, left_at_default):
+    spec = load_sweep(write_sweep(tmp_path, sampler={"type": kind, "seed": 5}), NUMERIC_ONLY)
+    settings = sampler_settings(spec)
+    current = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    # Every argument is either recorded or deliberately left at Optuna's default (callables, fallbacks).
+    assert set(settings) - {"type"} == current - left_at_default
+    assert settings["type"] == kind and settings["seed"] == 5
+    if kind in ("gp", "cmaes"):
+        assert settings["n_startup_trials"] == {"gp": 10, "cmaes": 1}[kind]
+    sampler = build_sampler(spec)
+    assert type(sampler) is cls
+
+    def draws():
+        study = optuna.create_study(sampler=build_sampler(spec))
+        out = []
+        for number in range(6):
+            trial = study.ask()
+            out.append(suggest(trial, spec.space))
+            study.tell(trial, -abs(out[-1]["optim.lr_head"] - 0.003))
+        return out
+
+    first = draws()
+    assert first == draws()  # seeded: repeatable
+    for params in first:
+        assert 1e-4 <= params["optim.lr_head"] <= 1e-1 and params["train.unfreeze_epoch"] in (0, 1, 2)
+
+
+def test_cmaes_runs_its_evolution_on_the_study(tmp_path):
+    spec = load_sweep(write_sweep(tmp_path, sampler={"type": "cmaes", "seed": 1, "popsize": 4}), NUMERIC_ONLY)
+    study = optuna.create_study(sampler=build_sampler(spec))
+    for _ in range(10):
+        trial = study.ask()
+        params = suggest(trial, spec.space)
+        study.tell(trial, -abs(params["optim.lr_head"] - 0.003))
+    # CMA-ES keeps its generation in trial system attrs: it sampled, not the random fallback.
+    assert any(key.startswith("cma:") for trial in study.trials for key in trial.system_attrs)
+
+
+def test_qmc_workers_share_one_sequence(tmp_path):
+    spec = load_sweep(write_sweep(tmp_path, sampler={"type": "qmc", "seed": 3, "scramble": True}), NUMERIC_ONLY)
+    assert sampler_settings(spec, seed_offset=1)["seed"] == 3  # no per-worker seed
+
+    def run(studies):
+        for number in range(8):
+            study = studies[number % len(studies)]
+            trial = study.ask()
+            suggest(trial, spec.space)
+            study.tell(trial, 0.0)
+        return [t.params for t in studies[0].get_trials()]
+
+    alone = run([optuna.create_study(sampler=build_sampler(spec), storage=f"sqlite:///{tmp_path / 'a.db'}", study_name="q")])
+    storage = f"sqlite:///{tmp_path / 'b.db'}"
+    optuna.create_study(storage=storage, study_name="q")
+    workers = [optuna.load_study(study_name="q", storage=storage, sampler=build_sampler(spec, seed_offset=index))
+               for index in range(2)]
+    # Two workers taking turns draw exactly the points one sampler would: one sequence, no repeats.
+    assert run(workers) == alone
+    assert len({json.dumps(p, sort_keys=True) for p in alone}) == 8
+
+
+def test_sampler_settings_belong_to_their_type(tmp_path):
+    assert "sigma0 applies to type: cmaes" in error_of(write_sweep(tmp_path, sampler={"type": "gp", "sigma0": 0.1}))
+    assert "constant_liar applies to type: tpe" in error_of(write_sweep(tmp_path, sampler={"type": "qmc", "constant_liar": True}))
+    assert "needs a seed" in error_of(write_sweep(tmp_path, sampler={"type": "qmc", "seed": None, "scramble": True}))
