@@ -218,7 +218,7 @@ def cmd_sweep_launch(args) -> int:
     result = launch(
         args.spec, n_trials=args.n_trials, workers=args.workers, devices_per_trial=args.devices_per_trial,
         storage=args.storage, overrides=args.overrides, heartbeat_interval=args.heartbeat_interval,
-        grace_period=args.grace_period,
+        grace_period=args.grace_period, enqueue_from=args.enqueue_from, enqueue_top=args.enqueue_top,
     )
     counts = ", ".join(f"{count} {state.lower()}" for state, count in result.counts.items() if count)
     print(f"study {result.study_name}: {counts}; trial folders under {result.study_dir}; "
@@ -328,6 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
     sweep_arguments(launch)
     launch.add_argument("--n-trials", type=int, help="trials in the whole study, all workers and hosts together")
     launch.add_argument("--workers", type=int, default=1, help="worker processes on this host (default 1)")
+    launch.add_argument("--enqueue-from", metavar="SOURCE",
+                        help="warm start: an earlier sweep file (its best trials) or models:/NAME@champion (its params)")
+    launch.add_argument("--enqueue-top", type=int, default=3, metavar="K",
+                        help="with a sweep file as SOURCE: how many of its best trials (default 3)")
     launch.add_argument("--devices-per-trial", type=int, default=1, help="devices each worker's trial trains on")
     launch.add_argument("--heartbeat-interval", type=int, default=10,
                         help="seconds between a running trial's heartbeats (default 10)")

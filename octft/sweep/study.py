@@ -22,7 +22,7 @@ import sys
 import time
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -353,6 +353,7 @@ class LaunchResult:
     worker_exit_codes: list[int]
     counts: dict[str, int]  # trials per state after the launch
     reaped: list[int]  # trials found dead at launch (FAIL, retried)
+    enqueued: list[dict[str, Any]] = field(default_factory=list)  # warm-start parameter sets enqueued now
 
 
 def launch(
@@ -365,11 +366,14 @@ def launch(
     overrides: Sequence[str] = (),
     heartbeat_interval: int = DEFAULT_HEARTBEAT_S,
     grace_period: int | None = None,
+    enqueue_from: str | None = None,
+    enqueue_top: int = 3,
 ) -> LaunchResult:
     """Create or resume the study of `spec_path` and run `workers` worker processes until the budget is spent.
 
     `overrides`: key=value pairs; sweep-file keys (n_trials, fixed.*, sampler.*, ...) change the spec,
-    all others the base experiment of every trial (e.g. data.uri=/data/aireadi).
+    all others the base experiment of every trial (e.g. data.uri=/data/aireadi). `enqueue_from`: an earlier
+    sweep file or `models:/NAME@champion` whose params are tried first (`octft.sweep.warmstart`).
     """
     if workers < 1 or devices_per_trial < 1:
         raise ConfigError(f"--workers ({workers}) and --devices-per-trial ({devices_per_trial}) must be at least 1")
@@ -390,6 +394,15 @@ def launch(
     reaped = reap_stale_trials(study, rdb, tracking_uri)
     if reaped:
         print(f"trials {reaped} of study {spec.study_name!r} lost their worker: marked FAIL, retried once", flush=True)
+    enqueued: list[dict[str, Any]] = []
+    if enqueue_from:
+        from octft.sweep.warmstart import warm_start
+
+        with study_lock(rdb, spec.study_name):  # two hosts launching together enqueue each set once
+            enqueued = warm_start(study, spec, enqueue_from, top=enqueue_top, tracking_uri=tracking_uri,
+                                  parent_run_id=parent_run_id)
+        print(f"warm start from {enqueue_from}: {len(enqueued)} parameter sets enqueued"
+              + "".join(f"\n  {entry['origin']}" for entry in enqueued), flush=True)
     directory = study_dir(spec, experiment_overrides)
     directory.mkdir(parents=True, exist_ok=True)
 
@@ -426,4 +439,4 @@ def launch(
     counts = {state.name: sum(1 for t in trials if t.state == state) for state in TrialState}
     if not counts["RUNNING"] and not counts["WAITING"]:
         end_parent_run(tracking_uri, parent_run_id)
-    return LaunchResult(spec.study_name, directory, parent_run_id, codes, counts, reaped)
+    return LaunchResult(spec.study_name, directory, parent_run_id, codes, counts, reaped, enqueued)

@@ -1,0 +1,168 @@
+"""Warm start: enqueue parameter sets that did well before, so a new study tries them first.
+
+    octft sweep launch sweeps/scenario_a.yaml --enqueue-from sweeps/demo.yaml --enqueue-top 3
+    octft sweep launch sweeps/scenario_a.yaml --enqueue-from models:/octft-scenario-a@champion
+
+A source is an earlier sweep file (its study's best `top` COMPLETE trials, ranked in that study's
+direction) or a registered model (`models:/NAME@ALIAS` or `models:/NAME/VERSION`: the params of the run
+the version was registered from, i.e. what it was trained with). Each set goes to Optuna's
+`enqueue_trial`, so it counts against `n_trials` and is taken before any sampled trial. A parameter the new
+space does not have, or a value outside its range or choices, is refused with the names; a space key the
+source lacks is sampled as usual. Sets already in the study (a relaunch) are not enqueued twice.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from octft.config import parse_override
+from octft.errors import OctftError
+from octft.sweep.space import CategoricalParam, FloatParam, IntParam, Param, distributions
+from octft.sweep.spec import SweepSpec, format_value
+
+MODEL_PREFIX = "models:/"
+ENQUEUED_ATTR = "enqueued_from"
+
+
+class WarmStartError(OctftError, ValueError):
+    """A warm-start source that cannot be used; the message names the source and the parameters."""
+
+
+@dataclass(frozen=True)
+class WarmStart:
+    """One parameter set to enqueue and where it came from (a trial of a study, or a model version's run)."""
+
+    origin: str
+    params: dict[str, Any]
+
+
+def from_sweep(path: str, top: int) -> list[WarmStart]:
+    """The best `top` COMPLETE trials of the study of sweep file `path`, best first."""
+    from octft.sweep.spec import load_sweep
+    from octft.sweep.study import open_storage
+
+    source = load_sweep(path)
+    storage = open_storage(source.storage, heartbeat_interval=None)
+    try:
+        study = optuna.load_study(study_name=source.study_name, storage=storage)
+    except KeyError:
+        raise WarmStartError(
+            f"--enqueue-from {path}: study {source.study_name!r} does not exist in {source.storage_redacted}"
+        ) from None
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if t.value is not None and not math.isnan(t.value)]
+    if not complete:
+        raise WarmStartError(f"--enqueue-from {path}: study {source.study_name!r} has no completed trial to start from")
+    sign = -1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1.0
+    ranked = sorted(complete, key=lambda t: (sign * t.value, t.number))[:top]
+    return [WarmStart(f"{path} trial {t.number} ({source.objective.metric} {t.value:.4g})", dict(t.params)) for t in ranked]
+
+
+def from_model(uri: str, tracking_uri: str, space: dict[str, Param]) -> list[WarmStart]:
+    """The space's params as logged on the run that registered model version `uri` (MLflow params are text)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    reference = uri.removeprefix(MODEL_PREFIX)
+    client = MlflowClient(tracking_uri)
+    try:
+        if "@" in reference:
+            name, alias = reference.split("@", 1)
+            version = client.get_model_version_by_alias(name, alias)
+        elif "/" in reference:
+            name, number = reference.rsplit("/", 1)
+            version = client.get_model_version(name, number)
+        else:
+            raise WarmStartError(f"--enqueue-from {uri}: write models:/NAME@ALIAS or models:/NAME/VERSION")
+        logged = client.get_run(version.run_id).data.params
+    except MlflowException as error:
+        raise WarmStartError(f"--enqueue-from {uri}: not found in the MLflow registry at {tracking_uri} "
+                             f"({str(error).splitlines()[0]})") from None
+    missing = sorted(set(space) - set(logged))
+    if missing:
+        raise WarmStartError(f"--enqueue-from {uri}: run {version.run_id} has no params {', '.join(missing)}; "
+                             "it was not trained with these keys")
+    params = {key: _from_text(logged[key], entry) for key, entry in space.items()}
+    return [WarmStart(f"{MODEL_PREFIX}{version.name} version {version.version} (run {version.run_id})", params)]
+
+
+def _from_text(text: str, entry: Param) -> Any:
+    # Params are logged with str() (None -> "None", True -> "True"); read them as the override parser would.
+    value = None if text == "None" else parse_override(f"key={text}")[1]
+    if text in ("True", "False"):
+        value = text == "True"
+    if isinstance(entry, FloatParam) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(entry, IntParam) and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def check_in_space(starts: list[WarmStart], space: dict[str, Param], source: str) -> None:
+    """Refuse parameters the space does not have and values outside it, naming each one."""
+    dists = distributions(space)
+    problems = []
+    for start in starts:
+        unknown = sorted(set(start.params) - set(space))
+        if unknown:
+            problems.append(f"{start.origin}: {', '.join(unknown)} not in the space")
+        for key, value in start.params.items():
+            if key in dists and not _contains(dists[key], value):
+                problems.append(f"{start.origin}: {key}={format_value(value)} outside {_describe(space[key])}")
+    if problems:
+        raise WarmStartError(
+            f"--enqueue-from {source}: parameters outside the new space ({'; '.join(problems)}); widen the space "
+            f"(space.<key>.low/high/choices) or start from another source"
+        )
+
+
+def _contains(distribution: optuna.distributions.BaseDistribution, value: Any) -> bool:
+    try:
+        return distribution._contains(distribution.to_internal_repr(value))
+    except (ValueError, TypeError):
+        return False
+
+
+def _describe(entry: Param) -> str:
+    if isinstance(entry, CategoricalParam):
+        return f"choices {entry.choices}"
+    return f"{entry.low}..{entry.high}"
+
+
+def enqueue(study: optuna.Study, starts: list[WarmStart], source: str) -> list[dict[str, Any]]:
+    """Enqueue each set unless the study already holds it; return what was enqueued (for the records)."""
+    enqueued = []
+    for start in starts:
+        before = len(study.get_trials(deepcopy=False))
+        study.enqueue_trial(start.params, user_attrs={ENQUEUED_ATTR: start.origin}, skip_if_exists=True)
+        if len(study.get_trials(deepcopy=False)) > before:
+            enqueued.append({"source": source, **asdict(start)})
+    return enqueued
+
+
+def warm_start(study: optuna.Study, spec: SweepSpec, source: str, *, top: int, tracking_uri: str,
+               parent_run_id: str) -> list[dict[str, Any]]:
+    """Read `source`, check it against `spec.space`, enqueue it and record it on the study and its parent run."""
+    if top < 1:
+        raise WarmStartError(f"--enqueue-top must be at least 1, got {top}")
+    if source.startswith(MODEL_PREFIX):
+        starts = from_model(source, tracking_uri, spec.space)
+    else:
+        starts = from_sweep(source, top)
+    check_in_space(starts, spec.space, source)
+    enqueued = enqueue(study, starts, source)
+    if enqueued:
+        history = list(study.user_attrs.get(ENQUEUED_ATTR, [])) + enqueued
+        study.set_user_attr(ENQUEUED_ATTR, history)
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri)
+        client.set_tag(parent_run_id, "octft.enqueued_from", json.dumps(sorted({e["source"] for e in history}))[:5000])
+        client.log_dict(parent_run_id, history, "warm_start.json")
+    return enqueued
