@@ -295,10 +295,11 @@ def fit(
         })
         value = metrics[objective_metric]
         tracker.log_metrics(metrics, step=epoch)
-        state["history"].append({"epoch": epoch, **{k: metrics[k] for k in ("train/loss", "val/loss", "val/balanced_accuracy")}})
+        state["history"].append({"epoch": epoch, **{k: metrics[k] for k in ("train/loss", "val/loss", "val/balanced_accuracy",
+                                                                            objective_metric)}})
         print(
             f"epoch {epoch:3d}  train/loss {train_loss:.4f}  val/loss {metrics['val/loss']:.4f}  "
-            f"val/balanced_accuracy {value:.3f}  val/macro_f1 {metrics['val/macro_f1']:.3f}  "
+            f"val/balanced_accuracy {metrics['val/balanced_accuracy']:.3f}  val/macro_f1 {metrics['val/macro_f1']:.3f}  "
             f"encoder {'trainable' if encoder_trainable else 'frozen'}  {epoch_seconds:.1f}s",
             flush=True,
         )

@@ -188,3 +188,21 @@ def test_unknown_config_key_is_named(data, tmp_path, capsys):
     assert "unknown key 'train.epochz'" in error and "epochs" in error
     assert str(DEMO) in error
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_resume_of_a_finished_run_prints_its_outcome_and_leaves_it_alone(finished_run, data, capsys):
+    client, before = mlflow_run(finished_run)
+    last = finished_run / "last.pt"
+    modified = last.stat().st_mtime_ns
+    capsys.readouterr()
+
+    # Asked for more epochs: a resumable run would train on.
+    assert main(train_args(data, finished_run, "train.epochs=6", "train.unfreeze_epoch=1",
+                           "train.early_stopping_patience=null", "--resume")) == 0
+
+    out = capsys.readouterr().out
+    assert "already ended: completed after 3 epochs" in out and "not training further" in out
+    assert "epoch   3" not in out
+    _, after = mlflow_run(finished_run)
+    assert (after.info.status, after.info.end_time) == (before.info.status, before.info.end_time)
+    assert last.stat().st_mtime_ns == modified
