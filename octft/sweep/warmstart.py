@@ -95,8 +95,6 @@ def from_model(uri: str, tracking_uri: str, space: dict[str, Param]) -> list[War
 def _from_text(text: str, entry: Param) -> Any:
     # Params are logged with str() (None -> "None", True -> "True"); read them as the override parser would.
     value = None if text == "None" else parse_override(f"key={text}")[1]
-    if text in ("True", "False"):
-        value = text == "True"
     if isinstance(entry, FloatParam) and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if isinstance(entry, IntParam) and isinstance(value, float) and value.is_integer():
