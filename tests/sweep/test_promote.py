@@ -105,7 +105,7 @@ def sweep(tmp_path_factory):
         "base": str(root / "base.yaml"), "study_name": "promote-test", "storage": storage,
         "mlflow": {"tracking_uri": tracking_uri, "experiment": "promote-test"},
         "space": {"optim.lr_head": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True},
-                  "train.unfreeze_epoch": {"type": "int", "low": 0, "high": 2}},
+                  "train.unfreeze_epoch": {"type": "int", "low": 0, "high": 1}},
         "promote": {"model_name": MODEL_NAME, "min_class_f1": 0.05},
     }))
     return spec_path, trained, data, tracking_uri

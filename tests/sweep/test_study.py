@@ -64,10 +64,10 @@ def write_spec(directory: Path, *, study_name: str, storage: str, n_trials: int,
         "fixed": {"train.epochs": 2},
         "space": space or {
             "optim.lr_head": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True},
-            "train.unfreeze_epoch": {"type": "int", "low": 0, "high": 2},
+            "train.unfreeze_epoch": {"type": "int", "low": 0, "high": 1},  # below the 2 epochs
         },
         "sampler": {"type": "random", "seed": 0},
-        # Strict: a collapsed epoch after unfreezing prunes at once, so a trial with unfreeze 0 is pruned at epoch 0.
+        # Strict: one collapsed epoch from the unfreeze epoch on prunes.
         "pruner": {"collapse": {"patience": 1, "grace_epochs": 0}, "wrapped": "none"},
     }
     path = directory / f"{study_name}.yaml"
@@ -101,7 +101,7 @@ def check_trials_and_runs(study: optuna.Study, tracking_uri: str, n_trials: int)
         run_dir = Path(trial.user_attrs["run_dir"])
         assert run_dir.is_absolute() and run_dir.name == f"trial-{trial.number}"
         assert trial.user_attrs["replay"].startswith("octft train ")
-        assert trial.user_attrs["overrides"][0] == "train.epochs=2"
+        assert "train.epochs=2" in trial.user_attrs["overrides"]
         if trial.state == TrialState.COMPLETE:
             metrics = trial.user_attrs["best_metrics"]
             assert trial.value == metrics["val/balanced_accuracy"]
@@ -221,8 +221,10 @@ def sqlite_sweep(tmp_path_factory, data_dir, subprocess_env):
     storage = f"sqlite:///{out / 'optuna.db'}"
     spec = write_spec(out, study_name="two-workers", storage=storage, n_trials=3)
     study = optuna.create_study(study_name="two-workers", storage=storage, direction="maximize")
-    study.enqueue_trial({"optim.lr_head": 0.1, "train.unfreeze_epoch": 0})
-    study.enqueue_trial({"optim.lr_head": 0.001, "train.unfreeze_epoch": 2})
+    # Measured on this data (seed 0, eager CPU): at epoch 1, the first with a trainable encoder, lr_head 1e-3
+    # still predicts one class (pruned), lr_head 3e-2 reaches balanced accuracy 0.5 (completes).
+    study.enqueue_trial({"optim.lr_head": 0.001, "train.unfreeze_epoch": 1})
+    study.enqueue_trial({"optim.lr_head": 0.03, "train.unfreeze_epoch": 1})
     started = time.perf_counter()
     result = launch(spec, workers=2, overrides=experiment_overrides(data_dir, out))
     print(f"sqlite sweep, 2 workers, 3 trials: {time.perf_counter() - started:.0f} s")
@@ -249,8 +251,8 @@ def test_a_collapsed_trial_is_pruned_with_its_reason(sqlite_sweep):
     assert pruned.state == TrialState.PRUNED
     epoch = pruned.user_attrs["prune_epoch"]
     assert pruned.user_attrs["prune_reason"] == "collapse" and epoch == pruned.last_step
-    assert "unfreeze epoch 0" in pruned.user_attrs["prune_detail"]
-    assert pruned.user_attrs["unfreeze_epoch"] == 0
+    assert "unfreeze epoch 1" in pruned.user_attrs["prune_detail"] and epoch == 1  # never judged while frozen
+    assert pruned.user_attrs["unfreeze_epoch"] == 1
     assert set(pruned.user_attrs[f"epoch_{epoch}"]) == {"pred_frac", "balanced_accuracy"}
     assert pruned.user_attrs["epochs_run"] == epoch + 1
 
