@@ -42,7 +42,7 @@ def train_args(data: Path, tmp_path: Path, *overrides: str) -> list[str]:
 
 def test_training_refuses_a_split_emptied_by_the_cache(val_insulin_truncated, tmp_path, capsys):
     data, victims = val_insulin_truncated
-    line = one_error_line(capsys, *train_args(data, tmp_path, "train.epochs=1"))
+    line = one_error_line(capsys, *train_args(data, tmp_path, "train.epochs=1", "train.unfreeze_epoch=0"))
     assert "after the cache, val:" in line and "below 1: insulin_dependent" in line, line
     for key in victims:
         assert key in line, (key, line)
