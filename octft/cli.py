@@ -115,10 +115,13 @@ def cmd_data_cache(args) -> int:
         for guard in failed:
             print(f"octft: guard {guard.name} failed: {guard.detail} (override with --allow {guard.name})", file=sys.stderr)
         return EXIT_GUARD_FAILED
-    result = prepare_volumes(
-        settings["uri"], report.volumes, cache_dir=cfg.data.cache_dir, workers=args.workers, progress=True,
-        **cfg.data.preprocess.model_dump(),
-    ).report
+    from octft.data.prepare import parse_share
+
+    prepare_settings = cfg.data.prepare_kwargs() | {"uri": settings["uri"]}
+    if args.workers is not None:
+        prepare_settings["workers"] = args.workers
+    share = parse_share(args.share) if args.share else None
+    result = prepare_volumes(volumes=report.volumes, share=share, progress=True, **prepare_settings).report
     print(f"cache {cfg.data.cache_dir}: built {result.built}, reused {result.reused}, failed {len(result.failed)}")
     for source, reason in result.failed:
         print(f"octft: could not cache {source}: {reason}", file=sys.stderr)
@@ -294,7 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     cache = data_commands.add_parser("cache", help="preprocess every audited volume into the local cache")
     data_source_arguments(cache)
-    cache.add_argument("--workers", type=int, default=2)
+    cache.add_argument("--workers", type=int,
+                       help="downloads and decodes at once (default: data.download.workers, else one per core)")
+    cache.add_argument("--share", metavar="I/N",
+                       help="prepare only share I of N (0-based): hosts filling one shared cache together")
     cache.set_defaults(func=cmd_data_cache)
     train = commands.add_parser("train", help="one fine-tune: octft train CONFIG [key=value ...]")
     train.add_argument("config", help="an experiment YAML, e.g. experiments/demo.yaml")

@@ -85,6 +85,16 @@ class PreprocessConfig(_Strict):
     intensity: Literal["zscore", "minmax", "percentile"] = "percentile"
 
 
+class DownloadConfig(_Strict):
+    """How `octft data cache` (and a run that must prepare) fetches sources: streamed, each raw file
+    deleted once prepared unless `keep`; see the README's "Preparing from B2"."""
+
+    workers: int | None = Field(None, ge=1)  # downloads and decodes at once; default: the machine's cores
+    keep: bool = False  # keep raw downloads for next time, least recently used evicted beyond budget_gb
+    budget_gb: float = Field(20.0, ge=0)  # disk for kept downloads (only with keep)
+    dir: str | None = None  # where downloads land; default $OCTFT_CACHE_DIR/b2, else ~/.cache/octft/b2
+
+
 class DataConfig(_Strict):
     uri: str = "demo/data"
     labels: str | None = None  # default: participants.tsv under `uri`
@@ -95,6 +105,8 @@ class DataConfig(_Strict):
     split: SplitConfig = SplitConfig()
     preprocess: PreprocessConfig = PreprocessConfig()
     cache_dir: str = ".octft-cache"
+    cache_dtype: Literal["float16", "float32"] = "float16"  # how prepared clips are stored
+    download: DownloadConfig = DownloadConfig()
     allow_failed_guards: list[str] = []  # guard names a user overrides on purpose
 
     def audit_kwargs(self) -> dict[str, Any]:
@@ -114,6 +126,19 @@ class DataConfig(_Strict):
             val_fraction=self.split.val_fraction,
             test_fraction=self.split.test_fraction,
             split_seed=self.split.seed,
+        )
+
+    def prepare_kwargs(self) -> dict[str, Any]:
+        """The flat arguments of `octft.data.dataset.prepare_volumes` that this section sets."""
+        return dict(
+            uri=self.uri,
+            cache_dir=self.cache_dir,
+            dtype=self.cache_dtype,
+            workers=self.download.workers,
+            keep=self.download.keep,
+            budget_gb=self.download.budget_gb,
+            download_dir=self.download.dir,
+            **self.preprocess.model_dump(),
         )
 
     @property

@@ -183,10 +183,11 @@ def audit(
                 "region": item.region,
                 "size": item.size,
                 "sha1": item.sha1,
+                "version": item.version,
             }
             for item in selected
         ],
-        columns=["key", "participant_id", "label", "class_name", "split", "device", "laterality", "region", "size", "sha1"],
+        columns=["key", "participant_id", "label", "class_name", "split", "device", "laterality", "region", "size", "sha1", "version"],
     )
     splits = participants_per_class(volumes)
     split_volumes = {split: {name: 0 for name in CLASSES} for split in SPLITS}

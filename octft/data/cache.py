@@ -96,7 +96,35 @@ class VolumeCache:
         folder = self.root / key[:2]
         return folder / f"{key}.npy", folder / f"{key}.json"
 
+    def entry_bytes(self) -> int:
+        """Disk one entry takes: its data (with the .npy header) and its record, in 4 KiB blocks."""
+        data = 128 + self.spec.frames * self.spec.height * self.spec.width * np.dtype(self.dtype).itemsize
+        return -(-data // 4096) * 4096 + 4096
+
     # -- reading -------------------------------------------------------------------------
+
+    def has(self, source_id: str) -> bool:
+        """Whether `source_id` has a committed entry of the right size, without reading its data.
+
+        A preparation resuming over tens of thousands of entries asks this instead of `get`:
+        the checksum is still checked when the entry is read, and a bad one rebuilt then.
+        """
+        data_path, record_path = self.entry_paths(source_id)
+        try:
+            record = json.loads(record_path.read_text(encoding="utf-8"))
+            size = data_path.stat().st_size
+        except (OSError, ValueError):
+            return False
+        items = self.spec.frames * self.spec.height * self.spec.width
+        return (
+            isinstance(record, dict)
+            and record.get("format") == CACHE_FORMAT
+            and record.get("source_id") == source_id
+            and record.get("spec") == asdict(self.spec)
+            and record.get("dtype") == self.dtype
+            and size >= items * np.dtype(self.dtype).itemsize
+            and size <= items * np.dtype(self.dtype).itemsize + 4096
+        )
 
     def get(self, source_id: str) -> np.ndarray | None:
         """The cached float32 clip of `source_id`, or None when there is no valid entry.
@@ -246,7 +274,7 @@ class VolumeCache:
 
             if workers == 1:
                 for source_id, load in items:
-                    record(source_id, self._build_one(source_id, load))
+                    record(source_id, self.build_one(source_id, load))
             else:
                 # spawn, not fork: a forked child inherits torch's thread pools in a broken state.
                 threads = max(1, (os.cpu_count() or 1) // workers)
@@ -256,7 +284,7 @@ class VolumeCache:
                     initializer=_limit_torch_threads,
                     initargs=(threads,),
                 ) as pool:
-                    futures = {pool.submit(self._build_one, sid, load): sid for sid, load in items}
+                    futures = {pool.submit(self.build_one, sid, load): sid for sid, load in items}
                     try:
                         for future in as_completed(futures):
                             record(futures[future], future.result())
@@ -269,7 +297,7 @@ class VolumeCache:
             report.failed.sort(key=lambda failure: order.get(failure[0], len(order)))
         return report
 
-    def _build_one(self, source_id: str, load: Loader) -> tuple[str, str]:
+    def build_one(self, source_id: str, load: Loader) -> tuple[str, str]:
         """("reused" | "built" | "failed", the loader's reason when it failed)."""
         if self.get(source_id) is not None:
             return "reused", ""

@@ -7,6 +7,7 @@ from the volumes that have a cache entry.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Sequence
@@ -15,17 +16,35 @@ import numpy as np
 import pandas as pd
 import torch
 
-from octft.data.cache import CacheReport, VolumeCache
+from octft.data.cache import CacheReport, StorageDtype, VolumeCache
 from octft.data.preprocess import Preprocessing
 from octft.data.readers import read_volume
 
 
-def source_id(storage, key: str, size: int, sha1: str | None) -> str:
-    """Identity of a source object, including what changes when it does (content hash or mtime)."""
-    if sha1:
-        return f"{storage.uri.rstrip('/')}/{key}|{size}|{sha1}"
-    mtime_ns = storage.local_path(key).stat().st_mtime_ns
-    return f"{storage.uri.rstrip('/')}/{key}|{size}|{mtime_ns}"
+def _known(value: object) -> str | None:
+    """`value` as text, or None when it says nothing (None, NaN from a table, an empty string)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def source_id(uri: str, key: str, size: int, version: object, sha1: object = None) -> str:
+    """Identity of a source object from its listing: where it is, its size, its version (a B2 file id,
+    a local modification time in ns) and its content SHA-1 where known. Any of them changes when the
+    object does, so its cache entry does too; the object's bytes are never needed.
+
+    >>> source_id("b2://bucket/aireadi", "retinal_oct/a.dcm", 1024, "4_z27c88f1d", "da39a3ee")
+    'b2://bucket/aireadi/retinal_oct/a.dcm|1024|4_z27c88f1d|da39a3ee'
+    """
+    version_text = _known(version)
+    if version_text is None:
+        raise ValueError(f"source {uri.rstrip('/')}/{key} has no version in its listing; list it again")
+    parts = [f"{uri.rstrip('/')}/{key}", str(int(size)), version_text]
+    sha1_text = _known(sha1)
+    if sha1_text is not None:
+        parts.append(sha1_text)
+    return "|".join(parts)
 
 
 def _load(storage, key: str):
@@ -57,25 +76,47 @@ def prepare_volumes(
     height: int,
     width: int,
     intensity: str = "percentile",
-    workers: int = 2,
+    dtype: StorageDtype = "float16",
+    workers: int | None = None,
+    keep: bool = False,
+    budget_gb: float = 0.0,
+    download_dir: str | None = None,
+    share: tuple[int, int] | None = None,
     progress: bool = True,
     storage=None,
 ) -> PreparedVolumes:
-    """Preprocess every volume of an audit into the cache (`octft data cache`; each training run too).
+    """Prepare every volume of an audit into the cache (`octft data cache`; each training run too).
 
-    Volumes that fail to decode are counted in `report.failed` with their reason and left out of
-    `volumes`.
+    Streams (see `octft.data.prepare`): plans first and refuses with PlanError, before fetching anything,
+    when the disk cannot hold the prepared cache plus the downloads; then fetches, verifies,
+    preprocesses and releases each raw file with `workers` at a time (default: one per core). With
+    `share=(i, n)` only every n-th volume from the i-th is prepared (hosts preparing one shared cache
+    together); `volumes` keeps them all. Volumes that fail are counted in `report.failed` with their
+    reason and left out of `volumes`. The keyword arguments are `DataConfig.prepare_kwargs()`.
     """
+    from octft.data.prepare import PrepareItem, default_workers, plan_preparation, stream_prepare, take_share
+
     if storage is None:
         from octft.data.storage import open_storage
 
-        storage = open_storage(uri)
-    cache = VolumeCache(cache_dir, Preprocessing(frames=frames, height=height, width=width, intensity=intensity))
-    ids = [source_id(storage, row.key, int(row.size), row.sha1) for row in volumes.itertuples(index=False)]
-    items = [(sid, partial(_load, storage, key)) for sid, key in zip(ids, volumes.key)]
-    report = cache.build(items, workers=workers, progress=progress)
+        storage = open_storage(uri, cache_dir=download_dir)
+    workers = workers or default_workers()
+    cache = VolumeCache(cache_dir, Preprocessing(frames=frames, height=height, width=width, intensity=intensity),
+                        dtype=dtype)
+    versions = volumes["version"] if "version" in volumes else [None] * len(volumes)
+    items = [
+        PrepareItem(key, int(size), source_id(storage.uri, key, size, _known(version) or storage.info(key).version, sha1))
+        for key, size, sha1, version in zip(volumes.key, volumes["size"], volumes.sha1, versions)
+    ]
+    mine = take_share(items, share)
+    plan = plan_preparation(storage, cache, mine, workers=workers, keep=keep, budget_gb=budget_gb,
+                            download_dir=download_dir)
+    if progress:
+        print(plan.describe(), flush=True)
+    plan.check()
+    report = stream_prepare(storage, cache, mine, workers=workers, keep=keep, budget_gb=budget_gb, progress=progress)
     failed = {sid for sid, _ in report.failed}
-    prepared = volumes.assign(source_id=ids)
+    prepared = volumes.assign(source_id=[item.source_id for item in items])
     lost = prepared.source_id.isin(failed)
     return PreparedVolumes(prepared[~lost].reset_index(drop=True), cache, report, storage,
                            failed_volumes=prepared[lost].reset_index(drop=True))

@@ -32,6 +32,7 @@ class OctFile:
     key: str
     size: int
     sha1: str | None = None
+    version: str | None = None  # the listing's version of the object (see ObjectInfo.version)
     participant_id: str | None = None
     folder: str | None = None  # the participant folder as written on storage
     device: str | None = None
@@ -111,9 +112,9 @@ def _name_tokens(name: str) -> tuple[str | None, str | None, str | None]:
     return leading, laterality, region
 
 
-def parse_key(key: str, size: int, sha1: str | None = None) -> OctFile:
+def parse_key(key: str, size: int, sha1: str | None = None, version: str | None = None) -> OctFile:
     """Attribute one object key from its path alone (the no-manifest rule)."""
-    item = OctFile(key=key, size=size, sha1=sha1)
+    item = OctFile(key=key, size=size, sha1=sha1, version=version)
     parts = key.split("/")
     prefix = OCT_PREFIX.split("/")
     if parts[: len(prefix)] != prefix or len(parts) < len(prefix) + 3:
@@ -178,7 +179,7 @@ def locate(storage, *, use_manifest: bool = True) -> Located:
     """Every object under the OCT prefix of `storage`, attributed to a participant or given a problem."""
     listing = [info for info in storage.list(OCT_PREFIX + "/")]
     manifest_used = use_manifest and storage.exists(MANIFEST_KEY)
-    files = [parse_key(info.key, info.size, info.sha1) for info in listing]
+    files = [parse_key(info.key, info.size, info.sha1, info.version) for info in listing]
     located = Located(files=files, manifest_used=manifest_used)
 
     for item in files:

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -53,12 +54,15 @@ class ObjectInfo:
     """One object in a storage.
 
     `key` is relative to the storage root and '/'-separated; `sha1` is the hex content SHA-1
-    when the listing knows it (B2 does, a local folder does not).
+    when the listing knows it (B2 does, a local folder does not); `version` is what the listing
+    says changes whenever the object does (B2's file id, a local file's modification time in ns),
+    so that an object's identity never needs its bytes.
     """
 
     key: str
     size: int
     sha1: str | None = None
+    version: str | None = None
 
 
 @runtime_checkable
@@ -80,6 +84,14 @@ class Storage(Protocol):
     def exists(self, key: str) -> bool: ...
 
     def sha1(self, key: str) -> str: ...
+
+    def info(self, key: str) -> ObjectInfo:
+        """What a listing says about `key` (size, SHA-1 when known, version)."""
+        ...
+
+    def release_download(self, key: str, *, keep: bool = False, budget_bytes: int = 0) -> None:
+        """Done with `local_path(key)`: a downloaded copy is deleted or kept within the budget."""
+        ...
 
 
 class StorageError(OctftError):
@@ -144,7 +156,9 @@ def open_storage(
         bucket_name, _, prefix = text[len("b2://") :].partition("/")
         if not bucket_name:
             raise StorageURIError(f"storage URI {text!r} names no bucket; use {_URI_FORMS}")
-        if b2_api is None or not _is_authorized(b2_api):
+        if b2_api is None:
+            b2_api = process_b2_api()
+        elif not _is_authorized(b2_api):
             b2_api = authorize_b2(b2_api)
         return B2Storage(
             b2_api,
@@ -252,9 +266,15 @@ class LocalStorage:
             elif entry.is_file():
                 if entry.name.endswith(PARTIAL_SUFFIX) or not key.startswith(prefix):
                     continue
-                yield ObjectInfo(key=key, size=entry.stat().st_size)
+                stat = entry.stat()
+                yield ObjectInfo(key=key, size=stat.st_size, version=str(stat.st_mtime_ns))
             elif entry.is_symlink():
                 logger.warning("skipping broken symlink %s", entry.path)
+
+    def info(self, key: str) -> ObjectInfo:
+        """What a listing would say about `key`."""
+        stat = self.local_path(key).stat()
+        return ObjectInfo(key=key, size=stat.st_size, version=str(stat.st_mtime_ns))
 
     def local_path(self, key: str) -> Path:
         path = self.root / _check_key(key, self.uri)
@@ -268,6 +288,9 @@ class LocalStorage:
             return path.read_bytes()
         except OSError as error:
             raise StorageError(f"cannot read {path}: {error.strerror or error}; check its permissions") from None
+
+    def release_download(self, key: str, *, keep: bool = False, budget_bytes: int = 0) -> None:
+        """Nothing to do: `local_path` is the user's own file, never a copy."""
 
     def exists(self, key: str) -> bool:
         return (self.root / _check_key(key, self.uri)).is_file()
@@ -330,6 +353,35 @@ def authorize_b2(b2_api: Any = None, *, retry: Retry | None = None, realm: str =
     except StorageError as exc:  # the service kept failing
         raise StorageError(redact_text(str(exc), secrets_shown)) from None
     return b2_api
+
+
+# The B2 client this process opens storages with: (the key id it was authorised with from the
+# environment, or None when set by `use_b2_api`; the client).
+_process_client: tuple[str | None, Any] | None = None
+_process_client_lock = threading.Lock()
+
+
+def use_b2_api(b2_api: Any) -> None:
+    """Make `b2_api` (an authorised `b2sdk.v2.B2Api`) the client every ``b2://`` storage of this
+    process opens with, e.g. one on b2sdk's simulator, or a client authorised another way.
+    ``use_b2_api(None)`` goes back to the environment's key."""
+    global _process_client
+    with _process_client_lock:
+        _process_client = None if b2_api is None else (None, b2_api)
+
+
+def process_b2_api() -> Any:
+    """This process's B2 client: the one given to `use_b2_api`, else one authorised once with the
+    key in the environment and reused (the audit, the cache build and the training samples all open
+    the release; one authorisation serves them all)."""
+    global _process_client
+    with _process_client_lock:
+        key_id = os.environ.get(KEY_ID_ENV, "").strip()
+        if _process_client is not None and _process_client[0] in (None, key_id):
+            return _process_client[1]
+        api = authorize_b2()
+        _process_client = (key_id, api)
+        return api
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -445,6 +497,7 @@ class B2Storage:
         self._bucket = _call_with_retry(
             lambda: b2_api.get_bucket_by_name(bucket_name), retry=self.retry, what=f"bucket {self.uri}"
         )
+        self._kept = _KeptDownloads(self.cache_dir / self.bucket_name / self._name_prefix)
 
     def __repr__(self) -> str:
         return f"B2Storage({self.uri!r})"
@@ -470,6 +523,8 @@ class B2Storage:
                 key=entry["fileName"][len(self._name_prefix) :],
                 size=int(entry["contentLength"]),
                 sha1=_listing_sha1(entry),
+                # A new upload under the same name gets a new file id.
+                version=entry.get("fileId"),
             )
             self._known[info.key] = info
             yield info
@@ -555,6 +610,7 @@ class B2Storage:
         path = self.cache_path(key)
         info = self.info(key)
         if self._cache_entry_ok(key, path, info):
+            self._kept.touch(key, path)
             return path
         if path.exists():
             logger.warning(
@@ -569,6 +625,21 @@ class B2Storage:
             what=f"downloading {self._where(key)}",
         )
         return path
+
+    def release_download(self, key: str, *, keep: bool = False, budget_bytes: int = 0) -> None:
+        """Done with `local_path(key)`'s copy: delete it, or with `keep` leave it for next time while
+        the kept downloads of this storage fit in `budget_bytes`, evicting the least recently used."""
+        path = self.cache_path(key)
+        if not keep:
+            self._forget(key)
+            return
+        for evicted in self._kept.add(key, path, budget_bytes):
+            self._forget(evicted)
+
+    def _forget(self, key: str) -> None:
+        self._kept.discard(key)
+        self.cache_path(key).unlink(missing_ok=True)
+        self._stamp_path(key).unlink(missing_ok=True)
 
     def _cache_entry_ok(self, key: str, path: Path, info: ObjectInfo) -> bool:
         try:
@@ -601,6 +672,69 @@ class B2Storage:
         finally:
             partial.unlink(missing_ok=True)
         _write_stamp(self._stamp_path(key), path, sha1)
+
+
+class _KeptDownloads:
+    """The downloads kept under `root`, least recently used first, for a byte budget.
+
+    Use is recorded as the file's access time, set explicitly (mounts with noatime or relatime do
+    not keep it), so the order survives the process; the modification time, which the
+    verification stamp checks, is left alone.
+    """
+
+    def __init__(self, root: Path):
+        self.root = root
+        self._lock = threading.Lock()
+        self._files: dict[str, tuple[int, int]] | None = None  # key -> (last use in ns, size)
+
+    def _index(self) -> dict[str, tuple[int, int]]:
+        if self._files is None:
+            self._files = {}
+            if self.root.is_dir():
+                for path in self.root.rglob("*"):
+                    if path.name.endswith(PARTIAL_SUFFIX) or not path.is_file():
+                        continue
+                    stat = path.stat()
+                    self._files[path.relative_to(self.root).as_posix()] = (stat.st_atime_ns, stat.st_size)
+        return self._files
+
+    def touch(self, key: str, path: Path) -> None:
+        now = time.time_ns()
+        try:
+            stat = path.stat()
+            os.utime(path, ns=(now, stat.st_mtime_ns))
+        except OSError:
+            return
+        with self._lock:
+            if key in self._index():
+                self._index()[key] = (now, stat.st_size)
+
+    def add(self, key: str, path: Path, budget_bytes: int) -> list[str]:
+        """Record `key` as just used; returns the keys to evict so that all fit in `budget_bytes`."""
+        now = time.time_ns()
+        try:
+            stat = path.stat()
+            os.utime(path, ns=(now, stat.st_mtime_ns))
+        except FileNotFoundError:
+            return []
+        with self._lock:
+            files = self._index()
+            files[key] = (now, stat.st_size)
+            total = sum(size for _, size in files.values())
+            evicted = []
+            for old_key, (_, size) in sorted(files.items(), key=lambda item: item[1][0]):
+                if total <= budget_bytes:
+                    break
+                evicted.append(old_key)
+                total -= size
+            for old_key in evicted:
+                del files[old_key]
+            return evicted
+
+    def discard(self, key: str) -> None:
+        with self._lock:
+            if self._files is not None:
+                self._files.pop(key, None)
 
 
 def _partial_path(path: Path) -> Path:

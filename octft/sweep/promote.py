@@ -214,11 +214,9 @@ def evaluate_test_split(checkpoint_dir: str | Path, *, expected_manifest_hash: s
     loaded = load_model(str(checkpoint_dir))
     data = loaded.config.data
     report = audited_data(data)
-    pre = data.preprocess
     # Every split, as training prepared it, so the manifest hash compares like with like (the cache makes
     # the train and validation volumes free).
-    prepared = prepare_volumes(data.uri, report.volumes, cache_dir=data.cache_dir, frames=pre.frames,
-                               height=pre.height, width=pre.width, intensity=pre.intensity, progress=progress)
+    prepared = prepare_volumes(volumes=report.volumes, progress=progress, **data.prepare_kwargs())
     if expected_manifest_hash is not None:
         found = data_manifest_hash(prepared.volumes)
         if found != expected_manifest_hash:

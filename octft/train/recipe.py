@@ -178,9 +178,7 @@ def train(
     try:
         data = cfg.data
         report = audited_data(data)
-        pre = data.preprocess
-        prepared = prepare_volumes(data.uri, report.volumes, cache_dir=data.cache_dir, frames=pre.frames,
-                                   height=pre.height, width=pre.width, intensity=pre.intensity, progress=progress)
+        prepared = prepare_volumes(volumes=report.volumes, progress=progress, **data.prepare_kwargs())
         if prepared.report.failed:
             print(f"{len(prepared.report.failed)} volumes could not be read and are left out:")
             for source, reason in prepared.report.failed:

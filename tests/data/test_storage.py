@@ -128,7 +128,9 @@ def test_local_lists_nested_keys_sorted_with_sizes(tmp_path):
     listed = list(LocalStorage(tmp_path).list())
 
     assert [info.key for info in listed] == sorted(TRICKY)
-    assert listed == [ObjectInfo(key, len(TRICKY[key]), None) for key in sorted(TRICKY)]
+    # The version is what changes with the file: its modification time.
+    versions = [str((tmp_path / key).stat().st_mtime_ns) for key in sorted(TRICKY)]
+    assert listed == [ObjectInfo(key, len(TRICKY[key]), None, version) for key, version in zip(sorted(TRICKY), versions)]
 
 
 def test_local_walk_order_equals_sorted_keys_on_many_names(tmp_path):
@@ -179,10 +181,10 @@ def test_local_follows_symlinks_and_survives_loops(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         listed = list(LocalStorage(root).list())
 
-    assert listed == [
-        ObjectInfo("linked.dcm", len(b"volume")),
-        ObjectInfo("linked_dir/frame.dcm", len(b"frame")),
-        ObjectInfo("real.dcm", 1),
+    assert [(info.key, info.size) for info in listed] == [
+        ("linked.dcm", len(b"volume")),
+        ("linked_dir/frame.dcm", len(b"frame")),
+        ("real.dcm", 1),
     ]
     assert "broken.dcm" in caplog.text and "loop" in caplog.text
 
@@ -249,7 +251,12 @@ def test_b2_listing_follows_every_page_once(tmp_path):
     listed = list(storage.list())
 
     assert [info.key for info in listed] == sorted(files)
-    assert listed == [ObjectInfo(key, len(files[key]), sha1_of(files[key])) for key in sorted(files)]
+    assert [(info.key, info.size, info.sha1) for info in listed] == [
+        (key, len(files[key]), sha1_of(files[key])) for key in sorted(files)
+    ]
+    # Each upload has its own file id: the re-uploaded name is a new version.
+    versions = {info.key: info.version for info in listed}
+    assert len(set(versions.values())) == len(files) and all(versions.values())
     assert raw.list_calls >= len(files) // 4  # it really went through many pages
 
     topcon = list(storage.list("retinal_oct/structural_oct/topcon_maestro2/101"))
