@@ -8,7 +8,7 @@ from the volumes that have a cache entry.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Callable, Sequence
 
@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 
 from octft.data.cache import CacheReport, StorageDtype, VolumeCache
+from octft.data.pack import Pack, open_pack, write_pack
 from octft.data.preprocess import Preprocessing
 from octft.data.readers import read_volume
 
@@ -48,7 +49,10 @@ def source_id(uri: str, key: str, size: int, version: object, sha1: object = Non
 
 
 def _load(storage, key: str):
-    return read_volume(storage.local_path(key), name=f"{storage.uri.rstrip('/')}/{key}")
+    try:
+        return read_volume(storage.local_path(key), name=f"{storage.uri.rstrip('/')}/{key}")
+    finally:
+        storage.release_download(key)  # a rebuild during training leaves no raw copy behind
 
 
 @dataclass
@@ -62,9 +66,38 @@ class PreparedVolumes:
     failed_volumes: pd.DataFrame | None = None  # the rows of the audit's table that failed to build
 
     def dataset(self, split: str) -> "VolumeDataset":
-        """The samples of one split (`train`, `val` or `test`)."""
+        """The samples of one split (`train`, `val` or `test`), read from the split's pack.
+
+        The pack (one memory-mapped array of the split's clips, see `octft.data.pack`) is opened, its
+        checksums verified once, or written from the cache entries when there is none or it is damaged;
+        an entry that went missing or bad since the build is rebuilt from the source on the way.
+        """
+        volumes = self.volumes[self.volumes.split == split].reset_index(drop=True)
         load = partial(_load, self.storage) if self.storage is not None else None
-        return VolumeDataset(self.volumes[self.volumes.split == split], self.cache, load=load)
+        return VolumeDataset(volumes, self.cache, load=load, pack=volume_pack(self.cache, volumes, load))
+
+
+def volume_pack(cache: VolumeCache, volumes: pd.DataFrame, load: Callable[[str], object] | None) -> Pack:
+    """The pack of `volumes`' clips under `cache`'s settings: opened when a whole one exists, else written."""
+    spec = cache.spec
+    meta = {"kind": "volumes", "spec": asdict(spec), "dtype": cache.dtype}
+    root = cache.root / "packs"
+    ids = volumes.source_id.tolist()
+    pack = open_pack(root, meta, ids)
+    if pack is not None:
+        return pack
+
+    def clips():
+        for sid, key in zip(ids, volumes.key):
+            if load is not None:
+                yield cache.get_or_build(sid, partial(load, key))
+                continue
+            clip = cache.get(sid)
+            if clip is None:
+                raise FileNotFoundError(f"no valid cache entry for {sid}: run `octft data cache` again")
+            yield clip
+
+    return write_pack(root, meta, ids, clips(), row_shape=(spec.frames, spec.height, spec.width), dtype=cache.dtype)
 
 
 def prepare_volumes(
@@ -123,22 +156,36 @@ def prepare_volumes(
 
 
 class VolumeDataset(torch.utils.data.Dataset):
-    """Samples `{"x": (1, T, H, W) float32, "y": class index, "index": row}` read from the cache.
+    """Samples `{"x": (1, T, H, W) float32, "y": class index, "index": row}` read from a pack, else the cache.
 
     `index` points back into `volumes` (participant, key) so evaluation can aggregate by participant.
     `load(key)` reads a source volume again when its cache entry went missing or bad after the build.
+    `gather(indices)` reads a whole batch from the pack at once.
     """
 
-    def __init__(self, volumes: pd.DataFrame, cache: VolumeCache, *, load: Callable[[str], object] | None = None):
+    def __init__(self, volumes: pd.DataFrame, cache: VolumeCache, *, load: Callable[[str], object] | None = None,
+                 pack: Pack | None = None):
         self.volumes = volumes.reset_index(drop=True)
         self.cache = cache
         self.load = load
+        self.pack = pack
         self.labels = self.volumes.label.to_numpy(dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.volumes)
 
+    def gather(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x (B, 1, T, H, W) float32, y (B,) long) of the rows at `indices`, in that order."""
+        if self.pack is not None:
+            clips = torch.from_numpy(self.pack.gather(indices)).float()
+        else:
+            clips = torch.stack([self[index]["x"][0] for index in indices])
+        return clips.unsqueeze(1), torch.from_numpy(self.labels[list(indices)])
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if self.pack is not None:
+            x, y = self.gather([index])
+            return {"x": x[0], "y": y[0], "index": torch.tensor(index, dtype=torch.long)}
         sid = self.volumes.source_id.iloc[index]
         if self.load is not None:
             # An entry removed or corrupted since the build is detected by the cache and rebuilt here.

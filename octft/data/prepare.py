@@ -225,13 +225,14 @@ def _what_would_fit(plan: PreparePlan, cache: VolumeCache) -> list[str]:
         return hints
     per_volume = room // len(plan.to_build)
     itemsize = 2 if cache.dtype == "float16" else 4
-    frames = (per_volume - 4096 - 128) // (spec.height * spec.width * itemsize)
-    if 1 <= frames < spec.frames:
+    # Rounded to the encoder's usual tubelet (2 frames) and patch (16 pixels).
+    frames = (per_volume - 4096 - 128) // (spec.height * spec.width * itemsize) // 2 * 2
+    if 2 <= frames < spec.frames:
         hints.append(f"data.preprocess.frames={frames} (of {spec.frames})")
     if cache.dtype == "float32" and plan.new_cache_bytes // 2 <= room:
         hints.append("data.cache_dtype=float16 (half the size)")
-    side = int(((per_volume - 4096 - 128) / (spec.frames * itemsize)) ** 0.5) // 8 * 8
-    if 8 <= side < min(spec.height, spec.width):
+    side = int(((per_volume - 4096 - 128) / (spec.frames * itemsize)) ** 0.5) // 16 * 16
+    if 16 <= side < min(spec.height, spec.width):
         hints.append(f"data.preprocess.height={side} data.preprocess.width={side}")
     fitting = room // plan.entry_bytes
     hints.append(

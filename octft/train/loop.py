@@ -81,10 +81,14 @@ def padded_batches(dataset, batch_size: int, *, order: Sequence[int]) -> Iterato
         indices = list(order[start : start + batch_size])
         real = len(indices)
         indices += [indices[-1]] * (batch_size - real)
-        rows = [dataset[i] for i in indices]
+        if hasattr(dataset, "gather"):  # a packed dataset reads the whole batch in one gather
+            x, y = dataset.gather(indices)
+        else:
+            rows = [dataset[i] for i in indices]
+            x, y = torch.stack([row["x"] for row in rows]), torch.stack([row["y"] for row in rows])
         yield {
-            "x": torch.stack([row["x"] for row in rows]),
-            "y": torch.stack([row["y"] for row in rows]),
+            "x": x,
+            "y": y,
             "w": torch.tensor([1.0] * real + [0.0] * (batch_size - real)),
             "row": torch.tensor(indices, dtype=torch.long),  # dataset index, to place eval logits
         }
@@ -100,7 +104,10 @@ class _Batches:
         return math.ceil(len(self.order) / self.batch_size)
 
     def __iter__(self):
-        return padded_batches(self.dataset, self.batch_size, order=self.order)
+        from octft.data.pack import prefetch
+
+        # The next batch is gathered on a thread while the device runs this one.
+        return prefetch(padded_batches(self.dataset, self.batch_size, order=self.order), depth=2)
 
 
 def place_rows(logits: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, total_rows: int) -> torch.Tensor:
