@@ -8,7 +8,7 @@ from the volumes that have a cache entry.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Callable, Sequence
 
@@ -64,6 +64,8 @@ class PreparedVolumes:
     report: CacheReport
     storage: object = None  # where the sources live, so an entry lost after the build is rebuilt
     failed_volumes: pd.DataFrame | None = None  # the rows of the audit's table that failed to build
+    # Each split's pack, once opened: a warm trial runner verifies it once, not once per trial.
+    packs: dict[str, Pack] = field(default_factory=dict, repr=False)
 
     def dataset(self, split: str) -> "VolumeDataset":
         """The samples of one split (`train`, `val` or `test`), read from the split's pack.
@@ -74,7 +76,9 @@ class PreparedVolumes:
         """
         volumes = self.volumes[self.volumes.split == split].reset_index(drop=True)
         load = partial(_load, self.storage) if self.storage is not None else None
-        return VolumeDataset(volumes, self.cache, load=load, pack=volume_pack(self.cache, volumes, load))
+        if split not in self.packs:
+            self.packs[split] = volume_pack(self.cache, volumes, load)
+        return VolumeDataset(volumes, self.cache, load=load, pack=self.packs[split])
 
 
 def volume_pack(cache: VolumeCache, volumes: pd.DataFrame, load: Callable[[str], object] | None) -> Pack:
