@@ -79,7 +79,8 @@ def simulated_bucket(release: Path) -> B2Api:
     return api
 
 
-def run(storage, volumes, work: Path, *, workers: int, keep: bool, budget_gb: float, frames: int, size: int) -> dict:
+def run(storage, volumes, work: Path, *, workers: int, keep: bool, budget_gb: float, frames: int, size: int,
+        decode: str) -> dict:
     cache_dir, downloads = work / "cache", work / "downloads"
     if isinstance(storage, B2Storage):
         storage = B2Storage(storage._api, storage.bucket_name, "release", cache_dir=downloads)
@@ -88,7 +89,7 @@ def run(storage, volumes, work: Path, *, workers: int, keep: bool, budget_gb: fl
     with DiskWatch(downloads) as watch:
         prepared = prepare_volumes(storage.uri, volumes, storage=storage, cache_dir=str(cache_dir), frames=frames,
                                    height=size, width=size, workers=workers, keep=keep, budget_gb=budget_gb,
-                                   download_dir=str(downloads), progress=False)
+                                   download_dir=str(downloads), progress=False, decode=decode)
     seconds = time.perf_counter() - started
     assert not prepared.report.failed and prepared.report.built == len(volumes), prepared.report
     raw = int(volumes["size"].sum())
@@ -124,17 +125,17 @@ def main() -> None:
               f"{args.prepared_side} x {args.prepared_side} float16")
         print(f"# machine: {platform.platform()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}")
         print()
-        print("| source | workers | downloads | seconds | volumes/s | MB/s | download disk high-water MB |")
-        print("| --- | --- | --- | --- | --- | --- | --- |")
+        print("| source | workers | decode in | downloads | seconds | volumes/s | MB/s | download disk high-water MB |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
         per_worker = []
         index = 0
 
-        def row(name, storage, table, workers, keep, budget_gb, label):
+        def row(name, storage, table, workers, keep, budget_gb, label, decode="threads"):
             nonlocal index
             index += 1
             result = run(storage, table, tmp / f"run{index}", workers=workers, keep=keep, budget_gb=budget_gb,
-                         frames=args.prepared_frames, size=args.prepared_side)
-            print(f"| {name} | {workers} | {label} | {result['seconds']:.1f} | {result['volumes_s']:.2f} | "
+                         frames=args.prepared_frames, size=args.prepared_side, decode=decode)
+            print(f"| {name} | {workers} | {decode} | {label} | {result['seconds']:.1f} | {result['volumes_s']:.2f} | "
                   f"{result['mb_s']:.1f} | {result['high_water_mb']:.1f} |", flush=True)
             return result
 
@@ -143,6 +144,7 @@ def main() -> None:
         for workers in args.workers:
             result = row("B2 (simulator)", b2, b2_volumes, workers, False, 0.0, "released when prepared")
             per_worker.append((workers, result))
+        row("B2 (simulator)", b2, b2_volumes, 2, False, 0.0, "released when prepared", decode="processes")
         budget_gb = raw_mb / 4 / 1000
         row("B2 (simulator)", b2, b2_volumes, 2, True, budget_gb, f"kept, budget {budget_gb * 1000:.0f} MB")
         row("B2 (simulator)", b2, b2_volumes, 2, True, 1e6, "kept, no budget (as before)")

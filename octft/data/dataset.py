@@ -121,6 +121,7 @@ def prepare_volumes(
     share: tuple[int, int] | None = None,
     progress: bool = True,
     storage=None,
+    decode: str = "auto",
 ) -> PreparedVolumes:
     """Prepare every volume of an audit into the cache (`octft data cache`; each training run too).
 
@@ -128,7 +129,8 @@ def prepare_volumes(
     when the disk cannot hold the prepared cache plus the downloads; then fetches, verifies,
     preprocesses and releases each raw file with `workers` at a time (default: one per core). With
     `share=(i, n)` only every n-th volume from the i-th is prepared (hosts preparing one shared cache
-    together); `volumes` keeps them all. Volumes that fail are counted in `report.failed` with their
+    together); `volumes` keeps them all. `decode` says where volumes are decoded (`stream_prepare`).
+    Volumes that fail are counted in `report.failed` with their
     reason and left out of `volumes`. The keyword arguments are `DataConfig.prepare_kwargs()`.
     """
     from octft.data.prepare import PrepareItem, default_workers, plan_preparation, stream_prepare, take_share
@@ -151,7 +153,8 @@ def prepare_volumes(
     if progress:
         print(plan.describe(), flush=True)
     plan.check()
-    report = stream_prepare(storage, cache, mine, workers=workers, keep=keep, budget_gb=budget_gb, progress=progress)
+    report = stream_prepare(storage, cache, mine, workers=workers, keep=keep, budget_gb=budget_gb, progress=progress,
+                            decode=decode)
     failed = {sid for sid, _ in report.failed}
     prepared = volumes.assign(source_id=[item.source_id for item in items])
     lost = prepared.source_id.isin(failed)

@@ -6,8 +6,8 @@ whole download: each of `workers` threads takes one volume, downloads it (B2 che
 against the listing, retrying transient errors), has it decoded and preprocessed, and deletes the raw
 file unless downloads are kept (then the least recently used beyond the budget go). Downloads run on
 threads because a b2sdk client holds locks and cannot travel to another process; decoding runs in
-worker processes when there are several workers (the JPEG 2000 decoder holds the GIL), in the
-thread itself otherwise.
+those threads or, for large preparations with several workers, in worker processes (the JPEG 2000
+decoder holds the GIL; a process costs seconds to start).
 
 Disk use while preparing stays under
 
@@ -33,7 +33,7 @@ from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, 
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 from tqdm.auto import tqdm
 
@@ -42,6 +42,8 @@ from octft.data.readers import read_volume
 from octft.errors import OctftError
 
 GB = 1e9
+# "auto" decodes in processes only with at least this many volumes per process (see bench_prepare.py).
+PROCESS_MIN_VOLUMES = 64
 
 
 class PlanError(OctftError):
@@ -275,8 +277,15 @@ def stream_prepare(
     keep: bool = False,
     budget_gb: float = 0.0,
     progress: bool = True,
+    decode: Literal["auto", "threads", "processes"] = "auto",
 ) -> CacheReport:
     """Fetch, verify, preprocess into `cache` and release each of `items`, `workers` at a time.
+
+    `decode`: where volumes are decoded and preprocessed. "threads": in the download threads (no start-up
+    cost; uncompressed DICOM decodes in numpy and torch, which release the GIL). "processes": in worker
+    processes (JPEG 2000 holds the GIL; each process costs a spawn and a torch import, seconds on a busy
+    machine). "auto": processes only when there are several workers and enough volumes
+    (PROCESS_MIN_VOLUMES each) to pay for their start.
 
     An item whose entry already exists is counted as reused and never fetched. A volume that cannot
     be decoded, or whose download keeps failing, is counted in `report.failed` with the reason; any
@@ -294,10 +303,11 @@ def stream_prepare(
     if not todo:
         return report
     bar = _Progress(len(todo), sum(item.size for item in todo), progress)
-    # Decoding in processes pays a spawn and a torch import per process: worth it only with work for several.
     decoders = min(workers, default_workers(), len(todo))
+    if decode == "auto":
+        decode = "processes" if decoders > 1 and len(todo) >= PROCESS_MIN_VOLUMES * decoders else "threads"
     pool = None
-    if decoders > 1:
+    if decode == "processes" and decoders > 1:
         pool = ProcessPoolExecutor(
             max_workers=decoders,
             mp_context=multiprocessing.get_context("spawn"),  # a forked child inherits torch's threads broken

@@ -118,7 +118,7 @@ def test_a_run_trains_from_a_bucket_to_a_finished_mlflow_run(bucket, tmp_path):
     raw, _ = bucket
     run_dir = tmp_path / "runs" / "run"
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    # Two workers: downloads on two threads, decoding in two processes (what failed to pickle before).
+    # Two workers: downloads on two threads, in this process (a b2sdk client cannot be pickled).
     code = main(["train", str(DEMO), f"data.uri={URI}", f"data.cache_dir={tmp_path / 'cache'}",
                  f"data.download.dir={tmp_path / 'downloads'}", "data.download.workers=2", *SMALL,
                  "runtime.kind=cpu", "train.epochs=2", f"output_dir={run_dir.parent}", "--run-dir", str(run_dir),
@@ -178,7 +178,8 @@ def test_a_budget_smaller_than_the_raw_data_still_prepares_everything(bucket, tm
     raw_bytes = int(report.volumes["size"].sum())
     largest = int(report.volumes["size"].max())
     budget = 2.5 * largest  # two kept files fit, the third evicts the oldest
-    _, prepared = prepare(tmp_path, keep=True, budget_gb=budget / 1e9, workers=2)
+    # Decoding in two processes: only paths travel to them, never the storage.
+    _, prepared = prepare(tmp_path, keep=True, budget_gb=budget / 1e9, workers=2, decode="processes")
 
     assert prepared.report.built == len(report.volumes) and not prepared.report.failed
     kept = raw_files(tmp_path / "downloads")
