@@ -87,7 +87,7 @@ class PreprocessConfig(_Strict):
 
 class DownloadConfig(_Strict):
     """How `octft data cache` (and a run that must prepare) fetches sources: streamed, each raw file
-    deleted once prepared unless `keep`; see the README's "Preparing from B2"."""
+    deleted once prepared unless `keep`; see the README, "Preparing a full release from B2"."""
 
     workers: int | None = Field(None, ge=1)  # downloads and decodes at once; default: the machine's cores
     keep: bool = False  # keep raw downloads for next time, least recently used evicted beyond budget_gb
