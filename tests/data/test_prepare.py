@@ -147,7 +147,8 @@ def test_a_sweep_trial_trains_from_a_bucket(bucket, tmp_path):
     from octft.sweep.workers import settle_run, tell_outcome
 
     overrides = [f"storage=sqlite:///{tmp_path / 'optuna.db'}", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-                 "study_name=from-b2", "fixed.train.epochs=2", f"data.uri={URI}", f"data.cache_dir={tmp_path / 'cache'}",
+                 "study_name=from-b2", "fixed.train.epochs=2", "space.train.unfreeze_epoch.high=1",  # below the epochs
+                 f"data.uri={URI}", f"data.cache_dir={tmp_path / 'cache'}",
                  f"data.download.dir={tmp_path / 'downloads'}", "data.download.workers=1", *SMALL,
                  "runtime.kind=cpu", f"output_dir={tmp_path / 'runs'}"]
     spec, sweep_overrides, experiment_overrides = load_launch_spec(DEMO_SWEEP, overrides)
