@@ -168,7 +168,8 @@ def cmd_promote(args) -> int:
     from octft.sweep.spec import load_sweep
 
     spec = load_sweep(args.spec, args.overrides)
-    print(format_promotion(promote(spec, trial_number=args.trial, storage=args.storage, tracking_uri=args.tracking_uri)))
+    print(format_promotion(promote(spec, trial_number=args.trial, storage=args.storage, tracking_uri=args.tracking_uri,
+                                   allow_test_reuse=args.allow_test_reuse)))
     return 0
 
 
@@ -360,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     promote.add_argument("--trial", type=int, help="promote this trial number instead of the best one")
     promote.add_argument("--storage", help="Optuna storage URL (default: the spec's storage)")
     promote.add_argument("--tracking-uri", help="MLflow tracking URI (default: the spec's mlflow.tracking_uri)")
+    promote.add_argument("--allow-test-reuse", action="store_true",
+                         help="score this trial on the test split although another trial of the study was (tags the version octft.test_reuse=true)")
     promote.set_defaults(func=cmd_promote)
 
     predict = commands.add_parser("predict", help="classify OCT files with a registered model or a checkpoint folder")

@@ -1,18 +1,22 @@
 """`octft predict`: a promoted model (or any checkpoint folder) on new OCT files, per volume and per participant.
 
-A model is the folder a training run logs as its `checkpoint` artifact: `best.pt` (the best epoch's weights)
-beside `config.yaml` (the resolved experiment config that built them). `load_model` takes that folder, or a
-registry URI `models:/<name>@<alias>` / `models:/<name>/<version>` that MLflow resolves to it.
+A model is the champion `octft promote` registers, an MLflow `pyfunc` Model (`octft.track.pyfunc_model`)
+holding the folder a training run logs as its `checkpoint` artifact: `best.pt` (the best epoch's weights) beside
+`config.yaml` (the resolved experiment config that built them, preprocessing included). `predict` takes a
+registry URI `models:/<name>@<alias>` / `models:/<name>/<version>`, an MLflow Model folder or a bare checkpoint
+folder; an MLflow Model is run through its own pyfunc, so `octft predict`, `mlflow.pyfunc.load_model` and
+`mlflow models serve` give the same per-volume rows.
 
     >>> result = predict("models:/octft-demo@champion", ["scans/"], tracking_uri="sqlite:///mlflow.db")  # doctest: +SKIP
     >>> print(format_prediction(result))                                                              # doctest: +SKIP
 
-Participant predictions average the logits of the participant's volumes, then apply softmax: the same
-aggregation as the validation and test figures (`octft.train.metrics.aggregate_by_participant`).
+Participant predictions average the logits of the participant's volumes, then apply softmax (computed from
+the volumes' probabilities, which determine the logits up to a constant per volume): the same aggregation as the validation and test figures (`octft.train.metrics.aggregate_by_participant`).
 """
 
 from __future__ import annotations
 
+import math
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -20,16 +24,27 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 from octft.config import ExperimentConfig, load_experiment
 from octft.data.ids import canonical_participant_id
 from octft.data.layout import CLASS_SHORT_NAMES
 from octft.data.volume import OctReadError
-from octft.models.checkpoint import CheckpointError
+from octft.errors import OctftError
+from octft.track.pyfunc_model import (
+    ERROR_COLUMN,
+    PARTICIPANT_COLUMN,
+    PATH_COLUMN,
+    PREDICTED_COLUMN,
+    PROBABILITY_PREFIX,
+    output_columns,
+)
+from octft.train.metrics import softmax
 
 CHECKPOINT_FILE = "best.pt"
 CONFIG_FILE = "config.yaml"
+MLMODEL_FILE = "MLmodel"  # marks an MLflow Model folder
 # Files a folder given as input contributes; a file named on the command line is read whatever its name.
 OCT_SUFFIXES = (".dcm", ".dicom", ".nii", ".nii.gz", ".npy", ".npz")
 
@@ -64,27 +79,51 @@ class Prediction:
         }
 
 
-def resolve_checkpoint_folder(model_uri: str, *, tracking_uri: str | None = None, download_to: str | Path) -> Path:
-    """The local folder holding `best.pt` and `config.yaml`: `model_uri` itself, or downloaded from MLflow.
+class ModelNotFoundError(OctftError, ValueError):
+    """A model URI, folder or store that does not hold a model."""
 
-    `models:/...` URIs resolve through the model registry of `tracking_uri` (default: $MLFLOW_TRACKING_URI,
-    else sqlite:///mlflow.db); `runs:/<run_id>/checkpoint` works too.
+
+def _existing_tracking_uri(tracking_uri: str | None) -> str:
+    """The tracking URI to read models from; a sqlite file that does not exist is refused, not created.
+
+    MLflow would create the database (and its folder) on first contact, and then report that the model
+    is not registered: a mistyped path would leave files behind and hide the typo.
+    """
+    from octft.track.mlflow_tracker import redact, resolve_tracking_uri, sqlite_path
+
+    uri = resolve_tracking_uri(tracking_uri)
+    path = sqlite_path(uri)
+    if path is not None and not path.is_file():
+        raise ModelNotFoundError(
+            f"MLflow store {redact(uri)}: no such database file {path}; pass the --tracking-uri the sweep "
+            "logged to (e.g. sqlite:///demo/mlflow.db)"
+        )
+    return uri
+
+
+def resolve_model_folder(model_uri: str, *, tracking_uri: str | None = None, download_to: str | Path) -> Path:
+    """The local folder of `model_uri`: itself, or downloaded from MLflow.
+
+    The folder is an MLflow Model (what `octft promote` registers: it has an `MLmodel` file) or a run's
+    checkpoint folder (best.pt beside config.yaml). `models:/<name>@<alias>` and `models:/<name>/<version>`
+    resolve through the model registry of `tracking_uri` (default: $MLFLOW_TRACKING_URI, else
+    sqlite:///mlflow.db); `runs:/<run_id>/<artifact path>` works too.
     """
     if not model_uri.startswith(("models:/", "runs:/")):
         folder = Path(model_uri)
         if not folder.is_dir():
-            raise CheckpointError(
-                f"model {model_uri!r} is neither a models:/<name>@<alias> URI nor a checkpoint folder; give "
-                "models:/<name>@champion or a folder holding best.pt and config.yaml"
+            raise ModelNotFoundError(
+                f"model {model_uri!r} is neither a models:/<name>@<alias> URI nor a model folder; give "
+                "models:/<name>@champion, an MLflow Model folder, or a checkpoint folder holding best.pt and config.yaml"
             )
         return folder
 
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from octft.track.mlflow_tracker import redact, resolve_tracking_uri
+    from octft.track.mlflow_tracker import redact
 
-    uri = resolve_tracking_uri(tracking_uri)
+    uri = _existing_tracking_uri(tracking_uri)
     # An explicit client for both the runs and the registry: mlflow's module-level helpers resolve models:/
     # through process-wide settings, which a library call must neither depend on nor change.
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -98,50 +137,98 @@ def resolve_checkpoint_folder(model_uri: str, *, tracking_uri: str | None = None
                 name, _, number = reference.partition("/")
                 version = client.get_model_version(name, number)
             run_id, source = version.run_id, version.source
-            artifact_path = source.split(f"runs:/{run_id}/", 1)[1] if source.startswith("runs:/") else "checkpoint"
+            artifact_path = source.split(f"runs:/{run_id}/", 1)[1] if source.startswith("runs:/") else source.rstrip("/").rsplit("/", 1)[-1]
         else:
             run_id, _, artifact_path = model_uri[len("runs:/"):].partition("/")
-        local = client.download_artifacts(run_id, artifact_path or "checkpoint", str(download_to))
+        local = client.download_artifacts(run_id, artifact_path or "model", str(download_to))
     except MlflowException as error:
-        raise CheckpointError(
+        raise ModelNotFoundError(
             f"model {model_uri!r} cannot be loaded from the MLflow store {redact(uri)}: {error.message}; check the "
             "name and alias (`octft promote SPEC` registers the champion) or pass --tracking-uri"
         ) from None
     return Path(local)
 
 
+def load_checkpoint_folder(folder: Path, *, source: str) -> LoadedModel:
+    """The classifier of a checkpoint folder (best.pt + config.yaml), with its weights, in eval mode on the CPU."""
+    from octft.train.recipe import build_model
+    from octft.train.runtime import load_state
+
+    missing = [name for name in (CHECKPOINT_FILE, CONFIG_FILE) if not (folder / name).is_file()]
+    if missing:
+        raise ModelNotFoundError(
+            f"model {source!r} ({folder}) lacks {', '.join(missing)}; a model folder is an MLflow Model "
+            "(octft promote) or a run's checkpoint/ folder: best.pt beside the config.yaml it was trained with"
+        )
+    config = load_experiment(folder / CONFIG_FILE)
+    state = load_state(folder / CHECKPOINT_FILE)
+    # The fine-tuned weights replace every encoder weight: do not read the pretraining checkpoint again.
+    config.model.checkpoint = None
+    model, _ = build_model(config, len(CLASS_SHORT_NAMES))
+    if "model" not in state:
+        raise ModelNotFoundError(f"{source}: {CHECKPOINT_FILE} has no 'model' entry (found {sorted(state)}); is it a best.pt?")
+    model.load_state_dict(state["model"])
+    model.eval()
+    return LoadedModel(model, config, source)
+
+
 def load_model(model_uri: str, *, tracking_uri: str | None = None) -> LoadedModel:
-    """The classifier of a checkpoint folder or a `models:/` URI, with its weights, in eval mode on the CPU.
+    """The classifier behind a `models:/` URI, an MLflow Model folder or a checkpoint folder, on the CPU.
+
+    An MLflow Model is loaded through `mlflow.pyfunc`, so this is the very object a served model runs.
 
     >>> loaded = load_model("models:/octft-demo@champion", tracking_uri="sqlite:///mlflow.db")  # doctest: +SKIP
     >>> loaded.config.data.preprocess.frames                                                 # doctest: +SKIP
     8
     """
-    from octft.train.recipe import build_model
-    from octft.train.runtime import load_state
-
     with tempfile.TemporaryDirectory(prefix="octft-model-") as download_to:
-        folder = resolve_checkpoint_folder(model_uri, tracking_uri=tracking_uri, download_to=download_to)
-        missing = [name for name in (CHECKPOINT_FILE, CONFIG_FILE) if not (folder / name).is_file()]
-        if missing:
-            raise CheckpointError(
-                f"model {model_uri!r} ({folder}) lacks {', '.join(missing)}; a model folder is a run's "
-                "checkpoint/ folder: best.pt beside the config.yaml it was trained with"
-            )
-        config = load_experiment(folder / CONFIG_FILE)
-        state = load_state(folder / CHECKPOINT_FILE, required=("model",))
-    # The fine-tuned weights replace every encoder weight: do not read the pretraining checkpoint again.
-    config.model.checkpoint = None
-    model, _ = build_model(config, len(CLASS_SHORT_NAMES))
-    try:
-        model.load_state_dict(state["model"])
-    except (RuntimeError, TypeError) as error:  # keys or shapes of another model
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(
-            f"{model_uri}: {CHECKPOINT_FILE} does not fit the model of its config.yaml ({first_line})"
-        ) from None
-    model.eval()
-    return LoadedModel(model, config, model_uri)
+        folder = resolve_model_folder(model_uri, tracking_uri=tracking_uri, download_to=download_to)
+        if (folder / MLMODEL_FILE).is_file():
+            import mlflow.pyfunc
+
+            loaded = mlflow.pyfunc.load_model(str(folder)).unwrap_python_model().loaded
+            loaded.source = model_uri
+            return loaded
+        return load_checkpoint_folder(folder, source=model_uri)
+
+
+def classify_paths(loaded: LoadedModel, paths: Sequence[str], *, batch_size: int = 8) -> pd.DataFrame:
+    """One row per path, in order: path, participant_id, prob_<class>..., predicted_class, error.
+
+    This is what the champion's pyfunc returns. A file that cannot be read or preprocessed gets its reason
+    in `error` (probabilities NaN, no class) instead of failing the others.
+    """
+    from octft.data.preprocess import Preprocessing, preprocess
+    from octft.data.readers import read_volume
+
+    spec = Preprocessing(**loaded.config.data.preprocess.model_dump())
+    names = loaded.class_names
+    rows: list[dict[str, Any]] = []
+    clips, read = [], []
+    for path in paths:
+        row: dict[str, Any] = {PATH_COLUMN: path, PARTICIPANT_COLUMN: "", PREDICTED_COLUMN: "", ERROR_COLUMN: ""}
+        row.update({f"{PROBABILITY_PREFIX}{name}": math.nan for name in names})
+        rows.append(row)
+        try:
+            volume = read_volume(path)
+            clip = preprocess(volume.array, spec)
+        except OctReadError as error:
+            row[ERROR_COLUMN] = error.reason
+            continue
+        except (OctftError, OSError) as error:
+            row[ERROR_COLUMN] = f"cannot read the volume: {error}"
+            continue
+        except ValueError as error:  # preprocess refuses NaN, empty or non-3-D arrays
+            row[ERROR_COLUMN] = f"cannot preprocess the volume: {error}"
+            continue
+        row[PARTICIPANT_COLUMN] = participant_of(Path(path), volume.meta)
+        clips.append(clip)
+        read.append(row)
+    logits = predict_logits(loaded.model, clips.__getitem__, len(clips), batch_size=batch_size)
+    for row, probabilities in zip(read, softmax(logits)):
+        row.update({f"{PROBABILITY_PREFIX}{name}": float(p) for name, p in zip(names, probabilities)})
+        row[PREDICTED_COLUMN] = names[int(np.argmax(probabilities))]
+    return pd.DataFrame(rows, columns=output_columns(names))
 
 
 def predict_logits(
@@ -171,12 +258,12 @@ def list_inputs(inputs: Iterable[str | Path]) -> list[Path]:
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(OCT_SUFFIXES))
             if not found:
-                raise OctReadError(str(path), f"no OCT files ({', '.join(OCT_SUFFIXES)}) in this folder")
+                raise FileNotFoundError(f"{path}: no OCT files ({', '.join(OCT_SUFFIXES)}) in this folder")
             files.extend(found)
         elif path.is_file():
             files.append(path)
         else:
-            raise OctReadError(str(path), "no such file or folder")
+            raise FileNotFoundError(f"{path}: no such file or folder")
     return files
 
 
@@ -189,6 +276,21 @@ def participant_of(path: Path, meta: dict[str, Any]) -> str:
     )
 
 
+def _predict_table(model_uri: str, files: Sequence[str], *, tracking_uri: str | None, batch_size: int) -> tuple[str, tuple[str, ...], pd.DataFrame]:
+    """The prediction table of `files` from the model at `model_uri`, through the model's own pyfunc when
+    it is an MLflow Model (so `octft predict` and a served champion run the same code)."""
+    with tempfile.TemporaryDirectory(prefix="octft-model-") as download_to:
+        folder = resolve_model_folder(model_uri, tracking_uri=tracking_uri, download_to=download_to)
+        if not (folder / MLMODEL_FILE).is_file():
+            loaded = load_checkpoint_folder(folder, source=model_uri)
+            return model_uri, loaded.class_names, classify_paths(loaded, files, batch_size=batch_size)
+        import mlflow.pyfunc
+
+        pyfunc = mlflow.pyfunc.load_model(str(folder))
+    class_names = tuple(pyfunc.metadata.metadata.get("octft.classes", CLASS_SHORT_NAMES))
+    return model_uri, class_names, pyfunc.predict(pd.DataFrame({PATH_COLUMN: list(files)}))
+
+
 def predict(
     model: str | LoadedModel, inputs: Sequence[str | Path], *, tracking_uri: str | None = None, batch_size: int = 8
 ) -> Prediction:
@@ -196,40 +298,27 @@ def predict(
 
     A file that cannot be read lands in `Prediction.failed` with the reason; the rest are still predicted.
     """
-    from octft.data.preprocess import Preprocessing, preprocess
-    from octft.data.readers import read_volume
-    from octft.train.metrics import softmax
+    files = [str(path) for path in list_inputs(inputs)]
+    if isinstance(model, LoadedModel):
+        source, class_names, table = model.source, model.class_names, classify_paths(model, files, batch_size=batch_size)
+    else:
+        source, class_names, table = _predict_table(model, files, tracking_uri=tracking_uri, batch_size=batch_size)
+    result = Prediction(source, class_names)
+    failed = table[ERROR_COLUMN].fillna("") != ""
+    result.failed = list(zip(table.loc[failed, PATH_COLUMN], table.loc[failed, ERROR_COLUMN]))
+    ok = table[~failed]
+    probabilities = ok[[f"{PROBABILITY_PREFIX}{name}" for name in class_names]].to_numpy(dtype=np.float64)
+    participants = ok[PARTICIPANT_COLUMN].tolist()
+    for path, participant_id, row in zip(ok[PATH_COLUMN], participants, probabilities):
+        result.volumes.append(_entry({"file": path, "participant_id": participant_id}, row, class_names))
 
-    loaded = model if isinstance(model, LoadedModel) else load_model(model, tracking_uri=tracking_uri)
-    spec = Preprocessing(**loaded.config.data.preprocess.model_dump())
-    files = list_inputs(inputs)
-    clips, participants, read = [], [], []
-    result = Prediction(loaded.source, loaded.class_names)
-    for path in files:
-        try:
-            volume = read_volume(path)
-            clip = preprocess(volume.array, spec)
-        except OctReadError as error:
-            result.failed.append((str(path), error.reason))
-            continue
-        except ValueError as error:  # preprocess refuses NaN, empty or non-3-D arrays
-            result.failed.append((str(path), f"cannot preprocess the volume: {error}"))
-            continue
-        clips.append(clip)
-        participants.append(participant_of(path, volume.meta))
-        read.append(path)
-
-    logits = predict_logits(loaded.model, clips.__getitem__, len(clips), batch_size=batch_size)
-    for path, participant_id, row in zip(read, participants, softmax(logits)):
-        result.volumes.append(_entry({"file": str(path), "participant_id": participant_id}, row, loaded.class_names))
-
-    order = list(dict.fromkeys(participants))  # first appearance
-    for participant_id in order:
+    # softmax(mean of log-probabilities) equals softmax(mean of logits): a row's log-softmax differs from its
+    # logits by one constant per row, which the mean carries to every class alike.
+    log_probabilities = np.log(np.maximum(probabilities, np.finfo(np.float64).tiny))
+    for participant_id in dict.fromkeys(participants):  # first appearance
         rows = [index for index, other in enumerate(participants) if other == participant_id]
-        probabilities = softmax(logits[rows].mean(axis=0, keepdims=True))[0]
-        result.participants.append(
-            _entry({"participant_id": participant_id, "volumes": len(rows)}, probabilities, loaded.class_names)
-        )
+        mean = softmax(log_probabilities[rows].mean(axis=0, keepdims=True))[0]
+        result.participants.append(_entry({"participant_id": participant_id, "volumes": len(rows)}, mean, class_names))
     return result
 
 

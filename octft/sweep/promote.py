@@ -1,14 +1,17 @@
 """`octft promote SPEC`: the study's best healthy trial, scored once on the test split, becomes the champion.
 
-The sweep never touches the test split; this is the one place that does, once per trial:
+The sweep never touches the test split; this is the one place that does, visibly:
 
 1. pick the best COMPLETE trial whose best epoch did not collapse (every class's validation F1 above
    `promote.min_class_f1`), or the trial asked for, which must be such a trial;
-2. evaluate its best checkpoint on the test split at participant level, each score with a bootstrap 95%
-   interval, and record the scores (study user attr `test_metrics.trial_<n>`, the trial's MLflow run and
-   the study's parent run); a trial whose scores are recorded is not evaluated again;
-3. register the run's `checkpoint` artifact under `promote.model_name` and point the alias `champion` at
-   it; registering the same run again reuses its version.
+2. evaluate its best checkpoint on the test split at participant level, each score with a stratified
+   bootstrap 95% interval. Every evaluation is recorded (trial, time, scores) on the study, its parent run
+   and the registered version; a trial whose scores are recorded is not evaluated again, and once one trial
+   has been scored, scoring another needs `allow_test_reuse` (its version is tagged `octft.test_reuse=true`),
+   because choosing among trials by their test scores makes the test split a second validation split;
+3. log the checkpoint as an MLflow `pyfunc` Model (`octft.track.pyfunc_model`) to the trial's run, register
+   it under `promote.model_name` and point the alias `champion` at it; registering the same run again reuses
+   its version. Nothing here reopens the trial's run: its status, start and end time stay as training left them.
 
     >>> promotion = promote(load_sweep("sweeps/demo.yaml"))              # doctest: +SKIP
     >>> promotion.model_uri, promotion.test_metrics["test/balanced_accuracy"]  # doctest: +SKIP
@@ -17,11 +20,12 @@ The sweep never touches the test split; this is the one place that does, once pe
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
+import tempfile
+import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,17 +35,52 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from octft.data.layout import CLASS_SHORT_NAMES
+from octft.errors import OctftError
 from octft.sweep.spec import SweepSpec, redact_url
-from octft.errors import MissingInputError, UsageError
 
 CHAMPION_ALIAS = "champion"
 CHECKPOINT_ARTIFACT = "checkpoint"
 TEST_PREFIX = "test/"
 # Optuna freezes a finished trial's attrs, so a trial's test scores are kept on the study, keyed by trial.
 TEST_METRICS_ATTR = "test_metrics.trial_{number}"
+# One attr per evaluation (not one list): two promotions at once cannot overwrite each other's record.
+TEST_EVALUATION_ATTR = "test_evaluation.trial_{number}"
+TEST_REUSE_TAG = "octft.test_reuse"
+TEST_EVALUATIONS_TAG = "octft.test_evaluations"
 CHAMPION_ATTR = "champion"
 # The scores that get a bootstrap interval; the rest (counts, accuracy) are reported as they are.
 CI_SCORES = ("balanced_accuracy", "macro_f1", "auc_macro", *(f"f1_{name}" for name in CLASS_SHORT_NAMES))
+
+
+class PromotionError(OctftError, ValueError):
+    """A trial that cannot be promoted, a store that does not hold the study, or a refused second test use."""
+
+
+@dataclass
+class EvaluationOnTest:
+    """One scoring of one trial on the test split."""
+
+    trial: int
+    time: str  # UTC, ISO 8601
+    run_id: str
+    scores: dict[str, float]
+
+    def summary(self) -> dict[str, Any]:
+        return {"trial": self.trial, "time": self.time,
+                "test/balanced_accuracy": self.scores.get(f"{TEST_PREFIX}balanced_accuracy", math.nan)}
+
+
+def evaluations_on_test(study: optuna.Study) -> list[EvaluationOnTest]:
+    """Every test evaluation recorded on the study, oldest first."""
+    attrs = study.user_attrs
+    found = []
+    for key, record in attrs.items():
+        if key.startswith(TEST_EVALUATION_ATTR.split("{", 1)[0]):
+            number = int(record["trial"])
+            scores = attrs.get(TEST_METRICS_ATTR.format(number=number), {})
+            found.append(EvaluationOnTest(number, str(record["time"]), str(record["run_id"]),
+                                        {name: float(value) for name, value in scores.items()}))
+    return sorted(found, key=lambda evaluation: (evaluation.time, evaluation.trial))
 
 
 @dataclass
@@ -56,6 +95,12 @@ class Promotion:
     test_metrics: dict[str, float]
     evaluated: bool  # False when the test scores were already recorded and reused
     skipped: list[str] = field(default_factory=list)  # better trials passed over, each with the reason
+    evaluations: list[EvaluationOnTest] = field(default_factory=list)  # every test evaluation of the study
+
+    @property
+    def test_reuse(self) -> bool:
+        """True when more than one trial of the study has been scored on the test split."""
+        return len({evaluation.trial for evaluation in self.evaluations}) > 1
 
     @property
     def model_uri(self) -> str:
@@ -73,12 +118,12 @@ def open_study(spec: SweepSpec, storage: str | None = None) -> optuna.Study:
         path = Path(url.removeprefix("sqlite:///").split("?", 1)[0])
         if not path.is_file():
             # Optuna would create an empty database here and then say the study does not exist.
-            raise MissingInputError(f"Optuna storage {url}: no such database file {path}; run `octft sweep` first or pass --storage")
+            raise PromotionError(f"Optuna storage {redact_url(url)}: no such database file {path}; run `octft sweep` first or pass --storage")
     try:
         return optuna.load_study(study_name=spec.study_name, storage=url)
     except KeyError:
         names = optuna.get_all_study_names(storage=url)
-        raise UsageError(
+        raise PromotionError(
             f"study {spec.study_name!r} is not in the Optuna storage {redact_url(url)} (studies there: "
             f"{names or 'none'}); run `octft sweep` first, or pass the storage it used with --storage"
         ) from None
@@ -118,19 +163,19 @@ def select_trial(
 ) -> tuple[FrozenTrial, list[str]]:
     """The trial to promote and the reasons better trials were passed over.
 
-    With `trial_number`, that trial, or a ValueError saying why it cannot be promoted.
+    With `trial_number`, that trial, or a PromotionError saying why it cannot be promoted.
     """
     trials = study.get_trials(deepcopy=False)
     if trial_number is not None:
         chosen = next((trial for trial in trials if trial.number == trial_number), None)
         if chosen is None:
-            raise UsageError(
+            raise PromotionError(
                 f"study {study.study_name!r} has no trial {trial_number} (trials 0..{len(trials) - 1}); "
                 "see `octft report` for the list"
             )
         reason = unpromotable_reason(chosen, min_class_f1)
         if reason:
-            raise UsageError(f"cannot promote: {reason}")
+            raise PromotionError(f"cannot promote: {reason}")
         return chosen, []
 
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
@@ -143,7 +188,7 @@ def select_trial(
             return trial, skipped
         skipped.append(f"skipped {reason} (value {trial.value:.4f})")
     states = {state.name.lower(): sum(t.state == state for t in trials) for state in TrialState}
-    raise UsageError(
+    raise PromotionError(
         f"no trial of study {study.study_name!r} can be promoted ({', '.join(f'{n} {s}' for s, n in states.items() if n)}"
         f"){': ' + '; '.join(skipped) if skipped else ''}; run more trials, or lower promote.min_class_f1 on purpose"
     )
@@ -164,7 +209,11 @@ def participant_test_scores(
     """Participant-level test scores: `test/<score>` plus `_ci_low` / `_ci_high` (bootstrap 95%) for each
     of balanced accuracy, macro F1, macro AUC and per-class F1; also `test/accuracy` and `test/participants`.
 
-    Every interval resamples the same participants (one seed), so the intervals describe one bootstrap.
+    Participants are resampled within their class (a stratified bootstrap), so every resample holds every
+    class the test split holds: a class is never drawn out and scored F1 = 0 for being absent. A class
+    absent from a resample's targets is still left out of that resample's F1 (NaN, as the AUC is), and where
+    an interval rests on fewer resamples than asked for, `test/<score>_resamples` says how many. Every
+    interval resamples the same participants (one seed), so the intervals describe one bootstrap.
 
     >>> scores = participant_test_scores(np.array([0, 1, 2, 3] * 5), np.eye(4)[[0, 1, 2, 3] * 5], n_resamples=50)
     >>> scores["test/balanced_accuracy"], scores["test/balanced_accuracy_ci_low"]
@@ -178,9 +227,13 @@ def participant_test_scores(
     num_classes = len(class_names)
 
     def score(name: str):
+        f1_class = class_names.index(name.removeprefix("f1_")) if name.startswith("f1_") else None
+
         def metric(y_true: np.ndarray, y_pred: np.ndarray, probs: np.ndarray | None) -> float:
+            if f1_class is not None and not np.any(y_true == f1_class):
+                return math.nan  # F1 of a class with no participant in the sample says nothing about the model
             with warnings.catch_warnings():
-                # A resample may draw a class out: AUC is then NaN and bootstrap_ci leaves it out, counted.
+                # A class absent from a sample: AUC is NaN and bootstrap_ci leaves it out, counted.
                 warnings.simplefilter("ignore")
                 scores = classification_metrics(
                     confusion_matrix(y_true, y_pred, num_classes), probs=probs, targets=y_true, class_names=class_names
@@ -191,10 +244,18 @@ def participant_test_scores(
 
     results: dict[str, float] = {}
     for name in CI_SCORES:
-        point, low, high = bootstrap_ci(targets, predictions, probabilities, score(name), n_resamples=n_resamples, seed=seed)
-        results.update({f"{TEST_PREFIX}{name}": point, f"{TEST_PREFIX}{name}_ci_low": low, f"{TEST_PREFIX}{name}_ci_high": high})
+        with warnings.catch_warnings():
+            # The count of resamples left out is recorded below, where the user reads the interval.
+            warnings.simplefilter("ignore")
+            interval = bootstrap_ci(targets, predictions, probabilities, score(name), n_resamples=n_resamples,
+                                    seed=seed, stratify=True)
+        results.update({f"{TEST_PREFIX}{name}": interval.point, f"{TEST_PREFIX}{name}_ci_low": interval.low,
+                        f"{TEST_PREFIX}{name}_ci_high": interval.high})
+        if interval.resamples < n_resamples:
+            results[f"{TEST_PREFIX}{name}_resamples"] = float(interval.resamples)
     results[f"{TEST_PREFIX}accuracy"] = float((predictions == targets).mean())
     results[f"{TEST_PREFIX}participants"] = float(targets.size)
+    results[f"{TEST_PREFIX}bootstrap_resamples"] = float(n_resamples)
     return results
 
 
@@ -220,14 +281,14 @@ def evaluate_test_split(checkpoint_dir: str | Path, *, expected_manifest_hash: s
     if expected_manifest_hash is not None:
         found = data_manifest_hash(prepared.volumes)
         if found != expected_manifest_hash:
-            raise UsageError(
+            raise PromotionError(
                 f"the data at {data.uri} changed since the trial trained (manifest hash {found}, the run's "
                 f"octft.data_manifest_hash tag says {expected_manifest_hash}); test scores would not describe "
                 "that model: restore the data, or retrain on the new data"
             )
     test_volumes = prepared.volumes[prepared.volumes.split == "test"]
     if test_volumes.empty:
-        raise UsageError(f"the data at {data.uri} has no test volumes after the audit; check the labels' splits")
+        raise PromotionError(f"the data at {data.uri} has no test volumes after the audit; check the labels' splits")
     test_set = prepared.dataset("test")
     logits = predict_logits(loaded.model, lambda index: test_set[index]["x"][0].numpy(), len(test_set),
                             batch_size=loaded.config.train.batch_size)
@@ -243,25 +304,11 @@ def evaluate_test_split(checkpoint_dir: str | Path, *, expected_manifest_hash: s
 # MLflow
 
 
-@contextlib.contextmanager
-def resumed_run(tracking_uri: str, run_id: str) -> Iterator[Any]:
-    """A tracker on an existing run that leaves its status and end reason as they were.
+def attached_run(tracking_uri: str, run_id: str):
+    """A tracker that adds to an existing run without reopening it: status, start and end time stay."""
+    from octft.track.mlflow_tracker import MlflowTracker
 
-    A run that had ended (FINISHED, KILLED, FAILED) ends again with the same status and reason; a run
-    still RUNNING (a sweep in progress) is left running.
-    """
-    from mlflow.tracking import MlflowClient
-
-    from octft.track.mlflow_tracker import END_REASON_TAG, MlflowTracker
-
-    run = MlflowClient(tracking_uri=tracking_uri).get_run(run_id)
-    status, reason = run.info.status, run.data.tags.get(END_REASON_TAG)
-    tracker = MlflowTracker(tracking_uri, run_id=run_id)
-    try:
-        yield tracker
-    finally:
-        if status in ("FINISHED", "FAILED", "KILLED"):
-            tracker.finish(status, reason)
+    return MlflowTracker(tracking_uri, run_id=run_id, reopen=False)
 
 
 def _recorded_test_metrics(study: optuna.Study, trial: FrozenTrial, client) -> dict[str, float] | None:
@@ -273,6 +320,37 @@ def _recorded_test_metrics(study: optuna.Study, trial: FrozenTrial, client) -> d
     return on_run if f"{TEST_PREFIX}balanced_accuracy" in on_run else None
 
 
+def _refuse_test_reuse(study: optuna.Study, trial: FrozenTrial) -> None:
+    earlier = [evaluation for evaluation in evaluations_on_test(study) if evaluation.trial != trial.number]
+    if earlier:
+        said = ", ".join(f"trial {evaluation.trial} at {evaluation.time}" for evaluation in earlier)
+        raise PromotionError(
+            f"the test split of study {study.study_name!r} was already scored ({said}); scoring trial "
+            f"{trial.number} too would let test scores choose the model. Promote trial {earlier[-1].trial} "
+            f"again (`--trial {earlier[-1].trial}`), or pass --allow-test-reuse on purpose: the new model version "
+            f"is then tagged {TEST_REUSE_TAG}=true"
+        )
+
+
+def _checkpoint_copy(client, run_id: str, into: str) -> Path:
+    """The run's logged `checkpoint` artifact, downloaded: what promotion scores and packages is what was tracked."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return Path(client.download_artifacts(run_id, CHECKPOINT_ARTIFACT, into))
+    except (MlflowException, OSError) as error:
+        raise PromotionError(
+            f"MLflow run {run_id} has no readable {CHECKPOINT_ARTIFACT!r} artifact ({error}); promote a trial "
+            "whose run logged its best checkpoint"
+        ) from None
+
+
+def _has_model(client, run_id: str) -> bool:
+    from octft.track.pyfunc_model import MODEL_ARTIFACT
+
+    return any(entry.path == f"{MODEL_ARTIFACT}/MLmodel" for entry in client.list_artifacts(run_id, MODEL_ARTIFACT))
+
+
 def promote(
     spec: SweepSpec,
     *,
@@ -280,62 +358,90 @@ def promote(
     storage: str | None = None,
     tracking_uri: str | None = None,
     n_resamples: int = 1000,
+    allow_test_reuse: bool = False,
     progress: bool = False,
 ) -> Promotion:
-    """Evaluate the chosen trial on the test split (once) and register it as `promote.model_name@champion`."""
+    """Evaluate the chosen trial on the test split (once) and register it as `promote.model_name@champion`.
+
+    Scoring a second trial of the study on the test split is refused unless `allow_test_reuse`.
+    """
     from mlflow.tracking import MlflowClient
 
     from octft.track.mlflow_tracker import check_not_shared, redact, resolve_tracking_uri
+    from octft.track.pyfunc_model import MODEL_ARTIFACT, save_pyfunc_model
 
     tracking_uri = resolve_tracking_uri(tracking_uri or spec.mlflow.tracking_uri)
     check_not_shared(tracking_uri, storage or spec.storage)
     study = open_study(spec, storage)
     trial, skipped = select_trial(study, spec.promote.min_class_f1, trial_number)
     run_id = trial.user_attrs["mlflow_run_id"]
-    client = MlflowClient(tracking_uri=tracking_uri)
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     try:
         run_tags = client.get_run(run_id).data.tags
     except Exception as error:  # mlflow raises MlflowException; say which store and run
-        raise UsageError(
+        raise PromotionError(
             f"trial {trial.number}'s MLflow run {run_id} is not in the MLflow store at {redact(tracking_uri)} "
             f"({type(error).__name__}); pass the store the sweep logged to with --tracking-uri"
         ) from None
+    manifest_hash = run_tags.get("octft.data_manifest_hash")
+    parent_run_id = study.user_attrs.get("mlflow_parent_run_id")
+    trial_run = attached_run(tracking_uri, run_id)
 
-    test_metrics = _recorded_test_metrics(study, trial, client)
-    evaluated = test_metrics is None
-    if test_metrics is None:
-        checkpoint_dir = Path(trial.user_attrs["run_dir"]) / CHECKPOINT_ARTIFACT
-        test_metrics = evaluate_test_split(
-            checkpoint_dir, expected_manifest_hash=run_tags.get("octft.data_manifest_hash"),
-            n_resamples=n_resamples, progress=progress,
-        )
-        with resumed_run(tracking_uri, run_id) as tracker:
-            tracker.log_metrics(test_metrics, step=0)
-    # Recorded on the study too, so the report (which reads storage) shows it; a no-op when already there.
-    study.set_user_attr(TEST_METRICS_ATTR.format(number=trial.number), test_metrics)
+    with tempfile.TemporaryDirectory(prefix="octft-promote-") as scratch:
+        test_metrics = _recorded_test_metrics(study, trial, client)
+        evaluated = test_metrics is None
+        checkpoint_dir = None
+        if test_metrics is None:
+            if not allow_test_reuse:
+                _refuse_test_reuse(study, trial)
+            checkpoint_dir = _checkpoint_copy(client, run_id, scratch)
+            test_metrics = evaluate_test_split(checkpoint_dir, expected_manifest_hash=manifest_hash,
+                                               n_resamples=n_resamples, progress=progress)
+            trial_run.log_metrics(test_metrics, step=0)
+        # Recorded on the study too, so the report (which reads storage) shows it; a no-op when already there.
+        study.set_user_attr(TEST_METRICS_ATTR.format(number=trial.number), test_metrics)
+        evaluation_key = TEST_EVALUATION_ATTR.format(number=trial.number)
+        if evaluation_key not in study.user_attrs:
+            when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            study.set_user_attr(evaluation_key, {"trial": trial.number, "time": when, "run_id": run_id})
+        evaluations = evaluations_on_test(study)
+        evaluation_log = json.dumps([evaluation.summary() for evaluation in evaluations])
+        if parent_run_id and evaluated:
+            parent = attached_run(tracking_uri, parent_run_id)
+            parent.log_metrics(test_metrics, step=trial.number)
+            parent.set_tags({TEST_EVALUATIONS_TAG: evaluation_log, "octft.test_evaluated_trials": str(len(evaluations))})
 
+        if not _has_model(client, run_id):
+            checkpoint_dir = checkpoint_dir or _checkpoint_copy(client, run_id, scratch)
+            model_dir = save_pyfunc_model(checkpoint_dir, Path(scratch) / MODEL_ARTIFACT, metadata={
+                "octft.study": spec.study_name, "octft.trial": trial.number, "octft.run_id": run_id,
+                "octft.data_manifest_hash": manifest_hash or "unknown",
+            })
+            # The client uploads into the run as it stands: no fluent call, nothing reopens the run.
+            client.log_artifacts(run_id, str(model_dir), MODEL_ARTIFACT)
+
+    test_reuse = len({evaluation.trial for evaluation in evaluations}) > 1
     tags = {
         "octft.study": spec.study_name,
         "octft.trial": str(trial.number),
         "octft.params": json.dumps(trial.params, sort_keys=True),
         "octft.val_value": str(trial.value),
-        "octft.data_manifest_hash": run_tags.get("octft.data_manifest_hash", "unknown"),
+        "octft.data_manifest_hash": manifest_hash or "unknown",
         "octft.git_commit": run_tags.get("octft.git_commit", "unknown"),
         "octft.test_balanced_accuracy": _format_score(test_metrics, "balanced_accuracy"),
+        TEST_EVALUATIONS_TAG: evaluation_log,
+        TEST_REUSE_TAG: str(test_reuse).lower(),
     }
-    with resumed_run(tracking_uri, run_id) as tracker:
-        version = tracker.register_model(run_id, CHECKPOINT_ARTIFACT, spec.promote.model_name, CHAMPION_ALIAS, tags)
+    version = trial_run.register_model(run_id, MODEL_ARTIFACT, spec.promote.model_name, CHAMPION_ALIAS, tags)
 
     champion = {"trial": trial.number, "model_name": spec.promote.model_name, "version": version, "run_id": run_id}
     if study.user_attrs.get(CHAMPION_ATTR) != champion:
         study.set_user_attr(CHAMPION_ATTR, champion)
-        parent_run_id = study.user_attrs.get("mlflow_parent_run_id")
         if parent_run_id:
-            with resumed_run(tracking_uri, parent_run_id) as parent:
-                parent.log_metrics(test_metrics, step=trial.number)
-                parent.set_tags({"octft.champion_trial": str(trial.number), "octft.champion_version": version})
+            attached_run(tracking_uri, parent_run_id).set_tags(
+                {"octft.champion_trial": str(trial.number), "octft.champion_version": version})
     return Promotion(spec.study_name, trial.number, run_id, spec.promote.model_name, version, test_metrics,
-                     evaluated, skipped)
+                     evaluated, skipped, evaluations)
 
 
 def _format_score(metrics: dict[str, float], name: str) -> str:
@@ -352,11 +458,16 @@ def format_promotion(promotion: Promotion) -> str:
         f"trial {promotion.trial_number} (MLflow run {promotion.run_id}) -> {promotion.model_uri} "
         f"(version {promotion.version})"
     )
-    lines.append("test scores, participant level, bootstrap 95% interval"
+    lines.append("test scores, participant level, stratified bootstrap 95% interval"
                  + ("" if promotion.evaluated else " (recorded earlier; not evaluated again)") + ":")
     for name in CI_SCORES:
-        lines.append(f"  test/{name:<22} {_format_score(promotion.test_metrics, name)}")
+        resamples = promotion.test_metrics.get(f"{TEST_PREFIX}{name}_resamples")
+        note = "" if resamples is None else f"  ({resamples:g} resamples)"
+        lines.append(f"  test/{name:<22} {_format_score(promotion.test_metrics, name)}{note}")
     for name in ("accuracy", "participants", "volumes"):
         if f"{TEST_PREFIX}{name}" in promotion.test_metrics:
             lines.append(f"  test/{name:<22} {promotion.test_metrics[f'{TEST_PREFIX}{name}']:g}")
+    trials = sorted({evaluation.trial for evaluation in promotion.evaluations})
+    lines.append(f"test split scored for {len(trials)} trial(s) of this study: {', '.join(map(str, trials))}"
+                 + (f" ({TEST_REUSE_TAG}=true)" if promotion.test_reuse else ""))
     return "\n".join(lines)

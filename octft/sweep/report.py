@@ -29,7 +29,16 @@ from optuna.trial import FrozenTrial, TrialState
 
 from octft.config import ConfigError
 from octft.data.layout import CLASS_SHORT_NAMES
-from octft.sweep.promote import CHAMPION_ATTR, CI_SCORES, TEST_METRICS_ATTR, open_study, resumed_run, select_trial
+from octft.sweep.promote import (
+    CHAMPION_ATTR,
+    CI_SCORES,
+    TEST_METRICS_ATTR,
+    TEST_REUSE_TAG,
+    attached_run,
+    open_study,
+    select_trial,
+    evaluations_on_test,
+)
 from octft.sweep.spec import SweepSpec, redact_url
 
 DASHBOARDS = Path(__file__).resolve().parents[2] / "dashboards"
@@ -291,7 +300,20 @@ def _summary(context: ReportContext) -> str:
         )
         rows = [[f"test/{name}", *(f"{metrics.get(f'test/{name}{suffix}', float('nan')):.4f}" for suffix in ("", "_ci_low", "_ci_high"))]
                 for name in CI_SCORES]
-        parts.append("<p>Test split, participant level, bootstrap 95% interval:</p>" + _table(["score", "value", "low", "high"], rows))
+        parts.append("<p>Test split, participant level, stratified bootstrap 95% interval:</p>"
+                     + _table(["score", "value", "low", "high"], rows))
+    evaluations = evaluations_on_test(study)
+    scored = sorted({evaluation.trial for evaluation in evaluations})
+    if not scored:
+        parts.append("<p><b>Test split:</b> not scored yet (octft promote scores it).</p>")
+    else:
+        reuse = f" More than one trial was scored: {TEST_REUSE_TAG}=true on the versions registered since." if len(scored) > 1 else ""
+        parts.append(f'<p id="test-evaluations"><b>Test split:</b> scored for {len(scored)} trial(s) '
+                     f"({html.escape(', '.join(str(number) for number in scored))}).{html.escape(reuse)}</p>"
+                     + _table(["trial", "scored at (UTC)", "test/balanced_accuracy"],
+                              [[evaluation.trial, evaluation.time,
+                                f"{evaluation.scores.get('test/balanced_accuracy', float('nan')):.4f}"]
+                               for evaluation in evaluations]))
     rows = []
     for trial in context.trials:
         attrs = trial.user_attrs
@@ -352,6 +374,5 @@ def render_report(
     path.write_text(page, encoding="utf-8")
     parent_run_id = study.user_attrs.get("mlflow_parent_run_id")
     if parent_run_id:
-        with resumed_run(tracking_uri, parent_run_id) as parent:
-            parent.log_artifact(path)
+        attached_run(tracking_uri, parent_run_id).log_artifact(path)
     return path

@@ -110,6 +110,18 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     return f"sqlite:///{Path.cwd() / DEFAULT_DB_NAME}"
 
 
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///...` URI; None for other stores and in-memory sqlite.
+
+    >>> sqlite_path("sqlite:////tmp/runs.db"), sqlite_path("postgresql://db/x")
+    (PosixPath('/tmp/runs.db'), None)
+    """
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///"):].split("?", 1)[0]
+    return None if path in ("", ":memory:") else Path(path).expanduser()
+
+
 def _database_identity(url: str) -> tuple | None:
     """What names a database behind a SQLAlchemy URL; None for non-SQL stores and in-memory sqlite."""
     if "://" not in url:
@@ -208,7 +220,8 @@ class MlflowTracker:
     """One MLflow run: a new one, a child of `parent_run_id`, or a resumed one (`run_id=`).
 
     `artifact_location` is used only when this tracker creates the experiment (where artifacts
-    go; MLflow picks a default otherwise). Use it as a context manager to end the run FINISHED,
+    go; MLflow picks a default otherwise). With `run_id=` and `reopen=False` the tracker adds to a run
+    without reopening it: its status and times are left alone and `finish` does nothing. Use it as a context manager to end the run FINISHED,
     FAILED (on an exception) or KILLED (on Ctrl-C); `finish` does the same by hand.
     """
 
@@ -222,6 +235,7 @@ class MlflowTracker:
         tags: dict | None = None,
         run_id: str | None = None,
         artifact_location: str | None = None,
+        reopen: bool = True,
     ) -> None:
         from mlflow.tracking import MlflowClient
 
@@ -240,10 +254,15 @@ class MlflowTracker:
         if run_id is not None:
             run = self._require_run(run_id, "run_id", "drop run_id= to start a new run")
             self.run_id: str | None = run.info.run_id
-            # The run is live again: a reason left by its previous end no longer holds.
-            if END_REASON_TAG in run.data.tags:
-                self._client.delete_tag(run_id, END_REASON_TAG)
-            self._client.update_run(run_id, status="RUNNING")
+            if not reopen:
+                # Logging to an ended run as it stands: its status, start and end time stay as they were, so
+                # the UI's duration still says how long it trained. `finish` is then a no-op.
+                self._finished = True
+            else:
+                # The run is live again: a reason left by its previous end no longer holds.
+                if END_REASON_TAG in run.data.tags:
+                    self._client.delete_tag(run_id, END_REASON_TAG)
+                self._client.update_run(run_id, status="RUNNING")
             if run_name:
                 self._client.update_run(run_id, name=run_name)
             if run_tags:

@@ -24,6 +24,7 @@ import math
 import re
 import warnings
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -290,6 +291,16 @@ def confusion_matrix_figure(confusion: np.ndarray, class_names: Sequence[str], t
     return figure
 
 
+class BootstrapInterval(NamedTuple):
+    """A score on all rows and its bootstrap interval; `resamples` counts the resamples behind the interval
+    (fewer than asked for when the score was undefined on some)."""
+
+    point: float
+    low: float
+    high: float
+    resamples: int
+
+
 def bootstrap_ci(
     y_true: np.ndarray,
     y_pred: np.ndarray,
@@ -298,18 +309,21 @@ def bootstrap_ci(
     n_resamples: int = 1000,
     seed: int = 0,
     alpha: float = 0.05,
-) -> tuple[float, float, float]:
-    """`metric` on all rows, and its percentile bootstrap (1 - alpha) interval: `(point, low, high)`.
+    *,
+    stratify: bool = False,
+) -> BootstrapInterval:
+    """`metric` on all rows, and its percentile bootstrap (1 - alpha) interval.
 
-    Rows are participants (aggregate volumes first), resampled with replacement. `metric` is called as
-    `metric(y_true, y_pred, probs)` (probs is None when not given). Resamples where the metric is NaN (a
-    class drawn out, say) are left out of the interval, with a warning giving their count.
+    Rows are participants (aggregate volumes first), resampled with replacement; with `stratify`, within
+    each class of `y_true`, so every resample keeps the class counts and no class is ever drawn out (a
+    per-class score then never meets an empty class). `metric` is called as `metric(y_true, y_pred, probs)`
+    (probs is None when not given). Resamples where the metric is NaN (a class drawn out, say) are left out
+    of the interval, with a warning giving their count; `resamples` says how many remain.
 
     >>> y = np.array([0, 1] * 20)
     >>> accuracy = lambda y_true, y_pred, _: float((y_true == y_pred).mean())
-    >>> point, low, high = bootstrap_ci(y, y, None, accuracy, n_resamples=100)
-    >>> (point, low, high)
-    (1.0, 1.0, 1.0)
+    >>> bootstrap_ci(y, y, None, accuracy, n_resamples=100)
+    BootstrapInterval(point=1.0, low=1.0, high=1.0, resamples=100)
     """
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     if y_true.ndim != 1 or y_true.shape != y_pred.shape or y_true.size == 0:
@@ -321,23 +335,25 @@ def bootstrap_ci(
     if n_resamples < 1 or not 0.0 < alpha < 1.0:
         raise ValueError(f"need n_resamples >= 1 and 0 < alpha < 1, got n_resamples={n_resamples}, alpha={alpha}")
     probs = None if probs is None else np.asarray(probs)
+    strata = [np.flatnonzero(y_true == label) for label in np.unique(y_true)] if stratify else [np.arange(y_true.size)]
 
     point = float(metric(y_true, y_pred, probs))
     rng = np.random.default_rng(seed)
     values = np.empty(n_resamples)
     for resample in range(n_resamples):
-        rows = rng.integers(0, y_true.size, size=y_true.size)
+        rows = np.concatenate([stratum[rng.integers(0, stratum.size, size=stratum.size)] for stratum in strata])
         values[resample] = metric(y_true[rows], y_pred[rows], None if probs is None else probs[rows])
-    undefined = int(np.isnan(values).sum())
-    if undefined:
+    defined = values[~np.isnan(values)]
+    if defined.size < n_resamples:
         warnings.warn(
-            f"bootstrap_ci: the metric is NaN on {undefined} of {n_resamples} resamples; the interval uses the rest",
+            f"bootstrap_ci: the metric is NaN on {n_resamples - defined.size} of {n_resamples} resamples; "
+            "the interval uses the rest",
             stacklevel=2,
         )
-    if undefined == n_resamples:
-        return point, math.nan, math.nan
-    low, high = np.quantile(values[~np.isnan(values)], [alpha / 2, 1 - alpha / 2])
-    return point, float(low), float(high)
+    if defined.size == 0:
+        return BootstrapInterval(point, math.nan, math.nan, 0)
+    low, high = np.quantile(defined, [alpha / 2, 1 - alpha / 2])
+    return BootstrapInterval(point, float(low), float(high), int(defined.size))
 
 
 def is_collapsed(

@@ -28,6 +28,7 @@ from octft.sweep.promote import (
     participant_test_scores,
     promote,
     select_trial,
+    evaluations_on_test,
     unpromotable_reason,
 )
 from octft.sweep.spec import load_sweep
@@ -83,19 +84,25 @@ def sweep(tmp_path_factory):
 
     parent = MlflowTracker(tracking_uri, "promote-test", "study")
     parent.finish("FINISHED")
-    # A second run holding the same checkpoint: the collapsed trial that scores higher on validation.
-    copy = MlflowTracker(tracking_uri, "promote-test", "trial-0", parent_run_id=parent.run_id)
-    copy.log_artifact(trained.run_dir / "checkpoint", "checkpoint")
-    copy.set_tags({key: value for key, value in MlflowClient(tracking_uri).get_run(trained.run_id).data.tags.items()
-                   if key.startswith("octft.")})
-    copy.finish("FINISHED")
+
+    def copy_of_the_trained_run(name):
+        copy = MlflowTracker(tracking_uri, "promote-test", name, parent_run_id=parent.run_id)
+        copy.log_artifact(trained.run_dir / "checkpoint", "checkpoint")
+        copy.set_tags({key: value for key, value in MlflowClient(tracking_uri).get_run(trained.run_id).data.tags.items()
+                       if key.startswith("octft.")})
+        copy.finish("FINISHED")
+        return copy.run_id
+
+    # Runs holding the same checkpoint: the collapsed trial that scores higher on validation, and a third
+    # healthy trial with a run of its own (a second test evaluation).
+    collapsed_run, third_run = copy_of_the_trained_run("trial-0"), copy_of_the_trained_run("trial-2")
 
     storage = f"sqlite:///{root / 'optuna.db'}"
     study = optuna.create_study(study_name="promote-test", storage=storage, direction="maximize")
     study.set_user_attr("mlflow_parent_run_id", parent.run_id)
-    _add_trial(study, TrialState.COMPLETE, 0.9, f1=(0.9, 0.0, 0.8, 0.9), run_id=copy.run_id, run_dir=trained.run_dir)
+    _add_trial(study, TrialState.COMPLETE, 0.9, f1=(0.9, 0.0, 0.8, 0.9), run_id=collapsed_run, run_dir=trained.run_dir)
     _add_trial(study, TrialState.COMPLETE, 0.6, run_id=trained.run_id, run_dir=trained.run_dir)
-    _add_trial(study, TrialState.COMPLETE, 0.5, run_id=trained.run_id, run_dir=trained.run_dir)
+    _add_trial(study, TrialState.COMPLETE, 0.5, run_id=third_run, run_dir=trained.run_dir)
     _add_trial(study, TrialState.PRUNED, 0.3, prune_reason="collapse", prune_epoch=1,
                prune_detail="collapsed: class 3 takes 97.0% of predictions")
     _add_trial(study, TrialState.FAIL, 0.0, fail_reason="TrainingError: training loss is nan at epoch 1")
@@ -114,6 +121,7 @@ def sweep(tmp_path_factory):
 def test_the_best_trial_that_did_not_collapse_is_promoted_once(sweep, capsys):
     spec_path, trained, data, tracking_uri = sweep
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    trained_run = client.get_run(trained.run_id).info
 
     assert main(["promote", str(spec_path)]) == 0
     out = capsys.readouterr().out
@@ -123,7 +131,7 @@ def test_the_best_trial_that_did_not_collapse_is_promoted_once(sweep, capsys):
 
     champion = client.get_model_version_by_alias(MODEL_NAME, "champion")
     assert str(champion.version) == "1" and champion.run_id == trained.run_id
-    assert champion.source == f"runs:/{trained.run_id}/checkpoint"
+    assert champion.source == f"runs:/{trained.run_id}/model"  # an MLflow Model, logged to the trial's run
     tags = champion.tags
     run_tags = client.get_run(trained.run_id).data.tags
     assert tags["octft.study"] == "promote-test" and tags["octft.trial"] == "1"
@@ -140,10 +148,16 @@ def test_the_best_trial_that_did_not_collapse_is_promoted_once(sweep, capsys):
         assert metrics[f"test/{name}_ci_low"] <= metrics[f"test/{name}"] <= metrics[f"test/{name}_ci_high"]
     run = client.get_run(trained.run_id)
     assert run.data.metrics["test/balanced_accuracy"] == pytest.approx(metrics["test/balanced_accuracy"])
-    assert run.info.status == "FINISHED"  # logging to the finished run left its status as it was
+    # Logging to the finished run left it as training did: status, start and end time (its UI duration).
+    assert (run.info.status, run.info.start_time, run.info.end_time) == (
+        "FINISHED", trained_run.start_time, trained_run.end_time)
+    assert tags["octft.test_reuse"] == "false"
+    assert [entry["trial"] for entry in json.loads(tags["octft.test_evaluations"])] == [1]
+    assert "test split scored for 1 trial(s) of this study: 1" in out
     parent = client.get_run(study.user_attrs["mlflow_parent_run_id"])
     assert parent.data.metrics["test/balanced_accuracy_ci_high"] == pytest.approx(metrics["test/balanced_accuracy_ci_high"])
     assert parent.data.tags["octft.champion_trial"] == "1"
+    assert [entry["trial"] for entry in json.loads(parent.data.tags["octft.test_evaluations"])] == [1]
 
     # Again: nothing new, and the test split is not evaluated a second time.
     again = promote(load_sweep(spec_path))
@@ -152,6 +166,40 @@ def test_the_best_trial_that_did_not_collapse_is_promoted_once(sweep, capsys):
     assert len(client.search_model_versions(f"name='{MODEL_NAME}'")) == 1
     history = client.get_metric_history(trained.run_id, "test/balanced_accuracy")
     assert len(history) == 1
+    assert client.get_run(trained.run_id).info.end_time == trained_run.end_time
+
+
+def test_scoring_a_second_trial_on_test_needs_allow_test_reuse_and_is_tagged(sweep, capsys):
+    spec_path, trained, _, tracking_uri = sweep
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    if not client.search_model_versions(f"name='{MODEL_NAME}'"):
+        assert main(["promote", str(spec_path)]) == 0  # trial 1 scored first (when run alone)
+    capsys.readouterr()
+    study = optuna.load_study(study_name="promote-test", storage=load_sweep(spec_path).storage)
+    third_run = study.trials[2].user_attrs["mlflow_run_id"]
+    third_before = client.get_run(third_run).info
+
+    assert main(["promote", str(spec_path), "--trial", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "already scored (trial 1 at " in err and "--allow-test-reuse" in err and "octft.test_reuse=true" in err
+    assert "test/balanced_accuracy" not in client.get_run(third_run).data.metrics  # refused before scoring
+
+    assert main(["promote", str(spec_path), "--trial", "2", "--allow-test-reuse"]) == 0
+    assert "test split scored for 2 trial(s) of this study: 1, 2 (octft.test_reuse=true)" in capsys.readouterr().out
+    version = client.get_model_version_by_alias(MODEL_NAME, "champion")
+    assert (version.run_id, version.tags["octft.test_reuse"]) == (third_run, "true")
+    assert [entry["trial"] for entry in json.loads(version.tags["octft.test_evaluations"])] == [1, 2]
+    third = client.get_run(third_run).info
+    assert (third.status, third.start_time, third.end_time) == ("FINISHED", third_before.start_time, third_before.end_time)
+    parent = client.get_run(study.user_attrs["mlflow_parent_run_id"])
+    assert parent.data.tags["octft.test_evaluated_trials"] == "2"
+    evaluations = evaluations_on_test(optuna.load_study(study_name="promote-test", storage=load_sweep(spec_path).storage))
+    assert [(evaluation.trial, evaluation.run_id) for evaluation in evaluations] == [(1, trained.run_id), (2, third_run)]
+
+    # Trial 1 again: its recorded scores, no new evaluation, and the version says the test split was reused.
+    assert main(["promote", str(spec_path), "--trial", "1"]) == 0
+    assert "recorded earlier; not evaluated again" in capsys.readouterr().out
+    assert len(client.get_metric_history(trained.run_id, "test/balanced_accuracy")) == 1
 
 
 @pytest.mark.parametrize(
@@ -201,3 +249,14 @@ def test_test_scores_equal_scikit_learn_and_sit_inside_their_intervals():
     for name in ("balanced_accuracy", "auc_macro", "macro_f1", "f1_healthy"):
         low, point, high = (scores[f"test/{name}{suffix}"] for suffix in ("_ci_low", "", "_ci_high"))
         assert low <= point <= high and low < high  # 40 noisy participants: a real interval, not a point
+
+
+def test_a_perfect_classifier_gets_every_f1_interval_at_one_whatever_a_resample_draws():
+    targets = np.repeat(np.arange(4), [8, 6, 4, 2])  # 20 test participants, the rarest class held by 2
+    scores = participant_test_scores(targets, 5.0 * np.eye(4)[targets], n_resamples=500, seed=0)
+    for name in ("balanced_accuracy", "macro_f1", *(f"f1_{c}" for c in CLASS_SHORT_NAMES)):
+        assert (scores[f"test/{name}_ci_low"], scores[f"test/{name}"], scores[f"test/{name}_ci_high"]) == (1.0, 1.0, 1.0), name
+    assert scores["test/auc_macro_ci_low"] == 1.0
+    # Stratified: every resample holds every class, so every interval rests on all 500 resamples.
+    assert not [key for key in scores if key.endswith("_resamples") and key != "test/bootstrap_resamples"]
+    assert scores["test/bootstrap_resamples"] == 500

@@ -272,10 +272,10 @@ def _noisy_predictions(n: int, seed: int):
 def test_bootstrap_ci_contains_the_point_and_narrows_with_more_participants():
     small = bootstrap_ci(*_noisy_predictions(40, seed=6), None, _accuracy, n_resamples=400)
     large = bootstrap_ci(*_noisy_predictions(1000, seed=6), None, _accuracy, n_resamples=400)
-    for point, low, high in (small, large):
-        assert low <= point <= high
-        assert low < high
-    assert large[2] - large[1] < 0.5 * (small[2] - small[1])
+    for interval in (small, large):
+        assert interval.low <= interval.point <= interval.high
+        assert interval.low < interval.high and interval.resamples == 400
+    assert large.high - large.low < 0.5 * (small.high - small.low)
     assert bootstrap_ci(*_noisy_predictions(40, seed=6), None, _accuracy, n_resamples=400) == small  # seeded
 
 
@@ -292,8 +292,9 @@ def test_bootstrap_ci_passes_resampled_probs_and_counts_undefined_resamples():
         return roc_auc_score(targets, resampled_probs, multi_class="ovr", labels=LABELS)
 
     with pytest.warns(UserWarning, match=r"NaN on \d+ of 200 resamples"):
-        point, low, high = bootstrap_ci(y_true, y_pred, probs, auc, n_resamples=200)
+        point, low, high, resamples = bootstrap_ci(y_true, y_pred, probs, auc, n_resamples=200)
     assert low <= high and not math.isnan(point)
+    assert 0 < resamples < 200  # the resamples that drew class 3 out are not behind the interval
 
 
 @pytest.mark.integration

@@ -1,0 +1,113 @@
+"""The champion as an MLflow Model: a `pyfunc` that reads OCT files, preprocesses them as training did, classifies.
+
+A promoted checkpoint folder (`best.pt` beside the `config.yaml` that built it) travels inside the model as its
+one artifact, so the model carries its preprocessing (frame picking, resize, intensity: the config's
+`data.preprocess`) and everything else it was trained with. Its input is a table with a column `path` (a
+DICOM, NIfTI or NumPy file readable where the model runs); its output has one row per input row:
+
+    path, participant_id, prob_<class> for each class, predicted_class, error
+
+`error` is empty when the volume was read and says why when it was not (its probabilities are then NaN), so
+one unreadable volume never fails the batch.
+
+    >>> import mlflow, pandas as pd                                                     # doctest: +SKIP
+    >>> model = mlflow.pyfunc.load_model("models:/octft-demo@champion")                   # doctest: +SKIP
+    >>> model.predict(pd.DataFrame({"path": ["scan.dcm"]}))[["predicted_class", "error"]]  # doctest: +SKIP
+
+This module imports mlflow; `octft.track` does not import it.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+import pandas as pd
+
+from octft.data.layout import CLASS_SHORT_NAMES
+
+MODEL_ARTIFACT = "model"  # where the MLflow Model sits in the trial run's artifacts
+CHECKPOINT_KEY = "checkpoint"  # the model's artifact: the run's checkpoint folder
+PATH_COLUMN = "path"
+PARTICIPANT_COLUMN = "participant_id"
+PREDICTED_COLUMN = "predicted_class"
+ERROR_COLUMN = "error"
+PROBABILITY_PREFIX = "prob_"
+
+
+def output_columns(class_names: Sequence[str] = CLASS_SHORT_NAMES) -> list[str]:
+    """The columns of a prediction table, in order."""
+    return [PATH_COLUMN, PARTICIPANT_COLUMN, *(f"{PROBABILITY_PREFIX}{name}" for name in class_names),
+            PREDICTED_COLUMN, ERROR_COLUMN]
+
+
+class OctVolumeClassifier(mlflow.pyfunc.PythonModel):
+    """The pyfunc wrapper: loads the checkpoint folder on the CPU once, then classifies tables of paths."""
+
+    def load_context(self, context) -> None:
+        from octft.predict import load_checkpoint_folder
+
+        self.loaded = load_checkpoint_folder(Path(context.artifacts[CHECKPOINT_KEY]), source="mlflow pyfunc")
+
+    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        from octft.predict import classify_paths
+
+        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        if PATH_COLUMN not in frame.columns:
+            raise ValueError(
+                f"the input has columns {list(frame.columns)}; give a column {PATH_COLUMN!r} of DICOM / NIfTI / "
+                "NumPy file paths, e.g. {\"dataframe_records\": [{\"path\": \"/data/scan.dcm\"}]}"
+            )
+        return classify_paths(self.loaded, [str(path) for path in frame[PATH_COLUMN]])
+
+
+def model_signature(class_names: Sequence[str] = CLASS_SHORT_NAMES):
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    inputs = Schema([ColSpec("string", PATH_COLUMN)])
+    outputs = Schema([
+        ColSpec("string", PATH_COLUMN), ColSpec("string", PARTICIPANT_COLUMN),
+        *(ColSpec("double", f"{PROBABILITY_PREFIX}{name}") for name in class_names),
+        ColSpec("string", PREDICTED_COLUMN), ColSpec("string", ERROR_COLUMN),
+    ])
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def _requirements() -> list[str]:
+    # Written for the record: the model's code is octft's own, so it loads where octft is installed
+    # (`--env-manager local`); octft is not on PyPI, so MLflow cannot rebuild its environment from these.
+    names = ("mlflow", "torch", "numpy", "pandas", "pydicom", "nibabel", "octft")
+    found = []
+    for name in names:
+        try:
+            found.append(f"{name}=={importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def save_pyfunc_model(checkpoint_dir: str | Path, path: str | Path, *, metadata: dict[str, Any] | None = None,
+                      class_names: Sequence[str] = CLASS_SHORT_NAMES) -> Path:
+    """Write the MLflow Model of `checkpoint_dir` (best.pt + config.yaml) to the new folder `path`.
+
+    The input example names a file that exists nowhere: it shows the request's shape, and a model served
+    elsewhere answers it with one row whose `error` says the file is missing.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    missing = [name for name in ("best.pt", "config.yaml") if not (checkpoint_dir / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"checkpoint folder {checkpoint_dir} lacks {', '.join(missing)}; cannot build its model")
+    mlflow.pyfunc.save_model(
+        path=str(path),
+        python_model=OctVolumeClassifier(),
+        artifacts={CHECKPOINT_KEY: str(checkpoint_dir)},
+        signature=model_signature(class_names),
+        input_example=pd.DataFrame({PATH_COLUMN: ["/data/1001/1001_oct_l.dcm"]}),
+        pip_requirements=_requirements(),
+        metadata={"octft.classes": list(class_names), **(metadata or {})},
+    )
+    return Path(path)
