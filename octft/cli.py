@@ -196,6 +196,14 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_ui(args) -> int:
+    from octft.sweep.spec import load_sweep
+    from octft.sweep.ui import serve
+
+    spec = load_sweep(args.spec, args.overrides)
+    return serve(spec, storage=args.storage, tracking_uri=args.tracking_uri, host=args.host, port=args.port)
+
+
 # ---------------------------------------------------------------- sweep
 def _sweep_study(args):
     """The spec and the loaded study of `octft sweep status|show` (no workers, no heartbeat)."""
@@ -372,6 +380,15 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--batch-size", type=int, default=8)
     predict.add_argument("--json", action="store_true", help="print the predictions as JSON")
     predict.set_defaults(func=cmd_predict)
+
+    ui = commands.add_parser("ui", help="serve the study's MLflow store and print its runs and compare pages")
+    ui.add_argument("spec", help="the sweep YAML, e.g. sweeps/demo.yaml")
+    ui.add_argument("overrides", nargs="*", metavar="key=value", help="sweep overrides")
+    ui.add_argument("--storage", help="Optuna storage URL (default: the spec's storage)")
+    ui.add_argument("--tracking-uri", help="MLflow tracking URI (default: the spec's mlflow.tracking_uri)")
+    ui.add_argument("--port", type=int, default=5000, help="port of MLflow's server (default: 5000)")
+    ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    ui.set_defaults(func=cmd_ui)
 
     report = commands.add_parser("report", help="one self-contained HTML report of a study")
     report.add_argument("spec", help="the sweep YAML, e.g. sweeps/demo.yaml")

@@ -103,8 +103,12 @@ def run_demo(root: Path, *, participants: int = 96, trials: int = 6, workers: in
     print(f"  audit report:    {root / 'audit.json'}")
     print(f"  study report:    {html}")
     print(f"  trials:          octft sweep status {spec_path.relative_to(REPO)} --storage {storage}")
-    print(f"  MLflow UI:       mlflow ui --backend-store-uri {tracking_uri}")
+    print(f"  MLflow store:    {tracking_uri} (artifacts in {root / 'mlartifacts'})")
     if promotion is not None:
         print(f"  champion:        octft predict --model {promotion.model_uri} --tracking-uri {tracking_uri} "
               f"{data_dir / 'retinal_oct'}")
+    from octft.sweep.ui import ui_command
+
+    print("\ncompare the trials in MLflow's UI (its model-training view and its compare page; Ctrl-C stops it):")
+    print(f"  {ui_command(spec_path.relative_to(REPO), storage=storage, tracking_uri=tracking_uri)}")
     return 0

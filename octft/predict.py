@@ -83,6 +83,10 @@ class ModelNotFoundError(OctftError, ValueError):
     """A model URI, folder or store that does not hold a model."""
 
 
+class InputNotFoundError(OctftError, FileNotFoundError):
+    """An input file or folder to predict that does not exist or holds no OCT file."""
+
+
 def _existing_tracking_uri(tracking_uri: str | None) -> str:
     """The tracking URI to read models from; a sqlite file that does not exist is refused, not created.
 
@@ -258,12 +262,12 @@ def list_inputs(inputs: Iterable[str | Path]) -> list[Path]:
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(OCT_SUFFIXES))
             if not found:
-                raise FileNotFoundError(f"{path}: no OCT files ({', '.join(OCT_SUFFIXES)}) in this folder")
+                raise InputNotFoundError(f"{path}: no OCT files ({', '.join(OCT_SUFFIXES)}) in this folder")
             files.extend(found)
         elif path.is_file():
             files.append(path)
         else:
-            raise FileNotFoundError(f"{path}: no such file or folder")
+            raise InputNotFoundError(f"{path}: no such file or folder")
     return files
 
 
@@ -276,11 +280,13 @@ def participant_of(path: Path, meta: dict[str, Any]) -> str:
     )
 
 
-def _predict_table(model_uri: str, files: Sequence[str], *, tracking_uri: str | None, batch_size: int) -> tuple[str, tuple[str, ...], pd.DataFrame]:
-    """The prediction table of `files` from the model at `model_uri`, through the model's own pyfunc when
+def _predict_table(model_uri: str, inputs: Sequence[str | Path], *, tracking_uri: str | None,
+                   batch_size: int) -> tuple[str, tuple[str, ...], pd.DataFrame]:
+    """The prediction table of `inputs` from the model at `model_uri`, through the model's own pyfunc when
     it is an MLflow Model (so `octft predict` and a served champion run the same code)."""
     with tempfile.TemporaryDirectory(prefix="octft-model-") as download_to:
         folder = resolve_model_folder(model_uri, tracking_uri=tracking_uri, download_to=download_to)
+        files = [str(path) for path in list_inputs(inputs)]
         if not (folder / MLMODEL_FILE).is_file():
             loaded = load_checkpoint_folder(folder, source=model_uri)
             return model_uri, loaded.class_names, classify_paths(loaded, files, batch_size=batch_size)
@@ -298,11 +304,11 @@ def predict(
 
     A file that cannot be read lands in `Prediction.failed` with the reason; the rest are still predicted.
     """
-    files = [str(path) for path in list_inputs(inputs)]
     if isinstance(model, LoadedModel):
+        files = [str(path) for path in list_inputs(inputs)]
         source, class_names, table = model.source, model.class_names, classify_paths(model, files, batch_size=batch_size)
     else:
-        source, class_names, table = _predict_table(model, files, tracking_uri=tracking_uri, batch_size=batch_size)
+        source, class_names, table = _predict_table(model, inputs, tracking_uri=tracking_uri, batch_size=batch_size)
     result = Prediction(source, class_names)
     failed = table[ERROR_COLUMN].fillna("") != ""
     result.failed = list(zip(table.loc[failed, PATH_COLUMN], table.loc[failed, ERROR_COLUMN]))

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 
 from octft.cli import main
 from octft.config import load_experiment
@@ -16,7 +25,8 @@ from octft.data.preprocess import Preprocessing, preprocess
 from octft.data.readers import read_volume
 from octft.data.synth import synthesize
 from octft.predict import participant_of, predict
-from octft.sweep.promote import resumed_run
+from octft.track.mlflow_tracker import MlflowTracker
+from octft.track.pyfunc_model import MODEL_ARTIFACT, output_columns, save_pyfunc_model
 from octft.train.metrics import softmax
 from octft.train.recipe import build_model, train
 from octft.train.runtime import load_state
@@ -37,8 +47,11 @@ def champion(tmp_path_factory):
         f"output_dir={root / 'runs'}",
     ])
     trained = train(cfg, run_dir=root / "runs" / "trial", progress=False)
-    with resumed_run(tracking_uri, trained.run_id) as tracker:
-        tracker.register_model(trained.run_id, "checkpoint", MODEL_NAME, "champion")
+    # What promotion does after scoring: the checkpoint as an MLflow pyfunc Model, logged and registered.
+    save_pyfunc_model(trained.run_dir / "checkpoint", root / "model")
+    MlflowClient(tracking_uri).log_artifacts(trained.run_id, str(root / "model"), MODEL_ARTIFACT)
+    MlflowTracker(tracking_uri, run_id=trained.run_id, reopen=False).register_model(
+        trained.run_id, MODEL_ARTIFACT, MODEL_NAME, "champion")
     return root, trained, tracking_uri
 
 
@@ -118,4 +131,98 @@ def test_an_unknown_model_says_what_to_do(champion, capsys):
     err = capsys.readouterr().err
     assert "models:/no-such-model@champion" in err and "octft promote" in err
     assert main(["predict", "--model", "no/such/folder", "x.dcm"]) == 2
-    assert "neither a models:/<name>@<alias> URI nor a checkpoint folder" in capsys.readouterr().err
+    assert "neither a models:/<name>@<alias> URI nor a model folder" in capsys.readouterr().err
+
+
+def test_a_mistyped_sqlite_store_is_refused_and_not_created(tmp_path, capsys):
+    missing = tmp_path / "no-such-dir" / "mlflow.db"
+    assert main(["predict", "--model", f"models:/{MODEL_NAME}@champion", "x.dcm", "--tracking-uri", f"sqlite:///{missing}"]) == 2
+    assert f"no such database file {missing}" in capsys.readouterr().err
+    assert not (tmp_path / "no-such-dir").exists()
+
+
+def _fresh_env(tracking_uri: str) -> dict[str, str]:
+    # The environment's own bin first, as in an activated venv: `mlflow models serve` runs its `uvicorn`.
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri, PYTHONPATH=str(Path.cwd()), PATH=path)
+
+
+def _some_dicoms(root: Path) -> list[Path]:
+    return sorted((root / "data" / "retinal_oct" / "structural_oct").rglob("*.dcm"))[:3]
+
+
+def test_the_champion_loads_as_an_mlflow_pyfunc_in_a_fresh_process(champion, tmp_path):
+    root, trained, tracking_uri = champion
+    files = _some_dicoms(root)
+    broken = tmp_path / "broken.dcm"
+    broken.write_bytes(b"not a dicom at all")
+    paths = [str(file) for file in files] + [str(broken), str(tmp_path / "missing.dcm")]
+    code = (
+        "import json, sys, mlflow, pandas as pd\n"
+        f"model = mlflow.pyfunc.load_model('models:/{MODEL_NAME}@champion')\n"
+        "table = model.predict(pd.DataFrame({'path': json.loads(sys.argv[1])}))\n"
+        "print(table.to_json(orient='records'))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(paths)], capture_output=True, text=True,
+                          env=_fresh_env(tracking_uri), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [row["path"] for row in rows] == paths and list(rows[0]) == output_columns()
+
+    expected = softmax(_direct_logits(trained.run_dir / "checkpoint", files))
+    for row, probabilities in zip(rows, expected):
+        np.testing.assert_allclose([row[f"prob_{name}"] for name in CLASS_SHORT_NAMES], probabilities, atol=1e-5)
+        assert row["predicted_class"] == CLASS_SHORT_NAMES[int(probabilities.argmax())] and row["error"] == ""
+        assert row["participant_id"] == participant_of(Path(row["path"]), read_volume(row["path"]).meta)
+    # An unreadable or missing volume says why in its own row; the batch still answers.
+    assert all(row["error"] and row["predicted_class"] in ("", None) for row in rows[-2:])
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.integration
+def test_mlflow_models_serve_answers_invocations_like_octft_predict(champion, capsys):
+    root, _, tracking_uri = champion
+    files = _some_dicoms(root)[:2]
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{MODEL_NAME}@champion",
+         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+        env=_fresh_env(tracking_uri), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert server.poll() is None, server.stderr.read().decode()[-3000:]
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5).read()
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert time.monotonic() < deadline, "mlflow models serve did not answer /ping within 240 s"
+                time.sleep(1)
+        body = json.dumps({"dataframe_records": [{"path": str(file)} for file in files] + [{"path": "/nowhere.dcm"}]})
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body.encode(),
+                                         headers={"Content-Type": "application/json"})
+        answer = json.loads(urllib.request.urlopen(request, timeout=120).read())
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=30)
+    rows = answer["predictions"]
+    assert len(rows) == 3 and rows[-1]["error"] and not rows[0]["error"]
+
+    assert main(["predict", "--model", f"models:/{MODEL_NAME}@champion", *map(str, files),
+                 "--tracking-uri", tracking_uri, "--json"]) == 0
+    local = json.loads(capsys.readouterr().out)["volumes"]
+    for row, entry in zip(rows, local):
+        assert row["path"] == entry["file"] and row["predicted_class"] == entry["predicted_class"]
+        np.testing.assert_allclose([row[f"prob_{name}"] for name in CLASS_SHORT_NAMES],
+                                   [entry["probabilities"][name] for name in CLASS_SHORT_NAMES], atol=1e-6)

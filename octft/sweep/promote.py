@@ -440,6 +440,9 @@ def promote(
         if parent_run_id:
             attached_run(tracking_uri, parent_run_id).set_tags(
                 {"octft.champion_trial": str(trial.number), "octft.champion_version": version})
+    from octft.sweep.tracking import update_parent_note
+
+    update_parent_note(tracking_uri, study, spec)
     return Promotion(spec.study_name, trial.number, run_id, spec.promote.model_name, version, test_metrics,
                      evaluated, skipped, evaluations)
 

@@ -40,6 +40,7 @@ from octft.sweep.promote import (
     evaluations_on_test,
 )
 from octft.sweep.spec import SweepSpec, redact_url
+from octft.sweep.tracking import update_parent_note
 
 DASHBOARDS = Path(__file__).resolve().parents[2] / "dashboards"
 DEFAULT_DEFINITION = DASHBOARDS / "study_report.yaml"
@@ -375,4 +376,5 @@ def render_report(
     parent_run_id = study.user_attrs.get("mlflow_parent_run_id")
     if parent_run_id:
         attached_run(tracking_uri, parent_run_id).log_artifact(path)
+    update_parent_note(tracking_uri, study, spec)
     return path

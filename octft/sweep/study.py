@@ -333,6 +333,12 @@ def create_or_load_study(
                 f"{list(experiment_overrides)}; its trials must share one config: launch with the same overrides "
                 "or use another study_name"
             )
+        if study.metric_names != [spec.objective.metric]:
+            with warnings.catch_warnings():
+                # Experimental in Optuna 5, and harmless: it names the objective (optuna-dashboard then shows
+                # val/balanced_accuracy, not "Objective 0"), so its warning stays out of the user's way.
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names([spec.objective.metric])
         ensure_parent_run(study, spec, tracking_uri)
         # Each launch gets its own sampler seeds: the same seed again would draw the first launch's params again.
         launch_index = int(study.user_attrs.get("launches", 0))
@@ -437,6 +443,9 @@ def launch(
 
     trials = study.get_trials(deepcopy=False)
     counts = {state.name: sum(1 for t in trials if t.state == state) for state in TrialState}
+    from octft.sweep.tracking import update_parent_note
+
+    update_parent_note(tracking_uri, study, spec)
     if not counts["RUNNING"] and not counts["WAITING"]:
         end_parent_run(tracking_uri, parent_run_id)
     return LaunchResult(spec.study_name, directory, parent_run_id, codes, counts, reaped, enqueued)

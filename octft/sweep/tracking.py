@@ -20,6 +20,8 @@ from octft.sweep.spec import SweepSpec, sampler_settings
 from octft.track import END_REASON_TAG, MlflowTracker
 
 PARENT_ATTR = "mlflow_parent_run_id"
+NOTE_TAG = "mlflow.note.content"  # the run description the MLflow UI shows on the run's page
+REPORT_ARTIFACT = "report.html"
 RUN_STATUS_OF = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED", TrialState.FAIL: "FAILED"}
 
 
@@ -110,3 +112,48 @@ def reopen_parent_run(tracking_uri: str, parent_run_id: str) -> None:
     from mlflow.tracking import MlflowClient
 
     MlflowClient(tracking_uri=tracking_uri).update_run(parent_run_id, status="RUNNING")
+
+
+def parent_note(study: optuna.Study, spec: SweepSpec, *, report_logged: bool) -> str:
+    """The parent run's description (markdown): best trial and its replay command, how trials ended, where
+    the report and the champion are."""
+    from collections import Counter
+
+    from octft.sweep.promote import CHAMPION_ATTR, evaluations_on_test
+    from octft.sweep.reporting import replay_command
+
+    trials = study.get_trials(deepcopy=False)
+    ended = Counter(
+        f"pruned ({trial.user_attrs.get('prune_reason', 'no reason')})" if trial.state == TrialState.PRUNED
+        else trial.state.name.lower() for trial in trials
+    )
+    lines = [f"### Optuna study `{spec.study_name}`", "",
+             f"**Trials:** {len(trials)}: " + ", ".join(f"{count} {name}" for name, count in sorted(ended.items())), ""]
+    try:
+        best = study.best_trial
+    except ValueError:
+        lines.append(f"**Best trial:** none has completed yet ({spec.objective.metric}, {spec.objective.direction}).")
+    else:
+        epoch = best.user_attrs.get("best_epoch", "?")
+        lines += [f"**Best trial:** {best.number}, {spec.objective.metric} = {best.value:.4f} at epoch {epoch}; replay it with",
+                  "", f"    {replay_command(study, best.number, spec)}"]
+    champion = study.user_attrs.get(CHAMPION_ATTR)
+    scored = sorted({evaluation.trial for evaluation in evaluations_on_test(study)})
+    if champion:
+        lines += ["", f"**Champion:** trial {champion['trial']}, `models:/{champion['model_name']}@champion` "
+                  f"(version {champion['version']}); test split scored for {len(scored)} trial(s): {scored}."]
+    lines += ["", f"**Report:** artifact `{REPORT_ARTIFACT}` of this run." if report_logged
+              else f"**Report:** not rendered yet (`octft report SPEC` logs `{REPORT_ARTIFACT}` here)."]
+    return "\n".join(lines)
+
+
+def update_parent_note(tracking_uri: str, study: optuna.Study, spec: SweepSpec) -> None:
+    """Write the study's summary as its parent run's description; a study without a parent run is left alone."""
+    from mlflow.tracking import MlflowClient
+
+    parent_run_id = study.user_attrs.get(PARENT_ATTR)
+    if not parent_run_id:
+        return
+    client = MlflowClient(tracking_uri=tracking_uri)
+    report_logged = any(entry.path == REPORT_ARTIFACT for entry in client.list_artifacts(str(parent_run_id)))
+    client.set_tag(str(parent_run_id), NOTE_TAG, parent_note(study, spec, report_logged=report_logged))

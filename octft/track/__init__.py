@@ -53,6 +53,11 @@ class Tracker(Protocol):
 
     def set_tags(self, tags: dict[str, str]) -> None: ...
 
+    def log_dataset(self, table: Any, *, name: str, source: str, digest: str, context: str,
+                    tags: dict[str, str] | None = None) -> None:
+        """The data the run used (a pandas DataFrame), identified by `digest`, used for `context`."""
+        ...
+
     def finish(self, status: RunStatus, reason: str | None = None) -> None:
         """End the run; `reason` lands in the tag ``octft.end_reason``. Calling it again does nothing."""
         ...
@@ -79,6 +84,10 @@ class NullTracker:
         pass
 
     def set_tags(self, tags: dict[str, str]) -> None:
+        pass
+
+    def log_dataset(self, table: Any, *, name: str, source: str, digest: str, context: str,
+                    tags: dict[str, str] | None = None) -> None:
         pass
 
     def finish(self, status: RunStatus, reason: str | None = None) -> None:

@@ -52,7 +52,7 @@ class OctVolumeClassifier(mlflow.pyfunc.PythonModel):
 
         self.loaded = load_checkpoint_folder(Path(context.artifacts[CHECKPOINT_KEY]), source="mlflow pyfunc")
 
-    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         from octft.predict import classify_paths
 
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)

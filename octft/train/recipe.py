@@ -49,6 +49,25 @@ def data_manifest_hash(volumes) -> str:
     return digest.hexdigest()[:16]
 
 
+# The audited volume table's columns a run's dataset inputs show (what each volume is, not where it is cached).
+DATASET_COLUMNS = ("key", "participant_id", "label", "class_name", "split", "device", "laterality", "region", "source_id")
+
+
+def log_data_inputs(tracker, volumes, uri: str) -> None:
+    """Log the training and validation volumes as the run's MLflow dataset inputs: the audited table of each
+    split, its manifest hash as digest, its counts per class as a tag, the data URI as source."""
+    name = Path(uri.rstrip("/")).name or uri
+    for split, context in (("train", "training"), ("val", "validation")):
+        rows = volumes[volumes.split == split]
+        counts = rows.groupby("class_name").participant_id.nunique() if "class_name" in rows else {}
+        tracker.log_dataset(
+            rows[[column for column in DATASET_COLUMNS if column in rows.columns]].reset_index(drop=True),
+            name=f"{name}/{split}", source=uri, digest=data_manifest_hash(rows), context=context,
+            tags={"octft.volumes": str(len(rows)),
+                  "octft.participants_per_class": ", ".join(f"{label}={count}" for label, count in dict(counts).items())},
+        )
+
+
 def audited_data(data):
     """Audit the data a config names; refuse it when a guard failed that the config does not allow."""
     from octft.data.audit import audit_dataset
@@ -211,6 +230,7 @@ def train(
             "octft.val_volumes": str(len(val_set)),
             "octft.cache_failed": str(len(prepared.report.failed)),
         })
+        log_data_inputs(tracker, volumes, data.uri)
         tracker.log_dict({k: audit_summary[k] for k in ("files", "participants", "splits", "match_rate", "guards")},
                          "audit_summary.json")
         tracker.log_artifact(run_dir / "config.yaml")

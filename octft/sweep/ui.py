@@ -1,0 +1,197 @@
+"""`octft ui SPEC`: MLflow's own server on the study's store, and the two pages a user comes for.
+
+MLflow 3 opens an experiment in its GenAI view (traces, token usage); the runs of a sweep are one toggle
+away and the trials are folded under their study's parent run. So this command prints the two addresses
+that lead straight to the comparison: the experiment in MLflow's model-training view
+(`?workflowType=machine_learning`), and MLflow's compare page lining up the study's trials by params and
+metrics (`#/compare-runs?runs=[...]&experiments=[...]`). It reads the stores and writes nothing: a store
+that does not exist is refused, not created.
+
+    $ octft ui sweeps/demo.yaml --tracking-uri sqlite:///demo/mlflow.db --storage sqlite:///demo/optuna.db
+    runs of study demo:    http://127.0.0.1:5000/#/experiments/1?workflowType=machine_learning
+    compare its 6 trials:  http://127.0.0.1:5000/#/compare-runs?runs=[...]&experiments=["1"]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+from octft.errors import OctftError
+from octft.sweep.spec import SweepSpec
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 5000
+STARTUP_TIMEOUT_S = 300.0  # MLflow's app takes a while to import on a busy machine
+STOP_TIMEOUT_S = 30.0
+
+
+class UiError(OctftError, ValueError):
+    """A store that does not exist or does not hold the study, or a server that would not start."""
+
+
+@dataclass(frozen=True)
+class StudyPages:
+    """Where the study's runs are in MLflow's UI."""
+
+    experiment_id: str
+    trial_run_ids: tuple[str, ...]  # in trial order
+
+    def runs_url(self, base_url: str) -> str:
+        return f"{base_url}/#/experiments/{self.experiment_id}?workflowType=machine_learning"
+
+    def compare_url(self, base_url: str) -> str:
+        # MLflow writes these lists as JSON in the page address; only the quotes need escaping.
+        runs = quote(json.dumps(list(self.trial_run_ids), separators=(",", ":")), safe="[],")
+        experiments = quote(json.dumps([self.experiment_id]), safe="[],")
+        return f"{base_url}/#/compare-runs?runs={runs}&experiments={experiments}"
+
+
+def _existing_sqlite(uri: str, what: str, flag: str) -> None:
+    from octft.track.mlflow_tracker import redact, sqlite_path
+
+    path = sqlite_path(uri)
+    if path is not None and not path.is_file():
+        raise UiError(f"{what} {redact(uri)}: no such database file {path}; pass the {flag} the sweep used")
+
+
+def study_pages(spec: SweepSpec, *, storage: str | None = None, tracking_uri: str | None = None) -> StudyPages:
+    """The study's experiment and its trials' runs, read from the Optuna storage and the MLflow store."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from octft.sweep.promote import open_study
+    from octft.track.mlflow_tracker import redact, resolve_tracking_uri
+
+    tracking_uri = resolve_tracking_uri(tracking_uri or spec.mlflow.tracking_uri)
+    _existing_sqlite(tracking_uri, "MLflow store", "--tracking-uri")
+    study = open_study(spec, storage)
+    trials = sorted(study.get_trials(deepcopy=False), key=lambda trial: trial.number)
+    run_ids = tuple(str(trial.user_attrs["mlflow_run_id"]) for trial in trials if trial.user_attrs.get("mlflow_run_id"))
+    client = MlflowClient(tracking_uri=tracking_uri)
+    anchor = study.user_attrs.get("mlflow_parent_run_id") or (run_ids[0] if run_ids else None)
+    try:
+        if anchor:
+            experiment_id = client.get_run(str(anchor)).info.experiment_id
+        else:
+            experiment = client.get_experiment_by_name(spec.mlflow.experiment)
+            if experiment is None:
+                raise UiError(
+                    f"the MLflow store {redact(tracking_uri)} has no experiment {spec.mlflow.experiment!r} and study "
+                    f"{spec.study_name!r} has no runs yet; run `octft sweep launch` first, or pass --tracking-uri"
+                )
+            experiment_id = experiment.experiment_id
+    except MlflowException as error:
+        raise UiError(
+            f"study {spec.study_name!r}'s runs are not in the MLflow store {redact(tracking_uri)} ({error.message}); "
+            "pass the store the sweep logged to with --tracking-uri"
+        ) from None
+    return StudyPages(str(experiment_id), run_ids)
+
+
+def server_command(tracking_uri: str, host: str, port: int) -> list[str]:
+    """MLflow's own tracking server on the store, with artifacts served from where the runs put them."""
+    from octft.track.mlflow_tracker import sqlite_path
+
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking_uri,
+               "--host", host, "--port", str(port), "--workers", "1"]  # one user: one worker starts faster
+    path = sqlite_path(tracking_uri)
+    if path is not None:
+        # Beside the database, as octft's runs keep them, instead of ./mlartifacts wherever this was started.
+        command += ["--artifacts-destination", str(path.resolve().parent / "mlartifacts")]
+    return command
+
+
+def _wait_until_up(process: subprocess.Popen, base_url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if process.poll() is not None:
+            raise UiError(f"MLflow's server exited with code {process.returncode} before answering at {base_url}; "
+                          "is the port taken? pass another with --port")
+        try:
+            urllib.request.urlopen(f"{base_url}/health", timeout=5).read()
+            return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            if time.monotonic() > deadline:
+                raise UiError(f"MLflow's server did not answer at {base_url} within {timeout_s:.0f} s") from None
+            time.sleep(0.5)
+
+
+def _stop(process: subprocess.Popen) -> int:
+    """Stop the server and its workers (its own process group): SIGTERM, then SIGKILL if it lingers."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=STOP_TIMEOUT_S)
+    return process.returncode
+
+
+def serve(
+    spec: SweepSpec,
+    *,
+    storage: str | None = None,
+    tracking_uri: str | None = None,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    echo: Callable[[str], None] = print,
+    on_ready: Callable[[StudyPages, str], None] | None = None,
+) -> int:
+    """Serve the study's MLflow store until interrupted (Ctrl-C or SIGTERM); print the two pages first.
+
+    Returns 0 after an interrupt stopped the server, else the server's own exit code.
+    """
+    from octft.track.mlflow_tracker import resolve_tracking_uri
+
+    tracking_uri = resolve_tracking_uri(tracking_uri or spec.mlflow.tracking_uri)
+    pages = study_pages(spec, storage=storage, tracking_uri=tracking_uri)
+    base_url = f"http://{host}:{port}"
+    # Its own session, so the server's workers go down with it as one group, whoever interrupts us.
+    process = subprocess.Popen(server_command(tracking_uri, host, port), start_new_session=True)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        _wait_until_up(process, base_url, STARTUP_TIMEOUT_S)
+        echo(f"runs of study {spec.study_name}:    {pages.runs_url(base_url)}")
+        echo(f"compare its {len(pages.trial_run_ids)} trials:  {pages.compare_url(base_url)}")
+        echo("serving MLflow's UI; Ctrl-C stops it")
+        if on_ready is not None:
+            on_ready(pages, base_url)
+        return process.wait()
+    except KeyboardInterrupt:
+        _stop(process)
+        echo("stopped MLflow's server")
+        return 0
+    finally:
+        _stop(process)
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def ui_command(spec_path: str | Path, *, storage: str | None = None, tracking_uri: str | None = None,
+               port: int = DEFAULT_PORT, overrides: Sequence[str] = ()) -> str:
+    """The `octft ui` command line for a study (what `make demo` prints at its end)."""
+    import shlex
+
+    parts = ["octft", "ui", str(spec_path), *overrides]
+    if storage:
+        parts += ["--storage", storage]
+    if tracking_uri:
+        parts += ["--tracking-uri", tracking_uri]
+    if port != DEFAULT_PORT:
+        parts += ["--port", str(port)]
+    return shlex.join(parts)
