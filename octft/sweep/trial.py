@@ -107,6 +107,7 @@ def run_trial(
         parent_run_id=str(study.user_attrs["mlflow_parent_run_id"]),
         tags={"optuna.study": spec.study_name, "optuna.trial_number": str(frozen.number),
               "octft.run_dir": str(run_dir.resolve())},
+        log_system_metrics=True,
     )
     trial.set_user_attr("mlflow_run_id", tracker.run_id)
     trial.set_user_attr("run_dir", str(run_dir.resolve()))

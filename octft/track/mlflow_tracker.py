@@ -222,7 +222,8 @@ class MlflowTracker:
 
     `artifact_location` is used only when this tracker creates the experiment (where artifacts
     go; MLflow picks a default otherwise). With `run_id=` and `reopen=False` the tracker adds to a run
-    without reopening it: its status and times are left alone and `finish` does nothing. Use it as a context manager to end the run FINISHED,
+    without reopening it: its status and times are left alone and `finish` does nothing. With
+    `log_system_metrics`, the machine's CPU, memory, GPU and TPU use are sampled into the run until `finish`. Use it as a context manager to end the run FINISHED,
     FAILED (on an exception) or KILLED (on Ctrl-C); `finish` does the same by hand.
     """
 
@@ -237,6 +238,7 @@ class MlflowTracker:
         run_id: str | None = None,
         artifact_location: str | None = None,
         reopen: bool = True,
+        log_system_metrics: bool = False,
     ) -> None:
         from mlflow.tracking import MlflowClient
 
@@ -272,6 +274,11 @@ class MlflowTracker:
             experiment_id = self._experiment_id(experiment, artifact_location)
             run = self._client.create_run(experiment_id, run_name=run_name, tags=self._tag_values(run_tags))
             self.run_id = run.info.run_id
+        self._system_metrics = None
+        if log_system_metrics and not self._finished:
+            from octft.track.system_metrics import start_system_metrics
+
+            self._system_metrics = start_system_metrics(self.run_id, self._tracking_uri)
 
     def __repr__(self) -> str:
         return (
@@ -403,6 +410,10 @@ class MlflowTracker:
             raise ValueError(f"run status {status!r} is not one of {', '.join(RUN_STATUSES)}")
         if self._finished:
             return
+        if self._system_metrics is not None:
+            # Flushed while the run is still RUNNING: the monitor stops at a run that has ended.
+            self._system_metrics.finish()
+            self._system_metrics = None
         if reason:
             self.set_tags({END_REASON_TAG: reason})
         self._client.set_terminated(self.run_id, status=status)

@@ -192,7 +192,7 @@ def train(
         from octft.track.mlflow_tracker import MlflowTracker
 
         tracker = MlflowTracker(cfg.tracking.tracking_uri, cfg.tracking.experiment, cfg.tracking.run_name or cfg.name,
-                                run_id=previous.get("mlflow_run_id"))
+                                run_id=previous.get("mlflow_run_id"), log_system_metrics=True)
     run_file.write_text(json.dumps({"mlflow_run_id": tracker.run_id}) + "\n")
     try:
         data = cfg.data
