@@ -185,24 +185,26 @@ def _free_port() -> int:
 
 
 @pytest.mark.integration
-def test_mlflow_models_serve_answers_invocations_like_octft_predict(champion, capsys):
+def test_mlflow_models_serve_answers_invocations_like_octft_predict(champion, capsys, tmp_path):
     root, _, tracking_uri = champion
     files = _some_dicoms(root)[:2]
     port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{MODEL_NAME}@champion",
-         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
-        env=_fresh_env(tracking_uri), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-    )
+    log = tmp_path / "serve.log"  # a file, not a pipe: an unread pipe fills with the server's logs and stalls it
+    with log.open("w") as sink:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{MODEL_NAME}@champion",
+             "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+            env=_fresh_env(tracking_uri), stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
+        )
     try:
-        deadline = time.monotonic() + 240
+        deadline = time.monotonic() + 420  # a bound for a busy machine, not a speed check
         while True:
-            assert server.poll() is None, server.stderr.read().decode()[-3000:]
+            assert server.poll() is None, log.read_text()[-3000:]
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5).read()
                 break
             except (urllib.error.URLError, ConnectionError):
-                assert time.monotonic() < deadline, "mlflow models serve did not answer /ping within 240 s"
+                assert time.monotonic() < deadline, f"mlflow models serve did not answer /ping: {log.read_text()[-2000:]}"
                 time.sleep(1)
         body = json.dumps({"dataframe_records": [{"path": str(file)} for file in files] + [{"path": "/nowhere.dcm"}]})
         request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body.encode(),

@@ -159,7 +159,9 @@ def serve(
     pages = study_pages(spec, storage=storage, tracking_uri=tracking_uri)
     base_url = f"http://{host}:{port}"
     # Its own session, so the server's workers go down with it as one group, whoever interrupts us.
-    process = subprocess.Popen(server_command(tracking_uri, host, port), start_new_session=True)
+    # MLflow's job runner (a dozen worker processes for GenAI jobs) serves nothing a sweep's runs need.
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION=os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false"))
+    process = subprocess.Popen(server_command(tracking_uri, host, port), start_new_session=True, env=env)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         _wait_until_up(process, base_url, STARTUP_TIMEOUT_S)

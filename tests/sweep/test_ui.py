@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import select
 import shutil
 import signal
 import socket
@@ -88,19 +87,17 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _lines_until(process: subprocess.Popen, pattern: str, timeout_s: float) -> list[str]:
-    lines, deadline = [], time.monotonic() + timeout_s
+def _lines_until(process: subprocess.Popen, log, pattern: str, timeout_s: float) -> list[str]:
+    """The lines `octft ui` wrote to `log` once one matches `pattern`. A file, not a pipe: MLflow's server
+    logs every request, and a pipe nobody reads would fill up and stall it."""
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        ready, _, _ = select.select([process.stdout], [], [], 1.0)
-        if ready:
-            line = process.stdout.readline()
-            if not line:
-                break
-            lines.append(line.rstrip("\n"))
-            if re.search(pattern, line):
-                return lines
-        assert process.poll() is None, f"octft ui exited early: {lines}"
-    raise AssertionError(f"octft ui printed no line matching {pattern!r} within {timeout_s} s: {lines}")
+        lines = log.read_text().splitlines()
+        if any(re.search(pattern, line) for line in lines):
+            return lines
+        assert process.poll() is None, f"octft ui exited early: {lines[-30:]}"
+        time.sleep(1)
+    raise AssertionError(f"octft ui printed no line matching {pattern!r} within {timeout_s} s: {lines[-30:]}")
 
 
 def _port_open(port: int) -> bool:
@@ -115,12 +112,14 @@ def test_octft_ui_serves_the_compare_page_of_every_trial_and_stops_on_ctrl_c(tmp
         pytest.skip("no chromium binary: install Debian's chromium (apt-get install -y chromium) to run the browser check")
     spec_path, run_ids, parent_run_id = _study(tmp_path)
     port = _free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "octft.cli", "ui", str(spec_path), "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"),
-    )
+    log = tmp_path / "ui.log"
+    with log.open("w") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "octft.cli", "ui", str(spec_path), "--port", str(port)],
+            stdout=sink, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        )
     try:
-        lines = _lines_until(process, r"Ctrl-C stops it", 420)  # MLflow's app imports slowly on a busy machine
+        lines = _lines_until(process, log, r"Ctrl-C stops it", 420)  # MLflow imports slowly on a busy machine
         runs_url = next(line.split()[-1] for line in lines if line.startswith("runs of study ui-test:"))
         compare_url = next(line.split()[-1] for line in lines if line.startswith("compare its 3 trials:"))
 
@@ -140,11 +139,12 @@ def test_octft_ui_serves_the_compare_page_of_every_trial_and_stops_on_ctrl_c(tmp
     finally:
         process.send_signal(signal.SIGINT)
         try:
-            out, err = process.communicate(timeout=60)
+            process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             process.kill()
-            out, err = process.communicate()
-    assert process.returncode == 0, err[-2000:]
+            process.wait()
+    out = log.read_text()
+    assert process.returncode == 0, out[-2000:]
     assert "stopped MLflow's server" in out
     assert not _port_open(port)  # the server and its workers are gone
     assert MlflowClient(load_sweep(spec_path).mlflow.tracking_uri).get_run(parent_run_id).info.status == "FINISHED"
