@@ -296,6 +296,12 @@ def test_bootstrap_ci_passes_resampled_probs_and_counts_undefined_resamples():
     assert low <= high and not math.isnan(point)
     assert 0 < resamples < 200  # the resamples that drew class 3 out are not behind the interval
 
+    # Stratified: every resample keeps each class's count, so class 3's one participant is always there.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        stratified = bootstrap_ci(y_true, y_pred, probs, auc, n_resamples=200, stratify=True)
+    assert stratified.resamples == 200 and stratified.low <= stratified.high
+
 
 @pytest.mark.integration
 def test_confusion_update_on_xla_equals_cpu_without_aten_fallback():
