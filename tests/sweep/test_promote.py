@@ -31,6 +31,7 @@ from octft.sweep.promote import (
     evaluations_on_test,
     unpromotable_reason,
 )
+from octft.sweep.report import render_report
 from octft.sweep.spec import load_sweep
 from octft.track.mlflow_tracker import MlflowTracker
 from octft.train.recipe import train
@@ -169,7 +170,7 @@ def test_the_best_trial_that_did_not_collapse_is_promoted_once(sweep, capsys):
     assert client.get_run(trained.run_id).info.end_time == trained_run.end_time
 
 
-def test_scoring_a_second_trial_on_test_needs_allow_test_reuse_and_is_tagged(sweep, capsys):
+def test_scoring_a_second_trial_on_test_needs_allow_test_reuse_and_is_tagged(sweep, capsys, tmp_path):
     spec_path, trained, _, tracking_uri = sweep
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     if not client.search_model_versions(f"name='{MODEL_NAME}'"):
@@ -200,6 +201,13 @@ def test_scoring_a_second_trial_on_test_needs_allow_test_reuse_and_is_tagged(swe
     assert main(["promote", str(spec_path), "--trial", "1"]) == 0
     assert "recorded earlier; not evaluated again" in capsys.readouterr().out
     assert len(client.get_metric_history(trained.run_id, "test/balanced_accuracy")) == 1
+
+    # The report and the parent run's description say how often the test split was used.
+    page = render_report(load_sweep(spec_path), out=tmp_path / "report.html").read_text()
+    assert "<b>Test split:</b> scored for 2 trial(s) (1, 2)." in page and "octft.test_reuse=true" in page
+    note = client.get_run(study.user_attrs["mlflow_parent_run_id"]).data.tags["mlflow.note.content"]
+    assert "**Champion:** trial 1, `models:/octft-promote-test@champion`" in note
+    assert "test split scored for 2 trial(s): [1, 2]" in note and "**Report:** artifact `report.html`" in note
 
 
 @pytest.mark.parametrize(
