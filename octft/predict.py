@@ -31,7 +31,8 @@ from octft.config import ExperimentConfig, load_experiment
 from octft.data.ids import canonical_participant_id
 from octft.data.layout import CLASS_SHORT_NAMES
 from octft.data.volume import OctReadError
-from octft.errors import OctftError
+from octft.errors import MissingInputError, OctftError
+from octft.models.checkpoint import CheckpointError
 from octft.track.pyfunc_model import (
     ERROR_COLUMN,
     PARTICIPANT_COLUMN,
@@ -79,14 +80,6 @@ class Prediction:
         }
 
 
-class ModelNotFoundError(OctftError, ValueError):
-    """A model URI, folder or store that does not hold a model."""
-
-
-class InputNotFoundError(OctftError, FileNotFoundError):
-    """An input file or folder to predict that does not exist or holds no OCT file."""
-
-
 def _existing_tracking_uri(tracking_uri: str | None) -> str:
     """The tracking URI to read models from; a sqlite file that does not exist is refused, not created.
 
@@ -98,7 +91,7 @@ def _existing_tracking_uri(tracking_uri: str | None) -> str:
     uri = resolve_tracking_uri(tracking_uri)
     path = sqlite_path(uri)
     if path is not None and not path.is_file():
-        raise ModelNotFoundError(
+        raise MissingInputError(
             f"MLflow store {redact(uri)}: no such database file {path}; pass the --tracking-uri the sweep "
             "logged to (e.g. sqlite:///demo/mlflow.db)"
         )
@@ -116,7 +109,7 @@ def resolve_model_folder(model_uri: str, *, tracking_uri: str | None = None, dow
     if not model_uri.startswith(("models:/", "runs:/")):
         folder = Path(model_uri)
         if not folder.is_dir():
-            raise ModelNotFoundError(
+            raise CheckpointError(
                 f"model {model_uri!r} is neither a models:/<name>@<alias> URI nor a model folder; give "
                 "models:/<name>@champion, an MLflow Model folder, or a checkpoint folder holding best.pt and config.yaml"
             )
@@ -146,7 +139,7 @@ def resolve_model_folder(model_uri: str, *, tracking_uri: str | None = None, dow
             run_id, _, artifact_path = model_uri[len("runs:/"):].partition("/")
         local = client.download_artifacts(run_id, artifact_path or "model", str(download_to))
     except MlflowException as error:
-        raise ModelNotFoundError(
+        raise CheckpointError(
             f"model {model_uri!r} cannot be loaded from the MLflow store {redact(uri)}: {error.message}; check the "
             "name and alias (`octft promote SPEC` registers the champion) or pass --tracking-uri"
         ) from None
@@ -160,18 +153,22 @@ def load_checkpoint_folder(folder: Path, *, source: str) -> LoadedModel:
 
     missing = [name for name in (CHECKPOINT_FILE, CONFIG_FILE) if not (folder / name).is_file()]
     if missing:
-        raise ModelNotFoundError(
+        raise CheckpointError(
             f"model {source!r} ({folder}) lacks {', '.join(missing)}; a model folder is an MLflow Model "
             "(octft promote) or a run's checkpoint/ folder: best.pt beside the config.yaml it was trained with"
         )
     config = load_experiment(folder / CONFIG_FILE)
-    state = load_state(folder / CHECKPOINT_FILE)
+    state = load_state(folder / CHECKPOINT_FILE, required=("model",))
     # The fine-tuned weights replace every encoder weight: do not read the pretraining checkpoint again.
     config.model.checkpoint = None
     model, _ = build_model(config, len(CLASS_SHORT_NAMES))
-    if "model" not in state:
-        raise ModelNotFoundError(f"{source}: {CHECKPOINT_FILE} has no 'model' entry (found {sorted(state)}); is it a best.pt?")
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, TypeError) as error:  # keys or shapes of another model
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(
+            f"{source}: {CHECKPOINT_FILE} does not fit the model of its config.yaml ({first_line})"
+        ) from None
     model.eval()
     return LoadedModel(model, config, source)
 
@@ -262,12 +259,12 @@ def list_inputs(inputs: Iterable[str | Path]) -> list[Path]:
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(OCT_SUFFIXES))
             if not found:
-                raise InputNotFoundError(f"{path}: no OCT files ({', '.join(OCT_SUFFIXES)}) in this folder")
+                raise OctReadError(str(path), f"no OCT files ({', '.join(OCT_SUFFIXES)}) in this folder")
             files.extend(found)
         elif path.is_file():
             files.append(path)
         else:
-            raise InputNotFoundError(f"{path}: no such file or folder")
+            raise OctReadError(str(path), "no such file or folder")
     return files
 
 

@@ -35,7 +35,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from octft.data.layout import CLASS_SHORT_NAMES
-from octft.errors import OctftError
+from octft.errors import MissingInputError, UsageError
 from octft.sweep.spec import SweepSpec, redact_url
 
 CHAMPION_ALIAS = "champion"
@@ -50,10 +50,6 @@ TEST_EVALUATIONS_TAG = "octft.test_evaluations"
 CHAMPION_ATTR = "champion"
 # The scores that get a bootstrap interval; the rest (counts, accuracy) are reported as they are.
 CI_SCORES = ("balanced_accuracy", "macro_f1", "auc_macro", *(f"f1_{name}" for name in CLASS_SHORT_NAMES))
-
-
-class PromotionError(OctftError, ValueError):
-    """A trial that cannot be promoted, a store that does not hold the study, or a refused second test use."""
 
 
 @dataclass
@@ -118,12 +114,12 @@ def open_study(spec: SweepSpec, storage: str | None = None) -> optuna.Study:
         path = Path(url.removeprefix("sqlite:///").split("?", 1)[0])
         if not path.is_file():
             # Optuna would create an empty database here and then say the study does not exist.
-            raise PromotionError(f"Optuna storage {redact_url(url)}: no such database file {path}; run `octft sweep` first or pass --storage")
+            raise MissingInputError(f"Optuna storage {redact_url(url)}: no such database file {path}; run `octft sweep` first or pass --storage")
     try:
         return optuna.load_study(study_name=spec.study_name, storage=url)
     except KeyError:
         names = optuna.get_all_study_names(storage=url)
-        raise PromotionError(
+        raise UsageError(
             f"study {spec.study_name!r} is not in the Optuna storage {redact_url(url)} (studies there: "
             f"{names or 'none'}); run `octft sweep` first, or pass the storage it used with --storage"
         ) from None
@@ -163,19 +159,19 @@ def select_trial(
 ) -> tuple[FrozenTrial, list[str]]:
     """The trial to promote and the reasons better trials were passed over.
 
-    With `trial_number`, that trial, or a PromotionError saying why it cannot be promoted.
+    With `trial_number`, that trial, or a UsageError saying why it cannot be promoted.
     """
     trials = study.get_trials(deepcopy=False)
     if trial_number is not None:
         chosen = next((trial for trial in trials if trial.number == trial_number), None)
         if chosen is None:
-            raise PromotionError(
+            raise UsageError(
                 f"study {study.study_name!r} has no trial {trial_number} (trials 0..{len(trials) - 1}); "
                 "see `octft report` for the list"
             )
         reason = unpromotable_reason(chosen, min_class_f1)
         if reason:
-            raise PromotionError(f"cannot promote: {reason}")
+            raise UsageError(f"cannot promote: {reason}")
         return chosen, []
 
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
@@ -188,7 +184,7 @@ def select_trial(
             return trial, skipped
         skipped.append(f"skipped {reason} (value {trial.value:.4f})")
     states = {state.name.lower(): sum(t.state == state for t in trials) for state in TrialState}
-    raise PromotionError(
+    raise UsageError(
         f"no trial of study {study.study_name!r} can be promoted ({', '.join(f'{n} {s}' for s, n in states.items() if n)}"
         f"){': ' + '; '.join(skipped) if skipped else ''}; run more trials, or lower promote.min_class_f1 on purpose"
     )
@@ -281,14 +277,14 @@ def evaluate_test_split(checkpoint_dir: str | Path, *, expected_manifest_hash: s
     if expected_manifest_hash is not None:
         found = data_manifest_hash(prepared.volumes)
         if found != expected_manifest_hash:
-            raise PromotionError(
+            raise UsageError(
                 f"the data at {data.uri} changed since the trial trained (manifest hash {found}, the run's "
                 f"octft.data_manifest_hash tag says {expected_manifest_hash}); test scores would not describe "
                 "that model: restore the data, or retrain on the new data"
             )
     test_volumes = prepared.volumes[prepared.volumes.split == "test"]
     if test_volumes.empty:
-        raise PromotionError(f"the data at {data.uri} has no test volumes after the audit; check the labels' splits")
+        raise UsageError(f"the data at {data.uri} has no test volumes after the audit; check the labels' splits")
     test_set = prepared.dataset("test")
     logits = predict_logits(loaded.model, lambda index: test_set[index]["x"][0].numpy(), len(test_set),
                             batch_size=loaded.config.train.batch_size)
@@ -324,7 +320,7 @@ def _refuse_test_reuse(study: optuna.Study, trial: FrozenTrial) -> None:
     earlier = [evaluation for evaluation in evaluations_on_test(study) if evaluation.trial != trial.number]
     if earlier:
         said = ", ".join(f"trial {evaluation.trial} at {evaluation.time}" for evaluation in earlier)
-        raise PromotionError(
+        raise UsageError(
             f"the test split of study {study.study_name!r} was already scored ({said}); scoring trial "
             f"{trial.number} too would let test scores choose the model. Promote trial {earlier[-1].trial} "
             f"again (`--trial {earlier[-1].trial}`), or pass --allow-test-reuse on purpose: the new model version "
@@ -339,7 +335,7 @@ def _checkpoint_copy(client, run_id: str, into: str) -> Path:
     try:
         return Path(client.download_artifacts(run_id, CHECKPOINT_ARTIFACT, into))
     except (MlflowException, OSError) as error:
-        raise PromotionError(
+        raise UsageError(
             f"MLflow run {run_id} has no readable {CHECKPOINT_ARTIFACT!r} artifact ({error}); promote a trial "
             "whose run logged its best checkpoint"
         ) from None
@@ -379,7 +375,7 @@ def promote(
     try:
         run_tags = client.get_run(run_id).data.tags
     except Exception as error:  # mlflow raises MlflowException; say which store and run
-        raise PromotionError(
+        raise UsageError(
             f"trial {trial.number}'s MLflow run {run_id} is not in the MLflow store at {redact(tracking_uri)} "
             f"({type(error).__name__}); pass the store the sweep logged to with --tracking-uri"
         ) from None

@@ -27,17 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
-from octft.errors import OctftError
+from octft.errors import MissingInputError, UsageError
 from octft.sweep.spec import SweepSpec
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5000
 STARTUP_TIMEOUT_S = 300.0  # MLflow's app takes a while to import on a busy machine
 STOP_TIMEOUT_S = 30.0
-
-
-class UiError(OctftError, ValueError):
-    """A store that does not exist or does not hold the study, or a server that would not start."""
 
 
 @dataclass(frozen=True)
@@ -62,7 +58,7 @@ def _existing_sqlite(uri: str, what: str, flag: str) -> None:
 
     path = sqlite_path(uri)
     if path is not None and not path.is_file():
-        raise UiError(f"{what} {redact(uri)}: no such database file {path}; pass the {flag} the sweep used")
+        raise MissingInputError(f"{what} {redact(uri)}: no such database file {path}; pass the {flag} the sweep used")
 
 
 def study_pages(spec: SweepSpec, *, storage: str | None = None, tracking_uri: str | None = None) -> StudyPages:
@@ -86,13 +82,13 @@ def study_pages(spec: SweepSpec, *, storage: str | None = None, tracking_uri: st
         else:
             experiment = client.get_experiment_by_name(spec.mlflow.experiment)
             if experiment is None:
-                raise UiError(
+                raise UsageError(
                     f"the MLflow store {redact(tracking_uri)} has no experiment {spec.mlflow.experiment!r} and study "
                     f"{spec.study_name!r} has no runs yet; run `octft sweep launch` first, or pass --tracking-uri"
                 )
             experiment_id = experiment.experiment_id
     except MlflowException as error:
-        raise UiError(
+        raise UsageError(
             f"study {spec.study_name!r}'s runs are not in the MLflow store {redact(tracking_uri)} ({error.message}); "
             "pass the store the sweep logged to with --tracking-uri"
         ) from None
@@ -116,14 +112,14 @@ def _wait_until_up(process: subprocess.Popen, base_url: str, timeout_s: float) -
     deadline = time.monotonic() + timeout_s
     while True:
         if process.poll() is not None:
-            raise UiError(f"MLflow's server exited with code {process.returncode} before answering at {base_url}; "
+            raise UsageError(f"MLflow's server exited with code {process.returncode} before answering at {base_url}; "
                           "is the port taken? pass another with --port")
         try:
             urllib.request.urlopen(f"{base_url}/health", timeout=5).read()
             return
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             if time.monotonic() > deadline:
-                raise UiError(f"MLflow's server did not answer at {base_url} within {timeout_s:.0f} s") from None
+                raise UsageError(f"MLflow's server did not answer at {base_url} within {timeout_s:.0f} s") from None
             time.sleep(0.5)
 
 
