@@ -177,6 +177,7 @@ def fit(
     seed: int = 0,
     run_dir: str | Path,
     resume: bool = False,
+    frozen_features=None,
 ) -> FitResult:
     """Fine-tune `model` (a `Classifier`) and return the best epoch's validation scores.
 
@@ -187,6 +188,8 @@ def fit(
     would, or, when `last.pt` says the run already ended (completed, early-stopped, pruned), returns that
     outcome without training. `unfreeze_epoch=None` never unfreezes the encoder (a probe run);
     `early_stopping_patience` counts only epochs from `unfreeze_epoch` on (from 0 for a probe run).
+    `frozen_features` (`octft.features.frozen.FrozenFeatures`): while the encoder is frozen, the head trains
+    and is evaluated on these stored encoder outputs (same rows, order and batches) with no encoder pass.
     """
     if objective_direction not in ("maximize", "minimize"):
         raise ValueError(f"objective_direction must be maximize or minimize, got {objective_direction!r}")
@@ -245,16 +248,20 @@ def fit(
         runtime.manual_seed(seed * 100_003 + epoch)
         set_encoder_trainable(model, encoder_trainable)
         model.head.train(True)
+        # A frozen encoder's output is the stored feature row: the head alone steps on it, batch for batch.
+        on_features = frozen_features is not None and not encoder_trainable
+        step_model = model.head if on_features else model
+        train_rows, val_rows = (frozen_features.train, frozen_features.val) if on_features else (train_set, val_set)
         order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
 
         loss_sum = torch.zeros((), device=runtime.device)
         weight_sum = torch.zeros((), device=runtime.device)
-        for step_in_epoch, batch in enumerate(runtime.device_loader(_Batches(train_set, step_rows, order))):
+        for step_in_epoch, batch in enumerate(runtime.device_loader(_Batches(train_rows, step_rows, order))):
             factor = lr_factor(epoch * steps_per_epoch + step_in_epoch, total_steps=total_steps,
                                warmup_steps=warmup_steps, min_ratio=min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * factor
-            out = train_step(model, batch, loss_fn=loss_fn, optimizer=optimizer,
+            out = train_step(step_model, batch, loss_fn=loss_fn, optimizer=optimizer,
                              accumulation_steps=accumulation_steps, clip_norm=clip_norm, runtime=runtime)
             loss_sum = loss_sum + out["loss_sum"].detach()
             weight_sum = weight_sum + out["weight_sum"].detach()
@@ -263,8 +270,8 @@ def fit(
         # Evaluation: confusion counts stay on device; logits are fetched once, below.
         confusion = torch.zeros(num_classes, num_classes, device=runtime.device)
         val_logits = torch.zeros(len(val_set), num_classes, device=runtime.device)
-        for batch in runtime.device_loader(_Batches(val_set, eval_rows, range(len(val_set)))):
-            out = eval_step(model, batch, num_classes=num_classes, runtime=runtime)
+        for batch in runtime.device_loader(_Batches(val_rows, eval_rows, range(len(val_set)))):
+            out = eval_step(step_model, batch, num_classes=num_classes, runtime=runtime)
             confusion = confusion_update(confusion, out["logits"], batch["y"], batch["w"])
             val_logits = val_logits + place_rows(out["logits"], batch["row"], batch["w"], len(val_set))
         # The epoch's one host-device sync point: every number the host needs, in one transfer each.
@@ -295,6 +302,7 @@ def fit(
             "lr/head": lr_head * factor,
             "lr/encoder": lr_encoder * factor,
             "train/encoder_trainable": float(encoder_trainable),
+            "train/on_features": float(on_features),
             "perf/samples_per_second": steps_per_epoch * step_rows / max(train_seconds, 1e-9),
             "perf/epoch_seconds": epoch_seconds,
             "xla/compiles": compile_stats.get("compiles", 0),
@@ -307,7 +315,8 @@ def fit(
         print(
             f"epoch {epoch:3d}  train/loss {train_loss:.4f}  val/loss {metrics['val/loss']:.4f}  "
             f"val/balanced_accuracy {metrics['val/balanced_accuracy']:.3f}  val/macro_f1 {metrics['val/macro_f1']:.3f}  "
-            f"encoder {'trainable' if encoder_trainable else 'frozen'}  {epoch_seconds:.1f}s",
+            f"encoder {'trainable' if encoder_trainable else 'frozen (features)' if on_features else 'frozen'}  "
+            f"{epoch_seconds:.1f}s",
             flush=True,
         )
 
