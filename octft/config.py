@@ -232,6 +232,25 @@ class TrackingConfig(_Strict):
     run_name: str | None = None
 
 
+class FeaturesConfig(_Strict):
+    """The frozen-feature store: while the encoder is frozen, the head trains on its stored outputs.
+
+    Pooled features serve the mlp and linear heads; the attentive head needs token sequences (about
+    2.4 MB per ViT-B volume), stored only with `tokens: true`, else its frozen epochs run the encoder.
+    """
+
+    enabled: bool = True
+    dir: str = ".octft-features"
+    tokens: bool = False
+
+
+class InitConfig(_Strict):
+    """Where the head's starting weights come from (LP-FT): `runs:/<MLflow run id>` (that run's best
+    checkpoint), or a probe sweep file whose best trial is resolved to its run once, when the study launches."""
+
+    head_from: str | None = None
+
+
 class ExperimentConfig(_Strict):
     name: str = "experiment"
     data: DataConfig = DataConfig()
@@ -241,6 +260,8 @@ class ExperimentConfig(_Strict):
     loss: LossConfig = LossConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     tracking: TrackingConfig = TrackingConfig()
+    features: FeaturesConfig = FeaturesConfig()
+    init: InitConfig = InitConfig()
     output_dir: str = "runs"
 
     def flat(self) -> dict[str, Any]:

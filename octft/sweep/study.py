@@ -389,10 +389,24 @@ def launch(
         spec.n_trials = n_trials
     tracking_uri = sweep_tracking_uri(spec)
     rdb = open_storage(spec.storage, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
+    # LP-FT: a probe sweep file in init.head_from becomes one run, chosen now and kept for the study's life.
+    head_from = resolved_head_from(spec, rdb, experiment_overrides, spec_path=spec_path)
+    if head_from is not None:
+        # Into `fixed` when the sweep file set it there, else beside the command-line overrides; the head's
+        # shape comes with it (a warm start needs the probe's head), so every trial and replay builds that head.
+        prefix = "fixed." if "init.head_from" in spec.fixed else ""
+        target = sweep_overrides if prefix else experiment_overrides
+        target += [f"{prefix}{key}={value}" for key, value in {**head_from["head"], "init.head_from": head_from["run"]}.items()]
+        spec, sweep_overrides, experiment_overrides = load_launch_spec(
+            spec_path, [*sweep_overrides, *experiment_overrides], storage_url)
+        if n_trials is not None:
+            spec.n_trials = n_trials
     study, launch_index = create_or_load_study(
         spec, rdb, spec_path=spec_path, sweep_overrides=sweep_overrides,
         experiment_overrides=experiment_overrides, tracking_uri=tracking_uri,
     )
+    if head_from is not None and "head_from" not in study.user_attrs:
+        study.set_user_attr("head_from", head_from)
     parent_run_id = str(study.user_attrs["mlflow_parent_run_id"])
     from octft.sweep.tracking import end_parent_run, reopen_parent_run
 
@@ -414,6 +428,13 @@ def launch(
 
     env = dict(os.environ, **{STORAGE_ENV: spec.storage, "MLFLOW_TRACKING_URI": tracking_uri})
     deadline = time.time() + spec.timeout_s if spec.timeout_s else None
+    from octft.sweep.probe import is_probe_study, run_probe_trials
+
+    if is_probe_study(spec, base_config(spec, experiment_overrides)):
+        # Heads on stored features: no trial processes, no worker pool; --workers does not apply.
+        run_probe_trials(spec, study, rdb, study_dir=directory, n_trials=spec.n_trials, tracking_uri=tracking_uri,
+                         experiment_overrides=experiment_overrides, deadline=deadline)
+        return _finish_launch(study, spec, directory, parent_run_id, [0], reaped, tracking_uri, enqueued)
     processes = []
     for index in range(workers):
         command = [
@@ -441,6 +462,12 @@ def launch(
             end_parent_run(tracking_uri, parent_run_id, "KILLED", "interrupted (Ctrl-C)")
         raise
 
+    return _finish_launch(study, spec, directory, parent_run_id, codes, reaped, tracking_uri, enqueued)
+
+
+def _finish_launch(study, spec, directory, parent_run_id, codes, reaped, tracking_uri, enqueued) -> LaunchResult:
+    from octft.sweep.tracking import end_parent_run
+
     trials = study.get_trials(deepcopy=False)
     counts = {state.name: sum(1 for t in trials if t.state == state) for state in TrialState}
     from octft.sweep.tracking import update_parent_note
@@ -449,3 +476,30 @@ def launch(
     if not counts["RUNNING"] and not counts["WAITING"]:
         end_parent_run(tracking_uri, parent_run_id)
     return LaunchResult(spec.study_name, directory, parent_run_id, codes, counts, reaped, enqueued)
+
+
+def resolved_head_from(
+    spec: SweepSpec, storage: RDBStorage, experiment_overrides: Sequence[str], *, spec_path: str | Path
+) -> dict | None:
+    """{"from": <sweep file>, "run": "runs:/<id>"} when the trials' init.head_from names a sweep file, else None.
+
+    Resolved once: a study that already recorded its choice keeps it (a probe study that ran on since then
+    does not change the head of trials already run, or of their replay commands).
+    """
+    from octft.train.head_from import head_settings, is_run_uri, resolve_head_from
+
+    value = base_config(spec, experiment_overrides).init.head_from
+    if not value or is_run_uri(value):
+        return None
+    try:
+        recorded = optuna.load_study(study_name=spec.study_name, storage=storage).user_attrs.get("head_from")
+    except KeyError:  # the study does not exist yet
+        recorded = None
+    if recorded and recorded.get("from") == value:
+        return dict(recorded)
+    # Relative to where octft runs, else to the sweep file's repo root (as `base` is).
+    path = value if Path(value).is_file() else str(Path(spec_path).resolve().parent.parent / value)
+    run = resolve_head_from(path, storage=spec.storage)  # the probe study lives beside this one
+    head = head_settings(run, sweep_tracking_uri(spec))
+    print(f"init.head_from={value} -> {run} (its best trial; head {head}), fixed for this study", flush=True)
+    return {"from": value, "run": run, "head": head}

@@ -130,7 +130,15 @@ def ended_run(run_dir: Path):
 
 
 def build_model(cfg: ExperimentConfig, num_classes: int):
-    from octft.models import Classifier, build_encoder, build_head
+    from octft.models import Classifier
+
+    encoder, report = build_encoder_for(cfg)
+    return Classifier(encoder, build_model_head(cfg, encoder.num_features, num_classes)), report
+
+
+def build_encoder_for(cfg: ExperimentConfig):
+    """The encoder `cfg.model` names, with its checkpoint loaded; (encoder, load report or None)."""
+    from octft.models import build_encoder
     from octft.models.checkpoint import load_encoder_checkpoint
 
     pre = cfg.data.preprocess
@@ -153,11 +161,62 @@ def build_model(cfg: ExperimentConfig, num_classes: int):
             model_cfg.checkpoint, encoder, key=model_cfg.checkpoint_key,
             allow_missing=model_cfg.allow_missing, allow_unexpected=model_cfg.allow_unexpected,
         )
+    return encoder, report
+
+
+def build_model_head(cfg: ExperimentConfig, in_features: int, num_classes: int):
+    """The head `cfg.model` names (drawing its initial weights from torch's RNG, right after the encoder's)."""
+    from octft.models import build_head
+
+    model_cfg = cfg.model
     head_kwargs = {}
     if model_cfg.head == "mlp":
         head_kwargs = {"hidden_features": model_cfg.head_hidden_features, "dropout": model_cfg.head_dropout}
-    head = build_head(model_cfg.head, encoder.num_features, num_classes, **head_kwargs)
-    return Classifier(encoder, head), report
+    return build_head(model_cfg.head, in_features, num_classes, **head_kwargs)
+
+
+def feature_key(cfg: ExperimentConfig, precision: str, train_set, val_set, kind: str):
+    """The store key of this run's frozen-encoder features: every input that decides their numbers."""
+    from octft.features.store import FeatureKey, checkpoint_identity
+
+    model = cfg.model
+    encoder = checkpoint_identity(model.checkpoint, cfg.train.seed)
+    if model.checkpoint and model.allow_missing:
+        encoder += f"+seed={cfg.train.seed}"  # parameters the checkpoint lacks keep their seeded init
+    # The head's settings and the checkpoint's path do not change the encoder's outputs; its content does.
+    encoder_config = model.model_dump(mode="json", exclude={"head", "head_hidden_features", "head_dropout", "checkpoint"})
+    return FeatureKey(encoder=encoder, model=encoder_config, precision=precision,
+                      preprocessing=cfg.data.preprocess.model_dump(mode="json"), kind=kind,
+                      sources={"train": list(train_set.volumes.source_id), "val": list(val_set.volumes.source_id)})
+
+
+def stored_features(cfg: ExperimentConfig, model, train_set, val_set, runtime, *, resume_epoch: int = -1):
+    """The frozen-feature store's train / val features when this run has frozen epochs left, else None."""
+    unfreeze = cfg.train.unfreeze_epoch
+    frozen_epochs_left = (unfreeze is None or unfreeze > resume_epoch + 1) and resume_epoch + 1 < cfg.train.epochs
+    if not cfg.features.enabled or not frozen_epochs_left:
+        return None
+    if cfg.model.head == "attentive" and not cfg.features.tokens:
+        return None  # token sequences are large: stored only when asked for (features.tokens=true)
+    from octft.features.frozen import frozen_features
+    from octft.features.store import FeatureStore
+
+    kind = "tokens" if cfg.model.head == "attentive" else "pooled"
+    key = feature_key(cfg, runtime.precision, train_set, val_set, kind)
+    features = frozen_features(FeatureStore(cfg.features.dir), key, model.encoder, train_set, val_set,
+                               runtime=runtime, batch_size=cfg.train.batch_size)
+    print(f"features {'built' if features.built else 'reused'}: {features.digest[:12]} ({kind}, "
+          f"{features.nbytes / 2**20:.1f} MiB, {features.seconds:.1f} s)", flush=True)
+    return features
+
+
+def _resume_epoch(run_dir: Path, resume: bool) -> int:
+    """The last finished epoch of the run being resumed (-1 for a fresh run)."""
+    if not (resume and (run_dir / "last.pt").is_file()):
+        return -1
+    from octft.train.runtime import load_state
+
+    return int(json.loads(load_state(run_dir / "last.pt")["loop_state"])["epoch"])
 
 
 def train(
@@ -212,6 +271,16 @@ def train(
         torch.manual_seed(cfg.train.seed)
         model, checkpoint_report = build_model(cfg, len(CLASS_SHORT_NAMES))
         runtime = make_runtime(cfg.runtime.kind, cfg.runtime.precision)
+        if cfg.init.head_from:
+            from octft.train.head_from import load_head
+
+            head_run = load_head(model, cfg.init.head_from, cfg.tracking.tracking_uri)
+            tracker.set_tags({"octft.head_from": head_run})
+        # Built (or found) before any training: the store holds this very encoder's outputs.
+        features = stored_features(cfg, model, train_set, val_set, runtime, resume_epoch=_resume_epoch(run_dir, resume))
+        if features is not None:
+            tracker.log_metrics(features.metrics(), step=0)
+            tracker.set_tags(features.tags())
 
         save_resolved(cfg, run_dir / "config.yaml")
         (run_dir / "checkpoint").mkdir(exist_ok=True)
@@ -247,7 +316,7 @@ def train(
             early_stopping_patience=cfg.train.early_stopping_patience,
             objective_metric=cfg.train.objective.metric, objective_direction=cfg.train.objective.direction,
             seed=cfg.train.seed, run_dir=run_dir,
-            resume=resume,
+            resume=resume, frozen_features=features,
         )
         best_dir = run_dir / "best"
         if runtime.is_main and best_dir.is_dir():

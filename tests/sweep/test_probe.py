@@ -1,0 +1,134 @@
+"""Probe studies in-process on stored features, replayed exactly by `octft train`; LP-FT from their best head.
+
+Real sqlite Optuna storage, real MLflow store in a temp dir, real synthetic DICOM data (micro ViT, 4 x 32 x 32).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from octft.config import load_experiment
+from octft.data.layout import CLASS_SHORT_NAMES
+from octft.sweep.study import launch, open_storage, resolved_head_from
+from octft.sweep.spec import load_sweep
+from octft.track import NullTracker
+from octft.train.head_from import HeadFromError, load_head
+from octft.train.recipe import build_model, train
+from octft.train.runtime import load_state
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def probe(data_dir, tmp_path_factory):
+    """A 6-trial probe study launched once for the module: (spec path, storage, tracking uri, overrides, study)."""
+    out = tmp_path_factory.mktemp("probe")
+    storage, tracking = f"sqlite:///{out / 'optuna.db'}", f"sqlite:///{out / 'mlflow.db'}"
+    tree = yaml.safe_load((REPO / "sweeps" / "probe.yaml").read_text())
+    tree.update(base=str(REPO / "experiments" / "demo.yaml"), storage=storage, n_trials=6,
+                mlflow={"tracking_uri": tracking, "experiment": "probe-test"})
+    tree["space"]["train.epochs"] = {"type": "int", "low": 3, "high": 5}
+    tree["sampler"]["n_startup_trials"] = 3
+    spec_path = out / "sweeps" / "probe.yaml"
+    spec_path.parent.mkdir()
+    spec_path.write_text(yaml.safe_dump(tree))
+    overrides = [
+        f"data.uri={data_dir / 'data'}", f"data.cache_dir={data_dir / 'cache'}", "data.preprocess.frames=4",
+        "data.preprocess.height=32", "data.preprocess.width=32", "runtime.kind=cpu", f"output_dir={out / 'runs'}",
+        f"features.dir={out / 'features'}",
+    ]
+    result = launch(spec_path, storage=storage, overrides=overrides)
+    study = optuna.load_study(study_name="demo-probe", storage=storage)
+    return spec_path, storage, tracking, overrides, study, result, out
+
+
+def test_probe_trials_run_in_process_each_with_its_own_child_run(probe):
+    _, _, tracking, _, study, result, out = probe
+    assert result.worker_exit_codes == [0]
+    trials = study.get_trials()
+    assert len(trials) == 6 and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    assert {t.params["model.head"] for t in trials} <= {"linear", "mlp"}
+    client = MlflowClient(tracking)
+    for trial in trials:
+        run = client.get_run(trial.user_attrs["mlflow_run_id"])
+        assert run.data.tags["mlflow.parentRunId"] == result.parent_run_id
+        assert run.data.tags["octft.kind"] == "probe"
+        assert run.info.status == ("FINISHED" if trial.state == TrialState.COMPLETE else "KILLED")
+        history = client.get_metric_history(run.info.run_id, "val/balanced_accuracy")
+        assert sorted(m.step for m in history) == list(range(trial.user_attrs["epochs_run"]))  # every epoch logged
+        assert all(m.value == 0.0 for m in client.get_metric_history(run.info.run_id, "train/encoder_trainable"))
+        assert [m.value for m in client.get_metric_history(run.info.run_id, "features/built")] == [
+            1.0 if trial.number == 0 else 0.0]
+        assert not (Path(trial.user_attrs["run_dir"]) / "trial.log").exists()  # no trial process
+    # One store entry for the whole study.
+    assert len([p for p in (out / "features").iterdir() if not p.name.startswith(".")]) == 1
+
+
+def test_a_probe_trial_replays_exactly_with_octft_train(probe, tmp_path):
+    _, _, _, overrides, study, _, _ = probe
+    best = study.best_trial
+    cfg = load_experiment(REPO / "experiments" / "demo.yaml", [*best.user_attrs["overrides"], *overrides])
+    replayed = train(cfg, run_dir=tmp_path / "replay", tracker=NullTracker(), progress=False)
+    assert replayed.best_value == pytest.approx(best.value, abs=1e-9)
+    assert replayed.best_epoch == best.user_attrs["best_epoch"]
+    probe_head = load_state(Path(best.user_attrs["run_dir"]) / "checkpoint" / "best.pt")["model"]
+    replay_head = load_state(tmp_path / "replay" / "checkpoint" / "best.pt")["model"]
+    for name, value in probe_head.items():
+        torch.testing.assert_close(replay_head[name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_head_from_loads_the_probe_head_and_refuses_a_different_head(probe):
+    _, _, tracking, overrides, study, _, _ = probe
+    best = study.best_trial
+    cfg = load_experiment(REPO / "experiments" / "demo.yaml", [*best.user_attrs["overrides"], *overrides])
+    model = build_model(cfg, len(CLASS_SHORT_NAMES))[0]
+    assert load_head(model, f"runs:/{best.user_attrs['mlflow_run_id']}", tracking) == best.user_attrs["mlflow_run_id"]
+    saved = load_state(Path(best.user_attrs["run_dir"]) / "checkpoint" / "best.pt")["model"]
+    for name, value in model.head.state_dict().items():
+        assert torch.equal(value, saved[f"head.{name}"])
+    other = "linear" if cfg.model.head == "mlp" else "mlp"
+    wrong = build_model(load_experiment(REPO / "experiments" / "demo.yaml", [*overrides, f"model.head={other}"]), 4)[0]
+    with pytest.raises(HeadFromError, match="does not fit"):
+        load_head(wrong, f"runs:/{best.user_attrs['mlflow_run_id']}", tracking)
+
+
+def test_lpft_launch_resolves_the_best_probe_once_and_replays_the_same_head(probe, tmp_path):
+    spec_path, storage, tracking, overrides, study, _, out = probe
+    tree = yaml.safe_load((REPO / "sweeps" / "demo_lpft.yaml").read_text())
+    tree.update(base=str(REPO / "experiments" / "demo.yaml"), storage=storage, n_trials=1,
+                mlflow={"tracking_uri": tracking, "experiment": "probe-test"}, study_name="lpft-test")
+    tree["fixed"].update({"train.epochs": 2, "init.head_from": str(spec_path)})
+    tree["space"]["train.unfreeze_epoch"] = {"type": "int", "low": 0, "high": 1}
+    lpft = tmp_path / "sweeps" / "lpft.yaml"
+    lpft.parent.mkdir()
+    lpft.write_text(yaml.safe_dump(tree))
+    best = study.best_trial
+    expected = f"runs:/{best.user_attrs['mlflow_run_id']}"
+
+    launch(lpft, storage=storage, overrides=overrides, workers=1)
+    lpft_study = optuna.load_study(study_name="lpft-test", storage=storage)
+    recorded = lpft_study.user_attrs["head_from"]
+    assert recorded["run"] == expected and recorded["head"]["model.head"] == best.params["model.head"]
+    trial = lpft_study.trials[0]
+    assert trial.state == TrialState.COMPLETE, trial.user_attrs.get("fail_reason")
+    assert f"init.head_from={expected}" in trial.user_attrs["replay"]
+    assert f"model.head={best.params['model.head']}" in trial.user_attrs["replay"]
+    run = MlflowClient(tracking).get_run(trial.user_attrs["mlflow_run_id"])
+    assert run.data.tags["octft.head_from"] == best.user_attrs["mlflow_run_id"]
+
+    # The probe study goes on and finds another best: this study keeps the head it started with.
+    probe_study = optuna.load_study(study_name="demo-probe", storage=storage)
+    probe_study.set_user_attr("unused", 1)
+    fake = optuna.trial.create_trial(params={}, distributions={}, value=2.0,
+                                     user_attrs={"mlflow_run_id": "0" * 32})
+    probe_study.add_trial(fake)
+    spec = load_sweep(lpft)
+    again = resolved_head_from(spec, open_storage(storage, heartbeat_interval=None), overrides, spec_path=lpft)
+    assert again["run"] == expected
