@@ -258,7 +258,8 @@ def cmd_sweep_show(args) -> int:
 def cmd_demo(args) -> int:
     from octft.demo import run_demo
 
-    return run_demo(Path(args.dir), participants=args.participants, trials=args.trials, workers=args.workers)
+    return run_demo(Path(args.dir), participants=args.participants, trials=args.trials, workers=args.workers,
+                    probe_trials=args.probe_trials)
 
 
 # ---------------------------------------------------------------- parser
@@ -271,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--participants", type=int, default=128)
     demo.add_argument("--trials", type=int, default=6)
     demo.add_argument("--workers", type=int, default=2)
+    demo.add_argument("--probe-trials", type=int, default=50, help="trials of the probe study (heads on stored features)")
     demo.set_defaults(func=cmd_demo)
 
     synth = commands.add_parser("synth", help="write a synthetic AI-READI-shaped dataset")

@@ -1,8 +1,9 @@
 """`octft demo` / `make demo`: the whole job on embedded defaults.
 
-Synthetic AI-READI -> audit -> preprocessing cache -> an Optuna study of the demo experiment with two
-workers on XLA:CPU devices -> promotion of the best healthy trial -> the study report. Everything lands
-under one folder (default `demo/`): its own Optuna sqlite and MLflow sqlite, never the same file.
+Synthetic AI-READI -> audit -> preprocessing cache -> a probe study (heads on the frozen encoder's stored
+features, in one process) -> an LP-FT fine-tune study warm-started from the best probe's head, two workers
+on XLA:CPU devices -> promotion of the best healthy trial -> the study report. Everything lands under one
+folder (default `demo/`): its own Optuna sqlite and MLflow sqlite, never the same file.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def _step(title: str) -> float:
     return time.perf_counter()
 
 
-def run_demo(root: Path, *, participants: int = 96, trials: int = 6, workers: int = 2) -> int:
+def run_demo(root: Path, *, participants: int = 96, trials: int = 6, workers: int = 2, probe_trials: int = 50) -> int:
     from octft.data.audit import audit_dataset, format_report
     from octft.data.dataset import prepare_volumes
     from octft.data.synth import synthesize
@@ -39,7 +40,7 @@ def run_demo(root: Path, *, participants: int = 96, trials: int = 6, workers: in
     root = root.resolve()
     root.mkdir(parents=True, exist_ok=True)
     data_dir = root / "data"
-    started = _step(f"1/6 synthetic AI-READI release -> {data_dir}")
+    started = _step(f"1/7 synthetic AI-READI release -> {data_dir}")
     if (data_dir / "synth_report.json").is_file():
         print(f"reusing {data_dir} (delete it to regenerate)")
     else:
@@ -47,7 +48,7 @@ def run_demo(root: Path, *, participants: int = 96, trials: int = 6, workers: in
     truth = json.loads((data_dir / "synth_report.json").read_text())
     print(f"{truth['participants']} participants, {truth['files']} files ({time.perf_counter() - started:.1f} s)")
 
-    started = _step("2/6 data audit")
+    started = _step("2/7 data audit")
     report = audit_dataset(str(data_dir), verify=True, progress=True)
     print(format_report(report))
     (root / "audit.json").write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
@@ -55,7 +56,7 @@ def run_demo(root: Path, *, participants: int = 96, trials: int = 6, workers: in
         print("the audit failed: see the guards above")
         return 1
 
-    started = _step("3/6 preprocessing cache")
+    started = _step("3/7 preprocessing cache")
     cache_dir = root / "cache"
     result = prepare_volumes(str(data_dir), report.volumes, cache_dir=str(cache_dir), frames=FRAMES, height=HEIGHT,
                              width=WIDTH, workers=1).report
@@ -71,9 +72,19 @@ def run_demo(root: Path, *, participants: int = 96, trials: int = 6, workers: in
     storage = f"sqlite:///{root / 'optuna.db'}"
     tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
-    spec_path = REPO / "sweeps" / "demo.yaml"
+    spec_path = REPO / "sweeps" / "demo_lpft.yaml"
     sweep_overrides = [f"n_trials={trials}", f"mlflow.tracking_uri={tracking_uri}"]
-    experiment_overrides = [f"data.uri={data_dir}", f"data.cache_dir={cache_dir}", f"output_dir={root / 'runs'}"]
+    experiment_overrides = [f"data.uri={data_dir}", f"data.cache_dir={cache_dir}", f"output_dir={root / 'runs'}",
+                            f"features.dir={root / 'features'}"]
+
+    probe_path = REPO / "sweeps" / "probe.yaml"
+    started = _step(f"4/7 probe study: {probe_trials} heads on the frozen encoder's stored features, in one process")
+    probed = launch(probe_path, n_trials=probe_trials, storage=storage,
+                    overrides=[f"mlflow.tracking_uri={tracking_uri}", *experiment_overrides])
+    probe_study = load_sweep(probe_path)
+    print(f"trials by state: {probed.counts} ({time.perf_counter() - started:.0f} s); its best head warm-starts "
+          f"every trial of {spec_path.relative_to(REPO)} (init.head_from: {probe_path.relative_to(REPO)})")
+
     spec = load_sweep(spec_path, sweep_overrides)
     import optuna
 
@@ -82,12 +93,13 @@ def run_demo(root: Path, *, participants: int = 96, trials: int = 6, workers: in
     if not study.trials:
         study.enqueue_trial(COLLAPSING_TRIAL, user_attrs={"demo_note": "enqueued in the collapsing region"})
     devices = int(os.environ.get("CPU_NUM_DEVICES", "4")) if os.environ.get("PJRT_DEVICE") else workers
-    started = _step(f"4/6 Optuna study: {trials} trials, {workers} workers, {max(1, devices // workers)} XLA devices each")
+    started = _step(f"5/7 LP-FT fine-tune study: {trials} trials, {workers} workers, {max(1, devices // workers)} XLA "
+                    "devices each, every head starting from the best probe")
     launched = launch(spec_path, n_trials=trials, workers=workers, devices_per_trial=max(1, devices // workers),
                       storage=storage, overrides=sweep_overrides + experiment_overrides)
     print(f"trials by state: {launched.counts} ({time.perf_counter() - started:.0f} s)")
 
-    started = _step("5/6 promote the best healthy trial (test split, once)")
+    started = _step("6/7 promote the best healthy trial (test split, once)")
     try:
         promotion = promote(spec, storage=storage, tracking_uri=tracking_uri, n_resamples=500)
         print(format_promotion(promotion))
@@ -95,14 +107,18 @@ def run_demo(root: Path, *, participants: int = 96, trials: int = 6, workers: in
         print(f"nothing promoted: {error}")
         promotion = None
 
-    started = _step("6/6 study report")
+    started = _step("7/7 study report")
     html = render_report(spec, storage=storage, tracking_uri=tracking_uri)
     print(f"wrote {html}")
 
     print("\nwhere to look:")
     print(f"  audit report:    {root / 'audit.json'}")
     print(f"  study report:    {html}")
+    print(f"  probe trials:    octft sweep status {probe_path.relative_to(REPO)} --storage {storage}  "
+          f"(study {probe_study.study_name!r})")
     print(f"  trials:          octft sweep status {spec_path.relative_to(REPO)} --storage {storage}")
+    print(f"  replay a trial:  octft sweep show {spec_path.relative_to(REPO)} --storage {storage} --trial 1  "
+          "(the same probe head: init.head_from=runs:/...)")
     print(f"  MLflow store:    {tracking_uri} (artifacts in {root / 'mlartifacts'})")
     if promotion is not None:
         print(f"  champion:        octft predict --model {promotion.model_uri} --tracking-uri {tracking_uri} "

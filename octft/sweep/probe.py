@@ -24,7 +24,7 @@ from pathlib import Path
 
 import optuna
 
-from octft.config import ExperimentConfig, load_experiment
+from octft.config import ExperimentConfig, load_experiment, save_resolved
 from octft.sweep.spec import SweepSpec
 
 UNFREEZE_KEY = "train.unfreeze_epoch"
@@ -67,6 +67,7 @@ class _Prepared:
     val_set: object
     runtime: object
     class_weights: object
+    tags: dict  # what every trial's run records about the data and code (as `octft train` does)
     encoders: dict = field(default_factory=dict)  # encoder key -> (encoder, RNG state right after building it)
     features: dict = field(default_factory=dict)  # feature digest -> FrozenFeatures
 
@@ -75,7 +76,7 @@ def _prepare(base: ExperimentConfig) -> _Prepared:
     from octft.data.dataset import prepare_volumes
     from octft.data.layout import CLASS_SHORT_NAMES
     from octft.train.losses import balanced_class_weights
-    from octft.train.recipe import audited_data
+    from octft.train.recipe import audited_data, data_manifest_hash, git_commit
     from octft.train.runtime import make_runtime
 
     data = base.data
@@ -86,7 +87,11 @@ def _prepare(base: ExperimentConfig) -> _Prepared:
     train_set, val_set = prepared.dataset("train"), prepared.dataset("val")
     weights = (balanced_class_weights(train_set.labels.tolist(), len(CLASS_SHORT_NAMES))
                if base.loss.class_weights == "balanced" else None)
-    return _Prepared(train_set, val_set, make_runtime(base.runtime.kind, base.runtime.precision), weights)
+    runtime = make_runtime(base.runtime.kind, base.runtime.precision)
+    tags = {"octft.git_commit": git_commit(), "octft.runtime": runtime.name, "octft.precision": runtime.precision,
+            "octft.data_manifest_hash": data_manifest_hash(prepared.volumes), "octft.audit_passed": str(report.passed),
+            "octft.train_volumes": str(len(train_set)), "octft.val_volumes": str(len(val_set))}
+    return _Prepared(train_set, val_set, runtime, weights, tags)
 
 
 def _trial_inputs(cfg: ExperimentConfig, shared: _Prepared):
@@ -171,6 +176,10 @@ def run_probe_trials(
             outcome, reason_if_failed = None, None
             try:
                 tracker.log_params(cfg.flat())
+                tracker.set_tags(shared.tags)
+                # The checkpoint folder is the registered model: its weights plus the config that built them.
+                (run_dir / "checkpoint").mkdir(parents=True, exist_ok=True)
+                save_resolved(cfg, run_dir / "checkpoint" / "config.yaml")
                 model, features = _trial_inputs(cfg, shared)
                 if features is None:
                     raise ValueError(f"trial {trial.number}: no stored features for head {cfg.model.head!r} "
@@ -193,10 +202,6 @@ def run_probe_trials(
                 if (run_dir / "best").is_dir():
                     tracker.log_artifact(run_dir / "best" / "val_predictions.csv")
                     tracker.log_artifact(run_dir / "checkpoint", "checkpoint")  # what promotion registers
-                from octft.config import save_resolved
-
-                save_resolved(cfg, run_dir / "checkpoint" / "config.yaml")
-                tracker.log_artifact(run_dir / "checkpoint" / "config.yaml", "checkpoint")
                 tracker.set_tags({"octft.status": result.status, "octft.best_epoch": str(result.best_epoch)})
                 tracker.finish("KILLED" if result.status == "pruned" else "FINISHED", result.stop_reason)
                 outcome = {

@@ -1,0 +1,178 @@
+"""The frozen-feature store on the demo config: frozen vs unfrozen epochs, a 50-trial probe study vs one
+fine-tune, and the demo sweep with and without the store.
+
+1. Epoch seconds: `octft train experiments/demo.yaml train.unfreeze_epoch=3 train.epochs=6`, with
+   `features.enabled=false` and `true`, each in its own process; per epoch seconds as the run logs them
+   (`perf/epoch_seconds`). Goal: a frozen epoch after the first costs at most 25% of an unfrozen one.
+   Plus the same ratio from FLOPs for ViT-B on 16 x 224 x 224 (forward = F, training step = 3F; a frozen
+   epoch without the store costs F per sample, with it only the head).
+2. A probe study (`sweeps/probe.yaml`, N trials, in one process) against one demo fine-tune run (the
+   demo experiment as shipped, store off), wall time, same data.
+3. The demo sweep (`sweeps/demo.yaml`, K trials, 2 workers) with the store off and on: wall time, best value.
+
+    .venv/bin/python benchmarks/bench_features.py                         # all three
+    .venv/bin/python benchmarks/bench_features.py --parts epochs probe --probe-trials 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "experiments" / "demo.yaml"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--participants", type=int, default=96, help="synthetic participants (default 96, as the demo)")
+    parser.add_argument("--parts", nargs="+", choices=["epochs", "probe", "sweep"], default=["epochs", "probe", "sweep"])
+    parser.add_argument("--probe-trials", type=int, default=50)
+    parser.add_argument("--sweep-trials", type=int, default=6)
+    parser.add_argument("--devices", type=int, default=2, help="XLA:CPU devices per run (the demo's per trial)")
+    parser.add_argument("--dir", type=Path, default=None, help="where data, cache and runs go (default: a temp dir)")
+    return parser.parse_args()
+
+
+def prepare(root: Path, participants: int) -> list[str]:
+    """Synthetic data in the demo's shape and its cache; returns the overrides that point a run at them."""
+    from octft.config import load_experiment
+    from octft.data.audit import audit_dataset
+    from octft.data.dataset import prepare_volumes
+    from octft.data.synth import synthesize
+
+    pre = load_experiment(DEMO).data.preprocess
+    if not (root / "data" / "synth_report.json").is_file():
+        synthesize(root / "data", participants=participants, seed=0, frames=pre.frames, height=pre.height,
+                   width=pre.width, progress=False)
+    report = audit_dataset(str(root / "data"))
+    prepare_volumes(str(root / "data"), report.volumes, cache_dir=str(root / "cache"), frames=pre.frames,
+                    height=pre.height, width=pre.width, progress=False)
+    return [f"data.uri={root / 'data'}", f"data.cache_dir={root / 'cache'}", f"features.dir={root / 'features'}"]
+
+
+def env(devices: int, root: Path) -> dict[str, str]:
+    return dict(os.environ, PJRT_DEVICE="CPU", CPU_NUM_DEVICES=str(devices), PYTHONPATH=str(REPO),
+                MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}")
+
+
+def train_run(root: Path, name: str, overrides: list[str], devices: int) -> tuple[float, list[dict]]:
+    """`octft train` in its own process; (wall seconds, per-epoch metrics read back from MLflow)."""
+    from mlflow.tracking import MlflowClient
+
+    run_dir = root / "runs" / name
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "octft.cli", "train", str(DEMO), *overrides, f"output_dir={root / 'runs'}",
+                    f"tracking.run_name={name}"], env=env(devices, root), check=True, cwd=REPO,
+                   stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - started
+    run_id = json.loads((run_dir / "run.json").read_text())["mlflow_run_id"]
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    series = {key: {m.step: m.value for m in client.get_metric_history(run_id, key)}
+              for key in ("perf/epoch_seconds", "train/encoder_trainable", "train/on_features", "val/balanced_accuracy")}
+    epochs = sorted(series["perf/epoch_seconds"])
+    return wall, [{key: series[key].get(epoch) for key in series} | {"epoch": epoch} for epoch in epochs]
+
+
+def part_epochs(root: Path, base: list[str], devices: int) -> None:
+    print("\n## 1. Epoch seconds (demo config, unfreeze_epoch=3, 6 epochs, XLA:CPU x"
+          f"{devices})\n\n| store | epoch | encoder | on features | seconds |\n| --- | --- | --- | --- | --- |")
+    summary = {}
+    for store in ("false", "true"):
+        _, epochs = train_run(root, f"epochs-store-{store}",
+                              [*base, "train.unfreeze_epoch=3", "train.epochs=6", "train.early_stopping_patience=null",
+                               f"features.enabled={store}"], devices)
+        for row in epochs:
+            print(f"| {'on' if store == 'true' else 'off'} | {row['epoch']} | "
+                  f"{'trainable' if row['train/encoder_trainable'] else 'frozen'} | "
+                  f"{'yes' if row['train/on_features'] else 'no'} | {row['perf/epoch_seconds']:.2f} |")
+        frozen_later = [r["perf/epoch_seconds"] for r in epochs if not r["train/encoder_trainable"] and r["epoch"] > 0]
+        unfrozen_later = [r["perf/epoch_seconds"] for r in epochs if r["train/encoder_trainable"] and r["epoch"] > 3]
+        summary[store] = (statistics.median(frozen_later), statistics.median(unfrozen_later))
+    print("\n| store | frozen epoch s (median, after the first) | unfrozen epoch s (median, after the first) | ratio |")
+    print("| --- | --- | --- | --- |")
+    for store, (frozen, unfrozen) in summary.items():
+        print(f"| {'on' if store == 'true' else 'off'} | {frozen:.2f} | {unfrozen:.2f} | {frozen / unfrozen:.1%} |")
+
+    from octft.models import build_encoder, encoder_flops_per_sample
+    from octft.models.heads import build_head
+
+    encoder = build_encoder("vit_base", img_size=224, num_frames=16)
+    forward = encoder_flops_per_sample(encoder, 16, 224, 224)
+    head = build_head("mlp", 768, 4, hidden_features=256)
+    head_flops = 3 * 2 * sum(p.numel() for p in head.parameters() if p.ndim == 2)  # train step, one sample
+    print(f"\nViT-B 16x224x224 from FLOPs: unfrozen step 3F = {3 * forward / 1e9:.0f} GFLOP/sample; frozen without the "
+          f"store F = {forward / 1e9:.0f} ({1 / 3:.0%}); frozen on stored pooled features (MLP head) "
+          f"{head_flops / 1e6:.2f} MFLOP/sample ({head_flops / (3 * forward):.1e} of unfrozen)")
+
+
+def part_probe(root: Path, base: list[str], trials: int, devices: int) -> None:
+    from octft.sweep.study import launch
+
+    wall_finetune, epochs = train_run(root, "finetune-reference", [*base, "features.enabled=false"], devices)
+    best_finetune = max(r["val/balanced_accuracy"] for r in epochs)
+    storage = f"sqlite:///{root / 'probe-optuna.db'}"
+    os.environ.update(PJRT_DEVICE="CPU", CPU_NUM_DEVICES=str(devices), MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}")
+    started = time.perf_counter()
+    result = launch(REPO / "sweeps" / "probe.yaml", n_trials=trials, storage=storage,
+                    overrides=[*base, f"output_dir={root / 'runs'}", f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}"])
+    wall_probe = time.perf_counter() - started
+    import optuna
+
+    study = optuna.load_study(study_name="demo-probe", storage=storage)
+    print(f"\n## 2. Probe study vs one fine-tune ({trials} probe trials in one process, same data)\n")
+    print("| what | wall s | best val balanced accuracy | trials (complete / pruned) |\n| --- | --- | --- | --- |")
+    print(f"| one demo fine-tune run (`octft train experiments/demo.yaml`, own process) | {wall_finetune:.1f} | "
+          f"{best_finetune:.3f} | 1 |")
+    print(f"| probe study, {trials} trials (incl. building the feature store) | {wall_probe:.1f} | {study.best_value:.3f} | "
+          f"{result.counts['COMPLETE']} / {result.counts['PRUNED']} |")
+
+
+def part_sweep(root: Path, base: list[str], trials: int, devices: int) -> None:
+    import optuna
+
+    from octft.sweep.study import launch
+
+    print(f"\n## 3. Demo sweep ({trials} trials, 2 workers, {max(1, devices // 2)} XLA:CPU devices each)\n")
+    print("| store | wall s | best value | complete / pruned |\n| --- | --- | --- | --- |")
+    os.environ.update(PJRT_DEVICE="CPU", CPU_NUM_DEVICES=str(devices))
+    for store in ("false", "true"):
+        storage = f"sqlite:///{root / f'sweep-{store}.db'}"
+        tracking = f"sqlite:///{root / f'sweep-{store}-mlflow.db'}"
+        os.environ["MLFLOW_TRACKING_URI"] = tracking
+        started = time.perf_counter()
+        result = launch(REPO / "sweeps" / "demo.yaml", n_trials=trials, workers=2, devices_per_trial=max(1, devices // 2),
+                        storage=storage, overrides=[*base, f"features.enabled={store}", f"mlflow.tracking_uri={tracking}",
+                                                    f"output_dir={root / f'runs-{store}'}"])
+        wall = time.perf_counter() - started
+        best = optuna.load_study(study_name="demo", storage=storage).best_value
+        print(f"| {'on' if store == 'true' else 'off'} | {wall:.0f} | {best:.3f} | "
+              f"{result.counts['COMPLETE']} / {result.counts['PRUNED']} |")
+
+
+def main() -> None:
+    args = parse_args()
+    with tempfile.TemporaryDirectory() as temp:
+        root = (args.dir or Path(temp)).resolve()
+        root.mkdir(parents=True, exist_ok=True)
+        print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+        base = prepare(root, args.participants)
+        if "epochs" in args.parts:
+            part_epochs(root, base, args.devices)
+        if "probe" in args.parts:
+            part_probe(root, base, args.probe_trials, args.devices)
+        if "sweep" in args.parts:
+            part_sweep(root, base, args.sweep_trials, args.devices * 2)
+        print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
