@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,11 +200,19 @@ def stored_features(cfg: ExperimentConfig, model, train_set, val_set, runtime, *
     if cfg.model.head == "attentive" and not cfg.features.tokens:
         return None  # token sequences are large: stored only when asked for (features.tokens=true)
     from octft.features.frozen import frozen_features
-    from octft.features.store import FeatureStore
+    from octft.features.store import STORAGE_DTYPE, FeaturePlan, FeatureStore
 
     kind = "tokens" if cfg.model.head == "attentive" else "pooled"
     key = feature_key(cfg, runtime.precision, train_set, val_set, kind)
-    features = frozen_features(FeatureStore(cfg.features.dir), key, model.encoder, train_set, val_set,
+    store = FeatureStore(cfg.features.dir)
+    if store.open(key) is None:
+        pre = cfg.data.preprocess
+        tokens = math.prod(model.encoder.token_grid(pre.frames, pre.height, pre.width))
+        width = model.encoder.num_features
+        plan = FeaturePlan(kind, {"train": len(train_set), "val": len(val_set)},
+                           (width,) if kind == "pooled" else (tokens, width), STORAGE_DTYPE[kind])
+        print(f"feature store {store.root}: building {plan.describe()}", flush=True)
+    features = frozen_features(store, key, model.encoder, train_set, val_set,
                                runtime=runtime, batch_size=cfg.train.batch_size)
     print(f"features {'built' if features.built else 'reused'}: {features.digest[:12]} ({kind}, "
           f"{features.nbytes / 2**20:.1f} MiB, {features.seconds:.1f} s)", flush=True)
