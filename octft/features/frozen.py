@@ -70,6 +70,7 @@ def encode_split(encoder: torch.nn.Module, dataset, *, runtime, batch_size: int,
     """The encoder's eval-mode outputs for every sample of `dataset`, in order: (rows, D) or (rows, N, D)."""
     from octft.train.loop import _Batches, place_rows
 
+    encoder = runtime.to_device(encoder)  # in place: the run's model is on the device from here on, as in fit()
     was_training = encoder.training
     encoder.eval()  # a frozen encoder runs in eval mode in fit() too: no dropout or drop-path
     rows = len(dataset)

@@ -30,14 +30,15 @@ def test_store_on_xla_spmd_gives_the_same_run(tmp_path):
     runs = {}
     for store in ("false", "true"):
         name = f"store-{store}"
-        subprocess.run(
+        done = subprocess.run(
             [sys.executable, "-m", "octft.cli", "train", str(REPO / "experiments" / "demo.yaml"),
              f"data.uri={tmp_path / 'data'}", f"data.cache_dir={tmp_path / 'cache'}", "data.preprocess.frames=4",
              "data.preprocess.height=32", "data.preprocess.width=32", "runtime.kind=xla", "train.epochs=3",
              "train.unfreeze_epoch=2", f"features.enabled={store}", f"features.dir={tmp_path / 'features'}",
              f"output_dir={tmp_path / 'runs'}", f"tracking.run_name={name}"],
-            env=env, check=True, cwd=tmp_path, capture_output=True,
+            env=env, cwd=tmp_path, capture_output=True, text=True,
         )
+        assert done.returncode == 0, done.stderr[-3000:]
         runs[store] = tmp_path / "runs" / name
     client = MlflowClient(tracking)
     history = {}

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import multiprocessing
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest

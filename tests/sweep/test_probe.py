@@ -132,3 +132,17 @@ def test_lpft_launch_resolves_the_best_probe_once_and_replays_the_same_head(prob
     spec = load_sweep(lpft)
     again = resolved_head_from(spec, open_storage(storage, heartbeat_interval=None), overrides, spec_path=lpft)
     assert again["run"] == expected
+
+
+def test_a_probe_trial_goes_through_the_same_promotion(probe):
+    from octft.sweep.promote import promote
+
+    spec_path, storage, tracking, _, study, _, _ = probe
+    spec = load_sweep(spec_path, ["promote.min_class_f1=0.0"])
+    # The data lives where the trials' configs say; the checkpoint folder is all promotion reads.
+    promotion = promote(spec, trial_number=study.best_trial.number, storage=storage, tracking_uri=tracking,
+                        n_resamples=50, progress=False)
+    assert promotion.evaluated and promotion.run_id == study.best_trial.user_attrs["mlflow_run_id"]
+    assert 0.0 <= promotion.test_metrics["test/balanced_accuracy"] <= 1.0
+    version = MlflowClient(tracking).get_model_version_by_alias(spec.promote.model_name, "champion")
+    assert version.run_id == promotion.run_id
