@@ -431,7 +431,10 @@ def launch(
     from octft.sweep.probe import is_probe_study, run_probe_trials
 
     if is_probe_study(spec, base_config(spec, experiment_overrides)):
-        # Heads on stored features: no trial processes, no worker pool; --workers does not apply.
+        # Heads on stored features: no trial processes, no worker pool. Several hosts may still share the study.
+        if workers > 1:
+            print(f"{spec.study_name!r} is a probe study: its trials run one after another in this process "
+                  f"(--workers {workers} does not apply)", flush=True)
         run_probe_trials(spec, study, rdb, study_dir=directory, n_trials=spec.n_trials, tracking_uri=tracking_uri,
                          experiment_overrides=experiment_overrides, deadline=deadline)
         return _finish_launch(study, spec, directory, parent_run_id, [0], reaped, tracking_uri, enqueued)

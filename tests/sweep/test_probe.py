@@ -99,6 +99,7 @@ def test_head_from_loads_the_probe_head_and_refuses_a_different_head(probe):
         load_head(wrong, f"runs:/{best.user_attrs['mlflow_run_id']}", tracking)
 
 
+@pytest.mark.integration  # a worker and a trial process
 def test_lpft_launch_resolves_the_best_probe_once_and_replays_the_same_head(probe, tmp_path):
     spec_path, storage, tracking, overrides, study, _, out = probe
     tree = yaml.safe_load((REPO / "sweeps" / "demo_lpft.yaml").read_text())
