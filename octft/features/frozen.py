@@ -42,6 +42,12 @@ class FeatureSplit(torch.utils.data.Dataset):
         row = torch.from_numpy(np.array(self.features[index], dtype=np.float32))
         return {"x": row[None] if self.kind == "pooled" else row, "y": torch.tensor(self.labels[index], dtype=torch.long)}
 
+    def gather(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) of the rows at `indices`, in that order: one read of the memory-mapped array per batch."""
+        rows = list(indices)
+        x = torch.from_numpy(np.asarray(self.features[rows], dtype=np.float32))
+        return (x[:, None] if self.kind == "pooled" else x), torch.from_numpy(self.labels[rows])
+
     def participant_ids(self, indices: Sequence[int]) -> list[str]:
         return [self._participants[i] for i in indices]
 

@@ -81,9 +81,7 @@ def _prepare(base: ExperimentConfig) -> _Prepared:
 
     data = base.data
     report = audited_data(data)
-    pre = data.preprocess
-    prepared = prepare_volumes(data.uri, report.volumes, cache_dir=data.cache_dir, frames=pre.frames, height=pre.height,
-                               width=pre.width, intensity=pre.intensity, progress=False)
+    prepared = prepare_volumes(volumes=report.volumes, progress=False, **data.prepare_kwargs())
     train_set, val_set = prepared.dataset("train"), prepared.dataset("val")
     weights = (balanced_class_weights(train_set.labels.tolist(), len(CLASS_SHORT_NAMES))
                if base.loss.class_weights == "balanced" else None)

@@ -187,7 +187,8 @@ def feature_key(cfg: ExperimentConfig, precision: str, train_set, val_set, kind:
     # The head's settings and the checkpoint's path do not change the encoder's outputs; its content does.
     encoder_config = model.model_dump(mode="json", exclude={"head", "head_hidden_features", "head_dropout", "checkpoint"})
     return FeatureKey(encoder=encoder, model=encoder_config, precision=precision,
-                      preprocessing=cfg.data.preprocess.model_dump(mode="json"), kind=kind,
+                      preprocessing={**cfg.data.preprocess.model_dump(mode="json"), "cache_dtype": cfg.data.cache_dtype},
+                      kind=kind,
                       sources={"train": list(train_set.volumes.source_id), "val": list(val_set.volumes.source_id)})
 
 
