@@ -136,14 +136,19 @@ def test_lpft_launch_resolves_the_best_probe_once_and_replays_the_same_head(prob
 
 
 def test_a_probe_trial_goes_through_the_same_promotion(probe):
-    from octft.sweep.promote import promote
+    from octft.errors import OctftError
+    from octft.sweep.promote import promote, unpromotable_reason
 
     spec_path, storage, tracking, _, study, _, _ = probe
     spec = load_sweep(spec_path, ["promote.min_class_f1=0.0"])
-    # The data lives where the trials' configs say; the checkpoint folder is all promotion reads.
-    promotion = promote(spec, trial_number=study.best_trial.number, storage=storage, tracking_uri=tracking,
-                        n_resamples=50, progress=False)
-    assert promotion.evaluated and promotion.run_id == study.best_trial.user_attrs["mlflow_run_id"]
+    healthy = [t for t in study.get_trials() if unpromotable_reason(t, 0.0) is None]
+    if not healthy:  # the same refusal as for any fine-tune trial
+        with pytest.raises(OctftError, match="can be promoted"):
+            promote(spec, storage=storage, tracking_uri=tracking, n_resamples=50)
+        return
+    chosen = max(healthy, key=lambda t: t.value)
+    promotion = promote(spec, trial_number=chosen.number, storage=storage, tracking_uri=tracking, n_resamples=50)
+    assert promotion.evaluated and promotion.run_id == chosen.user_attrs["mlflow_run_id"]
     assert 0.0 <= promotion.test_metrics["test/balanced_accuracy"] <= 1.0
     version = MlflowClient(tracking).get_model_version_by_alias(spec.promote.model_name, "champion")
     assert version.run_id == promotion.run_id
