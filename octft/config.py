@@ -224,6 +224,8 @@ class LossConfig(_Strict):
 class RuntimeConfig(_Strict):
     kind: Literal["auto", "xla", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "bf16", "fp32"] = "auto"
+    # torch_xla's persistent compilation cache, shared by every trial process on a host (TPU only); null: off.
+    compile_cache_dir: str | None = "~/.cache/octft/xla"
 
 
 class TrackingConfig(_Strict):

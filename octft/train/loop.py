@@ -71,16 +71,27 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def padded_batches(dataset, batch_size: int, *, order: Sequence[int]) -> Iterator[dict[str, torch.Tensor]]:
-    """Batches of exactly `batch_size` rows in `order`; the last is padded with weight-0 copies.
+def padded_batches(
+    dataset, batch_size: int, *, order: Sequence[int], host_index: int = 0, host_count: int = 1
+) -> Iterator[dict[str, torch.Tensor]]:
+    """This host's rows of each global batch of exactly `batch_size` rows in `order`.
 
-    Fixed shapes keep XLA at one graph per step kind; the 0/1 weight `w` keeps padding out of the
-    loss and the metrics; `row` is each row's index in `dataset`.
+    The last global batch is padded with weight-0 copies. Fixed shapes keep XLA at one graph per step
+    kind; the 0/1 weight `w` keeps padding out of the loss and the metrics; `row` is each row's index
+    in `dataset`. With several hosts, host `h` reads and yields only rows `[h * B/P, (h+1) * B/P)` of
+    each global batch (torch_xla's per-host input contract: the runtime assembles the hosts' rows, in
+    host order, into the global batch), so no row is read or fed twice.
     """
+    if batch_size % host_count:
+        raise ValueError(f"a global batch of {batch_size} rows cannot be split evenly over {host_count} hosts")
+    host_rows = batch_size // host_count
+    mine = slice(host_index * host_rows, (host_index + 1) * host_rows)
     for start in range(0, len(order), batch_size):
         indices = list(order[start : start + batch_size])
         real = len(indices)
         indices += [indices[-1]] * (batch_size - real)
+        weights = [1.0] * real + [0.0] * (batch_size - real)
+        indices, weights = indices[mine], weights[mine]
         if hasattr(dataset, "gather"):  # a packed dataset reads the whole batch in one gather
             x, y = dataset.gather(indices)
         else:
@@ -89,7 +100,7 @@ def padded_batches(dataset, batch_size: int, *, order: Sequence[int]) -> Iterato
         yield {
             "x": x,
             "y": y,
-            "w": torch.tensor([1.0] * real + [0.0] * (batch_size - real)),
+            "w": torch.tensor(weights),
             "row": torch.tensor(indices, dtype=torch.long),  # dataset index, to place eval logits
         }
 
@@ -97,8 +108,9 @@ def padded_batches(dataset, batch_size: int, *, order: Sequence[int]) -> Iterato
 class _Batches:
     """A re-iterable, sized view of `padded_batches` (device loaders want both)."""
 
-    def __init__(self, dataset, batch_size: int, order: Sequence[int]):
+    def __init__(self, dataset, batch_size: int, order: Sequence[int], runtime: Runtime):
         self.dataset, self.batch_size, self.order = dataset, batch_size, list(order)
+        self.host_index, self.host_count = runtime.process_index, runtime.process_count
 
     def __len__(self) -> int:
         return math.ceil(len(self.order) / self.batch_size)
@@ -107,7 +119,8 @@ class _Batches:
         from octft.data.pack import prefetch
 
         # The next batch is gathered on a thread while the device runs this one.
-        return prefetch(padded_batches(self.dataset, self.batch_size, order=self.order), depth=2)
+        return prefetch(padded_batches(self.dataset, self.batch_size, order=self.order,
+                                       host_index=self.host_index, host_count=self.host_count), depth=2)
 
 
 def place_rows(logits: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, total_rows: int) -> torch.Tensor:
@@ -200,8 +213,9 @@ def fit(
     run_dir = Path(run_dir)
     (run_dir / "checkpoint").mkdir(parents=True, exist_ok=True)
     num_classes = len(class_names)
-    step_rows = batch_size * accumulation_steps  # rows per optimizer step (global, all devices)
-    eval_rows = batch_size
+    # Refused here, before anything compiles, when the devices cannot share the effective batch evenly.
+    layout = runtime.batch_layout(batch_size, accumulation_steps)
+    step_rows = layout.effective_batch_size  # rows per optimizer step (global, all devices and hosts)
 
     model = runtime.to_device(model)
     optimizer = make_optimizer(model, lr_head=lr_head, lr_encoder=lr_encoder, weight_decay=weight_decay, betas=betas)
@@ -256,13 +270,13 @@ def fit(
 
         loss_sum = torch.zeros((), device=runtime.device)
         weight_sum = torch.zeros((), device=runtime.device)
-        for step_in_epoch, batch in enumerate(runtime.device_loader(_Batches(train_rows, step_rows, order))):
+        for step_in_epoch, batch in enumerate(runtime.device_loader(_Batches(train_rows, step_rows, order, runtime))):
             factor = lr_factor(epoch * steps_per_epoch + step_in_epoch, total_steps=total_steps,
                                warmup_steps=warmup_steps, min_ratio=min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * factor
             out = train_step(step_model, batch, loss_fn=loss_fn, optimizer=optimizer,
-                             accumulation_steps=accumulation_steps, clip_norm=clip_norm, runtime=runtime)
+                             accumulation_steps=layout.accumulation_steps, clip_norm=clip_norm, runtime=runtime)
             loss_sum = loss_sum + out["loss_sum"].detach()
             weight_sum = weight_sum + out["weight_sum"].detach()
         train_seconds = time.perf_counter() - started
@@ -270,7 +284,7 @@ def fit(
         # Evaluation: confusion counts stay on device; logits are fetched once, below.
         confusion = torch.zeros(num_classes, num_classes, device=runtime.device)
         val_logits = torch.zeros(len(val_set), num_classes, device=runtime.device)
-        for batch in runtime.device_loader(_Batches(val_rows, eval_rows, range(len(val_set)))):
+        for batch in runtime.device_loader(_Batches(val_rows, layout.eval_batch_size, range(len(val_set)), runtime)):
             out = eval_step(step_model, batch, num_classes=num_classes, runtime=runtime)
             confusion = confusion_update(confusion, out["logits"], batch["y"], batch["w"])
             val_logits = val_logits + place_rows(out["logits"], batch["row"], batch["w"], len(val_set))

@@ -257,6 +257,17 @@ def train(
             return TrainResult(run_dir, previous.get("mlflow_run_id"), ended.status, ended.best_value, ended.best_epoch,
                                ended.best_metrics, ended.epochs_run, ended.stop_reason)
 
+    # Devices first: a batch the devices cannot share is refused before any data is read.
+    runtime = make_runtime(cfg.runtime.kind, cfg.runtime.precision, compile_cache_dir=cfg.runtime.compile_cache_dir)
+    layout = runtime.batch_layout(cfg.train.batch_size, cfg.train.accumulation_steps)
+    if progress:
+        print(f"{runtime}: {layout.describe()}", flush=True)
+        if getattr(runtime, "compile_cache_note", None):
+            print(runtime.compile_cache_note, flush=True)
+    if tracker is None and not runtime.is_main:
+        from octft.track import NullTracker
+
+        tracker = NullTracker()  # only host 0 writes to MLflow
     if tracker is None:
         from octft.track.mlflow_tracker import MlflowTracker
 
@@ -280,7 +291,6 @@ def train(
 
         torch.manual_seed(cfg.train.seed)
         model, checkpoint_report = build_model(cfg, len(CLASS_SHORT_NAMES))
-        runtime = make_runtime(cfg.runtime.kind, cfg.runtime.precision)
         if cfg.init.head_from:
             from octft.train.head_from import load_head
 
@@ -298,6 +308,7 @@ def train(
         audit_summary = report.to_dict()
         if not previous:
             tracker.log_params(cfg.flat())
+            tracker.log_params(layout.params())
         tracker.set_tags({
             "octft.git_commit": git_commit(),
             "octft.runtime": runtime.name,

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from octft.errors import OctftError
+from octft.train.devices import BatchLayout, compile_cache_note, plan_batches
 
 Kind = Literal["auto", "xla", "cpu", "cuda"]
 Precision = Literal["auto", "bf16", "fp32"]
@@ -62,22 +63,26 @@ class Runtime(Protocol):
     ) -> torch.Tensor: ...
     def manual_seed(self, seed: int) -> None: ...
     def step_closure(self, fn: Callable[..., Any], *args: Any) -> None: ...
-    def sync(self) -> None: ...
     def to_host(self, tensor: torch.Tensor) -> np.ndarray: ...
     def compile_stats(self) -> dict[str, float]: ...
     def save(self, state: dict, path: str | os.PathLike) -> None: ...
     def broadcast_object(self, obj: Any) -> Any: ...
-    def global_batch_size(self, per_device: int) -> int: ...
-    def host_batch_size(self, per_device: int) -> int: ...
+    def batch_layout(self, batch_size: int, accumulation_steps: int) -> BatchLayout: ...
 
 
-def make_runtime(kind: Kind = "auto", precision: Precision = "auto", num_devices: int | None = None) -> Runtime:
+def make_runtime(
+    kind: Kind = "auto",
+    precision: Precision = "auto",
+    num_devices: int | None = None,
+    compile_cache_dir: str | None = None,
+) -> Runtime:
     """Decide device, data parallelism and precision once, before the loop.
 
     `kind="auto"` picks XLA when torch_xla is installed and `PJRT_DEVICE` is set (or a TPU is
     present), else CUDA when available, else CPU. `precision="auto"` is bf16 autocast on TPU and
     fp32 everywhere else. `num_devices=None` uses every device; XLA accepts 1 (one device, no
-    SPMD) or all of them (an SPMD mesh must span every device).
+    SPMD) or all of them (an SPMD mesh must span every device). `compile_cache_dir` turns on
+    torch_xla's persistent compilation cache on TPU (see `devices.compile_cache_note`).
 
     Example:
         >>> runtime = make_runtime("cpu")
@@ -97,7 +102,7 @@ def make_runtime(kind: Kind = "auto", precision: Precision = "auto", num_devices
             raise RuntimeUnavailableError(
                 "runtime kind 'xla' needs torch_xla, which is not installed: install it or use kind='cpu'"
             )
-        return XlaRuntime(precision=precision, num_devices=num_devices)
+        return XlaRuntime(precision=precision, num_devices=num_devices, compile_cache_dir=compile_cache_dir)
     if kind == "cuda" and not torch.cuda.is_available():
         raise RuntimeUnavailableError("runtime kind 'cuda' asked for, but torch sees no CUDA device: use kind='cpu' or 'auto'")
     return EagerRuntime(kind, precision=precision, num_devices=num_devices)
@@ -292,11 +297,9 @@ class EagerRuntime:
     def broadcast_object(self, obj: Any) -> Any:
         return obj
 
-    def global_batch_size(self, per_device: int) -> int:
-        return per_device
-
-    def host_batch_size(self, per_device: int) -> int:
-        return per_device
+    def batch_layout(self, batch_size: int, accumulation_steps: int) -> BatchLayout:
+        """The configured layout itself: one device, `accumulation_steps` micro-batches of `batch_size`."""
+        return plan_batches(batch_size * accumulation_steps, max_micro_batch_per_device=batch_size, num_devices=1)
 
 
 def _map_tensors(data: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
@@ -337,10 +340,16 @@ class XlaRuntime:
     replicated, so XLA inserts the gradient all-reduce itself.
     """
 
-    def __init__(self, *, precision: Precision = "auto", num_devices: int | None = None):
+    def __init__(self, *, precision: Precision = "auto", num_devices: int | None = None,
+                 compile_cache_dir: str | None = None):
         import torch_xla
         import torch_xla.runtime as xr
 
+        # Before the first computation: the cache is fixed when torch_xla's computation cache starts.
+        self.compile_cache_dir, self.compile_cache_note = compile_cache_note(compile_cache_dir, xr.device_type() or "")
+        if self.compile_cache_dir is not None and not torch_xla._XLAC._xla_computation_cache_is_initialized():
+            Path(self.compile_cache_dir).mkdir(parents=True, exist_ok=True)
+            xr.initialize_cache(self.compile_cache_dir, readonly=False)
         total = xr.global_runtime_device_count()
         if num_devices not in (None, 1, total):
             raise ValueError(
@@ -471,12 +480,14 @@ class XlaRuntime:
     def broadcast_object(self, obj: Any) -> Any:
         return _broadcast_object(obj, self.process_count)
 
-    def global_batch_size(self, per_device: int) -> int:
-        return per_device * self.num_devices
+    def batch_layout(self, batch_size: int, accumulation_steps: int) -> BatchLayout:
+        """Keep the effective batch `batch_size x accumulation_steps`; spread it over every device.
 
-    def host_batch_size(self, per_device: int) -> int:
-        """Rows each host's loader yields: its share of the global batch."""
-        return self.global_batch_size(per_device) // self.process_count
+        Each device holds at most `batch_size` rows per micro-batch; raises `BatchLayoutError`, naming
+        the effective batches that would work, when the devices cannot share the rows evenly.
+        """
+        return plan_batches(batch_size * accumulation_steps, max_micro_batch_per_device=batch_size,
+                            num_devices=self.num_devices, num_hosts=self.process_count)
 
 
 class _XlaDeviceLoader:

@@ -67,7 +67,8 @@ def test_cpu_runtime_describes_one_device():
     runtime = make_runtime("cpu")
     assert (runtime.name, runtime.device.type, runtime.num_devices, runtime.precision) == ("cpu", "cpu", 1, "fp32")
     assert runtime.is_main and runtime.process_index == 0 and runtime.process_count == 1
-    assert runtime.global_batch_size(6) == 6 and runtime.host_batch_size(6) == 6
+    layout = runtime.batch_layout(4, 3)
+    assert (layout.effective_batch_size, layout.micro_batch_per_device, layout.accumulation_steps) == (12, 4, 3)
     assert runtime.broadcast_object({"seed": 3}) == {"seed": 3}
     assert runtime.compile_stats() == {"compiles": 0, "compile_seconds": 0.0, "transfers_from_device": 0,
                                        "fallback_ops": 0}
@@ -223,7 +224,8 @@ def xla_spmd_checks(folder: Path) -> dict:
     except ValueError as error:
         found["two_devices"] = str(error)
     runtime = make_runtime("xla")
-    found["attributes"] = [runtime.name, runtime.num_devices, runtime.precision, runtime.global_batch_size(3)]
+    found["attributes"] = [runtime.name, runtime.num_devices, runtime.precision,
+                           runtime.batch_layout(4, 4).micro_batch_per_device]
     found["bf16"] = make_runtime("xla", precision="bf16").precision
     with make_runtime("xla", precision="bf16").autocast():
         ones = torch.ones(4, 4, device=runtime.device)
@@ -289,7 +291,7 @@ def test_xla_runtime_on_four_devices_and_its_checkpoint_on_any_device(tmp_path):
     found = run_script(__file__, "spmd", str(tmp_path), env=xla_env())
     print("XLA runtime stats:", found["stats"])
     assert "XLA sees 4 devices" in found["two_devices"]
-    assert found["attributes"] == ["xla", 4, "fp32", 12]
+    assert found["attributes"] == ["xla", 4, "fp32", 4]
     assert found["bf16"] == "bf16" and found["bf16_matmul"] == "torch.bfloat16"
     assert "cannot switch to single" in found["switch"]
     assert "devices=[4,1,1,1,1]" in found["x_sharding"] and "devices=[4]" in found["y_sharding"]
