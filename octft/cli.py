@@ -349,7 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="warm start: an earlier sweep file (its best trials) or models:/NAME@champion (its params)")
     launch.add_argument("--enqueue-top", type=int, default=3, metavar="K",
                         help="with a sweep file as SOURCE: how many of its best trials (default 3)")
-    launch.add_argument("--devices-per-trial", type=int, default=1, help="devices each worker's trial trains on")
+    launch.add_argument("--devices-per-trial", type=int,
+                        help="devices each worker's trial trains on (default: on a TPU host its chips / --workers, else 1)")
     launch.add_argument("--heartbeat-interval", type=int, default=10,
                         help="seconds between a running trial's heartbeats (default 10)")
     launch.add_argument("--grace-period", type=int,

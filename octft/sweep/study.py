@@ -367,7 +367,7 @@ def launch(
     *,
     n_trials: int | None = None,
     workers: int = 1,
-    devices_per_trial: int = 1,
+    devices_per_trial: int | None = None,
     storage: str | None = None,
     overrides: Sequence[str] = (),
     heartbeat_interval: int = DEFAULT_HEARTBEAT_S,
@@ -380,7 +380,12 @@ def launch(
     `overrides`: key=value pairs; sweep-file keys (n_trials, fixed.*, sampler.*, ...) change the spec,
     all others the base experiment of every trial (e.g. data.uri=/data/aireadi). `enqueue_from`: an earlier
     sweep file or `models:/NAME@champion` whose params are tried first (`octft.sweep.warmstart`).
+    `devices_per_trial=None`: on a TPU host its chips divided among the workers, elsewhere 1.
     """
+    if devices_per_trial is None:
+        from octft.train.devices import default_devices_per_trial
+
+        devices_per_trial = default_devices_per_trial(workers)
     if workers < 1 or devices_per_trial < 1:
         raise ConfigError(f"--workers ({workers}) and --devices-per-trial ({devices_per_trial}) must be at least 1")
     storage_url = storage or os.environ.get(STORAGE_ENV) or None

@@ -10,12 +10,8 @@ host lost), the heartbeat stops, and the next launch or any live worker marks th
 queues one retry. Trial processes stay in the worker's process group: kill the group, not the worker
 alone, or an orphaned trial keeps training.
 
-Devices: each worker owns `devices_per_trial` devices, and a trial trains data-parallel over them.
-`device_env` says which, by environment variables of the trial process:
-  - XLA:CPU (PJRT_DEVICE=CPU): CPU_NUM_DEVICES=<devices_per_trial>.
-  - TPU (PJRT_DEVICE=TPU): TPU_VISIBLE_CHIPS=<this worker's chips>, TPU_CHIPS_PER_PROCESS_BOUNDS,
-    TPU_PROCESS_BOUNDS=1,1,1 and a TPU_PROCESS_PORT per worker, so K workers share one host's chips.
-  - CUDA: CUDA_VISIBLE_DEVICES=<this worker's GPUs>.
+Devices: each worker owns `devices_per_trial` devices, and a trial trains data-parallel over them;
+`octft.train.devices.trial_device_env` says which, by environment variables of the trial process.
 """
 
 from __future__ import annotations
@@ -48,42 +44,12 @@ from octft.sweep.study import (
     worker_seed_offset,
 )
 from octft.sweep.tracking import settle_run, update_parent_best
+from octft.train.devices import trial_device_env
 from octft.track import redact
-from octft.errors import UsageError
 
 STDERR_TAIL_LINES = 20
-# TPU chips per process, as the bounds libtpu wants for 1, 2, 4 and 8 chips of one host.
-_TPU_CHIP_BOUNDS = {1: "1,1,1", 2: "1,2,1", 4: "2,2,1", 8: "2,4,1"}
-_TPU_BASE_PORT = 8476
-
-
-def device_env(worker_index: int, devices_per_trial: int, environ: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment variables that give the trial process of worker `worker_index` its own devices.
-
-    >>> device_env(1, 2, {"PJRT_DEVICE": "CPU"})
-    {'CPU_NUM_DEVICES': '2'}
-    >>> device_env(1, 2, {"PJRT_DEVICE": "TPU"})["TPU_VISIBLE_CHIPS"]
-    '2,3'
-    """
-    environ = os.environ if environ is None else environ
-    first = worker_index * devices_per_trial
-    devices = ",".join(str(index) for index in range(first, first + devices_per_trial))
-    pjrt = environ.get("PJRT_DEVICE", "").upper()
-    if pjrt == "CPU":
-        return {"CPU_NUM_DEVICES": str(devices_per_trial)}
-    if pjrt == "TPU":
-        if devices_per_trial not in _TPU_CHIP_BOUNDS:
-            raise UsageError(f"--devices-per-trial {devices_per_trial} on TPU must be one of {sorted(_TPU_CHIP_BOUNDS)}")
-        port = _TPU_BASE_PORT + worker_index
-        return {
-            "TPU_VISIBLE_CHIPS": devices,
-            "TPU_CHIPS_PER_PROCESS_BOUNDS": _TPU_CHIP_BOUNDS[devices_per_trial],
-            "TPU_PROCESS_BOUNDS": "1,1,1",
-            "TPU_PROCESS_PORT": str(port),
-            "TPU_PROCESS_ADDRESSES": f"localhost:{port}",
-            "CLOUD_TPU_TASK_ID": "0",
-        }
-    return {"CUDA_VISIBLE_DEVICES": devices}
+# Which chips a trial process gets is a device fact, kept torch-free beside the runtime.
+device_env = trial_device_env
 
 
 @contextlib.contextmanager

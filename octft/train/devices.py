@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from octft.errors import OctftError
+from octft.errors import OctftError, UsageError
 
 
 class BatchLayoutError(OctftError, ValueError):
@@ -206,7 +206,7 @@ def trial_device_env(worker_index: int, devices_per_trial: int, environ: dict[st
         return {"CPU_NUM_DEVICES": str(devices_per_trial)}
     if pjrt == "TPU":
         if devices_per_trial not in TPU_CHIP_BOUNDS:
-            raise ValueError(f"--devices-per-trial {devices_per_trial} on TPU must be one of {sorted(TPU_CHIP_BOUNDS)}")
+            raise UsageError(f"--devices-per-trial {devices_per_trial} on TPU must be one of {sorted(TPU_CHIP_BOUNDS)}")
         port = TPU_BASE_PORT + worker_index
         return {
             "TPU_VISIBLE_CHIPS": devices,
