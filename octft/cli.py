@@ -162,6 +162,28 @@ def cmd_checkpoint_inspect(args) -> int:
     return 0 if report.ok else EXIT_GUARD_FAILED
 
 
+# ---------------------------------------------------------------- doctor / smoke
+def cmd_doctor(args) -> int:
+    from octft.doctor import diagnose
+
+    report = diagnose(storage=args.storage, tracking_uri=args.tracking_uri, data=args.data)
+    print("\n".join(report.lines()))
+    if args.json:
+        _print_json(report.to_dict(), args.json)
+    return 0 if report.ok else EXIT_GUARD_FAILED
+
+
+def cmd_smoke(args) -> int:
+    from octft.smoke import run_smoke
+
+    result = run_smoke(args.devices, overrides=args.overrides)
+    layout = ", ".join(f"{key} {value}" for key, value in sorted(result.params.items()))
+    print(f"smoke: {result.status} after {result.epochs_run} epochs ({layout})")
+    print(f"smoke: last epoch {result.samples_per_second:.1f} samples/s; {result.compiles} XLA compiles, "
+          f"{result.compile_seconds:.1f} s compiling")
+    return 0
+
+
 # ---------------------------------------------------------------- promote / predict / report
 def cmd_promote(args) -> int:
     from octft.sweep.promote import format_promotion, promote
@@ -330,6 +352,18 @@ def build_parser() -> argparse.ArgumentParser:
     inspect_ckpt.add_argument("--json", action="store_true")
     inspect_ckpt.add_argument("overrides", nargs="*", metavar="key=value")
     inspect_ckpt.set_defaults(func=cmd_checkpoint_inspect)
+
+    doctor = commands.add_parser("doctor", help="what octft sees here (platform, devices, hosts, versions) and whether the stores answer")
+    doctor.add_argument("--json", metavar="FILE", help="also write the facts and checks as JSON ('-' for stdout)")
+    doctor.add_argument("--storage", help="Optuna storage URL to check (default: $OCTFT_OPTUNA_STORAGE, else sqlite:///optuna.db)")
+    doctor.add_argument("--tracking-uri", help="MLflow tracking URI to check (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    doctor.add_argument("--data", help="a data URI to list (a path, file:// or b2://bucket/prefix)")
+    doctor.set_defaults(func=cmd_doctor)
+
+    smoke = commands.add_parser("smoke", help="train a micro model for two epochs on tiny synthetic data in a temporary folder")
+    smoke.add_argument("--devices", type=int, help="train on this many devices (XLA:CPU devices, or TPU chips); default: all")
+    smoke.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of experiments/smoke.yaml")
+    smoke.set_defaults(func=cmd_smoke)
 
     sweep = commands.add_parser("sweep", help="Optuna sweeps: launch workers, see the trials, replay one")
     sweep_commands = sweep.add_subparsers(dest="sweep_command", required=True, metavar="SWEEP_COMMAND")

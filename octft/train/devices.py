@@ -219,6 +219,11 @@ def trial_device_env(worker_index: int, devices_per_trial: int, environ: dict[st
     return {"CUDA_VISIBLE_DEVICES": devices}
 
 
+def auto_precision(platform_name: str) -> str:
+    """What `runtime.precision=auto` means: bf16 autocast on TPU (its matrix units are bf16), fp32 elsewhere."""
+    return "bf16" if platform_name == "TPU" else "fp32"
+
+
 def compile_cache_note(compile_cache_dir: str | None, platform_name: str) -> tuple[str | None, str]:
     """(the folder to use, or None) and one line saying so, for `runtime.compile_cache_dir`.
 

@@ -260,10 +260,9 @@ def train(
     # Devices first: a batch the devices cannot share is refused before any data is read.
     runtime = make_runtime(cfg.runtime.kind, cfg.runtime.precision, compile_cache_dir=cfg.runtime.compile_cache_dir)
     layout = runtime.batch_layout(cfg.train.batch_size, cfg.train.accumulation_steps)
-    if progress:
-        print(f"{runtime}: {layout.describe()}", flush=True)
-        if getattr(runtime, "compile_cache_note", None):
-            print(runtime.compile_cache_note, flush=True)
+    print(f"{runtime}: {layout.describe()}", flush=True)
+    if getattr(runtime, "compile_cache_note", None):
+        print(runtime.compile_cache_note, flush=True)
     if tracker is None and not runtime.is_main:
         from octft.track import NullTracker
 

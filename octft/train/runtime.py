@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from octft.errors import OctftError
-from octft.train.devices import BatchLayout, compile_cache_note, plan_batches
+from octft.train.devices import BatchLayout, auto_precision, compile_cache_note, plan_batches
 
 Kind = Literal["auto", "xla", "cpu", "cuda"]
 Precision = Literal["auto", "bf16", "fp32"]
@@ -365,9 +365,7 @@ class XlaRuntime:
         self.device_type = xr.device_type()
         self.name = "xla"
         self.device = torch_xla.device()
-        if precision == "auto":
-            precision = "bf16" if self.device_type == "TPU" else "fp32"
-        self.precision = precision
+        self.precision = auto_precision(self.device_type) if precision == "auto" else precision
         self.mesh = None
         if self.num_devices > 1:
             import torch_xla.distributed.spmd as xs
