@@ -7,13 +7,37 @@ PY := $(VENV)/bin/python
 export PJRT_DEVICE ?= CPU
 export CPU_NUM_DEVICES ?= 4
 
-.PHONY: install browser demo test test-fast bench clean
+.PHONY: install install-tpu install-cpu browser demo test test-fast bench clean
 
-install: $(VENV)/.installed
+# On a TPU VM: `make install TPU=1` (or `make install-tpu`) adds the locked `tpu` extra (libtpu, tpu-info).
+# The choice is remembered in $(TPU_MARKER), because `uv sync` removes whatever it is not asked for: a
+# later plain `make install` keeps libtpu. `make install-cpu` forgets the choice and removes libtpu.
+TPU_MARKER := .octft-tpu
+ifneq ($(wildcard $(VENV)/lib/python*/site-packages/libtpu),)
+# A TPU environment installed before the marker existed (or by hand): keep it a TPU environment.
+TPU_FOUND := 1
+endif
+UV_EXTRAS = $(if $(or $(wildcard $(TPU_MARKER)),$(TPU_FOUND)),--extra tpu)
 
-$(VENV)/.installed: pyproject.toml uv.lock
+install:
+ifneq ($(TPU),)
+	@touch $(TPU_MARKER)
+else ifneq ($(TPU_FOUND),)
+	@test -f $(TPU_MARKER) || { echo "libtpu found in $(VENV): keeping the TPU install (make install-cpu removes it)"; touch $(TPU_MARKER); }
+endif
+	@$(MAKE) --no-print-directory $(VENV)/.installed
+
+install-tpu:
+	@$(MAKE) --no-print-directory install TPU=1
+
+install-cpu:
+	rm -f $(TPU_MARKER) $(VENV)/.installed
 	@test -x "$(UV)" || python3 -m pip install --quiet --user uv
 	$(UV) sync --frozen
+
+$(VENV)/.installed: pyproject.toml uv.lock $(wildcard $(TPU_MARKER))
+	@test -x "$(UV)" || python3 -m pip install --quiet --user uv
+	$(UV) sync --frozen $(UV_EXTRAS)
 	@touch $@
 
 # The study report's test opens the HTML in Debian's Chromium; install it once where we may (root).
@@ -33,6 +57,7 @@ test-fast: install
 bench: install
 	$(PY) benchmarks/bench_audit.py
 	$(PY) benchmarks/bench_cache.py
+	$(PY) benchmarks/bench_train.py
 
 clean:
 	rm -rf demo runs .pytest_cache

@@ -1,4 +1,5 @@
-"""Training throughput of the demo config: XLA:CPU SPMD over 4 devices against eager CPU.
+"""Training throughput of the demo config on 1, 4, 8 and 16 XLA:CPU devices and eager CPU, and the
+samples/s a TPU host would need.
 
 Synthesizes a small AI-READI stand-in, builds its cache once, then runs
 `octft train experiments/demo.yaml` for each runtime in its own process (SPMD is a once-per-process
@@ -6,13 +7,18 @@ switch) and prints, per runtime: steady samples/second (median over the epochs a
 is unfrozen, so no compile is inside), XLA compile count and seconds, wall seconds, and the peak
 resident memory of the training process (ru_maxrss). Last, the forward FLOPs per sample of a
 ViT-B on 16x224x224 as `octft.models.encoder_flops_per_sample` counts them, with how to turn a
-measured TPU samples/second into a model FLOPs utilisation.
+measured TPU samples/second into a model FLOPs utilisation, and the samples/s a v4-8, v5e-8 and v5p-8
+host must be fed to stay at 50% utilisation (compare with the input side's samples/s per host).
+
+Every run uses Scenario A's batch layout (train.batch_size 4 x train.accumulation_steps 4 = 16 rows per
+optimizer step), which every device count here divides; the runtime picks micro-batches per device
+and accumulation steps, so the runs differ only in layout.
 
 XLA on CPU says whether the graphs are stable and how long they take to compile, not how fast a
 TPU is: compare samples/second between runtimes of one machine only.
 
-    .venv/bin/python benchmarks/bench_train.py                 # defaults: < 3 min on 2 cores
-    .venv/bin/python benchmarks/bench_train.py --participants 96 --epochs 6 --runtimes xla4
+    .venv/bin/python benchmarks/bench_train.py                 # defaults: about 10 min on 2 cores
+    .venv/bin/python benchmarks/bench_train.py --participants 96 --epochs 6 --runtimes xla4 xla16
 """
 
 from __future__ import annotations
@@ -28,22 +34,26 @@ import tempfile
 import time
 from pathlib import Path
 
+from octft.train.devices import TPU_CHIPS
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "experiments" / "demo.yaml"
 # name -> (runtime.kind, extra environment)
 RUNTIMES = {
-    "xla4": ("xla", {"PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "4"}),
+    **{f"xla{n}": ("xla", {"PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": str(n)}) for n in (1, 4, 8, 16)},
     "eager": ("cpu", {}),
 }
-# bf16 dense peak per chip, TFLOP/s (Google Cloud TPU documentation).
-TPU_PEAK_TFLOPS = {"v4": 275.0, "v5e": 197.0, "v5p": 459.0, "v6e": 918.0}
+LAYOUT = ["train.batch_size=4", "train.accumulation_steps=4"]  # Scenario A: 16 rows per optimizer step
+# TPU hosts a user rents: name -> (chip, chips per host). The -8 suffix counts TensorCores: v4 and v5p
+# chips hold two, v5e chips one.
+TPU_HOSTS = {"v4-8": ("v4", 4), "v5e-8": ("v5e", 8), "v5p-8": ("v5p", 4)}
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--participants", type=int, default=48, help="synthetic participants (default 48)")
     parser.add_argument("--epochs", type=int, default=5, help="epochs per run; the demo unfreezes at 2 (default 5)")
-    parser.add_argument("--runtimes", nargs="+", choices=sorted(RUNTIMES), default=["xla4", "eager"])
+    parser.add_argument("--runtimes", nargs="+", choices=sorted(RUNTIMES), default=["eager", "xla1", "xla4", "xla8", "xla16"])
     parser.add_argument("--dir", type=Path, default=None, help="where data, cache and runs go (default: a temp dir)")
     parser.add_argument("--skip-flops", action="store_true", help="do not count ViT-B FLOPs")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="extra config overrides for every run")
@@ -72,7 +82,7 @@ def run_training(name: str, root: Path, data_dir: Path, cache_dir: Path, epochs:
     run_dir, db = root / "runs" / name, root / f"{name}.db"
     command = [sys.executable, "-m", "octft.cli", "train", str(DEMO), f"data.uri={data_dir}",
                f"data.cache_dir={cache_dir}", f"runtime.kind={kind}", f"output_dir={run_dir.parent}",
-               f"train.epochs={epochs}", "train.early_stopping_patience=null", *overrides,
+               f"train.epochs={epochs}", "train.early_stopping_patience=null", *LAYOUT, *overrides,
                "--run-dir", str(run_dir), "--tracking-uri", f"sqlite:///{db}"]
     log = root / f"{name}.log"
     started = time.perf_counter()
@@ -129,7 +139,8 @@ def main() -> None:
         rows = [run_training(name, root, data_dir, cache_dir, args.epochs, args.overrides) for name in args.runtimes]
 
     print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"python {platform.python_version()}; demo config, {args.epochs} epochs, {' '.join(args.overrides)}")
+          f"python {platform.python_version()}; demo config, {' '.join(LAYOUT)}, {args.epochs} epochs, "
+          f"{' '.join(args.overrides)}")
     header = f"{'runtime':<8}{'devices':>8}{'samples/s':>11}{'compiles':>10}{'compile s':>11}{'wall s':>9}{'peak RSS MiB':>14}"
     print(header)
     print("-" * len(header))
@@ -142,8 +153,15 @@ def main() -> None:
         print(f"\nViT-B, 16x224x224: {flops / 1e9:.1f} GFLOP forward per sample, ~{3 * flops / 1e9:.0f} GFLOP "
               "per training sample (forward + backward ~ 3x forward)")
         print("MFU = samples/s per chip x training FLOPs per sample / chip peak. Samples/s per chip at 50% MFU:")
-        for chip, peak in TPU_PEAK_TFLOPS.items():
-            print(f"  TPU {chip:<4} (bf16 peak {peak:5.0f} TFLOP/s): {0.5 * peak * 1e12 / (3 * flops):7.1f}")
+        for chip in TPU_CHIPS.values():
+            print(f"  TPU {chip.kind:<4} (bf16 peak {chip.peak_bf16_tflops:5.0f} TFLOP/s): "
+                  f"{0.5 * chip.peak_bf16_tflops * 1e12 / (3 * flops):7.1f}")
+        print("\nWhat one host must be fed to stay at 50% MFU (ViT-B 16x224x224 training samples):")
+        print(f"{'host':<8}{'chips':>6}{'HBM GiB/chip':>14}{'samples/s needed':>18}{'s per 1,000 samples':>22}")
+        for host, (kind, chips) in TPU_HOSTS.items():
+            chip = next(c for c in TPU_CHIPS.values() if c.kind == kind)
+            needed = chips * 0.5 * chip.peak_bf16_tflops * 1e12 / (3 * flops)
+            print(f"{host:<8}{chips:>6}{chip.hbm_gib:>14}{needed:>18.0f}{1000 / needed:>22.1f}")
 
 
 if __name__ == "__main__":
