@@ -272,7 +272,8 @@ def train(
 
         tracker = MlflowTracker(cfg.tracking.tracking_uri, cfg.tracking.experiment, cfg.tracking.run_name or cfg.name,
                                 run_id=previous.get("mlflow_run_id"), log_system_metrics=True)
-    run_file.write_text(json.dumps({"mlflow_run_id": tracker.run_id}) + "\n")
+    if runtime.is_main:  # on a pod slice the run folder may be shared: one writer
+        run_file.write_text(json.dumps({"mlflow_run_id": tracker.run_id}) + "\n")
     try:
         data = cfg.data
         report = audited_data(data)
@@ -301,9 +302,10 @@ def train(
             tracker.log_metrics(features.metrics(), step=0)
             tracker.set_tags(features.tags())
 
-        save_resolved(cfg, run_dir / "config.yaml")
-        (run_dir / "checkpoint").mkdir(exist_ok=True)
-        save_resolved(cfg, run_dir / "checkpoint" / "config.yaml")
+        if runtime.is_main:
+            save_resolved(cfg, run_dir / "config.yaml")
+            (run_dir / "checkpoint").mkdir(exist_ok=True)
+            save_resolved(cfg, run_dir / "checkpoint" / "config.yaml")
         audit_summary = report.to_dict()
         if not previous:
             tracker.log_params(cfg.flat())

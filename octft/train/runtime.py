@@ -362,6 +362,12 @@ class XlaRuntime:
         if self.num_devices == 1 and self.process_count > 1:
             raise ValueError(f"num_devices=1 with {self.process_count} hosts: use num_devices=None")
         _set_xla_process_mode(spmd=self.num_devices > 1)
+        if self.process_count > 1 and not _distributed_ready():
+            # Saving and broadcasting the pruning decision need a host-level process group; torch_xla's
+            # xla:// rendezvous makes one from the hosts the XLA runtime already knows (rank = host index).
+            import torch_xla.distributed.xla_backend  # noqa: F401  (registers the xla:// rendezvous)
+
+            torch.distributed.init_process_group("gloo", init_method="xla://")
         self.device_type = xr.device_type()
         self.name = "xla"
         self.device = torch_xla.device()

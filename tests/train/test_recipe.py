@@ -111,6 +111,11 @@ def test_mlflow_run_holds_config_tags_epoch_metrics_and_artifacts(finished_run):
     assert set(resolved) <= set(params), set(resolved) - set(params)
     assert params["optim.lr_head"] == str(resolved["optim.lr_head"])
     assert params["train.epochs"] == "3" and params["runtime.kind"] == "cpu"
+    effective = resolved["train.batch_size"] * resolved["train.accumulation_steps"]
+    assert (params["runtime.num_devices"], params["runtime.num_hosts"]) == ("1", "1")
+    assert params["train.effective_batch_size"] == str(effective)
+    assert params["runtime.micro_batch_per_device"] == str(resolved["train.batch_size"])
+    assert params["runtime.accumulation_steps_used"] == str(resolved["train.accumulation_steps"])
 
     tags = run.data.tags
     assert len(tags["octft.git_commit"]) in (40, len("unknown"))
