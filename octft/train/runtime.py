@@ -33,6 +33,7 @@ import torch
 
 from octft.errors import OctftError
 from octft.train.devices import BatchLayout, auto_precision, compile_cache_note, plan_batches
+from octft.train.devices import platform as device_platform
 
 Kind = Literal["auto", "xla", "cpu", "cuda"]
 Precision = Literal["auto", "bf16", "fp32"]
@@ -147,19 +148,10 @@ def _xla_installed() -> bool:
 
 
 def _detect_kind() -> str:
-    if _xla_installed() and (os.environ.get("PJRT_DEVICE") or _tpu_present()):
+    # PJRT_DEVICE, else TPU chips on the PCI bus (read without starting the XLA runtime).
+    if _xla_installed() and device_platform():
         return "xla"
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _tpu_present() -> bool:
-    # Looks at PCI devices only; does not start the XLA runtime.
-    from torch_xla._internal import tpu
-
-    try:
-        return tpu.num_available_chips() > 0
-    except OSError:
-        return False
 
 
 def _write_atomically(state: Any, path: Path) -> None:
@@ -345,8 +337,9 @@ class XlaRuntime:
         import torch_xla
         import torch_xla.runtime as xr
 
-        # Before the first computation: the cache is fixed when torch_xla's computation cache starts.
-        self.compile_cache_dir, self.compile_cache_note = compile_cache_note(compile_cache_dir, xr.device_type() or "")
+        # Before the first computation: the cache is fixed when torch_xla's computation cache starts. The
+        # platform comes from PJRT_DEVICE or the PCI bus, as torch_xla's own default does, not from the runtime.
+        self.compile_cache_dir, self.compile_cache_note = compile_cache_note(compile_cache_dir, device_platform())
         if self.compile_cache_dir is not None and not torch_xla._XLAC._xla_computation_cache_is_initialized():
             Path(self.compile_cache_dir).mkdir(parents=True, exist_ok=True)
             xr.initialize_cache(self.compile_cache_dir, readonly=False)
