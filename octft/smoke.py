@@ -12,6 +12,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from octft.errors import UsageError
+
 REPO = Path(__file__).resolve().parents[1]
 SMOKE_CONFIG = REPO / "experiments" / "smoke.yaml"
 PARTICIPANTS = 48
@@ -47,7 +49,7 @@ def select_devices(count: int | None, environ: dict[str, str] | None = None) -> 
         environ["PJRT_DEVICE"] = "CPU"
         environ["CPU_NUM_DEVICES"] = str(count)
         return
-    raise ValueError(f"--devices with PJRT_DEVICE={environ.get('PJRT_DEVICE')}: only TPU and XLA:CPU are supported")
+    raise UsageError(f"--devices with PJRT_DEVICE={environ.get('PJRT_DEVICE')}: only TPU and XLA:CPU are supported")
 
 
 def run_smoke(devices: int | None = None, *, overrides: list[str] | None = None) -> SmokeResult:
