@@ -83,7 +83,7 @@ def encode_split(encoder: torch.nn.Module, dataset, *, runtime, batch_size: int,
     pooled = None
     token_rows: list[np.ndarray] = []
     try:
-        for batch in runtime.device_loader(_Batches(dataset, batch_size, range(rows))):
+        for batch in runtime.device_loader(_Batches(dataset, batch_size, range(rows), runtime)):
             with runtime.autocast():
                 tokens = encoder.forward_features(batch["x"])
             if kind == "pooled":
