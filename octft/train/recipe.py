@@ -214,7 +214,9 @@ def stored_features(cfg: ExperimentConfig, model, train_set, val_set, runtime, *
                            (width,) if kind == "pooled" else (tokens, width), STORAGE_DTYPE[kind])
         print(f"feature store {store.root}: building {plan.describe()}", flush=True)
     features = frozen_features(store, key, model.encoder, train_set, val_set,
-                               runtime=runtime, batch_size=cfg.train.batch_size)
+                               runtime=runtime,
+                               # evaluation-sized batches the devices share evenly (see Runtime.batch_layout)
+                               batch_size=runtime.batch_layout(cfg.train.batch_size, cfg.train.accumulation_steps).eval_batch_size)
     print(f"features {'built' if features.built else 'reused'}: {features.digest[:12]} ({kind}, "
           f"{features.nbytes / 2**20:.1f} MiB, {features.seconds:.1f} s)", flush=True)
     return features
