@@ -253,6 +253,7 @@ def cmd_sweep_launch(args) -> int:
         args.spec, n_trials=args.n_trials, workers=args.workers, devices_per_trial=args.devices_per_trial,
         storage=args.storage, overrides=args.overrides, heartbeat_interval=args.heartbeat_interval,
         grace_period=args.grace_period, enqueue_from=args.enqueue_from, enqueue_top=args.enqueue_top,
+        fresh_process_per_trial=args.fresh_process_per_trial,
     )
     counts = ", ".join(f"{count} {state.lower()}" for state, count in result.counts.items() if count)
     print(f"study {result.study_name}: {counts}; trial folders under {result.study_dir}; "
@@ -389,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds between a running trial's heartbeats (default 10)")
     launch.add_argument("--grace-period", type=int,
                         help="seconds without heartbeat before a trial counts as dead (default: twice the interval)")
+    launch.add_argument("--fresh-process-per-trial", action="store_true",
+                        help="start a new trial runner for every trial (slower: imports and compiles each time; for debugging)")
     launch.set_defaults(func=cmd_sweep_launch)
 
     status = sweep_commands.add_parser("status", help="the study's trials and its best trial")

@@ -3,7 +3,8 @@
     >>> result = launch("sweeps/demo.yaml", workers=2, overrides=["data.uri=/data/aireadi"])  # doctest: +SKIP
 
 `octft sweep launch SPEC --workers K` starts K worker processes on this machine (`octft.sweep.workers`);
-each runs one trial at a time, every trial in its own process (`octft.sweep.trial`). Running the same
+each runs one trial at a time on its warm trial runner (`octft.sweep.trial`), a process that imports
+torch once and keeps its compiled graphs from trial to trial. Running the same
 command on every host of a pod slice adds that host's workers to the same study, as long as all hosts
 reach the same storage (PostgreSQL; sqlite only works on one machine). Launching again resumes: trials
 whose worker died (no heartbeat for `grace_period` seconds) are marked FAIL, their MLflow runs FAILED,
@@ -16,13 +17,14 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import os
 import subprocess
 import sys
 import time
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -352,6 +354,35 @@ def worker_seed_offset(launch_index: int, worker_index: int) -> int:
 
 
 @dataclass
+class LaunchRecord:
+    """What a launch resolved once and every worker of it uses: written to the study folder as JSON.
+
+    `spec` is the resolved sweep spec without its storage URL (it may hold a password; workers get it
+    from $OCTFT_OPTUNA_STORAGE). Workers never reload the sweep file or re-apply the overrides.
+    """
+
+    spec_path: str
+    spec: dict[str, Any]
+    experiment_overrides: list[str]
+    tracking_uri: str
+    parent_run_id: str
+    study_dir: str
+
+    def sweep_spec(self, storage: str) -> SweepSpec:
+        return SweepSpec.model_validate({**self.spec, "storage": storage})
+
+    def write(self, path: Path) -> None:
+        """Atomically: a worker never reads half a record."""
+        partial = path.with_name(f".{path.name}.partial")
+        partial.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        partial.replace(path)
+
+    @classmethod
+    def read(cls, path: Path) -> "LaunchRecord":
+        return cls(**json.loads(path.read_text()))
+
+
+@dataclass
 class LaunchResult:
     study_name: str
     study_dir: Path
@@ -374,6 +405,7 @@ def launch(
     grace_period: int | None = None,
     enqueue_from: str | None = None,
     enqueue_top: int = 3,
+    fresh_process_per_trial: bool = False,
 ) -> LaunchResult:
     """Create or resume the study of `spec_path` and run `workers` worker processes until the budget is spent.
 
@@ -381,6 +413,7 @@ def launch(
     all others the base experiment of every trial (e.g. data.uri=/data/aireadi). `enqueue_from`: an earlier
     sweep file or `models:/NAME@champion` whose params are tried first (`octft.sweep.warmstart`).
     `devices_per_trial=None`: on a TPU host its chips divided among the workers, elsewhere 1.
+    `fresh_process_per_trial`: a new trial runner for every trial (slower; for debugging a runner).
     """
     if devices_per_trial is None:
         from octft.train.devices import default_devices_per_trial
@@ -431,6 +464,14 @@ def launch(
     directory = study_dir(spec, experiment_overrides)
     directory.mkdir(parents=True, exist_ok=True)
 
+    record = LaunchRecord(
+        spec_path=str(Path(spec_path).resolve()), spec=spec.model_dump(mode="json", exclude={"storage"}),
+        experiment_overrides=list(experiment_overrides), tracking_uri=tracking_uri, parent_run_id=parent_run_id,
+        study_dir=str(directory),
+    )
+    record_path = directory / f"launch-{launch_index}.json"
+    record.write(record_path)
+
     env = dict(os.environ, **{STORAGE_ENV: spec.storage, "MLFLOW_TRACKING_URI": tracking_uri})
     deadline = time.time() + spec.timeout_s if spec.timeout_s else None
     from octft.sweep.probe import is_probe_study, run_probe_trials
@@ -446,10 +487,9 @@ def launch(
     processes = []
     for index in range(workers):
         command = [
-            sys.executable, "-m", "octft.sweep.workers", str(spec_path), "--worker-index", str(index),
+            sys.executable, "-m", "octft.sweep.workers", str(record_path), "--worker-index", str(index),
             "--launch-index", str(launch_index),
             "--devices-per-trial", str(devices_per_trial), "--heartbeat-interval", str(heartbeat_interval),
-            "--study-dir", str(directory),
         ]
         if grace_period is not None:
             command += ["--grace-period", str(grace_period)]
@@ -457,8 +497,8 @@ def launch(
             command += ["--n-trials", str(spec.n_trials)]
         if deadline is not None:
             command += ["--deadline", repr(deadline)]
-        command += [f"--sweep-override={text}" for text in sweep_overrides]
-        command += [f"--override={text}" for text in experiment_overrides]
+        if fresh_process_per_trial:
+            command += ["--fresh-process-per-trial"]
         processes.append(subprocess.Popen(command, env=env))
     try:
         codes = [process.wait() for process in processes]

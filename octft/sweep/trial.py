@@ -1,29 +1,107 @@
-"""One trial in its own process: `python -m octft.sweep.trial SPEC --trial-id ID --run-dir DIR [--override k=v ...]`.
+"""A trial and its warm runner: what a worker hands over, what comes back, and the process that trains.
 
-Started by a worker (`octft.sweep.workers`), which took the trial and sampled its params. This process
-builds the config (base + fixed + params + command-line overrides), opens an MLflow child run of the
-study's parent run, trains with an `OptunaReporter` that reports every epoch to the live trial, and
-writes `<run_dir>/outcome.json` for the worker, which tells Optuna how the trial ended. The storage URL
-comes from $OCTFT_OPTUNA_STORAGE and the tracking URI from $MLFLOW_TRACKING_URI (not the command line:
-they may hold passwords).
+A worker (`octft.sweep.workers`) keeps one long-lived trial runner, `python -m octft.sweep.trial
+--reply-fd N`. The runner imports torch (and torch_xla) once, then reads one `TrialRequest` per line on
+stdin and runs it exactly as `octft train <base> k=v ...` would (`octft.train.recipe.train`), with an
+`OptunaReporter` attached, and answers one `TrialOutcome` line on file descriptor N. Between trials it
+keeps what is expensive to make again: the XLA graphs it compiled (every per-trial value enters them as
+device data, so a trial with known shapes compiles nothing), the opened study, and the data setup
+(audit and cache check) of the last data settings it saw.
+
+Each trial's output, Python's and the native libraries' alike, goes to `<run_dir>/trial.log`. A runner
+that dies (segfault, out-of-memory kill, XLA abort) fails only the trial it was running: the worker
+describes the exit from that log and starts a new runner for the next trial. The storage URL comes from
+$OCTFT_OPTUNA_STORAGE, never the command line (it may hold a password).
+
+This module imports neither torch nor mlflow at module level: the worker imports it for the records.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import math
 import os
 import socket
 import sys
-from collections.abc import Sequence
+import time
+import traceback
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import optuna
 
 from octft.data.layout import CLASS_SHORT_NAMES
 from octft.sweep.pruners import UNFREEZE_ATTR, CollapsePruner, record_epoch
+from octft.sweep.spec import STORAGE_ENV
+
+
+@dataclass
+class TrialRequest:
+    """One trial for a runner: the replay command's parts plus where to report. Crosses a pipe as JSON.
+
+    `base` and `overrides` are exactly what `octft train` gets on replay (fixed + sampled params + the
+    launch's experiment overrides), resolved once by the worker.
+    """
+
+    trial_id: int
+    number: int
+    run_dir: str
+    base: str
+    overrides: list[str]
+    study_name: str
+    tracking_uri: str
+    mlflow_experiment: str
+    parent_run_id: str
+    metric: str
+    sweep: dict[str, Any]  # the resolved SweepSpec (its pruner), without the storage URL
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrialRequest":
+        return cls(**json.loads(text))
+
+
+@dataclass
+class TrialOutcome:
+    """How a trial ended, as its runner (or, when the runner died, its worker) saw it.
+
+    `status`: "completed", "early_stopped", "pruned" or "failed" (then `stop_reason` says why).
+    `compiles` / `compile_seconds`: XLA compiles this trial caused, not the runner's total.
+    `epoch_seconds`: the epochs' own time; `seconds`: the whole trial inside the runner.
+    """
+
+    status: str
+    best_value: float | None = None
+    best_epoch: int | None = None
+    epochs_run: int | None = None
+    best_metrics: dict[str, float] = field(default_factory=dict)
+    stop_reason: str | None = None
+    mlflow_run_id: str | None = None
+    compiles: int = 0
+    compile_seconds: float = 0.0
+    epoch_seconds: float = 0.0
+    seconds: float = 0.0
+    runner_pid: int | None = None
+    runner_trials: int = 0  # trials this runner has run, this one included (1: a fresh runner)
+    runner_rss_bytes: int | None = None  # the runner's resident memory after the trial
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status in ("completed", "early_stopped") and self.best_value is not None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), default=str)
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrialOutcome":
+        return cls(**json.loads(text))
 
 
 class OptunaReporter:
@@ -68,87 +146,145 @@ class OptunaReporter:
         return f"pruned ({reason['prune_reason']}): {reason['detail']}"
 
 
-def write_outcome(run_dir: Path, **outcome: Any) -> None:
-    """`<run_dir>/outcome.json`, written atomically (the worker reads it once this process exits)."""
-    path = run_dir / "outcome.json"
-    partial = path.with_suffix(".json.partial")
-    partial.write_text(json.dumps(outcome, indent=2, default=str) + "\n")
-    partial.replace(path)
+class _WarmState:
+    """What a runner keeps from one trial to the next: the opened study and the last data setup."""
+
+    def __init__(self) -> None:
+        from octft.train.recipe import DataSetups
+
+        self.study: optuna.Study | None = None
+        self.data = DataSetups()
+        self.trials = 0
+
+    def open_study(self, request: TrialRequest) -> optuna.Study:
+        if self.study is None or self.study.study_name != request.study_name:
+            from octft.sweep.pruners import build_pruner
+            from octft.sweep.spec import SweepSpec
+            from octft.sweep.study import open_storage
+
+            spec = SweepSpec.model_validate(request.sweep)
+            storage = open_storage(os.environ[STORAGE_ENV], heartbeat_interval=None)  # the worker beats
+            # A fixed-seed random sampler: the params are already sampled; this study only reports and prunes.
+            self.study = optuna.load_study(study_name=request.study_name, storage=storage, pruner=build_pruner(spec),
+                                           sampler=optuna.samplers.RandomSampler(seed=0))
+        return self.study
 
 
-def run_trial(
-    spec_path: str, trial_id: int, run_dir: Path, sweep_overrides: Sequence[str] = (),
-    experiment_overrides: Sequence[str] = (),
-) -> dict[str, Any]:
-    """Train the trial `trial_id` of the spec's study in `run_dir`; return (and write) its outcome."""
+def run_trial(request: TrialRequest, warm: _WarmState) -> TrialOutcome:
+    """Train one trial as `octft train <base> k=v ...` does, reporting to Optuna; never raises for a bad trial."""
     from octft.config import load_experiment
-    from octft.sweep.pruners import build_pruner
-    from octft.sweep.study import load_launch_spec, open_storage, sweep_tracking_uri
     from octft.track import MlflowTracker
     from octft.train.recipe import train
 
-    spec, _, _ = load_launch_spec(spec_path, [*sweep_overrides, *experiment_overrides])
-    tracking_uri = sweep_tracking_uri(spec)
-    storage = open_storage(spec.storage, heartbeat_interval=None)  # the worker beats for this trial
-    # A fixed-seed random sampler: the params are already sampled; this study only reports and prunes.
-    study = optuna.load_study(study_name=spec.study_name, storage=storage, pruner=build_pruner(spec),
-                              sampler=optuna.samplers.RandomSampler(seed=0))
-    frozen = storage.get_trial(trial_id)
-    trial = optuna.trial.Trial(study, trial_id)
-
-    trial_overrides = spec.trial_overrides(frozen.params)
-    cfg = load_experiment(spec.base, [*trial_overrides, *experiment_overrides])
-    cfg.tracking.tracking_uri = tracking_uri
-    cfg.tracking.experiment = spec.mlflow.experiment
-    cfg.tracking.run_name = f"trial-{frozen.number}"
-
-    tracker = MlflowTracker(
-        tracking_uri, spec.mlflow.experiment, cfg.tracking.run_name,
-        parent_run_id=str(study.user_attrs["mlflow_parent_run_id"]),
-        tags={"optuna.study": spec.study_name, "optuna.trial_number": str(frozen.number),
-              "octft.run_dir": str(run_dir.resolve())},
-        log_system_metrics=True,
-    )
-    trial.set_user_attr("mlflow_run_id", tracker.run_id)
-    trial.set_user_attr("run_dir", str(run_dir.resolve()))
-    trial.set_user_attr("overrides", trial_overrides)
-    trial.set_user_attr("replay", spec.replay_command(frozen.params, extra=experiment_overrides))
-    trial.set_user_attr("host", socket.gethostname())
-    trial.set_user_attr("pid", os.getpid())
-
-    reporter = OptunaReporter(trial, study.pruner, len(CLASS_SHORT_NAMES), cfg.train.unfreeze_epoch,
-                              tracker=tracker, metric=spec.objective.metric)
+    started = time.perf_counter()
+    warm.trials += 1
+    study = warm.open_study(request)
+    trial = optuna.trial.Trial(study, request.trial_id)
+    run_dir = Path(request.run_dir)
+    outcome = TrialOutcome(status="failed", runner_pid=os.getpid(), runner_trials=warm.trials)
+    tracker = None
     try:
-        result = train(cfg, run_dir=run_dir, reporter=reporter, tracker=tracker, progress=False)
+        cfg = load_experiment(request.base, request.overrides)
+        cfg.tracking.tracking_uri = request.tracking_uri
+        cfg.tracking.experiment = request.mlflow_experiment
+        cfg.tracking.run_name = f"trial-{request.number}"
+        tracker = MlflowTracker(
+            request.tracking_uri, request.mlflow_experiment, cfg.tracking.run_name, parent_run_id=request.parent_run_id,
+            tags={"optuna.study": request.study_name, "optuna.trial_number": str(request.number),
+                  "octft.run_dir": str(run_dir)},
+            log_system_metrics=True,
+        )
+        trial.set_user_attr("mlflow_run_id", tracker.run_id)
+        trial.set_user_attr("host", socket.gethostname())
+        trial.set_user_attr("pid", os.getpid())
+        reporter = OptunaReporter(trial, study.pruner, len(CLASS_SHORT_NAMES), cfg.train.unfreeze_epoch,
+                                  tracker=tracker, metric=request.metric)
+        result = train(cfg, run_dir=run_dir, reporter=reporter, tracker=tracker, progress=False, setups=warm.data)
     except Exception as error:
         # train() ended the MLflow run FAILED; the worker tells Optuna FAIL with this reason.
-        write_outcome(run_dir, status="failed", best_value=None, best_epoch=None, epochs_run=None,
-                      best_metrics={}, stop_reason=f"{type(error).__name__}: {error}"[:2000])
-        raise
-    best_metrics = {key: value for key, value in result.best_metrics.items() if key.startswith("val/")}
-    outcome = {
-        "status": result.status,
-        "best_value": None if not math.isfinite(result.best_value) else result.best_value,
-        "best_epoch": result.best_epoch,
-        "epochs_run": result.epochs_run,
-        "best_metrics": best_metrics,
-        "stop_reason": result.stop_reason,
-        "mlflow_run_id": result.run_id,
-    }
-    write_outcome(run_dir, **outcome)
+        traceback.print_exc()
+        if tracker is not None and tracker.run_id is not None:
+            outcome.mlflow_run_id = tracker.run_id
+        outcome.stop_reason = f"{type(error).__name__}: {error}"[:2000]
+    else:
+        outcome.status = result.status
+        outcome.best_value = result.best_value if math.isfinite(result.best_value) else None
+        outcome.best_epoch = result.best_epoch
+        outcome.epochs_run = result.epochs_run
+        outcome.best_metrics = {key: value for key, value in result.best_metrics.items() if key.startswith("val/")}
+        outcome.stop_reason = result.stop_reason
+        outcome.mlflow_run_id = result.run_id
+        outcome.compiles = result.compiles
+        outcome.compile_seconds = result.compile_seconds
+        outcome.epoch_seconds = result.epoch_seconds
+    # The trial's model, optimizer and device buffers go now, not whenever the next trial allocates.
+    del trial, tracker
+    gc.collect()
+    outcome.seconds = time.perf_counter() - started
+    outcome.runner_rss_bytes = _rss_bytes()
     return outcome
+
+
+def _rss_bytes() -> int | None:
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return int(psutil.Process().memory_info().rss)
+
+
+@contextlib.contextmanager
+def output_to(log_path: Path) -> Iterator[None]:
+    """Send file descriptors 1 and 2 (Python's and native code's output) to `log_path` while the block runs."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(log_path, "ab") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
+def serve(requests: TextIO, replies: TextIO) -> int:
+    """Run each request line of `requests` as a trial; answer each with one outcome line. Returns trials run."""
+    warm = _WarmState()
+    for line in requests:
+        if not line.strip():
+            continue
+        request = TrialRequest.from_json(line)
+        with output_to(Path(request.run_dir) / "trial.log"):
+            print(f"trial {request.number} on runner pid {os.getpid()} (its trial {warm.trials + 1})", flush=True)
+            outcome = run_trial(request, warm)
+            print(f"trial {request.number} {outcome.status}: {outcome.compiles} XLA compiles, "
+                  f"{outcome.epoch_seconds:.1f} s of epochs in {outcome.seconds:.1f} s", flush=True)
+        replies.write(outcome.to_json() + "\n")
+        replies.flush()
+    return warm.trials
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m octft.sweep.trial", description=__doc__.split("\n")[0])
-    parser.add_argument("spec")
-    parser.add_argument("--trial-id", type=int, required=True)
-    parser.add_argument("--run-dir", required=True)
-    parser.add_argument("--sweep-override", action="append", default=[])
-    parser.add_argument("--override", action="append", default=[], dest="overrides")
+    parser.add_argument("--reply-fd", type=int, required=True, help="file descriptor the outcomes are written to")
     args = parser.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    run_trial(args.spec, args.trial_id, Path(args.run_dir), args.sweep_override, args.overrides)
+    # Imported before the first request arrives: the worker's next trial starts on a warm runner.
+    import octft.train.loop  # noqa: F401  (torch)
+    import octft.train.recipe  # noqa: F401
+
+    with os.fdopen(args.reply_fd, "w") as replies:
+        try:
+            serve(sys.stdin, replies)
+        except KeyboardInterrupt:
+            return 130
     return 0
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -33,18 +32,19 @@ import optuna
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
+from octft.sweep.spec import STORAGE_ENV, SweepSpec
 from octft.sweep.study import (
     DEFAULT_HEARTBEAT_S,
-    load_launch_spec,
+    LaunchRecord,
     open_storage,
     reap_stale_trials,
     study_lock,
-    sweep_tracking_uri,
     take_trial,
     worker_seed_offset,
 )
 from octft.sweep.tracking import settle_run, update_parent_best
 from octft.train.devices import trial_device_env
+from octft.sweep.trial import TrialOutcome, TrialRequest
 from octft.track import redact
 
 STDERR_TAIL_LINES = 20
@@ -92,48 +92,95 @@ def describe_exit(returncode: int, log_path: Path, lines: int = STDERR_TAIL_LINE
     return str(redact(text))[-4000:]
 
 
-def run_trial_process(
-    *, spec_path: str, trial_id: int, run_dir: Path, worker_index: int, devices_per_trial: int,
-    sweep_overrides: Sequence[str], experiment_overrides: Sequence[str],
-) -> tuple[int, dict | None]:
-    """Run `python -m octft.sweep.trial` for one trial; return its exit code and its outcome.json (or None)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    outcome_path = run_dir / "outcome.json"
-    outcome_path.unlink(missing_ok=True)
-    command = [
-        sys.executable, "-m", "octft.sweep.trial", spec_path, "--trial-id", str(trial_id), "--run-dir", str(run_dir),
-        *[f"--sweep-override={text}" for text in sweep_overrides],
-        *[f"--override={text}" for text in experiment_overrides],
-    ]
-    env = dict(os.environ, **device_env(worker_index, devices_per_trial), PYTHONUNBUFFERED="1")
-    with open(run_dir / "trial.log", "ab") as log:
-        returncode = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, check=False).returncode
-    outcome = json.loads(outcome_path.read_text()) if outcome_path.is_file() else None
-    return returncode, outcome
+class TrialRunner:
+    """The worker's handle on its warm trial runner (`python -m octft.sweep.trial`), started on first use.
+
+    `run` hands the runner one trial and returns its outcome. A runner that dies mid-trial fails that
+    trial with its exit described from the trial's log, and the next `run` starts a new runner.
+    """
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.env = env
+        self.log_path = log_path  # the runner's own output between trials (imports, warnings)
+        self.process: subprocess.Popen | None = None
+        self._replies = None
+
+    def _start(self) -> None:
+        read_fd, write_fd = os.pipe()
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "octft.sweep.trial", "--reply-fd", str(write_fd)],
+                stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, env=self.env, pass_fds=(write_fd,),
+                text=True,
+            )
+        os.close(write_fd)  # the runner holds the only write end: its death reads as end of file here
+        self._replies = os.fdopen(read_fd, "r")
+
+    def run(self, request: TrialRequest) -> TrialOutcome:
+        if self.process is None:
+            self._start()
+        log_path = Path(request.run_dir) / "trial.log"
+        try:
+            self.process.stdin.write(request.to_json() + "\n")
+            self.process.stdin.flush()
+            line = self._replies.readline()
+        except BrokenPipeError:
+            line = ""
+        if line:
+            return TrialOutcome.from_json(line)
+        returncode = self.process.wait()
+        self._forget()
+        return TrialOutcome(status="failed", stop_reason=describe_exit(returncode, log_path), runner_pid=None)
+
+    def stop(self, timeout: float = 60) -> None:
+        """End the runner: close its input (it exits after its current trial), kill it if it does not."""
+        if self.process is None:
+            return
+        with contextlib.suppress(BrokenPipeError, OSError):
+            self.process.stdin.close()
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._forget()
+
+    def _forget(self) -> None:
+        if self._replies is not None:
+            self._replies.close()
+        if self.process is not None and self.process.stdin is not None:
+            with contextlib.suppress(BrokenPipeError, OSError):
+                self.process.stdin.close()
+        self.process, self._replies = None, None
 
 
 def tell_outcome(
-    study: optuna.Study, trial: optuna.trial.Trial, returncode: int, outcome: dict | None, log_path: Path, metric: str
+    study: optuna.Study, trial: optuna.trial.Trial, outcome: TrialOutcome, log_path: Path, metric: str
 ) -> tuple[TrialState, str | None]:
     """Store the outcome's user attrs and tell Optuna COMPLETE, PRUNED or FAIL; return the state and reason."""
-    if outcome is not None:
-        for key in ("best_epoch", "epochs_run", "best_metrics"):
-            if key in outcome:
-                trial.set_user_attr(key, outcome[key])
-    status = (outcome or {}).get("status")
-    if returncode == 0 and status in ("completed", "early_stopped") and outcome.get("best_value") is not None:
-        value = outcome["best_metrics"].get(metric, outcome["best_value"])
+    if outcome.epochs_run is not None:
+        trial.set_user_attr("best_epoch", outcome.best_epoch)
+        trial.set_user_attr("epochs_run", outcome.epochs_run)
+        trial.set_user_attr("best_metrics", outcome.best_metrics)
+    trial.set_user_attr("xla_compiles", outcome.compiles)
+    trial.set_user_attr("xla_compile_seconds", round(outcome.compile_seconds, 3))
+    trial.set_user_attr("epoch_seconds", round(outcome.epoch_seconds, 3))
+    trial.set_user_attr("runner_trials", outcome.runner_trials)
+    trial.set_user_attr("runner_rss_bytes", outcome.runner_rss_bytes)
+    if outcome.succeeded:
+        value = outcome.best_metrics.get(metric, outcome.best_value)
         study.tell(trial, float(value), state=TrialState.COMPLETE)
-        return TrialState.COMPLETE, outcome.get("stop_reason")
-    if returncode == 0 and status == "pruned":
+        return TrialState.COMPLETE, outcome.stop_reason
+    if outcome.status == "pruned":
         study.tell(trial, state=TrialState.PRUNED)
-        return TrialState.PRUNED, outcome.get("stop_reason")
-    if returncode == 0:
-        reason = f"trial process ended without a usable outcome ({outcome!r}); see {log_path}"
-    elif outcome is not None and outcome.get("status") == "failed" and outcome.get("stop_reason"):
-        reason = f"{outcome['stop_reason']} (exit code {returncode}; log {log_path})"
+        return TrialState.PRUNED, outcome.stop_reason
+    if outcome.status != "failed":
+        reason = f"trial ended without a usable outcome ({outcome.status}, best value {outcome.best_value}); see {log_path}"
+    elif outcome.runner_pid is not None:  # the runner survived: the trial raised
+        reason = f"{outcome.stop_reason} (log {log_path})"
     else:
-        reason = describe_exit(returncode, log_path)
+        reason = str(outcome.stop_reason)
     reason = str(redact(reason))
     trial.set_user_attr("fail_reason", reason)
     study.tell(trial, state=TrialState.FAIL)
@@ -141,96 +188,113 @@ def tell_outcome(
 
 
 def run_worker(
-    spec_path: str,
+    record: LaunchRecord,
     *,
     worker_index: int,
-    study_dir: Path,
     launch_index: int = 0,
     n_trials: int | None,
     devices_per_trial: int = 1,
     heartbeat_interval: int = DEFAULT_HEARTBEAT_S,
     grace_period: int | None = None,
     deadline: float | None = None,
-    sweep_overrides: Sequence[str] = (),
-    experiment_overrides: Sequence[str] = (),
+    fresh_process_per_trial: bool = False,
 ) -> int:
-    """Run trials of the study until the budget is spent (or `deadline`, a time.time()); return how many ran."""
+    """Run trials of the study until the budget is spent (or `deadline`, a time.time()); return how many ran.
+
+    The storage URL comes from $OCTFT_OPTUNA_STORAGE (the launch sets it): it is not part of `record`.
+    """
     from octft.sweep.pruners import build_pruner
+    from octft.sweep.space import suggest
     from octft.sweep.spec import build_sampler
 
-    spec, _, _ = load_launch_spec(spec_path, [*sweep_overrides, *experiment_overrides])
-    tracking_uri = sweep_tracking_uri(spec)
+    spec = record.sweep_spec(os.environ[STORAGE_ENV])
     storage = open_storage(spec.storage, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
     study = optuna.load_study(
         study_name=spec.study_name, storage=storage,
         sampler=build_sampler(spec, seed_offset=worker_seed_offset(launch_index, worker_index)), pruner=build_pruner(spec),
     )
-    parent_run_id = str(study.user_attrs["mlflow_parent_run_id"])
     metric = spec.objective.metric
+    study_dir = Path(record.study_dir)
+    runner = TrialRunner(
+        dict(os.environ, **device_env(worker_index, devices_per_trial), PYTHONUNBUFFERED="1"),
+        study_dir / f"runner-{worker_index}.log",
+    )
     done = 0
-    while deadline is None or time.time() < deadline:
-        reap_stale_trials(study, storage, tracking_uri)
-        with study_lock(storage, spec.study_name), warnings.catch_warnings():
-            # Optuna warns that heartbeats are meant for Study.optimize; this loop beats for its trials itself.
-            warnings.filterwarnings("ignore", message="Heartbeat of storage")
-            trial = take_trial(study, n_trials)
-        if trial is None:
-            break
-        with heartbeat(storage, trial._trial_id):
-            frozen = storage.get_trial(trial._trial_id)
-            if frozen.system_attrs.get("retry_history"):
-                # A retry inherits the dead trial's user attrs (its run id, epochs, reason): they are not this run's.
-                for key in frozen.user_attrs:
-                    trial.set_user_attr(key, None)
-                trial.set_user_attr("retry_of", frozen.system_attrs["retry_history"][0])
-            from octft.sweep.space import suggest
-
-            suggest(trial, spec.space)  # sampled here, in the worker whose sampler sees the whole study
-            run_dir = study_dir / f"trial-{trial.number}"
-            print(f"worker {worker_index}: trial {trial.number} starts ({run_dir})", flush=True)
-            try:
-                returncode, outcome = run_trial_process(
-                    spec_path=spec_path, trial_id=trial._trial_id, run_dir=run_dir, worker_index=worker_index,
-                    devices_per_trial=devices_per_trial, sweep_overrides=sweep_overrides,
-                    experiment_overrides=experiment_overrides,
-                )
-            except KeyboardInterrupt:
-                trial.set_user_attr("fail_reason", "interrupted (Ctrl-C)")
-                study.tell(trial, state=TrialState.FAIL)
-                run_id = storage.get_trial(trial._trial_id).user_attrs.get("mlflow_run_id")
-                settle_run(tracking_uri, run_id, TrialState.FAIL, "interrupted (Ctrl-C)")
-                raise
-            state, reason = tell_outcome(study, trial, returncode, outcome, run_dir / "trial.log", metric)
-        run_id = storage.get_trial(trial._trial_id).user_attrs.get("mlflow_run_id")
-        settle_run(tracking_uri, run_id, state, reason)
-        update_parent_best(tracking_uri, parent_run_id, study, metric)
-        done += 1
-        print(f"worker {worker_index}: trial {trial.number} {state.name}" + (f": {reason.splitlines()[0]}" if reason else ""),
-              flush=True)
+    try:
+        while deadline is None or time.time() < deadline:
+            reap_stale_trials(study, storage, record.tracking_uri)
+            with study_lock(storage, spec.study_name), warnings.catch_warnings():
+                # Optuna warns that heartbeats are meant for Study.optimize; this loop beats for its trials itself.
+                warnings.filterwarnings("ignore", message="Heartbeat of storage")
+                trial = take_trial(study, n_trials)
+            if trial is None:
+                break
+            with heartbeat(storage, trial._trial_id):
+                frozen = storage.get_trial(trial._trial_id)
+                if frozen.system_attrs.get("retry_history"):
+                    # A retry inherits the dead trial's user attrs (its run id, epochs, reason): they are not this run's.
+                    for key in frozen.user_attrs:
+                        trial.set_user_attr(key, None)
+                    trial.set_user_attr("retry_of", frozen.system_attrs["retry_history"][0])
+                params = suggest(trial, spec.space)  # sampled here, in the worker whose sampler sees the whole study
+                request = trial_request(record, spec, trial, params)
+                print(f"worker {worker_index}: trial {trial.number} starts ({request.run_dir})", flush=True)
+                try:
+                    outcome = runner.run(request)
+                except KeyboardInterrupt:
+                    trial.set_user_attr("fail_reason", "interrupted (Ctrl-C)")
+                    study.tell(trial, state=TrialState.FAIL)
+                    run_id = storage.get_trial(trial._trial_id).user_attrs.get("mlflow_run_id")
+                    settle_run(record.tracking_uri, run_id, TrialState.FAIL, "interrupted (Ctrl-C)")
+                    raise
+                if fresh_process_per_trial:
+                    runner.stop()
+                state, reason = tell_outcome(study, trial, outcome, Path(request.run_dir) / "trial.log", metric)
+            run_id = storage.get_trial(trial._trial_id).user_attrs.get("mlflow_run_id")
+            settle_run(record.tracking_uri, run_id, state, reason)
+            update_parent_best(record.tracking_uri, record.parent_run_id, study, metric)
+            done += 1
+            print(f"worker {worker_index}: trial {trial.number} {state.name}" + (f": {reason.splitlines()[0]}" if reason else ""),
+                  flush=True)
+    finally:
+        runner.stop()
     return done
+
+
+def trial_request(record: LaunchRecord, spec: SweepSpec, trial: optuna.trial.Trial, params: dict) -> TrialRequest:
+    """The trial's overrides, made once from its params, and everything its runner reports to; also stored
+    on the trial (`overrides`, `replay`, `run_dir`) so `octft sweep show` replays exactly this."""
+    run_dir = (Path(record.study_dir) / f"trial-{trial.number}").resolve()
+    trial_overrides = spec.trial_overrides(params)
+    trial.set_user_attr("run_dir", str(run_dir))
+    trial.set_user_attr("overrides", trial_overrides)
+    trial.set_user_attr("replay", spec.replay_command(params, extra=record.experiment_overrides))
+    return TrialRequest(
+        trial_id=trial._trial_id, number=trial.number, run_dir=str(run_dir), base=spec.base,
+        overrides=[*trial_overrides, *record.experiment_overrides], study_name=spec.study_name,
+        tracking_uri=record.tracking_uri, mlflow_experiment=spec.mlflow.experiment,
+        parent_run_id=record.parent_run_id, metric=spec.objective.metric, sweep=record.spec,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m octft.sweep.workers", description=__doc__.split("\n")[0])
-    parser.add_argument("spec")
+    parser.add_argument("launch_record", help="the launch's record (JSON), written by octft sweep launch")
     parser.add_argument("--worker-index", type=int, required=True)
     parser.add_argument("--launch-index", type=int, default=0)
-    parser.add_argument("--study-dir", required=True)
     parser.add_argument("--n-trials", type=int)
     parser.add_argument("--devices-per-trial", type=int, default=1)
     parser.add_argument("--heartbeat-interval", type=int, default=DEFAULT_HEARTBEAT_S)
     parser.add_argument("--grace-period", type=int)
     parser.add_argument("--deadline", type=float)
-    parser.add_argument("--sweep-override", action="append", default=[])
-    parser.add_argument("--override", action="append", default=[], dest="overrides")
+    parser.add_argument("--fresh-process-per-trial", action="store_true")
     args = parser.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         run_worker(
-            args.spec, worker_index=args.worker_index, launch_index=args.launch_index, study_dir=Path(args.study_dir), n_trials=args.n_trials,
-            devices_per_trial=args.devices_per_trial, heartbeat_interval=args.heartbeat_interval,
-            grace_period=args.grace_period, deadline=args.deadline, sweep_overrides=args.sweep_override,
-            experiment_overrides=args.overrides,
+            LaunchRecord.read(Path(args.launch_record)), worker_index=args.worker_index, launch_index=args.launch_index,
+            n_trials=args.n_trials, devices_per_trial=args.devices_per_trial, heartbeat_interval=args.heartbeat_interval,
+            grace_period=args.grace_period, deadline=args.deadline, fresh_process_per_trial=args.fresh_process_per_trial,
         )
     except KeyboardInterrupt:
         return 130

@@ -69,6 +69,9 @@ class FitResult:
     epochs_run: int
     stop_reason: str | None = None
     history: list[dict[str, float]] = field(default_factory=list)
+    compiles: int = 0  # XLA compiles during this fit (not the process's total)
+    compile_seconds: float = 0.0
+    epoch_seconds: float = 0.0  # summed over the epochs run, resumed ones included
 
 
 def padded_batches(
@@ -144,15 +147,51 @@ def lr_factor(step: int, *, total_steps: int, warmup_steps: int, min_ratio: floa
 
 
 def make_optimizer(model, *, lr_head: float, lr_encoder: float, weight_decay: float, betas: tuple[float, float]):
-    """AdamW with the head and encoder in separate groups; no weight decay on biases and norms."""
+    """AdamW with the head and encoder in separate groups; no weight decay on biases and norms.
+
+    The learning rates and the weight decay enter the XLA graphs as device data (see `set_lr`), so a
+    trial with other values compiles nothing new. Hence the decay is applied by a step pre-hook (the
+    same decoupled decay as AdamW's, with device tensors) and on XLA and CUDA the optimizer is
+    capturable: its step count and bias corrections stay on the device, so a step never syncs.
+    """
+    capturable = next(iter(model.parameters())).device.type in ("xla", "cuda")  # torch has no capturable CPU Adam
     groups = []
     for name, parameters, lr in (("head", model.head_parameters(), lr_head), ("encoder", model.encoder_parameters(), lr_encoder)):
         parameters = list(parameters)
         decay = [p for p in parameters if p.ndim >= 2]
         no_decay = [p for p in parameters if p.ndim < 2]
-        groups.append({"params": decay, "lr": lr, "base_lr": lr, "weight_decay": weight_decay, "name": name})
-        groups.append({"params": no_decay, "lr": lr, "base_lr": lr, "weight_decay": 0.0, "name": name})
-    return torch.optim.AdamW(groups, betas=betas)
+        groups.append({"params": decay, "lr": lr, "base_lr": lr, "decoupled_decay": weight_decay, "name": name})
+        groups.append({"params": no_decay, "lr": lr, "base_lr": lr, "decoupled_decay": None, "name": name})
+    optimizer = torch.optim.AdamW(groups, betas=betas, weight_decay=0.0, foreach=False, capturable=capturable)
+    optimizer.register_step_pre_hook(_decay_weights)
+    return optimizer
+
+
+def set_lr(optimizer, factor: float, device: torch.device) -> None:
+    """This step's learning rate of each group, `base_lr * factor`, and its decay `lr * decoupled_decay`.
+
+    Each is a one-element tensor of its own, moved to the device: torch_xla turns Python numbers and
+    0-dim tensors into cached scalars, shared between equal values and baked in as constants when
+    0 or 1, so whether two rates happened to be equal would change the graph and a new trial would
+    compile again. A (1,) tensor is always one more input of the same graph.
+    """
+    for group in optimizer.param_groups:
+        lr = group["base_lr"] * factor
+        group["lr"] = torch.tensor([lr], dtype=torch.float32).to(device)
+        if group["decoupled_decay"] is not None:
+            group["decay"] = torch.tensor([1.0 - lr * group["decoupled_decay"]], dtype=torch.float32).to(device)
+
+
+@torch.no_grad()
+def _decay_weights(optimizer, args, kwargs) -> None:
+    """AdamW's decoupled weight decay, `p *= 1 - lr * weight_decay`, on the parameters this step updates."""
+    for group in optimizer.param_groups:
+        # Even a weight decay of 0 multiplies (by 1): whether it does must not depend on a trial's value.
+        if group["decoupled_decay"] is None or "decay" not in group:
+            continue
+        for parameter in group["params"]:
+            if parameter.grad is not None:  # as AdamW: a frozen parameter keeps its value
+                parameter.mul_(group["decay"])
 
 
 def set_encoder_trainable(model, trainable: bool) -> None:
@@ -217,12 +256,17 @@ def fit(
     layout = runtime.batch_layout(batch_size, accumulation_steps)
     step_rows = layout.effective_batch_size  # rows per optimizer step (global, all devices and hosts)
 
+    # A warm trial runner runs many fits in one process: count only this one's compiles.
+    compiles_before = runtime.compile_stats()
     model = runtime.to_device(model)
     optimizer = make_optimizer(model, lr_head=lr_head, lr_encoder=lr_encoder, weight_decay=weight_decay, betas=betas)
-    weight = class_weights.to(runtime.device) if class_weights is not None else None
+    # Values that vary between trials enter the graphs as device data, never as constants (and class
+    # weights are always a tensor): a later trial with other values and the same shapes compiles nothing.
+    weight = (class_weights if class_weights is not None else torch.ones(num_classes)).to(runtime.device)
+    smoothing = torch.tensor([float(label_smoothing)]).to(runtime.device)  # (1,): see set_lr for why not 0-dim
 
     def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return row_losses(logits, targets, class_weights=weight, label_smoothing=label_smoothing)
+        return row_losses(logits, targets, class_weights=weight, label_smoothing=smoothing)
 
     steps_per_epoch = math.ceil(len(train_set) / step_rows)
     total_steps = steps_per_epoch * epochs
@@ -273,8 +317,7 @@ def fit(
         for step_in_epoch, batch in enumerate(runtime.device_loader(_Batches(train_rows, step_rows, order, runtime))):
             factor = lr_factor(epoch * steps_per_epoch + step_in_epoch, total_steps=total_steps,
                                warmup_steps=warmup_steps, min_ratio=min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * factor
+            set_lr(optimizer, factor, runtime.device)
             out = train_step(step_model, batch, loss_fn=loss_fn, optimizer=optimizer,
                              accumulation_steps=layout.accumulation_steps, clip_norm=clip_norm, runtime=runtime)
             loss_sum = loss_sum + out["loss_sum"].detach()
@@ -310,7 +353,7 @@ def fit(
                 f"train.objective.metric to one of: {', '.join(sorted(k for k in metrics if k.startswith('val/')))}"
             )
         epoch_seconds = time.perf_counter() - started
-        compile_stats = runtime.compile_stats()
+        compile_stats = _compiles_since(compiles_before, runtime.compile_stats())
         metrics.update({
             "train/loss": train_loss,
             "lr/head": lr_head * factor,
@@ -325,7 +368,7 @@ def fit(
         value = metrics[objective_metric]
         tracker.log_metrics(metrics, step=epoch)
         state["history"].append({"epoch": epoch, **{k: metrics[k] for k in ("train/loss", "val/loss", "val/balanced_accuracy",
-                                                                            objective_metric)}})
+                                                                            objective_metric, "perf/epoch_seconds")}})
         print(
             f"epoch {epoch:3d}  train/loss {train_loss:.4f}  val/loss {metrics['val/loss']:.4f}  "
             f"val/balanced_accuracy {metrics['val/balanced_accuracy']:.3f}  val/macro_f1 {metrics['val/macro_f1']:.3f}  "
@@ -363,10 +406,11 @@ def fit(
 
     if state["status"] == "running":  # resumed after the last epoch had run but before the status existed
         state["status"] = "completed"
-    return _result(state)
+    return _result(state, _compiles_since(compiles_before, runtime.compile_stats()))
 
 
-def _result(state: dict) -> FitResult:
+def _result(state: dict, compile_stats: dict[str, float] | None = None) -> FitResult:
+    compile_stats = compile_stats or {"compiles": 0, "compile_seconds": 0.0}
     return FitResult(
         status=state["status"],
         best_epoch=state["best_epoch"],
@@ -375,7 +419,14 @@ def _result(state: dict) -> FitResult:
         epochs_run=state["epoch"] + 1,
         stop_reason=state.get("stop_reason"),
         history=state["history"],
+        compiles=int(compile_stats["compiles"]),
+        compile_seconds=float(compile_stats["compile_seconds"]),
+        epoch_seconds=sum(entry.get("perf/epoch_seconds", 0.0) for entry in state["history"]),
     )
+
+
+def _compiles_since(before: dict[str, float], now: dict[str, float]) -> dict[str, float]:
+    return {key: now.get(key, 0) - before.get(key, 0) for key in ("compiles", "compile_seconds")}
 
 
 def evaluate_logits(

@@ -50,7 +50,7 @@ def row_losses(
     targets: torch.Tensor,
     *,
     class_weights: torch.Tensor | None = None,
-    label_smoothing: float = 0.0,
+    label_smoothing: float | torch.Tensor = 0.0,
 ) -> torch.Tensor:
     """(B,) float32 loss per row: `class_weights[target] * (1 - s) * nll + (s / C) * sum_c class_weights[c] * -log p_c`.
 
@@ -65,12 +65,21 @@ def row_losses(
     """
     if logits.ndim != 2 or targets.shape != logits.shape[:1]:
         raise ValueError(f"expected logits (B, C) and targets (B,), got {tuple(logits.shape)} and {tuple(targets.shape)}")
-    if not 0.0 <= label_smoothing < 1.0:
+    if not isinstance(label_smoothing, torch.Tensor) and not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     if class_weights is not None:
         if class_weights.shape != (logits.shape[1],):
             raise ValueError(f"class_weights must have shape ({logits.shape[1]},), got {tuple(class_weights.shape)}")
         class_weights = class_weights.to(device=logits.device, dtype=torch.float32)
+    if isinstance(label_smoothing, torch.Tensor):
+        # A (1,) device tensor, so that XLA takes it as graph data (a warm trial runner's next trial with
+        # another value compiles nothing); F.cross_entropy wants a float, so the same formula written out.
+        num_classes = logits.shape[1]
+        weights = class_weights if class_weights is not None else torch.ones(num_classes, device=logits.device)
+        log_probs = F.log_softmax(logits.float(), dim=1)
+        nll = -log_probs.gather(1, targets[:, None]).squeeze(1) * weights[targets]
+        smooth = -(log_probs * weights[None, :]).sum(dim=1)
+        return (1.0 - label_smoothing) * nll + (label_smoothing / num_classes) * smooth
     return F.cross_entropy(logits.float(), targets, weight=class_weights, label_smoothing=label_smoothing, reduction="none")
 
 

@@ -32,6 +32,9 @@ class TrainResult:
     best_metrics: dict
     epochs_run: int
     stop_reason: str | None
+    compiles: int = 0  # XLA compiles this run caused (0 on a warm runner whose graphs it already has)
+    compile_seconds: float = 0.0
+    epoch_seconds: float = 0.0  # the epochs' own time, without setup
 
 
 def git_commit() -> str:
@@ -128,6 +131,49 @@ def ended_run(run_dir: Path):
           + f" after {result.epochs_run} epochs, best value {result.best_value:.4f} at epoch {result.best_epoch}; "
           "not training further (start a new run directory to train again)", flush=True)
     return result
+
+
+@dataclass
+class DataSetup:
+    """A run's audited data and prepared cache, for one set of data settings (`key`)."""
+
+    key: str
+    report: object  # octft.data.audit's report
+    prepared: object  # octft.data.dataset.PreparedVolumes
+
+
+class DataSetups:
+    """The data setup of the last data settings seen, so that a warm trial runner audits and checks
+    the cache once per sweep instead of once per trial. Holds one setup: trials of a sweep share data
+    settings, and keeping older ones would only grow the runner's memory.
+
+    >>> setups = DataSetups()
+    >>> train(cfg_a, setups=setups); train(cfg_b, setups=setups)   # audits once when cfg_a.data == cfg_b.data  # doctest: +SKIP
+    """
+
+    def __init__(self) -> None:
+        self._last: DataSetup | None = None
+
+    def get(self, data, *, progress: bool) -> DataSetup:
+        key = data.model_dump_json()
+        if self._last is None or self._last.key != key:
+            self._last = None  # let the old one go before building the next
+            self._last = prepare_data(data, progress=progress)
+        return self._last
+
+
+def prepare_data(data, *, progress: bool) -> DataSetup:
+    """Audit the data a config names (refusing failed guards) and make sure its cache is complete."""
+    from octft.data.dataset import prepare_volumes
+
+    report = audited_data(data)
+    prepared = prepare_volumes(volumes=report.volumes, progress=progress, **data.prepare_kwargs())
+    if prepared.report.failed:
+        print(f"{len(prepared.report.failed)} volumes could not be read and are left out:")
+        for source, reason in prepared.report.failed:
+            print(f"  {source}: {reason}")
+        check_after_cache(data, prepared)
+    return DataSetup(data.model_dump_json(), report, prepared)
 
 
 def build_model(cfg: ExperimentConfig, num_classes: int):
@@ -239,11 +285,15 @@ def train(
     reporter=None,
     tracker=None,
     progress: bool = True,
+    setups: DataSetups | None = None,
 ) -> TrainResult:
-    """Audit -> cache -> model -> fit, tracked in MLflow. Raises on a failed audit or a bad checkpoint."""
+    """Audit -> cache -> model -> fit, tracked in MLflow. Raises on a failed audit or a bad checkpoint.
+
+    `setups`: reuse the audit and cache check of an earlier run with the same data settings (a warm
+    trial runner passes the same one to every trial).
+    """
     import torch
 
-    from octft.data.dataset import prepare_volumes
     from octft.train.losses import balanced_class_weights
     from octft.train.loop import fit
     from octft.train.runtime import make_runtime
@@ -277,14 +327,8 @@ def train(
     if runtime.is_main:  # on a pod slice the run folder may be shared: one writer
         run_file.write_text(json.dumps({"mlflow_run_id": tracker.run_id}) + "\n")
     try:
-        data = cfg.data
-        report = audited_data(data)
-        prepared = prepare_volumes(volumes=report.volumes, progress=progress, **data.prepare_kwargs())
-        if prepared.report.failed:
-            print(f"{len(prepared.report.failed)} volumes could not be read and are left out:")
-            for source, reason in prepared.report.failed:
-                print(f"  {source}: {reason}")
-            check_after_cache(data, prepared)
+        setup = (setups or DataSetups()).get(cfg.data, progress=progress)
+        report, prepared = setup.report, setup.prepared
         volumes = prepared.volumes
         train_set = prepared.dataset("train")
         val_set = prepared.dataset("val")
@@ -358,4 +402,5 @@ def train(
         tracker.finish("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED", reason[:2000])
         raise
     return TrainResult(run_dir, tracker.run_id, result.status, result.best_value, result.best_epoch,
-                       result.best_metrics, result.epochs_run, result.stop_reason)
+                       result.best_metrics, result.epochs_run, result.stop_reason, result.compiles,
+                       result.compile_seconds, result.epoch_seconds)

@@ -1,4 +1,5 @@
-"""Workers and trial processes failing for real: a worker killed mid-trial, a trial that raises, one that segfaults."""
+"""Workers and their trial runners, for real: trials sharing a warm runner (its graphs, its data setup), a
+worker killed mid-trial, a trial that raises, a runner that segfaults or is killed."""
 
 import os
 import signal
@@ -13,8 +14,11 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
+from octft.config import load_experiment
 from octft.sweep.study import budget_used, launch, open_storage
+from octft.sweep.trial import TrialOutcome
 from octft.sweep.workers import describe_exit, device_env
+from octft.train.recipe import DataSetups
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -176,3 +180,89 @@ def test_a_crashing_trial_fails_alone_and_the_worker_goes_on(tmp_path, data_dir,
         status, tags = run_status(tracking_uri, trial.user_attrs["mlflow_run_id"])
         assert status == "FAILED" and tags["octft.end_reason"]
     assert "SIGSEGV" in run_status(tracking_uri, segfaulted.user_attrs["mlflow_run_id"])[1]["octft.end_reason"]
+
+
+# ---------------------------------------------------------------------------------------------------- warm runners
+
+LR_HEAD = {"optim.lr_head": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}
+
+
+def test_an_outcome_crosses_the_pipe_unchanged():
+    outcome = TrialOutcome(status="pruned", best_value=0.5, best_epoch=1, epochs_run=2,
+                           best_metrics={"val/balanced_accuracy": 0.5}, stop_reason="pruned (collapse): ...",
+                           compiles=3, compile_seconds=1.25, runner_pid=42, runner_trials=2, runner_rss_bytes=10)
+    assert TrialOutcome.from_json(outcome.to_json()) == outcome
+    assert not outcome.succeeded and TrialOutcome(status="early_stopped", best_value=0.4).succeeded
+
+
+def test_trials_with_the_same_data_settings_share_one_audit_and_cache_check(tmp_path, data_dir):
+    overrides = experiment_overrides(data_dir, tmp_path)
+    setups = DataSetups()
+    first = setups.get(load_experiment(REPO / "experiments" / "demo.yaml", overrides).data, progress=False)
+    again = setups.get(load_experiment(REPO / "experiments" / "demo.yaml", [*overrides, "optim.lr_head=0.01"]).data,
+                       progress=False)
+    assert again is first  # another trial's params, the same data: nothing audited or checked again
+    assert len(first.prepared.volumes) == len(first.report.volumes) > 0
+    other = setups.get(load_experiment(REPO / "experiments" / "demo.yaml",
+                                       [*overrides, "data.preprocess.height=16", "data.preprocess.width=16"]).data,
+                       progress=False)
+    assert other is not first and other.prepared.cache.spec.height == 16
+
+
+@pytest.mark.integration
+def test_trials_reuse_their_runner_until_it_is_killed_then_a_new_one_takes_over(tmp_path, data_dir, subprocess_env):
+    spec, storage, tracking_uri = write_spec(tmp_path, study_name="warm", n_trials=4, space=LR_HEAD)
+    study = optuna.create_study(study_name="warm", storage=storage, direction="maximize")
+    for lr_head in (1e-3, 2e-3, 3e-3, 4e-3):
+        study.enqueue_trial({"optim.lr_head": lr_head})
+
+    outcome = {}
+    launcher = threading.Thread(target=lambda: outcome.update(result=launch(
+        spec, overrides=experiment_overrides(data_dir, tmp_path), heartbeat_interval=1)))
+    launcher.start()
+    pid = wait_for(lambda: running_trial_attr(storage, "warm", 2, "pid"), 400, "trial 2 to start")
+    os.kill(pid, signal.SIGKILL)  # what the out-of-memory killer does
+    launcher.join(timeout=400)
+    assert outcome["result"].worker_exit_codes == [0]
+
+    first, second, killed, after = load(storage, "warm").trials
+    assert [t.state for t in (first, second, killed, after)] == [TrialState.COMPLETE, TrialState.COMPLETE,
+                                                                  TrialState.FAIL, TrialState.COMPLETE]
+    # One runner ran trials 0, 1 and 2; trial 3 ran on its replacement.
+    assert first.user_attrs["pid"] == second.user_attrs["pid"] == killed.user_attrs["pid"] == pid
+    assert (first.user_attrs["runner_trials"], second.user_attrs["runner_trials"]) == (1, 2)
+    assert after.user_attrs["pid"] != pid and after.user_attrs["runner_trials"] == 1
+    assert killed.user_attrs["fail_reason"].startswith("trial process killed by signal SIGKILL")
+    status, tags = run_status(tracking_uri, killed.user_attrs["mlflow_run_id"])
+    assert status == "FAILED" and "SIGKILL" in tags["octft.end_reason"]
+    for trial in (first, second, after):
+        assert run_status(tracking_uri, trial.user_attrs["mlflow_run_id"])[0] == "FINISHED"
+        assert trial.user_attrs["epochs_run"] == 2 and trial.user_attrs["runner_rss_bytes"] > 0
+        # The runner ran what the replay command runs: the trial's overrides, then the launch's.
+        assert f"optim.lr_head={trial.params['optim.lr_head']!r}" in trial.user_attrs["replay"]
+        assert trial.user_attrs["replay"].endswith(f"output_dir={tmp_path / 'runs'}")
+
+
+@pytest.mark.integration
+def test_a_second_trial_on_a_warm_xla_runner_compiles_nothing(tmp_path, data_dir, subprocess_env, monkeypatch):
+    monkeypatch.setenv("PJRT_DEVICE", "CPU")
+    space = {"optim.lr_head": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+             "optim.lr_encoder": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+             "loss.label_smoothing": {"type": "float", "low": 0.0, "high": 0.2},
+             "loss.class_weights": {"type": "categorical", "choices": ["balanced", "none"]}}
+    spec, storage, _ = write_spec(tmp_path, study_name="compiles", n_trials=2, space=space)
+    study = optuna.create_study(study_name="compiles", storage=storage, direction="maximize")
+    # Every per-trial value differs, and the second trial's two learning rates happen to be equal.
+    study.enqueue_trial({"optim.lr_head": 1e-3, "optim.lr_encoder": 3e-4, "loss.label_smoothing": 0.0,
+                         "loss.class_weights": "balanced"})
+    study.enqueue_trial({"optim.lr_head": 5e-3, "optim.lr_encoder": 5e-3, "loss.label_smoothing": 0.15,
+                         "loss.class_weights": "none"})
+    overrides = [text for text in experiment_overrides(data_dir, tmp_path) if text != "runtime.kind=cpu"]
+    result = launch(spec, overrides=[*overrides, "runtime.kind=xla", "train.unfreeze_epoch=1"])
+    assert result.worker_exit_codes == [0]
+
+    first, second = load(storage, "compiles").trials
+    assert (first.state, second.state) == (TrialState.COMPLETE, TrialState.COMPLETE)
+    assert first.user_attrs["pid"] == second.user_attrs["pid"]
+    assert first.user_attrs["xla_compiles"] > 0  # frozen and unfrozen steps, eval: counted for the trial that compiled them
+    assert second.user_attrs["xla_compiles"] == 0, second.user_attrs
