@@ -236,6 +236,7 @@ def run_worker(
                     for key in frozen.user_attrs:
                         trial.set_user_attr(key, None)
                     trial.set_user_attr("retry_of", frozen.system_attrs["retry_history"][0])
+                trial.set_user_attr("worker", worker_index)
                 params = suggest(trial, spec.space)  # sampled here, in the worker whose sampler sees the whole study
                 request = trial_request(record, spec, trial, params)
                 print(f"worker {worker_index}: trial {trial.number} starts ({request.run_dir})", flush=True)
