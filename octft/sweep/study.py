@@ -465,7 +465,9 @@ def launch(
     directory.mkdir(parents=True, exist_ok=True)
 
     record = LaunchRecord(
-        spec_path=str(Path(spec_path).resolve()), spec=spec.model_dump(mode="json", exclude={"storage"}),
+        spec_path=str(Path(spec_path).resolve()),
+        # Only what the file and overrides set: defaults of another sampler type would not validate again.
+        spec=spec.model_dump(mode="json", exclude_unset=True, exclude={"storage"}),
         experiment_overrides=list(experiment_overrides), tracking_uri=tracking_uri, parent_run_id=parent_run_id,
         study_dir=str(directory),
     )

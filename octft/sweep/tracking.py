@@ -1,7 +1,7 @@
 """MLflow side of a sweep: one parent run per study, a child run per trial, and their end states.
 
 The parent run is created once, at the study's first launch, and found again through the study user attr
-`mlflow_parent_run_id`. Child runs are created by the trial processes (`octft.sweep.trial`); the worker
+`mlflow_parent_run_id`. Child runs are created by the trial runners (`octft.sweep.trial`); the worker
 calls `settle_run` afterwards so a run's status always matches its Optuna trial, even when the trial
 process died before it could end its run:
 

@@ -1,17 +1,20 @@
-"""A sweep worker: take a trial, run it in its own process, tell Optuna how it ended; repeat.
+"""A sweep worker: take a trial, hand it to its warm trial runner, tell Optuna how it ended; repeat.
 
-`octft sweep launch` starts these as `python -m octft.sweep.workers SPEC --worker-index I ...`. A trial
-process that runs out of memory, segfaults or aborts in XLA fails that trial only: the worker records
-the exit code or signal and the last lines the process wrote (redacted) as `fail_reason`, ends its
-MLflow run FAILED, and takes the next trial.
+`octft sweep launch` starts these as `python -m octft.sweep.workers LAUNCH_RECORD --worker-index I ...`.
+The worker imports neither torch nor torch_xla: it samples the trial's params, turns them into the
+trial's overrides once and hands them to its runner (`octft.sweep.trial`), a child process that keeps
+its imports, compiled graphs and data setup from trial to trial. A runner that runs out of memory,
+segfaults or aborts in XLA fails that trial only: the worker records the exit code or signal and the last
+lines of the trial's log (redacted) as `fail_reason`, ends its MLflow run FAILED, and the next trial
+starts a new runner (`--fresh-process-per-trial`: a new runner for every trial).
 
 While a trial runs, the worker writes the trial's heartbeat to the storage. If the worker dies (killed,
 host lost), the heartbeat stops, and the next launch or any live worker marks the trial FAIL and
-queues one retry. Trial processes stay in the worker's process group: kill the group, not the worker
-alone, or an orphaned trial keeps training.
+queues one retry. Runners stay in the worker's process group: kill the group, not the worker
+alone, or an orphaned runner keeps training.
 
 Devices: each worker owns `devices_per_trial` devices, and a trial trains data-parallel over them;
-`octft.train.devices.trial_device_env` says which, by environment variables of the trial process.
+`octft.train.devices.trial_device_env` says which, by environment variables of the trial runner.
 """
 
 from __future__ import annotations
