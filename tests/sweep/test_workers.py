@@ -220,9 +220,10 @@ def test_trials_reuse_their_runner_until_it_is_killed_then_a_new_one_takes_over(
     launcher = threading.Thread(target=lambda: outcome.update(result=launch(
         spec, overrides=experiment_overrides(data_dir, tmp_path), heartbeat_interval=1)))
     launcher.start()
-    pid = wait_for(lambda: running_trial_attr(storage, "warm", 2, "pid"), 400, "trial 2 to start")
+    # Generous bounds: the runner's first trial pays imports, audit and cache check on a possibly busy machine.
+    pid = wait_for(lambda: running_trial_attr(storage, "warm", 2, "pid"), 900, "trial 2 to start")
     os.kill(pid, signal.SIGKILL)  # what the out-of-memory killer does
-    launcher.join(timeout=400)
+    launcher.join(timeout=900)
     assert outcome["result"].worker_exit_codes == [0]
 
     first, second, killed, after = load(storage, "warm").trials
