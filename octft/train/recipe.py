@@ -327,7 +327,8 @@ def train(
     if runtime.is_main:  # on a pod slice the run folder may be shared: one writer
         run_file.write_text(json.dumps({"mlflow_run_id": tracker.run_id}) + "\n")
     try:
-        setup = (setups or DataSetups()).get(cfg.data, progress=progress)
+        data = cfg.data
+        setup = (setups or DataSetups()).get(data, progress=progress)
         report, prepared = setup.report, setup.prepared
         volumes = prepared.volumes
         train_set = prepared.dataset("train")
