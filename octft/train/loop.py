@@ -389,16 +389,25 @@ def fit(
             state["bad_epochs"] += 1
         state["epoch"] = epoch
 
-        # Decided before last.pt is written, so that last.pt records how the run ended.
-        reason = runtime.broadcast_object(reporter.report(epoch, value, metrics))
+        # Decided before last.pt is written, so that last.pt records how the run ended. Host 0's decision
+        # (pruned, early-stopped, completed or go on) is broadcast, so every host stops at the same epoch.
+        ending = None
+        reason = reporter.report(epoch, value, metrics)
         if reason is not None:
-            state.update(status="pruned", stop_reason=reason)
+            ending = ("pruned", reason)
         elif early_stopping_patience is not None and state["bad_epochs"] >= early_stopping_patience:
-            state.update(status="early_stopped", stop_reason=(
-                f"no improvement of {objective_metric} ({objective_direction}) for {early_stopping_patience} epochs "
-                f"with a trainable encoder" + (f" (counted from the unfreeze epoch {unfreeze_epoch})" if counted_from else "")))
+            ending = ("early_stopped",
+                      f"no improvement of {objective_metric} ({objective_direction}) for {early_stopping_patience} "
+                      f"epochs with a trainable encoder"
+                      + (f" (counted from the unfreeze epoch {unfreeze_epoch})" if counted_from else ""))
         elif epoch == epochs - 1:
-            state["status"] = "completed"
+            ending = ("completed", None)
+        ending = runtime.broadcast_object(ending)
+        if ending is not None:
+            status, stop_reason = ending
+            state["status"] = status
+            if stop_reason is not None:
+                state["stop_reason"] = stop_reason
         runtime.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "loop_state": json.dumps(state)},
                      run_dir / "last.pt")
         if state["status"] in ENDED:
