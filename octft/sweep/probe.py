@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import socket
 import time
 import warnings
@@ -135,7 +136,7 @@ def run_probe_trials(
     from octft.data.layout import CLASS_SHORT_NAMES
     from octft.sweep.space import suggest
     from octft.sweep.study import base_config, study_lock, take_trial
-    from octft.sweep.trial import OptunaReporter
+    from octft.sweep.trial import OptunaReporter, TrialOutcome
     from octft.sweep.tracking import settle_run, update_parent_best
     from octft.sweep.workers import heartbeat, tell_outcome
     from octft.track import MlflowTracker
@@ -202,19 +203,20 @@ def run_probe_trials(
                     tracker.log_artifact(run_dir / "checkpoint", "checkpoint")  # what promotion registers
                 tracker.set_tags({"octft.status": result.status, "octft.best_epoch": str(result.best_epoch)})
                 tracker.finish("KILLED" if result.status == "pruned" else "FINISHED", result.stop_reason)
-                outcome = {
-                    "status": result.status,
-                    "best_value": None if not math.isfinite(result.best_value) else result.best_value,
-                    "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
-                    "best_metrics": {k: v for k, v in result.best_metrics.items() if k.startswith("val/")},
-                    "stop_reason": result.stop_reason,
-                }
+                outcome = TrialOutcome(
+                    status=result.status,
+                    best_value=None if not math.isfinite(result.best_value) else result.best_value,
+                    best_epoch=result.best_epoch, epochs_run=result.epochs_run,
+                    best_metrics={k: v for k, v in result.best_metrics.items() if k.startswith("val/")},
+                    stop_reason=result.stop_reason, mlflow_run_id=tracker.run_id, runner_pid=os.getpid(),
+                    runner_trials=done + 1,
+                )
             except Exception as error:  # one trial's failure is recorded; the study goes on, as with processes
                 reason_if_failed = f"{type(error).__name__}: {error}"[:2000]
                 tracker.finish("FAILED", reason_if_failed)
-                outcome = {"status": "failed", "stop_reason": reason_if_failed}
-            state, reason = tell_outcome(study, trial, 0 if reason_if_failed is None else 1, outcome,
-                                         run_dir / "trial.log", spec.objective.metric)
+                outcome = TrialOutcome(status="failed", stop_reason=reason_if_failed, mlflow_run_id=tracker.run_id,
+                                       runner_pid=os.getpid(), runner_trials=done + 1)
+            state, reason = tell_outcome(study, trial, outcome, run_dir / "trial.log", spec.objective.metric)
         settle_run(tracking_uri, tracker.run_id, state, reason)
         update_parent_best(tracking_uri, parent_run_id, study, spec.objective.metric)
         done += 1

@@ -486,6 +486,14 @@ def launch(
         run_probe_trials(spec, study, rdb, study_dir=directory, n_trials=spec.n_trials, tracking_uri=tracking_uri,
                          experiment_overrides=experiment_overrides, deadline=deadline)
         return _finish_launch(study, spec, directory, parent_run_id, [0], reaped, tracking_uri, enqueued)
+    if not any(name.startswith("data.") for name in spec.space):
+        # Audit and prepare the data once, here, before any trial starts: the preparation plan (files and
+        # bytes to fetch, the prepared cache's size) is printed and a disk that cannot hold it is refused now,
+        # and each trial runner's own data check then finds every volume prepared.
+        from octft.train.recipe import prepare_data
+
+        print(f"study {spec.study_name!r}: auditing and preparing the data once for every trial", flush=True)
+        prepare_data(base_config(spec, experiment_overrides).data, progress=True)
     processes = []
     for index in range(workers):
         command = [
