@@ -29,6 +29,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from octft.config import ConfigError
 from octft.data.layout import CLASS_SHORT_NAMES
+from octft.errors import UsageError
 from octft.sweep.promote import (
     CHAMPION_ATTR,
     CI_SCORES,
@@ -371,8 +372,12 @@ def render_report(
                             spec.promote.min_class_f1)
     page = build_report_html(context, load_definition(definition), storage=storage)
     path = Path(out) if out else study_dir(study) / REPORT_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(page, encoding="utf-8")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(page, encoding="utf-8")
+    except OSError as error:
+        raise UsageError(f"cannot write the report to {path}: {error.strerror or error}; "
+                         "give --out a path in a writable folder") from None
     parent_run_id = study.user_attrs.get("mlflow_parent_run_id")
     if parent_run_id:
         attached_run(tracking_uri, parent_run_id).log_artifact(path)

@@ -19,6 +19,7 @@ from octft.cli import main
 from octft.config import ConfigError, load_experiment, save_resolved
 from octft.data.layout import CLASS_SHORT_NAMES
 from octft.sweep.pruners import record_epoch
+from octft.errors import UsageError
 from octft.sweep.report import FIGURES, load_definition, render_report
 from octft.sweep.spec import load_sweep
 from octft.track.mlflow_tracker import MlflowTracker
@@ -150,3 +151,11 @@ def test_the_report_definition_is_checked_with_the_file_named(tmp_path):
     definition.write_text(yaml.safe_dump({"template": "missing.html", "figures": [{"id": "class_f1"}]}))
     with pytest.raises(ConfigError, match="template .*missing.html does not exist"):
         load_definition(definition)
+
+
+def test_an_unwritable_out_path_is_a_usage_error_naming_it(tmp_path):
+    spec, _, _ = _study(tmp_path, trials=[(TrialState.COMPLETE, 0.5, {})])
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(UsageError, match=r"cannot write the report to .*a-file/report.html"):
+        render_report(load_sweep(spec), out=blocker / "report.html")
