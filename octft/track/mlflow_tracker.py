@@ -395,6 +395,7 @@ class MlflowTracker:
         """
         import mlflow.data
         from mlflow.entities import DatasetInput, InputTag
+        from mlflow.exceptions import MlflowException
 
         with warnings.catch_warnings():
             # MLflow warns when it guesses a source's kind from the URI and when a schema has integer columns
@@ -403,7 +404,15 @@ class MlflowTracker:
             dataset = mlflow.data.from_pandas(table, source=redact(source), name=name, digest=digest)._to_mlflow_entity()
         input_tags = [InputTag("mlflow.data.context", context)]
         input_tags += [InputTag(key, value) for key, value in self._tag_values(tags or {}).items()]
-        self._client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, tags=input_tags)])
+        inputs = [DatasetInput(dataset, tags=input_tags)]
+        try:
+            self._client.log_inputs(self.run_id, datasets=inputs)
+        except MlflowException as error:
+            # Parallel trials log the same dataset at once; the store keeps one row per (experiment, name,
+            # digest), so the loser of that race gets a unique-constraint error. The row exists now: link again.
+            if "UNIQUE" not in str(error).upper() and "DUPLICATE" not in str(error).upper():
+                raise
+            self._client.log_inputs(self.run_id, datasets=inputs)
 
     def finish(self, status: RunStatus, reason: str | None = None) -> None:
         """End the run as FINISHED, FAILED or KILLED; `reason` goes to the tag ``octft.end_reason``.

@@ -49,3 +49,33 @@ def test_a_run_shows_its_training_and_validation_volumes_as_datasets(tmp_path):
     digests = {entry.dataset.name: entry.dataset.digest for entry in other_inputs}
     assert digests["aireadi-v3/train"] != training.dataset.digest
     assert digests["aireadi-v3/val"] == by_context["validation"].dataset.digest
+
+
+def _log_after(barrier, tracking_uri, run_id):
+    barrier.wait()
+    tracker = MlflowTracker(tracking_uri, "datasets", run_id=run_id)
+    log_data_inputs(tracker, _volumes({"1001": (0, "train"), "1002": (1, "train"), "1004": (0, "val")}), "/data/aireadi")
+
+
+def test_parallel_trials_logging_the_same_data_all_get_it(tmp_path):
+    """Trials of a sweep (separate processes) log the same dataset at the same moment; the store keeps one
+    row per digest, and a trial that loses that race must link to the row, not fail (seen with two
+    workers on one sqlite store). The race itself is timing-dependent and rarely lost here; this checks
+    that concurrent trials all get their inputs."""
+    import multiprocessing
+
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    trackers = [MlflowTracker(tracking_uri, "datasets", f"trial-{n}") for n in range(4)]
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(len(trackers))
+    processes = [context.Process(target=_log_after, args=(barrier, tracking_uri, t.run_id)) for t in trackers]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=300)
+    assert [process.exitcode for process in processes] == [0] * len(processes)
+    client = MlflowClient(tracking_uri)
+    for tracker in trackers:
+        tracker.finish("FINISHED")
+        names = sorted(entry.dataset.name for entry in client.get_run(tracker.run_id).inputs.dataset_inputs)
+        assert names == ["aireadi/train", "aireadi/val"]
