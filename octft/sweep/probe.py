@@ -18,7 +18,6 @@ import math
 import os
 import socket
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,7 +134,7 @@ def run_probe_trials(
     """Run trials of the probe study `study` in this process until the budget is spent; return how many ran."""
     from octft.data.layout import CLASS_SHORT_NAMES
     from octft.sweep.space import suggest
-    from octft.sweep.study import base_config, study_lock, take_trial
+    from octft.sweep.study import base_config, next_trial
     from octft.sweep.trial import OptunaReporter, TrialOutcome
     from octft.sweep.tracking import settle_run, update_parent_best
     from octft.sweep.workers import heartbeat, tell_outcome
@@ -150,10 +149,7 @@ def run_probe_trials(
           f"(data ready in {time.perf_counter() - started:.1f} s)", flush=True)
     done = 0
     while deadline is None or time.time() < deadline:
-        with study_lock(storage, spec.study_name), warnings.catch_warnings():
-            # Optuna warns that heartbeats are meant for Study.optimize; this loop beats for its trials itself.
-            warnings.filterwarnings("ignore", message="Heartbeat of storage")
-            trial = take_trial(study, n_trials)
+        trial = next_trial(study, storage, n_trials)
         if trial is None:
             break
         with heartbeat(storage, trial._trial_id):

@@ -265,6 +265,14 @@ def take_trial(study: optuna.Study, n_trials: int | None) -> optuna.trial.Trial 
     return study.ask()
 
 
+def next_trial(study: optuna.Study, storage: RDBStorage, n_trials: int | None) -> optuna.trial.Trial | None:
+    """`take_trial` under the study lock: what a worker or the probe loop calls for its next trial."""
+    with study_lock(storage, study.study_name), warnings.catch_warnings():
+        # Optuna warns that heartbeats are meant for Study.optimize; our loops beat for their trials themselves.
+        warnings.filterwarnings("ignore", message="Heartbeat of storage")
+        return take_trial(study, n_trials)
+
+
 def reap_stale_trials(study: optuna.Study, storage: RDBStorage, tracking_uri: str) -> list[int]:
     """Fail trials whose worker died (stale heartbeat), queue their retry, and end their MLflow runs FAILED.
 

@@ -27,7 +27,6 @@ import subprocess
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -39,10 +38,9 @@ from octft.sweep.spec import STORAGE_ENV, SweepSpec
 from octft.sweep.study import (
     DEFAULT_HEARTBEAT_S,
     LaunchRecord,
+    next_trial,
     open_storage,
     reap_stale_trials,
-    study_lock,
-    take_trial,
     worker_seed_offset,
 )
 from octft.sweep.tracking import settle_run, update_parent_best
@@ -226,10 +224,7 @@ def run_worker(
     try:
         while deadline is None or time.time() < deadline:
             reap_stale_trials(study, storage, record.tracking_uri)
-            with study_lock(storage, spec.study_name), warnings.catch_warnings():
-                # Optuna warns that heartbeats are meant for Study.optimize; this loop beats for its trials itself.
-                warnings.filterwarnings("ignore", message="Heartbeat of storage")
-                trial = take_trial(study, n_trials)
+            trial = next_trial(study, storage, n_trials)
             if trial is None:
                 break
             with heartbeat(storage, trial._trial_id):
