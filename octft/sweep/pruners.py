@@ -62,8 +62,9 @@ class CollapsePruner(BasePruner):
     Counting starts at the trial's unfreeze epoch (`params["train.unfreeze_epoch"]` when sampled, else user
     attr `unfreeze_epoch`, else 0; null, a probe run that never unfreezes, is 0) plus `grace_epochs`; a healthy
     epoch, or one with no record, resets the count. A trial that has not collapsed goes to `wrapped` (None:
-    never pruned otherwise) from its unfreeze epoch plus `warmup_steps` on; give the wrapped pruner no
-    warm-up of its own (`n_warmup_steps=0`), or it would count from epoch 0 as well. With `enabled=False`
+    never pruned otherwise) from its unfreeze epoch plus `warmup_steps` on, and then every `interval_steps`
+    epochs; give the wrapped pruner no warm-up or interval of its own (`n_warmup_steps=0, interval_steps=1`),
+    or it would count from epoch 0 as well. With `enabled=False`
     the collapse rule is off and only `wrapped` decides.
     `prune_reason` says why a trial was pruned, for the trial's user attrs and MLflow.
     """
@@ -78,16 +79,18 @@ class CollapsePruner(BasePruner):
         wrapped: BasePruner | None = MedianPruner(),
         enabled: bool = True,
         warmup_steps: int = 0,
+        interval_steps: int = 1,
     ) -> None:
         if n_classes < 2 or not 1.0 / n_classes <= max_class_share <= 1.0:
             raise ValueError(
                 f"max_class_share must be in 1/n_classes..1 with n_classes >= 2, got max_class_share="
                 f"{max_class_share}, n_classes={n_classes}"
             )
-        if chance_margin < 0 or patience < 1 or grace_epochs < 0 or warmup_steps < 0:
+        if chance_margin < 0 or patience < 1 or grace_epochs < 0 or warmup_steps < 0 or interval_steps < 1:
             raise ValueError(
-                f"need chance_margin >= 0, patience >= 1, grace_epochs >= 0 and warmup_steps >= 0, got chance_margin="
-                f"{chance_margin}, patience={patience}, grace_epochs={grace_epochs}, warmup_steps={warmup_steps}"
+                f"need chance_margin >= 0, patience >= 1, grace_epochs >= 0, warmup_steps >= 0 and interval_steps >= 1, "
+                f"got chance_margin={chance_margin}, patience={patience}, grace_epochs={grace_epochs}, "
+                f"warmup_steps={warmup_steps}, interval_steps={interval_steps}"
             )
         self.max_class_share = max_class_share
         self.chance_margin = chance_margin
@@ -97,6 +100,7 @@ class CollapsePruner(BasePruner):
         self.wrapped = wrapped
         self.enabled = enabled
         self.warmup_steps = warmup_steps
+        self.interval_steps = interval_steps
         # The reason behind each prune decision, so `prune_reason` reports the decision that was made even
         # if other workers finish trials in between (which can change the median).
         self._decisions: dict[tuple[int, int], dict[str, Any]] = {}
@@ -124,7 +128,8 @@ class CollapsePruner(BasePruner):
         collapse = self._collapse(trial, step) if self.enabled else None
         if collapse is not None:
             return collapse
-        if self.wrapped is None or step < unfreeze_epoch_of(trial) + self.warmup_steps:
+        first_step = unfreeze_epoch_of(trial) + self.warmup_steps
+        if self.wrapped is None or step < first_step or (step - first_step) % self.interval_steps:
             return None
         if self.wrapped.prune(study, trial):
             return _wrapped_reason(self.wrapped, study, trial, step)
@@ -241,20 +246,21 @@ def build_pruner(spec: SweepSpec) -> CollapsePruner:
     """The pruner a `SweepSpec` describes: CollapsePruner around a median, percentile, Hyperband, successive
     halving or no pruner.
 
-    `n_warmup_steps` becomes the wrapper's per-trial warm-up (counted from each trial's unfreeze epoch); the
-    Optuna pruner itself gets none. `pruner.collapse.enabled=false` leaves the wrapped pruner alone; with
+    `n_warmup_steps` and `interval_steps` become the wrapper's per-trial schedule (counted from each trial's
+    unfreeze epoch); the Optuna pruner itself gets none. `pruner.collapse.enabled=false` leaves the wrapped pruner alone; with
     `pruner.wrapped.type=none` too, nothing is pruned.
     """
     wrapped_spec = spec.pruner.wrapped
     schedule = {
         "n_startup_trials": wrapped_spec.n_startup_trials,
         "n_warmup_steps": 0,
-        "interval_steps": wrapped_spec.interval_steps,
+        "interval_steps": 1,
         "n_min_trials": wrapped_spec.n_min_trials,
     }
     halving = {"min_resource": wrapped_spec.min_resource, "reduction_factor": wrapped_spec.reduction_factor,
                "bootstrap_count": wrapped_spec.bootstrap_count}
-    collapse = dict(**spec.pruner.collapse.model_dump(), n_classes=len(CLASSES), warmup_steps=wrapped_spec.n_warmup_steps)
+    collapse = dict(**spec.pruner.collapse.model_dump(), n_classes=len(CLASSES), warmup_steps=wrapped_spec.n_warmup_steps,
+                    interval_steps=wrapped_spec.interval_steps)
     wrapped: BasePruner | None
     if wrapped_spec.type == "median":
         wrapped = MedianPruner(**schedule)

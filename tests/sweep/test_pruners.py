@@ -233,6 +233,28 @@ def test_the_median_warm_up_counts_from_each_trials_unfreeze_epoch():
     assert answers == [False, False, True, True]
 
 
+def test_the_median_interval_counts_from_each_trials_unfreeze_epoch():
+    pruner = build_pruner(SweepSpec.model_validate({
+        "base": "b.yaml", "study_name": "t",
+        "pruner": {"collapse": {"enabled": False},
+                   "wrapped": {"type": "median", "n_startup_trials": 1, "n_warmup_steps": 1, "interval_steps": 3}},
+    }))
+    assert pruner.interval_steps == 3 and pruner.wrapped._interval_steps == 1
+    study = study_with(pruner)
+    finish_good_trials(study, 2, values=(0.8,) * 9)
+    # Checked at warm-up end and every third epoch after it, whatever epoch the encoder unfroze at:
+    # unfrozen at 0 -> epochs 1, 4, 7; at 2 -> epochs 3, 6 (not 1, 4, 7 as Optuna's own interval would).
+    assert decisions(study, [HEALTHY] * 9, unfreeze_param=0, value=0.3)[1] == [
+        False, True, False, False, True, False, False, True, False]
+    assert decisions(study, [HEALTHY] * 9, unfreeze_param=2, value=0.3)[1] == [
+        False, False, False, True, False, False, True, False, False]
+
+
+def test_bad_interval_steps_is_an_error():
+    with pytest.raises(ValueError, match="interval_steps"):
+        CollapsePruner(interval_steps=0)
+
+
 class CountingSampler(optuna.samplers.RandomSampler):
     """Records how many finished trials the study it samples from holds (a bracket study holds fewer)."""
 
