@@ -255,14 +255,19 @@ def budget_used(trials: Sequence[FrozenTrial]) -> int:
 def take_trial(study: optuna.Study, n_trials: int | None) -> optuna.trial.Trial | None:
     """The next trial for a worker, or None when the budget is spent. Hold `study_lock` while calling.
 
-    A waiting trial (a retry, or one enqueued by hand) already counts, so it is taken first; otherwise a
-    new one is created only while fewer than `n_trials` exist.
+    Trials count against `n_trials` in the order they were created (a retry in place of the trial it
+    replaces). A waiting trial (a retry, or one enqueued) is taken first when it falls within the budget;
+    enqueued trials beyond it stay waiting, for a later launch with a larger budget. Otherwise a new trial
+    is created only while fewer than `n_trials` count.
     """
     trials = study.get_trials(deepcopy=False)
-    waiting = any(trial.state == TrialState.WAITING for trial in trials)
-    if not waiting and n_trials is not None and budget_used(trials) >= n_trials:
-        return None
-    return study.ask()
+    if n_trials is None:
+        return study.ask()
+    replaced = retried_numbers(trials)
+    counted = sorted((trial for trial in trials if trial.number not in replaced), key=lambda trial: trial.number)
+    if any(trial.state == TrialState.WAITING for trial in counted[:n_trials]) or len(counted) < n_trials:
+        return study.ask()  # Optuna hands out the oldest waiting trial first
+    return None
 
 
 def next_trial(study: optuna.Study, storage: RDBStorage, n_trials: int | None) -> optuna.trial.Trial | None:

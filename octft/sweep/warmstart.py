@@ -6,7 +6,8 @@
 A source is an earlier sweep file (its study's best `top` COMPLETE trials, ranked in that study's
 direction) or a registered model (`models:/NAME@ALIAS` or `models:/NAME/VERSION`: the params of the run
 the version was registered from, i.e. what it was trained with). Each set goes to Optuna's
-`enqueue_trial`, so it counts against `n_trials` and is taken before any sampled trial. A parameter the new
+`enqueue_trial`, so it counts against `n_trials` and is taken before any sampled trial (sets beyond the budget
+wait for a launch with a larger one). A parameter the new
 space does not have, or a value outside its range or choices, is refused with the names; a space key the
 source lacks is sampled as usual. Sets already in the study (a relaunch) are not enqueued twice.
 """

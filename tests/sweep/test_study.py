@@ -169,6 +169,20 @@ def test_budget_counts_a_retried_trial_once():
     assert take_trial(study, n_trials=3).number == 3
 
 
+def test_enqueued_trials_beyond_the_budget_wait_for_a_larger_one():
+    study = optuna.create_study(direction="maximize")
+    for x in (0.1, 0.2, 0.3):
+        study.enqueue_trial({"x": x})
+    taken = []
+    while (trial := take_trial(study, n_trials=2)) is not None:
+        taken.append(trial.suggest_float("x", 0, 1))
+        study.tell(trial, 0.5)
+    assert taken == [0.1, 0.2]  # the third enqueued set is over the budget of 2
+    assert [trial.state for trial in study.trials] == [TrialState.COMPLETE] * 2 + [TrialState.WAITING]
+    trial = take_trial(study, n_trials=3)  # a later launch with a larger budget runs it
+    assert trial.suggest_float("x", 0, 1) == 0.3
+
+
 RACE_SCRIPT = """
 import sys, optuna
 from octft.sweep.study import open_storage, study_lock, take_trial
