@@ -152,3 +152,46 @@ def sample_values(entry: Param) -> list[Any]:
     if isinstance(entry, CategoricalParam):
         return list(entry.choices)
     return [entry.low, entry.high] if entry.low != entry.high else [entry.low]
+
+
+def possible_values(key: str, space: dict[str, Param], fixed_value: Any, *, limit: int = 256) -> list[Any] | None:
+    """Every value `key` can take in a trial: the space's choices or integer range, else the fixed value.
+
+    None for a float range or an integer range wider than `limit` (too many to list).
+
+    >>> possible_values("train.accumulation_steps", {"train.accumulation_steps": IntParam(low=1, high=4)}, 2)
+    [1, 2, 3, 4]
+    """
+    entry = space.get(key)
+    if entry is None:
+        return [fixed_value]
+    if isinstance(entry, CategoricalParam):
+        return list(entry.choices)
+    if isinstance(entry, IntParam) and not entry.log and (entry.high - entry.low) // entry.step < limit:
+        return list(range(entry.low, entry.high + 1, entry.step))
+    if isinstance(entry, IntParam) and entry.log and entry.high - entry.low < limit:
+        return list(range(entry.low, entry.high + 1))
+    return None
+
+
+def check_batch_layouts(space: dict[str, Param], batch_size: int, accumulation_steps: int, num_devices: int) -> None:
+    """Refuse, before any trial runs, a space in which some trial's effective batch
+    (`train.batch_size x train.accumulation_steps`) cannot be spread evenly over `num_devices`.
+
+    Raises `BatchLayoutError` naming the values that fail; a trial would otherwise fail at its own start.
+    """
+    from octft.train.devices import BatchLayoutError
+
+    sizes = possible_values("train.batch_size", space, batch_size)
+    steps = possible_values("train.accumulation_steps", space, accumulation_steps)
+    if sizes is None or steps is None or num_devices == 1:
+        return
+    failing = sorted({(size, step) for size in sizes for step in steps if (size * step) % num_devices})
+    if failing:
+        shown = ", ".join(f"{size} x {step} = {size * step}" for size, step in failing[:6])
+        raise BatchLayoutError(
+            f"{len(failing)} of the space's effective batches (train.batch_size x train.accumulation_steps) cannot be "
+            f"split evenly over the {num_devices} devices each trial gets: {shown}"
+            + (" ..." if len(failing) > 6 else "")
+            + f". Keep the space to effective batches that are multiples of {num_devices}, or change --devices-per-trial"
+        )

@@ -406,6 +406,16 @@ class LaunchResult:
     enqueued: list[dict[str, Any]] = field(default_factory=list)  # warm-start parameter sets enqueued now
 
 
+def check_trial_layouts(spec: SweepSpec, base: ExperimentConfig, devices_per_trial: int) -> None:
+    """Refuse at launch a space whose sampled batch layouts the trials' devices cannot hold (XLA runtimes;
+    an eager runtime trains on one device)."""
+    from octft.sweep.space import check_batch_layouts
+    from octft.train.devices import platform
+
+    if base.runtime.kind in ("xla", "auto") and platform():
+        check_batch_layouts(spec.space, base.train.batch_size, base.train.accumulation_steps, devices_per_trial)
+
+
 def launch(
     spec_path: str | Path,
     *,
@@ -439,6 +449,7 @@ def launch(
     if n_trials is not None:
         spec.n_trials = n_trials
     tracking_uri = sweep_tracking_uri(spec)
+    check_trial_layouts(spec, base_config(spec, experiment_overrides), devices_per_trial)
     rdb = open_storage(spec.storage, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
     # LP-FT: a probe sweep file in init.head_from becomes one run, chosen now and kept for the study's life.
     head_from = resolved_head_from(spec, rdb, experiment_overrides, spec_path=spec_path)

@@ -183,6 +183,28 @@ def test_enqueued_trials_beyond_the_budget_wait_for_a_larger_one():
     assert trial.suggest_float("x", 0, 1) == 0.3
 
 
+def test_a_space_with_batches_the_trial_devices_cannot_split_is_refused_at_launch(tmp_path, monkeypatch):
+    from octft.train.devices import BatchLayoutError
+
+    monkeypatch.setenv("PJRT_DEVICE", "CPU")
+    space = {"train.accumulation_steps": {"type": "categorical", "choices": [1, 2, 3]}}  # demo batch 8: 8, 16, 24
+    spec = write_spec(tmp_path, study_name="layouts", storage=f"sqlite:///{tmp_path / 'optuna.db'}", n_trials=1,
+                      space=space)
+    with pytest.raises(BatchLayoutError) as error:
+        launch(spec, devices_per_trial=16)
+    assert "2 of the space's effective batches" in str(error.value) and "8 x 1 = 8, 8 x 3 = 24" in str(error.value)
+    assert not (tmp_path / "optuna.db").exists()  # refused before the study was created
+    # On 8 devices every sampled batch splits evenly; an eager runtime trains on one device and is never refused.
+    from octft.sweep.space import check_batch_layouts, parse_space
+
+    check_batch_layouts(parse_space(space), 8, 1, 8)
+    monkeypatch.delenv("PJRT_DEVICE")
+    from octft.sweep.study import base_config, check_trial_layouts
+
+    loaded = load_launch_spec(spec, [], None)[0]
+    check_trial_layouts(loaded, base_config(loaded), 16)
+
+
 RACE_SCRIPT = """
 import sys, optuna
 from octft.sweep.study import open_storage, study_lock, take_trial
