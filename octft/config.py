@@ -106,8 +106,21 @@ class DataConfig(_Strict):
     preprocess: PreprocessConfig = PreprocessConfig()
     cache_dir: str = ".octft-cache"
     cache_dtype: Literal["float16", "float32"] = "float16"  # how prepared clips are stored
+    # How each split's pack stores clips (octft.data.dataset.resolve_pack_dtype): auto is uint8 when every
+    # source decoded to 8 bits and the intensity is percentile or minmax, else cache_dtype.
+    pack_dtype: Literal["auto", "uint8", "float16", "float32"] = "auto"
     download: DownloadConfig = DownloadConfig()
     allow_failed_guards: list[str] = []  # guard names a user overrides on purpose
+
+    @model_validator(mode="after")
+    def _pack_dtype_fits_intensity(self) -> "DataConfig":
+        # The same rule as octft.data.dataset.check_pack_dtype, refused here before anything runs.
+        if self.pack_dtype == "uint8" and self.preprocess.intensity == "zscore":
+            raise ValueError(
+                "data.pack_dtype=uint8 cannot hold zscore clips (they are not in [0, 1]): use data.pack_dtype=auto "
+                "or float16, or data.preprocess.intensity=percentile or minmax"
+            )
+        return self
 
     def audit_kwargs(self) -> dict[str, Any]:
         """The flat arguments of `octft.data.audit.audit_dataset` that this section sets."""
@@ -134,6 +147,7 @@ class DataConfig(_Strict):
             uri=self.uri,
             cache_dir=self.cache_dir,
             dtype=self.cache_dtype,
+            pack_dtype=self.pack_dtype,
             workers=self.download.workers,
             keep=self.download.keep,
             budget_gb=self.download.budget_gb,
@@ -195,7 +209,9 @@ class TrainConfig(_Strict):
     early_stopping_patience: Int | None = Field(5, ge=1)
     objective: ObjectiveConfig = ObjectiveConfig()
     seed: Int = 0
-    num_workers: Int = Field(0, ge=0)
+    # Background threads that gather batches from the pack ahead of the step; 0: gathered when the step
+    # asks for them. Threads, not processes: a pack's memory-map copies release the GIL.
+    num_workers: Int = Field(1, ge=0)
 
     @model_validator(mode="after")
     def _unfreezes_in_time(self) -> "TrainConfig":

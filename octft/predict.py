@@ -244,7 +244,8 @@ def predict_logits(
     with torch.inference_mode():
         for start in range(0, count, batch_size):
             batch = np.stack([clip(index) for index in range(start, min(start + batch_size, count))])
-            x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).unsqueeze(1)  # (B, 1, T, H, W)
+            # As it comes (float32 clips, or a pack's uint8 / float16 rows): the model converts it.
+            x = torch.from_numpy(batch).unsqueeze(1)  # (B, 1, T, H, W)
             rows.append(model(x).float().numpy())
     if not rows:
         return np.zeros((0, len(CLASS_SHORT_NAMES)))

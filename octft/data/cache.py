@@ -8,7 +8,9 @@ preprocessing settings.
 On disk, an entry is two files under `root/<key[:2]>/`:
   `<key>.npy`   the clip, float16 by default (half the size; after normalisation float16
                 keeps ~3 significant digits, far below the noise of an OCT scan);
-  `<key>.json`  the commit record: format, source_id, spec, shape, dtype, crc32 of the data.
+  `<key>.json`  the commit record: format, source_id, spec, shape, dtype, crc32 of the data, and
+                the source's decoded dtype (`source_dtype`, e.g. "uint8"), which decides whether
+                a pack may store the clip in 8 bits (see `octft.data.dataset.resolve_pack_dtype`).
 Both are written to unique temporary names and `os.replace`d, the record last, so the
 record is the commit point: a reader never sees half an entry, and any number of
 processes may build the same key at once. Reading checks the record against the data;
@@ -126,6 +128,17 @@ class VolumeCache:
             and size <= items * np.dtype(self.dtype).itemsize + 4096
         )
 
+    def source_dtype(self, source_id: str) -> str | None:
+        """The dtype `source_id` decoded to when its entry was built ("uint8", "uint16", ...), from the
+        entry's record; None when there is no entry or it predates the field (counts as not 8-bit)."""
+        _, record_path = self.entry_paths(source_id)
+        try:
+            record = json.loads(record_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        value = record.get("source_dtype") if isinstance(record, dict) else None
+        return value if isinstance(value, str) else None
+
     def get(self, source_id: str) -> np.ndarray | None:
         """The cached float32 clip of `source_id`, or None when there is no valid entry.
 
@@ -178,8 +191,10 @@ class VolumeCache:
 
     # -- writing -------------------------------------------------------------------------
 
-    def put(self, source_id: str, array: np.ndarray) -> np.ndarray:
+    def put(self, source_id: str, array: np.ndarray, *, source_dtype: str | None = None) -> np.ndarray:
         """Store a preprocessed clip; returns it as a later `get` will (float32, after storage rounding).
+
+        `source_dtype` is the dtype the source decoded to, kept in the record (`source_dtype`).
 
         Atomic and safe when several processes put the same key at once: the last
         complete write wins and every reader sees one whole entry or none.
@@ -207,6 +222,8 @@ class VolumeCache:
             "dtype": self.dtype,
             "crc32": zlib.crc32(stored),
         }
+        if source_dtype is not None:
+            record["source_dtype"] = source_dtype
         # No fsync: a crash can leave a committed record over lost data, and the checksum
         # turns that into a miss instead of a wrong array.
         _write_atomic(data_path, lambda handle: np.save(handle, stored, allow_pickle=False))
@@ -232,7 +249,7 @@ class VolumeCache:
             clip = preprocess(array, self.spec)
         except ValueError as exc:
             raise OctReadError(source_id, f"cannot preprocess the volume: {exc}") from exc
-        return self.put(source_id, clip)
+        return self.put(source_id, clip, source_dtype=str(array.dtype))
 
     def build(
         self,

@@ -2,7 +2,9 @@
 
 Every trial of a sweep reads prepared arrays from the cache instead of decoding DICOM again. A
 volume that fails to decode is counted and reported by `prepare_volumes`, and the dataset is built only
-from the volumes that have a cache entry.
+from the volumes that have a cache entry. Each split is read from a pack (`volume_pack`) whose dtype is
+`data.pack_dtype` (`resolve_pack_dtype`); batches leave the host in that dtype and the model converts
+them to float32 on the device (`octft.models.encoder.input_as_float`).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from functools import partial
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence, get_args
 
 import numpy as np
 import pandas as pd
@@ -20,6 +22,11 @@ from octft.data.cache import CacheReport, StorageDtype, VolumeCache
 from octft.data.pack import Pack, open_pack, write_pack
 from octft.data.preprocess import Preprocessing
 from octft.data.readers import read_volume
+from octft.errors import UsageError
+
+PackDtype = Literal["auto", "uint8", "float16", "float32"]
+# Intensities that map every clip into [0, 1], so that uint8 can store round(x * 255).
+UNIT_RANGE_INTENSITIES = ("percentile", "minmax")
 
 
 def _known(value: object) -> str | None:
@@ -66,6 +73,7 @@ class PreparedVolumes:
     failed_volumes: pd.DataFrame | None = None  # the rows of the audit's table that failed to build
     # Each split's pack, once opened: a warm trial runner verifies it once, not once per trial.
     packs: dict[str, Pack] = field(default_factory=dict, repr=False)
+    pack_dtype: PackDtype = "auto"  # `data.pack_dtype`, resolved per split by `resolve_pack_dtype`
 
     def dataset(self, split: str) -> "VolumeDataset":
         """The samples of one split (`train`, `val` or `test`), read from the split's pack.
@@ -77,16 +85,65 @@ class PreparedVolumes:
         volumes = self.volumes[self.volumes.split == split].reset_index(drop=True)
         load = partial(_load, self.storage) if self.storage is not None else None
         if split not in self.packs:
-            self.packs[split] = volume_pack(self.cache, volumes, load)
+            self.packs[split] = volume_pack(self.cache, volumes, load, pack_dtype=self.pack_dtype)
         return VolumeDataset(volumes, self.cache, load=load, pack=self.packs[split])
 
 
-def volume_pack(cache: VolumeCache, volumes: pd.DataFrame, load: Callable[[str], object] | None) -> Pack:
-    """The pack of `volumes`' clips under `cache`'s settings: opened when a whole one exists, else written."""
+def resolve_pack_dtype(pack_dtype: PackDtype, cache: VolumeCache, source_ids: Sequence[str]) -> str:
+    """The dtype a pack of these sources stores its clips in, for the setting `pack_dtype`.
+
+    "auto" is uint8 when every source decoded to 8 bits (the dtype each cache entry records) and the
+    intensity maps clips into [0, 1] (percentile, minmax): uint8 then stores round(x * 255), at most half
+    a source grey level off, in a quarter of float32's bytes (half of float16's), which is what bounds
+    the input rate (benchmarks/bench_input.py). Otherwise "auto" is the cache's own dtype (float16 by
+    default). An explicit dtype is used as it is, except uint8 for zscore clips, which are not in [0, 1].
+
+    >>> resolve_pack_dtype("auto", VolumeCache("c", Preprocessing(intensity="zscore")), ["a"])
+    'float16'
+    """
+    check_pack_dtype(pack_dtype, cache.spec.intensity)
+    if pack_dtype != "auto":
+        return pack_dtype
+    if cache.spec.intensity in UNIT_RANGE_INTENSITIES and source_ids and all(
+        _is_8_bit(cache.source_dtype(sid)) for sid in source_ids
+    ):
+        return "uint8"
+    return cache.dtype
+
+
+def check_pack_dtype(pack_dtype: str, intensity: str) -> None:
+    """Refuse a `data.pack_dtype` that cannot hold clips of this intensity normalisation (UsageError)."""
+    if pack_dtype not in get_args(PackDtype):
+        raise UsageError(f"data.pack_dtype={pack_dtype!r} is unknown: use one of {', '.join(get_args(PackDtype))}")
+    if pack_dtype == "uint8" and intensity not in UNIT_RANGE_INTENSITIES:
+        raise UsageError(
+            f"data.pack_dtype=uint8 cannot hold {intensity} clips (they are not in [0, 1]): use "
+            "data.pack_dtype=auto or float16, or data.preprocess.intensity=percentile or minmax"
+        )
+
+
+def _is_8_bit(dtype: str | None) -> bool:
+    return dtype is not None and np.dtype(dtype).kind in "biu" and np.dtype(dtype).itemsize == 1
+
+
+def _as_pack_row(clip: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "uint8":
+        # The inverse of the device's x / 255 (input_as_float); clip guards float16 rounding past 1.0.
+        return np.rint(np.clip(clip, 0.0, 1.0) * 255).astype(np.uint8)
+    return clip
+
+
+def volume_pack(cache: VolumeCache, volumes: pd.DataFrame, load: Callable[[str], object] | None, *,
+                pack_dtype: PackDtype = "auto") -> Pack:
+    """The pack of `volumes`' clips under `cache`'s settings: opened when a whole one exists, else written.
+
+    Its dtype (`resolve_pack_dtype`) is part of its key, so another dtype never reuses this pack.
+    """
     spec = cache.spec
-    meta = {"kind": "volumes", "spec": asdict(spec), "dtype": cache.dtype}
-    root = cache.root / "packs"
     ids = volumes.source_id.tolist()
+    dtype = resolve_pack_dtype(pack_dtype, cache, ids)
+    meta = {"kind": "volumes", "spec": asdict(spec), "cache_dtype": cache.dtype, "dtype": dtype}
+    root = cache.root / "packs"
     pack = open_pack(root, meta, ids)
     if pack is not None:
         return pack
@@ -94,14 +151,14 @@ def volume_pack(cache: VolumeCache, volumes: pd.DataFrame, load: Callable[[str],
     def clips():
         for sid, key in zip(ids, volumes.key):
             if load is not None:
-                yield cache.get_or_build(sid, partial(load, key))
+                yield _as_pack_row(cache.get_or_build(sid, partial(load, key)), dtype)
                 continue
             clip = cache.get(sid)
             if clip is None:
                 raise FileNotFoundError(f"no valid cache entry for {sid}: run `octft data cache` again")
-            yield clip
+            yield _as_pack_row(clip, dtype)
 
-    return write_pack(root, meta, ids, clips(), row_shape=(spec.frames, spec.height, spec.width), dtype=cache.dtype)
+    return write_pack(root, meta, ids, clips(), row_shape=(spec.frames, spec.height, spec.width), dtype=dtype)
 
 
 def prepare_volumes(
@@ -114,6 +171,7 @@ def prepare_volumes(
     width: int,
     intensity: str = "percentile",
     dtype: StorageDtype = "float16",
+    pack_dtype: PackDtype = "auto",
     workers: int | None = None,
     keep: bool = False,
     budget_gb: float = 0.0,
@@ -131,10 +189,12 @@ def prepare_volumes(
     `share=(i, n)` only every n-th volume from the i-th is prepared (hosts preparing one shared cache
     together); `volumes` keeps them all. `decode` says where volumes are decoded (`stream_prepare`).
     Volumes that fail are counted in `report.failed` with their
-    reason and left out of `volumes`. The keyword arguments are `DataConfig.prepare_kwargs()`.
+    reason and left out of `volumes`. `pack_dtype` is the dtype of each split's pack (`resolve_pack_dtype`).
+    The keyword arguments are `DataConfig.prepare_kwargs()`.
     """
     from octft.data.prepare import PrepareItem, default_workers, plan_preparation, stream_prepare, take_share
 
+    check_pack_dtype(pack_dtype, intensity)  # before any work
     if storage is None:
         from octft.data.storage import open_storage
 
@@ -159,12 +219,15 @@ def prepare_volumes(
     prepared = volumes.assign(source_id=[item.source_id for item in items])
     lost = prepared.source_id.isin(failed)
     return PreparedVolumes(prepared[~lost].reset_index(drop=True), cache, report, storage,
-                           failed_volumes=prepared[lost].reset_index(drop=True))
+                           failed_volumes=prepared[lost].reset_index(drop=True), pack_dtype=pack_dtype)
 
 
 class VolumeDataset(torch.utils.data.Dataset):
-    """Samples `{"x": (1, T, H, W) float32, "y": class index, "index": row}` read from a pack, else the cache.
+    """Samples `{"x": (1, T, H, W), "y": class index, "index": row}` read from a pack, else the cache.
 
+    `x` comes in the pack's dtype (uint8 holding round(x * 255), float16 or float32; float32 without a
+    pack) and is converted to float32 on the device, by the model (`octft.models.encoder.input_as_float`),
+    so a uint8 batch crosses to the device in a quarter of float32's bytes.
     `index` points back into `volumes` (participant, key) so evaluation can aggregate by participant.
     `load(key)` reads a source volume again when its cache entry went missing or bad after the build.
     `gather(indices)` reads a whole batch from the pack at once.
@@ -182,9 +245,9 @@ class VolumeDataset(torch.utils.data.Dataset):
         return len(self.volumes)
 
     def gather(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x (B, 1, T, H, W) float32, y (B,) long) of the rows at `indices`, in that order."""
+        """(x (B, 1, T, H, W) in the pack's dtype, y (B,) long) of the rows at `indices`, in that order."""
         if self.pack is not None:
-            clips = torch.from_numpy(self.pack.gather(indices)).float()
+            clips = torch.from_numpy(self.pack.gather(indices))
         else:
             clips = torch.stack([self[index]["x"][0] for index in indices])
         return clips.unsqueeze(1), torch.from_numpy(self.labels[list(indices)])

@@ -25,12 +25,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import queue
 import shutil
-import threading
 import uuid
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -41,6 +41,7 @@ PACK_FORMAT = 1
 TEMP_SUFFIX = ".tmp"
 
 T = TypeVar("T")
+U = TypeVar("U")
 
 
 def pack_key(meta: dict[str, Any], row_ids: Sequence[str]) -> str:
@@ -61,11 +62,14 @@ class Pack:
         return len(self.row_ids)
 
     def gather(self, indices: Sequence[int]) -> np.ndarray:
-        """The rows at `indices`, in that order, as one new array (reads in file order, then reorders)."""
-        indices = np.asarray(indices, dtype=np.int64)
-        order = np.argsort(indices, kind="stable")
+        """The rows at `indices`, in that order, as one new array of the pack's dtype.
+
+        Rows are read in file order, each copied once straight into its place (a fancy index on the map
+        would copy twice); numpy releases the GIL for these copies, so loader threads gather in parallel.
+        """
         out = np.empty((len(indices), *self.rows.shape[1:]), dtype=self.rows.dtype)
-        out[order] = self.rows[indices[order]]
+        for position in np.argsort(np.asarray(indices, dtype=np.int64), kind="stable"):
+            out[position] = self.rows[indices[position]]
         return out
 
 
@@ -103,6 +107,10 @@ def write_pack(
         for index, row in enumerate(rows):
             if index >= len(row_ids):
                 raise ValueError(f"write_pack: more rows than the {len(row_ids)} row ids")
+            if not np.can_cast(np.asarray(row).dtype, array.dtype, "same_kind"):
+                # float into uint8 would truncate silently: the caller decides how to round.
+                raise ValueError(f"write_pack: row {index} is {np.asarray(row).dtype}, which a {dtype} pack cannot "
+                                 "hold without rounding; convert the rows first")
             array[index] = row
             crcs.append(zlib.crc32(np.ascontiguousarray(array[index])))
             count += 1
@@ -167,46 +175,32 @@ def _remove(folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def prefetch(items: Iterator[T], depth: int = 2) -> Iterator[T]:
-    """`items`, produced `depth` ahead by a background thread, so that the next batch is gathered
-    while the device runs the current step (memory-map reads and float conversion release the GIL).
+def prefetch(work: Callable[[T], U], tasks: Iterable[T], *, workers: int = 1) -> Iterator[U]:
+    """`work(task)` for each of `tasks`, in order, computed ahead by `workers` background threads, so the
+    next batches are gathered while the device runs the current step (memory-map copies release the GIL,
+    so threads gather in parallel). `workers=0` calls `work` here, when each result is asked for.
 
-    An exception in the producer is raised here, at the item where it happened.
+    At most `2 * workers` results are in flight or waiting. An exception in `work` is raised here, at the
+    task where it happened; a consumer that stops early cancels what was not started.
+
+    >>> list(prefetch(lambda n: n * n, range(5), workers=2))
+    [0, 1, 4, 9, 16]
     """
-    if depth < 1:
-        yield from items
+    if workers < 0:
+        raise ValueError(f"prefetch: workers must be >= 0, got {workers}")
+    if workers == 0:
+        for task in tasks:
+            yield work(task)
         return
-    done = object()
-    slots: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def produce() -> None:
+    pending: deque[Future] = deque()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="octft-prefetch") as pool:
         try:
-            for item in items:
-                if stop.is_set():
-                    return
-                slots.put((item, None))
-        except BaseException as error:  # noqa: BLE001 - handed to the consumer, raised there
-            slots.put((None, error))
-            return
-        slots.put((done, None))
-
-    thread = threading.Thread(target=produce, name="octft-prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item, error = slots.get()
-            if error is not None:
-                raise error
-            if item is done:
-                return
-            yield item
-    finally:
-        stop.set()
-        # Unblock a producer waiting on a full queue, then let it end.
-        while thread.is_alive():
-            try:
-                slots.get_nowait()
-            except queue.Empty:
-                thread.join(timeout=0.05)
-
+            for task in tasks:
+                pending.append(pool.submit(work, task))
+                if len(pending) >= 2 * workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()

@@ -130,6 +130,21 @@ def sincos_table(embed_dim: int, frames: int, rows: int, cols: int) -> torch.Ten
 # ---------------------------------------------------------------------------------------------
 
 
+def input_as_float(x: torch.Tensor) -> torch.Tensor:
+    """A batch of clips as the encoder computes on it: float32, with uint8 read as round(x * 255) of [0, 1].
+
+    The one place where input becomes float32 (training, validation, frozen features and predict all
+    enter through `VideoViT.forward_features`): batches cross from the host in their pack's dtype (uint8
+    or float16, see `octft.data.dataset.resolve_pack_dtype`) and are converted here, on the device.
+
+    >>> input_as_float(torch.tensor([0, 51, 255], dtype=torch.uint8))
+    tensor([0.0000, 0.2000, 1.0000])
+    """
+    if x.dtype == torch.uint8:
+        return x.float() / 255  # a division, not a multiply: k / 255 is then exactly what float32 packs hold
+    return x.float()
+
+
 class PatchEmbed3D(nn.Module):
     """Conv3d tubelets -> tokens (B, N, D) ordered time, row, column."""
 
@@ -323,13 +338,15 @@ class VideoViT(nn.Module):
         return table.permute(0, 2, 3, 4, 1).reshape(1, -1, self.embed_dim)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, T, H, W) -> normed tokens (B, N, D), N = T/tubelet * H/patch * W/patch."""
+        """(B, C, T, H, W) -> normed tokens (B, N, D), N = T/tubelet * H/patch * W/patch.
+
+        `x` is float, or uint8 holding round(x * 255) (see `input_as_float`)."""
         if x.ndim != 5 or x.shape[1] != self.in_chans:
             raise ValueError(
                 f"expected input (batch, {self.in_chans}, frames, height, width), got shape {tuple(x.shape)}"
             )
         grid = self.token_grid(*x.shape[2:])
-        tokens = self.patch_embed(x)
+        tokens = self.patch_embed(input_as_float(x))
         rope = None
         if self.use_rope:
             # Shapes are static, so XLA sees these tables as constants of the graph.

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from octft.data.pack import prefetch
 from octft.train.losses import mean_loss, row_losses
 from octft.train.metrics import (
     aggregate_by_participant,
@@ -75,7 +76,7 @@ class FitResult:
 
 
 def padded_batches(
-    dataset, batch_size: int, *, order: Sequence[int], host_index: int = 0, host_count: int = 1
+    dataset, batch_size: int, *, order: Sequence[int], host_index: int = 0, host_count: int = 1, workers: int = 0
 ) -> Iterator[dict[str, torch.Tensor]]:
     """This host's rows of each global batch of exactly `batch_size` rows in `order`.
 
@@ -83,47 +84,52 @@ def padded_batches(
     kind; the 0/1 weight `w` keeps padding out of the loss and the metrics; `row` is each row's index
     in `dataset`. With several hosts, host `h` reads and yields only rows `[h * B/P, (h+1) * B/P)` of
     each global batch (torch_xla's per-host input contract: the runtime assembles the hosts' rows, in
-    host order, into the global batch), so no row is read or fed twice.
+    host order, into the global batch), so no row is read or fed twice. `workers` background threads
+    gather batches ahead (`train.num_workers`; 0: each batch is gathered when it is asked for).
     """
     if batch_size % host_count:
         raise ValueError(f"a global batch of {batch_size} rows cannot be split evenly over {host_count} hosts")
     host_rows = batch_size // host_count
     mine = slice(host_index * host_rows, (host_index + 1) * host_rows)
-    for start in range(0, len(order), batch_size):
-        indices = list(order[start : start + batch_size])
-        real = len(indices)
-        indices += [indices[-1]] * (batch_size - real)
-        weights = [1.0] * real + [0.0] * (batch_size - real)
-        indices, weights = indices[mine], weights[mine]
+
+    def plans():
+        for start in range(0, len(order), batch_size):
+            indices = list(order[start : start + batch_size])
+            real = len(indices)
+            indices += [indices[-1]] * (batch_size - real)
+            weights = [1.0] * real + [0.0] * (batch_size - real)
+            yield indices[mine], weights[mine]
+
+    def batch(plan: tuple[list[int], list[float]]) -> dict[str, torch.Tensor]:
+        indices, weights = plan
         if hasattr(dataset, "gather"):  # a packed dataset reads the whole batch in one gather
             x, y = dataset.gather(indices)
         else:
             rows = [dataset[i] for i in indices]
             x, y = torch.stack([row["x"] for row in rows]), torch.stack([row["y"] for row in rows])
-        yield {
+        return {
             "x": x,
             "y": y,
             "w": torch.tensor(weights),
             "row": torch.tensor(indices, dtype=torch.long),  # dataset index, to place eval logits
         }
 
+    return prefetch(batch, plans(), workers=workers)
+
 
 class _Batches:
     """A re-iterable, sized view of `padded_batches` (device loaders want both)."""
 
-    def __init__(self, dataset, batch_size: int, order: Sequence[int], runtime: Runtime):
-        self.dataset, self.batch_size, self.order = dataset, batch_size, list(order)
+    def __init__(self, dataset, batch_size: int, order: Sequence[int], runtime: Runtime, workers: int = 1):
+        self.dataset, self.batch_size, self.order, self.workers = dataset, batch_size, list(order), workers
         self.host_index, self.host_count = runtime.process_index, runtime.process_count
 
     def __len__(self) -> int:
         return math.ceil(len(self.order) / self.batch_size)
 
     def __iter__(self):
-        from octft.data.pack import prefetch
-
-        # The next batch is gathered on a thread while the device runs this one.
-        return prefetch(padded_batches(self.dataset, self.batch_size, order=self.order,
-                                       host_index=self.host_index, host_count=self.host_count), depth=2)
+        return padded_batches(self.dataset, self.batch_size, order=self.order, host_index=self.host_index,
+                              host_count=self.host_count, workers=self.workers)
 
 
 def place_rows(logits: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, total_rows: int) -> torch.Tensor:
@@ -230,6 +236,7 @@ def fit(
     run_dir: str | Path,
     resume: bool = False,
     frozen_features=None,
+    num_workers: int = 1,
 ) -> FitResult:
     """Fine-tune `model` (a `Classifier`) and return the best epoch's validation scores.
 
@@ -242,6 +249,7 @@ def fit(
     `early_stopping_patience` counts only epochs from `unfreeze_epoch` on (from 0 for a probe run).
     `frozen_features` (`octft.features.frozen.FrozenFeatures`): while the encoder is frozen, the head trains
     and is evaluated on these stored encoder outputs (same rows, order and batches) with no encoder pass.
+    `num_workers` threads gather batches ahead of the step (`padded_batches`).
     """
     if objective_direction not in ("maximize", "minimize"):
         raise ValueError(f"objective_direction must be maximize or minimize, got {objective_direction!r}")
@@ -314,7 +322,7 @@ def fit(
 
         loss_sum = torch.zeros((), device=runtime.device)
         weight_sum = torch.zeros((), device=runtime.device)
-        for step_in_epoch, batch in enumerate(runtime.device_loader(_Batches(train_rows, step_rows, order, runtime))):
+        for step_in_epoch, batch in enumerate(runtime.device_loader(_Batches(train_rows, step_rows, order, runtime, num_workers))):
             factor = lr_factor(epoch * steps_per_epoch + step_in_epoch, total_steps=total_steps,
                                warmup_steps=warmup_steps, min_ratio=min_lr_ratio)
             set_lr(optimizer, factor, runtime.device)
@@ -327,7 +335,7 @@ def fit(
         # Evaluation: confusion counts stay on device; logits are fetched once, below.
         confusion = torch.zeros(num_classes, num_classes, device=runtime.device)
         val_logits = torch.zeros(len(val_set), num_classes, device=runtime.device)
-        for batch in runtime.device_loader(_Batches(val_rows, layout.eval_batch_size, range(len(val_set)), runtime)):
+        for batch in runtime.device_loader(_Batches(val_rows, layout.eval_batch_size, range(len(val_set)), runtime, num_workers)):
             out = eval_step(step_model, batch, num_classes=num_classes, runtime=runtime)
             confusion = confusion_update(confusion, out["logits"], batch["y"], batch["w"])
             val_logits = val_logits + place_rows(out["logits"], batch["row"], batch["w"], len(val_set))

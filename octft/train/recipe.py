@@ -385,7 +385,7 @@ def train(
             early_stopping_patience=cfg.train.early_stopping_patience,
             objective_metric=cfg.train.objective.metric, objective_direction=cfg.train.objective.direction,
             seed=cfg.train.seed, run_dir=run_dir,
-            resume=resume, frozen_features=features,
+            resume=resume, frozen_features=features, num_workers=cfg.train.num_workers,
         )
         best_dir = run_dir / "best"
         if runtime.is_main and best_dir.is_dir():

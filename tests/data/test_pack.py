@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import threading
 from pathlib import Path
@@ -102,34 +103,50 @@ def test_several_processes_read_one_pack_at_once(tmp_path):
         assert raw == np.stack([data[index] for index in order]).tobytes()
 
 
-def test_prefetch_keeps_order_and_raises_where_the_producer_failed():
-    assert list(prefetch(iter(range(50)), depth=3)) == list(range(50))
+@pytest.mark.parametrize("workers", [0, 1, 2, 3])
+def test_prefetch_keeps_order_and_raises_where_the_work_failed(workers):
+    assert list(prefetch(lambda n: n * n, iter(range(50)), workers=workers)) == [n * n for n in range(50)]
 
-    def failing():
-        yield 1
-        yield 2
-        raise OSError("disk gone")
+    def gather(n):
+        if n == 2:
+            raise OSError("disk gone")
+        return n
 
     seen = []
     with pytest.raises(OSError, match="disk gone"):
-        for item in prefetch(failing(), depth=2):
+        for item in prefetch(gather, range(10), workers=workers):
             seen.append(item)
-    assert seen == [1, 2]
+    assert seen == [0, 1]
 
 
-def test_prefetch_stops_its_thread_when_the_consumer_stops_early():
-    produced = []
+@pytest.mark.parametrize("workers", [0, 1, 2])
+def test_prefetch_works_ahead_only_a_bounded_window_and_stops_when_the_consumer_does(workers):
+    started = []
 
-    def endless():
-        index = 0
-        while True:
-            produced.append(index)
-            yield index
-            index += 1
+    def work(n):
+        started.append(n)
+        return n
 
-    iterator = prefetch(endless(), depth=2)
+    iterator = prefetch(work, itertools.count(), workers=workers)
     assert [next(iterator) for _ in range(3)] == [0, 1, 2]
-    iterator.close()
-    count = len(produced)
+    iterator.close()  # joins the threads: nothing is started after this
+    count = len(started)
+    assert count <= 3 + 2 * workers
     threading.Event().wait(0.1)
-    assert len(produced) <= count + 1
+    assert len(started) == count
+
+
+def test_threads_gather_one_pack_at_once(tmp_path):
+    data = rows(30)
+    pack = write_pack(tmp_path, META, ids(30), iter(data), row_shape=(2, 3, 4), dtype="float16")
+    batches = [[index, (index * 7) % 30, 29 - index] for index in range(30)]
+    for got, indices in zip(prefetch(pack.gather, batches, workers=3), batches):
+        np.testing.assert_array_equal(got, np.stack([data[index] for index in indices]))
+
+
+def test_a_uint8_pack_refuses_float_rows_it_would_truncate(tmp_path):
+    with pytest.raises(ValueError, match="row 0 is float16, which a uint8 pack cannot hold without rounding"):
+        write_pack(tmp_path, META, ids(2), iter(rows(2)), row_shape=(2, 3, 4), dtype="uint8")
+    clips = [np.full((2, 3, 4), value, dtype=np.uint8) for value in (0, 255)]
+    pack = write_pack(tmp_path, META | {"dtype": "uint8"}, ids(2), iter(clips), row_shape=(2, 3, 4), dtype="uint8")
+    assert pack.gather([1, 0]).dtype == np.uint8 and pack.gather([1])[0, 0, 0, 0] == 255
