@@ -55,11 +55,12 @@ def source_id(uri: str, key: str, size: int, version: object, sha1: object = Non
     return "|".join(parts)
 
 
-def _load(storage, key: str):
+def _load(storage, keep: bool, budget_bytes: int, key: str):
     try:
         return read_volume(storage.local_path(key), name=f"{storage.uri.rstrip('/')}/{key}")
     finally:
-        storage.release_download(key)  # a rebuild during training leaves no raw copy behind
+        # A rebuild during training follows data.download.keep / budget_gb, as the preparation did.
+        storage.release_download(key, keep=keep, budget_bytes=budget_bytes)
 
 
 @dataclass
@@ -74,6 +75,8 @@ class PreparedVolumes:
     # Each split's pack, once opened: a warm trial runner verifies it once, not once per trial.
     packs: dict[str, Pack] = field(default_factory=dict, repr=False)
     pack_dtype: PackDtype = "auto"  # `data.pack_dtype`, resolved per split by `resolve_pack_dtype`
+    keep_downloads: bool = False  # `data.download.keep`: a rebuild keeps its raw copy within the budget
+    download_budget_bytes: int = 0
 
     def dataset(self, split: str) -> "VolumeDataset":
         """The samples of one split (`train`, `val` or `test`), read from the split's pack.
@@ -83,7 +86,8 @@ class PreparedVolumes:
         an entry that went missing or bad since the build is rebuilt from the source on the way.
         """
         volumes = self.volumes[self.volumes.split == split].reset_index(drop=True)
-        load = partial(_load, self.storage) if self.storage is not None else None
+        load = (partial(_load, self.storage, self.keep_downloads, self.download_budget_bytes)
+                if self.storage is not None else None)
         if split not in self.packs:
             self.packs[split] = volume_pack(self.cache, volumes, load, pack_dtype=self.pack_dtype)
         return VolumeDataset(volumes, self.cache, load=load, pack=self.packs[split])
@@ -219,7 +223,8 @@ def prepare_volumes(
     prepared = volumes.assign(source_id=[item.source_id for item in items])
     lost = prepared.source_id.isin(failed)
     return PreparedVolumes(prepared[~lost].reset_index(drop=True), cache, report, storage,
-                           failed_volumes=prepared[lost].reset_index(drop=True), pack_dtype=pack_dtype)
+                           failed_volumes=prepared[lost].reset_index(drop=True), pack_dtype=pack_dtype,
+                           keep_downloads=keep, download_budget_bytes=int(budget_gb * 1e9) if keep else 0)
 
 
 class VolumeDataset(torch.utils.data.Dataset):

@@ -211,6 +211,28 @@ def test_without_keep_no_raw_file_outlives_its_preparation(bucket, tmp_path):
     assert raw.high_water_bytes <= int(report.volumes["size"].max())
 
 
+def test_an_entry_rebuilt_during_training_keeps_its_download_when_keep_is_set(bucket, tmp_path):
+    raw, _ = bucket
+    budget = 10e6  # room for every raw file of this tiny release
+    report, prepared = prepare(tmp_path, keep=True, budget_gb=budget / 1e9)
+    kept = {path.name for path in raw_files(tmp_path / "downloads")}
+    assert len(kept) == len(report.volumes)
+    # Lose one train entry and one kept raw file after the build: opening the split rebuilds the entry
+    # from the bucket, and with keep the fresh download stays (before: it was always deleted).
+    lost = prepared.volumes[prepared.volumes.split == "train"].iloc[0]
+    for path in prepared.cache.root.rglob("*"):
+        if path.is_file() and path.suffix in (".npy", ".json") and "packs" not in path.parts:
+            record = path.with_suffix(".json")
+            if record.exists() and lost.source_id in record.read_text():
+                path.unlink()
+    (victim,) = [path for path in raw_files(tmp_path / "downloads") if path.name == Path(lost.key).name]
+    victim.unlink()
+    downloads_before = len(raw.downloads)
+    prepared.dataset("train")
+    assert raw.downloads[downloads_before:] == [lost.key]
+    assert Path(lost.key).name in {path.name for path in raw_files(tmp_path / "downloads")}
+
+
 def test_an_interrupted_preparation_resumes_without_fetching_prepared_volumes(bucket, tmp_path):
     raw, _ = bucket
     raw.interrupt_after = 5
