@@ -51,6 +51,11 @@ class FeatureSplit(torch.utils.data.Dataset):
     def participant_ids(self, indices: Sequence[int]) -> list[str]:
         return [self._participants[i] for i in indices]
 
+    @property
+    def cheap_to_gather(self) -> bool:
+        """Pooled rows are a few kilobytes a batch: `fit()` gathers them in line, not on a prefetch thread."""
+        return self.kind == "pooled"
+
 
 @dataclass
 class FrozenFeatures:

@@ -5,10 +5,12 @@ reporter (Optuna or nothing); it never imports optuna or mlflow and never tests 
 
 Per epoch: set the encoder frozen or trainable (progressive unfreezing), run the training steps
 (graph-stable: fixed shapes, no host reads inside a step), evaluate once on the validation split
-(confusion counts accumulated on device, logits fetched once), score at participant level, log,
-report, checkpoint, and stop early. One objective (`objective_metric`, `objective_direction`) picks the
-best epoch, writes `best.pt`, drives early stopping and is what the reporter receives. Stop rules count
-only epochs with a trainable encoder: a late-unfreezing run is never stopped before its encoder moved.
+(logits placed on device; they and the training loss come back in one transfer), score at participant
+level, log, report, checkpoint, and stop early. One objective (`objective_metric`, `objective_direction`)
+picks the best epoch, writes `best.pt`, drives early stopping and is what the reporter receives. Stop
+rules count only epochs with a trainable encoder: a late-unfreezing run is never stopped before its
+encoder moved. Epochs on stored features (a frozen encoder, `frozen_features`) write no checkpoint of
+their own: they replay exactly from (seed, epoch) in less time than a write takes.
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ from octft.train.metrics import (
     classification_metrics,
     confusion_matrix,
     confusion_matrix_figure,
-    confusion_update,
     softmax,
 )
 from octft.models.checkpoint import CheckpointError
@@ -128,8 +129,10 @@ class _Batches:
         return math.ceil(len(self.order) / self.batch_size)
 
     def __iter__(self):
+        # Stored pooled features gather quicker than a hand-over between threads: no background worker for them.
+        workers = 0 if getattr(self.dataset, "cheap_to_gather", False) else self.workers
         return padded_batches(self.dataset, self.batch_size, order=self.order, host_index=self.host_index,
-                              host_count=self.host_count, workers=self.workers)
+                              host_count=self.host_count, workers=workers)
 
 
 def place_rows(logits: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, total_rows: int) -> torch.Tensor:
@@ -237,18 +240,24 @@ def fit(
     resume: bool = False,
     frozen_features=None,
     num_workers: int = 1,
+    confusion_figure: bool = True,
 ) -> FitResult:
     """Fine-tune `model` (a `Classifier`) and return the best epoch's validation scores.
 
     `train_set` / `val_set` yield `{"x", "y"}` samples; `val_set.participant_ids(indices)` maps rows to
     participants, whose averaged logits give the reported (participant-level) figures. Checkpoints
     go to `run_dir/last.pt` every epoch and `run_dir/checkpoint/best.pt` when `objective_metric` improves
-    (in `objective_direction`); `resume=True` continues from `last.pt` and ends as an uninterrupted run
-    would, or, when `last.pt` says the run already ended (completed, early-stopped, pruned), returns that
-    outcome without training. `unfreeze_epoch=None` never unfreezes the encoder (a probe run);
-    `early_stopping_patience` counts only epochs from `unfreeze_epoch` on (from 0 for a probe run).
-    `frozen_features` (`octft.features.frozen.FrozenFeatures`): while the encoder is frozen, the head trains
-    and is evaluated on these stored encoder outputs (same rows, order and batches) with no encoder pass.
+    (in `objective_direction`), with `run_dir/best/` (the best epoch's predictions and metrics; its
+    confusion-matrix image is drawn once, when the run ends); `resume=True` continues from `last.pt` and
+    ends as an uninterrupted run would, or, when `last.pt` says the run already ended (completed,
+    early-stopped, pruned), returns that outcome without training. `unfreeze_epoch=None` never unfreezes
+    the encoder (a probe run); `early_stopping_patience` counts only epochs from `unfreeze_epoch` on (from
+    0 for a probe run). `frozen_features` (`octft.features.frozen.FrozenFeatures`): while the encoder is
+    frozen, the head trains and is evaluated on these stored encoder outputs (same rows, order and batches)
+    with no encoder pass; those epochs write `last.pt` only when the run ends there, and their best epoch's
+    `best.pt` and `best/` when the run leaves the features (its first unfrozen epoch) or ends.
+    `confusion_figure=False` skips `best/confusion_matrix.png` (a probe study: nothing reads it there,
+    and drawing it costs a fifth of a probe trial).
     `num_workers` threads gather batches ahead of the step (`padded_batches`).
     """
     if objective_direction not in ("maximize", "minimize"):
@@ -281,6 +290,18 @@ def fit(
     warmup_steps = int(round(warmup_epochs * steps_per_epoch))
     val_participants = val_set.participant_ids(range(len(val_set)))
     val_targets = np.asarray([int(val_set[i]["y"]) for i in range(len(val_set))]) if len(val_set) else np.zeros(0, int)
+
+    # The best epoch on stored features, not yet written: its head's weights (the encoder has not moved since).
+    pending_best: dict | None = None
+
+    def write_best(epoch: int, metrics: dict[str, float], logits: np.ndarray, head_state: dict | None = None) -> None:
+        model_state = model.state_dict()
+        if head_state is not None:
+            model_state.update({f"head.{name}": value for name, value in head_state.items()})
+        runtime.save({"model": model_state, "epoch": epoch, "metrics": json.dumps(metrics)},
+                     run_dir / "checkpoint" / "best.pt")
+        if runtime.is_main:
+            write_best_artifacts(run_dir, logits, val_targets, val_participants, class_names, metrics, figure=False)
 
     state = {"epoch": -1, "best_value": -math.inf if maximize else math.inf, "best_epoch": None, "best_metrics": {},
              "bad_epochs": 0, "history": [], "status": "running", "stop_reason": None}
@@ -316,6 +337,9 @@ def fit(
         model.head.train(True)
         # A frozen encoder's output is the stored feature row: the head alone steps on it, batch for batch.
         on_features = frozen_features is not None and not encoder_trainable
+        if pending_best is not None and not on_features:  # before the encoder moves: best.pt holds its weights
+            write_best(**pending_best)
+            pending_best = None
         step_model = model.head if on_features else model
         train_rows, val_rows = (frozen_features.train, frozen_features.val) if on_features else (train_set, val_set)
         order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
@@ -332,17 +356,17 @@ def fit(
             weight_sum = weight_sum + out["weight_sum"].detach()
         train_seconds = time.perf_counter() - started
 
-        # Evaluation: confusion counts stay on device; logits are fetched once, below.
-        confusion = torch.zeros(num_classes, num_classes, device=runtime.device)
+        # Evaluation: every row's logits placed on device, each row exactly once.
         val_logits = torch.zeros(len(val_set), num_classes, device=runtime.device)
         for batch in runtime.device_loader(_Batches(val_rows, layout.eval_batch_size, range(len(val_set)), runtime, num_workers)):
             out = eval_step(step_model, batch, num_classes=num_classes, runtime=runtime)
-            confusion = confusion_update(confusion, out["logits"], batch["y"], batch["w"])
             val_logits = val_logits + place_rows(out["logits"], batch["row"], batch["w"], len(val_set))
-        # The epoch's one host-device sync point: every number the host needs, in one transfer each.
-        train_loss = float(runtime.to_host(loss_sum / weight_sum.clamp_min(1.0)))
-        volume_confusion = runtime.to_host(confusion).round().astype(np.int64)
-        logits = runtime.to_host(val_logits)
+        # The epoch's one host-device sync point: the logits and the training loss in one transfer (on a head
+        # over stored features, a transfer costs more than the epoch's compute).
+        fetched = runtime.to_host(torch.cat([val_logits.flatten(), (loss_sum / weight_sum.clamp_min(1.0)).reshape(1)]))
+        train_loss, logits = float(fetched[-1]), fetched[:-1].reshape(len(val_set), num_classes)
+        # The argmax of the very logits the device computed: the counts eval_step would have summed.
+        volume_confusion = confusion_matrix(val_targets, logits.argmax(axis=1), num_classes)
         if not math.isfinite(train_loss):
             kept = (
                 f"the last good checkpoint ({run_dir / 'last.pt'}) is kept" if (run_dir / "last.pt").is_file()
@@ -389,10 +413,11 @@ def fit(
         improved = value > state["best_value"] if maximize else value < state["best_value"]
         if improved:
             state.update(best_value=value, best_epoch=epoch, best_metrics=metrics, bad_epochs=0)
-            runtime.save({"model": model.state_dict(), "epoch": epoch, "metrics": json.dumps(metrics)},
-                         run_dir / "checkpoint" / "best.pt")
-            if runtime.is_main:
-                write_best_artifacts(run_dir, logits, val_targets, val_participants, class_names, metrics)
+            if on_features:  # written when the run leaves the features or ends; a later best replaces it unwritten
+                pending_best = {"epoch": epoch, "metrics": metrics, "logits": logits,
+                                "head_state": {k: v.detach().clone() for k, v in model.head.state_dict().items()}}
+            else:
+                write_best(epoch, metrics, logits)
         elif epoch >= counted_from:
             state["bad_epochs"] += 1
         state["epoch"] = epoch
@@ -416,13 +441,18 @@ def fit(
             state["status"] = status
             if stop_reason is not None:
                 state["stop_reason"] = stop_reason
-        runtime.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "loop_state": json.dumps(state)},
-                     run_dir / "last.pt")
+        if state["status"] in ENDED or not on_features:
+            runtime.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                          "loop_state": json.dumps(state)}, run_dir / "last.pt")
         if state["status"] in ENDED:
             break
 
+    if pending_best is not None:
+        write_best(**pending_best)
     if state["status"] == "running":  # resumed after the last epoch had run but before the status existed
         state["status"] = "completed"
+    if confusion_figure and runtime.is_main and (run_dir / "best" / "val_predictions.csv").is_file():
+        write_confusion_figure(run_dir, class_names)  # drawn once: about a second of matplotlib per image
     return _result(state, _compiles_since(compiles_before, runtime.compile_stats()))
 
 
@@ -485,8 +515,11 @@ def evaluate_logits(
     return metrics
 
 
-def write_best_artifacts(run_dir: Path, logits, targets, participant_ids, class_names, metrics) -> None:
-    """`val_predictions.csv` (one row per participant) and the confusion matrix image of the best epoch."""
+def write_best_artifacts(
+    run_dir: Path, logits, targets, participant_ids, class_names, metrics, *, figure: bool = True
+) -> None:
+    """`best/val_predictions.csv` (one row per participant) and `best/metrics.json` of the best epoch, and
+    with `figure` its confusion-matrix image (`write_confusion_figure`)."""
     ids, mean_logits, participant_targets = aggregate_by_participant(participant_ids, logits, targets)
     probs = softmax(mean_logits)
     best = run_dir / "best"
@@ -496,7 +529,21 @@ def write_best_artifacts(run_dir: Path, logits, targets, participant_ids, class_
         writer.writerow(["participant_id", "true_class", "predicted_class", *[f"prob_{name}" for name in class_names]])
         for pid, target, row in zip(ids, participant_targets, probs):
             writer.writerow([pid, class_names[int(target)], class_names[int(row.argmax())], *[f"{p:.6f}" for p in row]])
-    confusion = confusion_matrix(participant_targets, probs.argmax(axis=1), len(class_names))
-    figure = confusion_matrix_figure(confusion, class_names, "validation, participant level (best epoch)")
-    figure.savefig(best / "confusion_matrix.png", dpi=100)
     (best / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if figure:
+        write_confusion_figure(run_dir, class_names)
+
+
+def write_confusion_figure(run_dir: Path, class_names: Sequence[str]) -> None:
+    """`best/confusion_matrix.png`, participant level, from the classes in `best/val_predictions.csv`.
+
+    >>> write_confusion_figure(Path("demo/runs/demo"), CLASS_SHORT_NAMES)        # doctest: +SKIP
+    """
+    index = {name: i for i, name in enumerate(class_names)}
+    with (run_dir / "best" / "val_predictions.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    targets = np.asarray([index[row["true_class"]] for row in rows], dtype=np.int64)
+    predictions = np.asarray([index[row["predicted_class"]] for row in rows], dtype=np.int64)
+    confusion = confusion_matrix(targets, predictions, len(class_names))
+    figure = confusion_matrix_figure(confusion, class_names, "validation, participant level (best epoch)")
+    figure.savefig(run_dir / "best" / "confusion_matrix.png", dpi=100)

@@ -30,7 +30,6 @@ import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from sklearn.metrics import roc_auc_score
 
 # MLflow accepts these characters in metric keys; class names become part of the keys.
 _KEY_SAFE = re.compile(r"^[A-Za-z0-9_.\-/ ]+$")
@@ -148,7 +147,18 @@ def _auc_macro(probs: np.ndarray, targets: np.ndarray, confusion: np.ndarray, cl
             stacklevel=3,
         )
         return math.nan
-    return float(roc_auc_score(targets, probs, multi_class="ovr", average="macro", labels=list(range(num_classes))))
+    return float(np.mean([_roc_auc(probs[:, c], targets == c) for c in range(num_classes)]))
+
+
+def _roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """One-vs-rest ROC AUC as a rank sum (Mann-Whitney U, ties counted half): scikit-learn's `roc_auc_score`
+    to float precision, without its input checks, which cost about 7 ms a call (twice an epoch, every epoch)."""
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    mean_ranks = np.cumsum(counts) - (counts - 1) / 2.0  # 1-based rank of each distinct score, ties averaged
+    positives = int(positive.sum())
+    negatives = positive.size - positives
+    rank_sum = mean_ranks[inverse.reshape(-1)][positive].sum()
+    return float((rank_sum - positives * (positives + 1) / 2.0) / (positives * negatives))
 
 
 def classification_metrics(
