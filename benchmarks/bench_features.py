@@ -6,12 +6,15 @@ fine-tune, and the demo sweep with and without the store.
    (`perf/epoch_seconds`). Goal: a frozen epoch after the first costs at most 25% of an unfrozen one.
    Plus the same ratio from FLOPs for ViT-B on 16 x 224 x 224 (forward = F, training step = 3F; a frozen
    epoch without the store costs F per sample, with it only the head).
-2. A probe study (`sweeps/probe.yaml`, N trials, in one process) against one demo fine-tune run (the
-   demo experiment as shipped, store off), wall time, same data.
-3. The demo sweep (`sweeps/demo.yaml`, K trials, 2 workers) with the store off and on: wall time, best value.
+2. A probe study (`octft sweep launch sweeps/probe.yaml`, N trials in one process) against one demo
+   fine-tune run (`octft train experiments/demo.yaml`, store off), each its own process timed from start
+   to exit, same data and the same XLA:CPU devices in the environment; the probe study builds the store.
+3. The demo sweep (`sweeps/demo.yaml`, K trials of E epochs, 2 warm workers) with the store off and on:
+   wall time of the launch, best value. Defaults K=4, E=6 (about 5 minutes on a quiet 2-core machine).
 
     .venv/bin/python benchmarks/bench_features.py                         # all three
     .venv/bin/python benchmarks/bench_features.py --parts epochs probe --probe-trials 50
+    .venv/bin/python benchmarks/bench_features.py --parts sweep --sweep-trials 4 --sweep-epochs 6
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--participants", type=int, default=96, help="synthetic participants (default 96, as the demo)")
     parser.add_argument("--parts", nargs="+", choices=["epochs", "probe", "sweep"], default=["epochs", "probe", "sweep"])
     parser.add_argument("--probe-trials", type=int, default=50)
-    parser.add_argument("--sweep-trials", type=int, default=6)
+    parser.add_argument("--sweep-trials", type=int, default=4)
+    parser.add_argument("--sweep-epochs", type=int, default=6, help="epochs per sweep trial (above the unfreeze range 0..4)")
     parser.add_argument("--devices", type=int, default=2, help="XLA:CPU devices per run (the demo's per trial)")
     parser.add_argument("--dir", type=Path, default=None, help="where data, cache and runs go (default: a temp dir)")
     return parser.parse_args()
@@ -64,16 +68,23 @@ def env(devices: int, root: Path) -> dict[str, str]:
                 MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}")
 
 
+def octft(args: list[str], devices: int, root: Path) -> float:
+    """`octft <args>` in its own process, output kept out of the tables; its wall seconds."""
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "octft.cli", *args], env=env(devices, root), cwd=REPO,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if done.returncode:
+        sys.exit(f"octft {' '.join(args[:2])} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    return time.perf_counter() - started
+
+
 def train_run(root: Path, name: str, overrides: list[str], devices: int) -> tuple[float, list[dict]]:
     """`octft train` in its own process; (wall seconds, per-epoch metrics read back from MLflow)."""
     from mlflow.tracking import MlflowClient
 
     run_dir = root / "runs" / name
-    started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "octft.cli", "train", str(DEMO), *overrides, f"output_dir={root / 'runs'}",
-                    f"tracking.run_name={name}"], env=env(devices, root), check=True, cwd=REPO,
-                   stdout=subprocess.DEVNULL)
-    wall = time.perf_counter() - started
+    wall = octft(["train", str(DEMO), *overrides, f"output_dir={root / 'runs'}", f"tracking.run_name={name}"],
+                 devices, root)
     run_id = json.loads((run_dir / "run.json").read_text())["mlflow_run_id"]
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     series = {key: {m.step: m.value for m in client.get_metric_history(run_id, key)}
@@ -115,47 +126,45 @@ def part_epochs(root: Path, base: list[str], devices: int) -> None:
 
 
 def part_probe(root: Path, base: list[str], trials: int, devices: int) -> None:
-    from octft.sweep.study import launch
+    import optuna
 
     wall_finetune, epochs = train_run(root, "finetune-reference", [*base, "features.enabled=false"], devices)
     best_finetune = max(r["val/balanced_accuracy"] for r in epochs)
     storage = f"sqlite:///{root / 'probe-optuna.db'}"
-    os.environ.update(PJRT_DEVICE="CPU", CPU_NUM_DEVICES=str(devices), MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}")
-    started = time.perf_counter()
-    result = launch(REPO / "sweeps" / "probe.yaml", n_trials=trials, storage=storage,
-                    overrides=[*base, f"output_dir={root / 'runs'}", f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}"])
-    wall_probe = time.perf_counter() - started
-    import optuna
-
+    probe_features = f"features.dir={root / 'probe-features'}"  # its own store: the study builds it
+    wall_probe = octft(["sweep", "launch", str(REPO / "sweeps" / "probe.yaml"), "--storage", storage,
+                        f"n_trials={trials}", *base, probe_features, f"output_dir={root / 'runs'}",
+                        f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}"], devices, root)
     study = optuna.load_study(study_name="demo-probe", storage=storage)
-    print(f"\n## 2. Probe study vs one fine-tune ({trials} probe trials in one process, same data)\n")
+    states = [t.state.name for t in study.trials]
+    print(f"\n## 2. Probe study vs one fine-tune ({trials} probe trials in one process, same data, each command its "
+          "own process)\n")
     print("| what | wall s | best val balanced accuracy | trials (complete / pruned) |\n| --- | --- | --- | --- |")
-    print(f"| one demo fine-tune run (`octft train experiments/demo.yaml`, own process) | {wall_finetune:.1f} | "
+    print(f"| one demo fine-tune run (`octft train experiments/demo.yaml`, store off) | {wall_finetune:.1f} | "
           f"{best_finetune:.3f} | 1 |")
-    print(f"| probe study, {trials} trials (incl. building the feature store) | {wall_probe:.1f} | {study.best_value:.3f} | "
-          f"{result.counts['COMPLETE']} / {result.counts['PRUNED']} |")
+    print(f"| `octft sweep launch sweeps/probe.yaml n_trials={trials}` (incl. building the store) | {wall_probe:.1f} | "
+          f"{study.best_value:.3f} | {states.count('COMPLETE')} / {states.count('PRUNED')} |")
 
 
-def part_sweep(root: Path, base: list[str], trials: int, devices: int) -> None:
+def part_sweep(root: Path, base: list[str], trials: int, epochs: int, devices: int) -> None:
     import optuna
 
-    from octft.sweep.study import launch
-
-    print(f"\n## 3. Demo sweep ({trials} trials, 2 workers, {max(1, devices // 2)} XLA:CPU devices each)\n")
+    print(f"\n## 3. Demo sweep (`sweeps/demo.yaml`, {trials} trials of {epochs} epochs, 2 warm workers, "
+          f"{max(1, devices // 2)} XLA:CPU devices each)\n")
     print("| store | wall s | best value | complete / pruned |\n| --- | --- | --- | --- |")
-    os.environ.update(PJRT_DEVICE="CPU", CPU_NUM_DEVICES=str(devices))
     for store in ("false", "true"):
         storage = f"sqlite:///{root / f'sweep-{store}.db'}"
         tracking = f"sqlite:///{root / f'sweep-{store}-mlflow.db'}"
-        os.environ["MLFLOW_TRACKING_URI"] = tracking
-        started = time.perf_counter()
-        result = launch(REPO / "sweeps" / "demo.yaml", n_trials=trials, workers=2, devices_per_trial=max(1, devices // 2),
-                        storage=storage, overrides=[*base, f"features.enabled={store}", f"mlflow.tracking_uri={tracking}",
-                                                    f"output_dir={root / f'runs-{store}'}"])
-        wall = time.perf_counter() - started
-        best = optuna.load_study(study_name="demo", storage=storage).best_value
+        wall = octft(["sweep", "launch", str(REPO / "sweeps" / "demo.yaml"), "--storage", storage, "--workers", "2",
+                      "--devices-per-trial", str(max(1, devices // 2)), f"n_trials={trials}",
+                      f"fixed.train.epochs={epochs}", *base, f"features.dir={root / f'sweep-features-{store}'}",
+                      f"features.enabled={store}", f"mlflow.tracking_uri={tracking}", f"output_dir={root / f'runs-{store}'}"],
+                     devices, root)
+        study = optuna.load_study(study_name="demo", storage=storage)
+        states = [t.state.name for t in study.trials]
+        best = study.best_value if states.count("COMPLETE") else float("nan")
         print(f"| {'on' if store == 'true' else 'off'} | {wall:.0f} | {best:.3f} | "
-              f"{result.counts['COMPLETE']} / {result.counts['PRUNED']} |")
+              f"{states.count('COMPLETE')} / {states.count('PRUNED')} |")
 
 
 def main() -> None:
@@ -170,7 +179,7 @@ def main() -> None:
         if "probe" in args.parts:
             part_probe(root, base, args.probe_trials, args.devices)
         if "sweep" in args.parts:
-            part_sweep(root, base, args.sweep_trials, args.devices * 2)
+            part_sweep(root, base, args.sweep_trials, args.sweep_epochs, args.devices * 2)
         print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
 
 

@@ -9,8 +9,8 @@ Per epoch: set the encoder frozen or trainable (progressive unfreezing), run the
 level, log, report, checkpoint, and stop early. One objective (`objective_metric`, `objective_direction`)
 picks the best epoch, writes `best.pt`, drives early stopping and is what the reporter receives. Stop
 rules count only epochs with a trainable encoder: a late-unfreezing run is never stopped before its
-encoder moved. Epochs on stored features (a frozen encoder, `frozen_features`) write no checkpoint of
-their own: they replay exactly from (seed, epoch) in less time than a write takes.
+encoder moved. Of the epochs on stored features (a frozen encoder, `frozen_features`) only the last is
+checkpointed: the others replay exactly from (seed, epoch) in less time than a write takes.
 """
 
 from __future__ import annotations
@@ -254,8 +254,8 @@ def fit(
     the encoder (a probe run); `early_stopping_patience` counts only epochs from `unfreeze_epoch` on (from
     0 for a probe run). `frozen_features` (`octft.features.frozen.FrozenFeatures`): while the encoder is
     frozen, the head trains and is evaluated on these stored encoder outputs (same rows, order and batches)
-    with no encoder pass; those epochs write `last.pt` only when the run ends there, and their best epoch's
-    `best.pt` and `best/` when the run leaves the features (its first unfrozen epoch) or ends.
+    with no encoder pass; of those epochs only the last (before unfreezing, or where the run ends) writes
+    `last.pt`, and with it their best epoch's `best.pt` and `best/`.
     `confusion_figure=False` skips `best/confusion_matrix.png` (a probe study: nothing reads it there,
     and drawing it costs a fifth of a probe trial).
     `num_workers` threads gather batches ahead of the step (`padded_batches`).
@@ -337,9 +337,6 @@ def fit(
         model.head.train(True)
         # A frozen encoder's output is the stored feature row: the head alone steps on it, batch for batch.
         on_features = frozen_features is not None and not encoder_trainable
-        if pending_best is not None and not on_features:  # before the encoder moves: best.pt holds its weights
-            write_best(**pending_best)
-            pending_best = None
         step_model = model.head if on_features else model
         train_rows, val_rows = (frozen_features.train, frozen_features.val) if on_features else (train_set, val_set)
         order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
@@ -413,7 +410,7 @@ def fit(
         improved = value > state["best_value"] if maximize else value < state["best_value"]
         if improved:
             state.update(best_value=value, best_epoch=epoch, best_metrics=metrics, bad_epochs=0)
-            if on_features:  # written when the run leaves the features or ends; a later best replaces it unwritten
+            if on_features:  # written with the phase's last checkpoint; a later best replaces it unwritten
                 pending_best = {"epoch": epoch, "metrics": metrics, "logits": logits,
                                 "head_state": {k: v.detach().clone() for k, v in model.head.state_dict().items()}}
             else:
@@ -441,14 +438,16 @@ def fit(
             state["status"] = status
             if stop_reason is not None:
                 state["stop_reason"] = stop_reason
-        if state["status"] in ENDED or not on_features:
+        # On stored features, only the phase's last epoch is checkpointed (the run ends there, or the encoder
+        # unfreezes next): a resumed run replays the others exactly, in less time than the writes would take.
+        if not on_features or state["status"] in ENDED or epoch + 1 == unfreeze_epoch:
+            if pending_best is not None:  # the encoder has not moved: best.pt gets the weights it had then
+                write_best(**pending_best)
+                pending_best = None
             runtime.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                           "loop_state": json.dumps(state)}, run_dir / "last.pt")
         if state["status"] in ENDED:
             break
-
-    if pending_best is not None:
-        write_best(**pending_best)
     if state["status"] == "running":  # resumed after the last epoch had run but before the status existed
         state["status"] = "completed"
     if confusion_figure and runtime.is_main and (run_dir / "best" / "val_predictions.csv").is_file():

@@ -19,7 +19,7 @@ from octft.track import NullTracker
 from octft.train.loop import fit
 from octft.train.losses import balanced_class_weights
 from octft.train.recipe import build_model
-from octft.train.runtime import make_runtime
+from octft.train.runtime import load_state, make_runtime
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = {"frames": 4, "height": 32, "width": 32}
@@ -39,15 +39,20 @@ def small(tmp_path_factory):
 
 
 class Record:
-    """Reporter keeping the head's parameters, the whole model's, and the metrics after every epoch."""
+    """Reporter keeping the head's parameters, the whole model's, the metrics and the run folder's
+    checkpoints (whether `last.pt` exists, the epoch `best.pt` holds) after every epoch."""
 
-    def __init__(self, model):
-        self.model, self.heads, self.models, self.metrics = model, [], [], []
+    def __init__(self, model, run_dir):
+        self.model, self.run_dir, self.heads, self.models, self.metrics = model, run_dir, [], [], []
+        self.last_written, self.best_written = [], []
 
     def report(self, epoch, value, metrics):
         self.heads.append({k: v.detach().clone() for k, v in self.model.head.state_dict().items()})
         self.models.append({k: v.detach().clone() for k, v in self.model.state_dict().items()})
         self.metrics.append(dict(metrics))
+        self.last_written.append((self.run_dir / "last.pt").is_file())
+        best = self.run_dir / "checkpoint" / "best.pt"
+        self.best_written.append(load_state(best)["epoch"] if best.is_file() else None)
         return None
 
 
@@ -57,7 +62,7 @@ def key_for(cfg, train_set, val_set, kind="pooled") -> FeatureKey:
                       sources={"train": list(train_set.volumes.source_id), "val": list(val_set.volumes.source_id)})
 
 
-def run(cfg, train_set, val_set, run_dir, *, features_root=None, unfreeze_epoch=2, kind="pooled"):
+def run(cfg, train_set, val_set, run_dir, *, features_root=None, unfreeze_epoch=2, kind="pooled", **fit_kwargs):
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, len(CLASS_SHORT_NAMES))[0]
     runtime = make_runtime("cpu")
@@ -65,13 +70,13 @@ def run(cfg, train_set, val_set, run_dir, *, features_root=None, unfreeze_epoch=
     if features_root is not None:
         features = frozen_features(FeatureStore(features_root), key_for(cfg, train_set, val_set, kind), model.encoder,
                                    train_set, val_set, runtime=runtime, batch_size=8)
-    record = Record(model)
+    record = Record(model, run_dir)
     result = fit(
         model, train_set, val_set, runtime=runtime, tracker=NullTracker(), reporter=record,
         class_names=CLASS_SHORT_NAMES, epochs=cfg.train.epochs, batch_size=cfg.train.batch_size,
         accumulation_steps=cfg.train.accumulation_steps, unfreeze_epoch=unfreeze_epoch, lr_head=cfg.optim.lr_head,
         lr_encoder=cfg.optim.lr_encoder, class_weights=balanced_class_weights(train_set.labels.tolist(), 4),
-        seed=cfg.train.seed, run_dir=run_dir, frozen_features=features,
+        seed=cfg.train.seed, run_dir=run_dir, frozen_features=features, **fit_kwargs,
     )
     return result, record, features
 
@@ -133,3 +138,36 @@ def test_encode_split_matches_the_encoder_row_by_row(small):
         for index in (0, len(train_set) - 1):  # the last row sits in a padded batch
             expected = encoder.forward_features(train_set[index]["x"][None]).mean(dim=1)[0].numpy()
             np.testing.assert_allclose(pooled[index], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_only_the_last_epoch_on_features_writes_last_pt_and_their_best(small, tmp_path):
+    cfg, train_set, val_set, _ = small
+    _, plain, _ = run(cfg, train_set, val_set, tmp_path / "plain")
+    _, stored, _ = run(cfg, train_set, val_set, tmp_path / "stored", features_root=tmp_path / "features")
+    assert plain.last_written == [False, True, True]  # every epoch's last.pt (seen at the next report)
+    assert stored.last_written == [False, False, True]  # epoch 0: none; epoch 1, the last before unfreezing: one
+    values = [m["val/balanced_accuracy"] for m in stored.metrics]
+    best_frozen = max(range(2), key=lambda e: (values[e], -e))  # the first of equal values is the best
+    # Written after epoch 1, before the encoder moved: the frozen phase's best head on the untouched encoder.
+    assert stored.best_written[:2] == [None, None]
+    assert stored.best_written[2] in (best_frozen, 2)
+    if stored.best_written[2] == best_frozen:
+        saved = load_state(tmp_path / "stored" / "checkpoint" / "best.pt")["model"]
+        for name, value in stored.models[best_frozen].items():
+            torch.testing.assert_close(saved[name], value, rtol=0, atol=0)
+    assert (tmp_path / "stored" / "best" / "confusion_matrix.png").is_file()
+
+
+def test_a_probe_run_writes_its_best_head_and_last_pt_once_at_the_end(small, tmp_path):
+    cfg, train_set, val_set, _ = small
+    result, record, _ = run(cfg, train_set, val_set, tmp_path / "probe", features_root=tmp_path / "f",
+                            unfreeze_epoch=None, confusion_figure=False)
+    assert record.last_written == [False, False, False] and record.best_written == [None, None, None]
+    last = load_state(tmp_path / "probe" / "last.pt")
+    assert '"status": "completed"' in last["loop_state"]
+    best = load_state(tmp_path / "probe" / "checkpoint" / "best.pt")
+    assert best["epoch"] == result.best_epoch
+    for name, value in record.models[result.best_epoch].items():  # the best epoch's head, not the last one's
+        torch.testing.assert_close(best["model"][name], value, rtol=0, atol=0)
+    assert (tmp_path / "probe" / "best" / "val_predictions.csv").is_file()
+    assert not (tmp_path / "probe" / "best" / "confusion_matrix.png").exists()
