@@ -2,18 +2,29 @@
 `--fresh-process-per-trial` (one process per trial, as before warm runners), and a plain in-process
 `study.optimize` loop calling the recipe (the peer), on the same trials in the same runtime.
 
-Params are drawn once from the demo space (sweeps/demo.yaml) with a seeded RandomSampler and enqueued in
-the same order in every mode; pruning is off (`pruner.collapse.enabled=false pruner.wrapped.type=none`),
-so every trial runs the same epochs everywhere. Data: a synthetic release in the demo's shape, its cache
-built before any mode runs. Per mode it prints the wall time, the epochs' share of it, and per trial: its
-worker, the runner's pid and how many trials that runner had run, XLA compiles, epochs' seconds, the
-overhead (time from the trial's start to the next trial's start on the same worker, minus its epochs'
-seconds) and the runner's RSS after the trial.
+Params are drawn once from the demo space (sweeps/demo.yaml, its unfreeze range cut below `--epochs`) with a
+seeded RandomSampler and enqueued in the same order in every mode; pruning is off
+(`pruner.collapse.enabled=false pruner.wrapped.type=none`), so every trial runs the same epochs everywhere.
+Data: a synthetic release in the demo's shape (8 x 64 x 64), its cache built before any mode runs; each mode
+has its own Optuna and MLflow sqlite files and feature store. `octft sweep launch` runs as a user runs it,
+the command line in a fresh interpreter, and the peer in one fresh interpreter (with the devices one octft
+worker's trials get); both are timed from their interpreter's start, imports included. On XLA:CPU the
+devices are shared as `make demo` shares them: CPU_NUM_DEVICES (4) divided among the workers.
 
-    .venv/bin/python benchmarks/bench_sweep.py --trials 4 --epochs 2                 # eager CPU
-    PJRT_DEVICE=CPU .venv/bin/python benchmarks/bench_sweep.py --runtime xla --trials 4 --epochs 2
-    .venv/bin/python benchmarks/bench_sweep.py --modes warm --trials 10 --epochs 1   # runner RSS over 10 trials
-    .venv/bin/python benchmarks/bench_sweep.py --workers 2 --trials 6                # the demo sweep's shape
+Per mode it prints the wall time, the epochs' share of it (per worker), when the first trial started, the
+median overhead per trial (time from a trial's start to the next trial's start on the same worker, minus
+its epochs' seconds; the launch's end for a worker's last trial) over all trials and over the trials that
+were not their runner's first, XLA compiles (all trials / the most one trial compiled), and how much a
+runner's RSS grew after its second trial; then per trial its worker, runner pid, the runner's trial
+count, compiles, epochs' seconds, overhead and the runner's RSS after it.
+
+On the 2-core development machine, idle (under load they take up to twice as long):
+
+    .venv/bin/python benchmarks/bench_sweep.py                                   # eager, 4 trials, 1 worker: ~3 min
+    .venv/bin/python benchmarks/bench_sweep.py --workers 2 --trials 6            # eager, the demo's shape: ~4 min
+    .venv/bin/python benchmarks/bench_sweep.py --modes warm --trials 10 --epochs 1   # runner RSS over 10 trials: ~1.5 min
+    .venv/bin/python benchmarks/bench_sweep.py --runtime xla                     # XLA:CPU, 4 trials, 1 worker: ~8 min
+    .venv/bin/python benchmarks/bench_sweep.py --runtime xla --workers 2 --trials 6  # XLA:CPU, demo's shape: ~10 min
 """
 
 from __future__ import annotations
@@ -33,6 +44,8 @@ from typing import Any
 
 from bench_pruning import copy_specs, draw_params, prepare
 
+from octft.train.devices import trial_device_env as device_env
+
 NO_PRUNING = ["pruner.collapse.enabled=false", "pruner.wrapped.type=none"]
 MODES = ("warm", "fresh", "peer")
 
@@ -45,6 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--participants", type=int, default=48)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runtime", choices=["cpu", "xla"], default="cpu")
+    parser.add_argument("--devices-per-trial", type=int, default=None,
+                        help="default: as `make demo`, CPU_NUM_DEVICES / workers on XLA:CPU, 1 on eager CPU")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--dir", type=Path, default=None)
     parser.add_argument("--peer-child", type=Path, help=argparse.SUPPRESS)  # internal: run the peer loop here
@@ -83,11 +98,25 @@ def overheads(rows: list[TrialRow], wall_end: float) -> None:
             row.overhead_s = end - row.started - row.epoch_s
 
 
+def bench_spec(root: Path, epochs: int) -> Path:
+    """The demo sweep copied under `root` with `epochs` fixed, its unfreeze range cut below `epochs` (a
+    trial must unfreeze before its last epoch, or the spec is refused)."""
+    import yaml
+
+    spec_path = copy_specs(root)
+    tree = yaml.safe_load(spec_path.read_text())
+    tree["fixed"]["train.epochs"] = epochs
+    unfreeze = tree["space"]["train.unfreeze_epoch"]
+    unfreeze["high"] = min(unfreeze["high"], epochs - 1)
+    unfreeze["low"] = min(unfreeze["low"], unfreeze["high"])
+    spec_path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    return spec_path
+
+
 def run_octft(name: str, root: Path, spec_path: Path, params: list[dict[str, Any]], args, data_dir: Path,
               cache_dir: Path) -> ModeResult:
+    """`octft sweep launch` as a user runs it: the command line in a fresh interpreter, timed from its start."""
     import optuna
-
-    from octft.sweep.study import launch
 
     directory = root / name
     directory.mkdir(parents=True)
@@ -96,17 +125,21 @@ def run_octft(name: str, root: Path, spec_path: Path, params: list[dict[str, Any
     study = optuna.create_study(storage=storage, study_name=study_name, direction="maximize")
     for trial_params in params:
         study.enqueue_trial(trial_params)
-    overrides = [f"study_name={study_name}", f"mlflow.tracking_uri=sqlite:///{directory / 'mlflow.db'}",
-                 f"fixed.train.epochs={args.epochs}", *NO_PRUNING, f"data.uri={data_dir}", f"data.cache_dir={cache_dir}",
-                 f"runtime.kind={args.runtime}", f"output_dir={directory / 'runs'}"]
+    command = [str(Path(sys.executable).with_name("octft")), "sweep", "launch", str(spec_path), "--storage", storage,
+               "--n-trials", str(len(params)), "--workers", str(args.workers),
+               "--devices-per-trial", str(args.devices_per_trial),
+               f"study_name={study_name}", f"mlflow.tracking_uri=sqlite:///{directory / 'mlflow.db'}", *NO_PRUNING,
+               *data_overrides(args, data_dir, cache_dir, directory)]
+    if name == "fresh":
+        command.append("--fresh-process-per-trial")
     load_before = os.getloadavg()[0]
     print(f"== {name}: octft sweep launch, {args.workers} worker(s)", flush=True)
     started = time.time()
-    result = launch(spec_path, n_trials=len(params), workers=args.workers, storage=storage, overrides=overrides,
-                    fresh_process_per_trial=name == "fresh")
+    with open(directory / "launch.log", "w") as log:
+        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
     wall = time.time() - started
-    if any(result.worker_exit_codes):
-        raise SystemExit(f"{name}: a worker exited with {result.worker_exit_codes}; see {result.study_dir}")
+    if code:
+        raise SystemExit(f"{name}: octft sweep launch exited with {code}; see {directory / 'launch.log'}")
     rows = []
     for trial in optuna.load_study(study_name=study_name, storage=storage).get_trials(deepcopy=False):
         attrs = trial.user_attrs
@@ -122,18 +155,30 @@ def run_octft(name: str, root: Path, spec_path: Path, params: list[dict[str, Any
     return ModeResult(name, wall, rows, (load_before, os.getloadavg()[0]))
 
 
+def data_overrides(args, data_dir: Path, cache_dir: Path, directory: Path) -> list[str]:
+    """Every mode's experiment overrides: the shared data and cache, its own runs and feature store."""
+    return [f"data.uri={data_dir}", f"data.cache_dir={cache_dir}", f"runtime.kind={args.runtime}",
+            f"output_dir={directory / 'runs'}", f"features.dir={directory / 'features'}"]
+
+
 def run_peer(root: Path, spec_path: Path, params: list[dict[str, Any]], args, data_dir: Path, cache_dir: Path) -> ModeResult:
     """The peer loop in a process of its own (a fresh interpreter, as a user's script would be)."""
     directory = root / "peer"
     directory.mkdir(parents=True)
-    job = {"spec": str(spec_path), "params": params, "epochs": args.epochs, "runtime": args.runtime,
-           "data_dir": str(data_dir), "cache_dir": str(cache_dir), "dir": str(directory)}
-    (directory / "job.json").write_text(json.dumps(job))
+    job = {"spec": str(spec_path), "params": params, "dir": str(directory),
+           "overrides": data_overrides(args, data_dir, cache_dir, directory)}
     print("== peer: in-process study.optimize calling octft.train.recipe.train", flush=True)
     load_before = os.getloadavg()[0]
     started = time.time()
-    subprocess.run([sys.executable, __file__, "--peer-child", str(directory / "job.json")], check=True)
+    (directory / "job.json").write_text(json.dumps({**job, "started": started}))
+    # The devices one octft worker's trials get (`octft.sweep.workers.device_env`), so both train alike.
+    env = dict(os.environ, **device_env(0, args.devices_per_trial))
+    with open(directory / "peer.log", "w") as log:
+        code = subprocess.run([sys.executable, __file__, "--peer-child", str(directory / "job.json")], env=env,
+                              stdout=log, stderr=subprocess.STDOUT).returncode
     wall = time.time() - started
+    if code:
+        raise SystemExit(f"peer: exited with {code}; see {directory / 'peer.log'}")
     rows = [TrialRow(**row) for row in json.loads((directory / "rows.json").read_text())]
     overheads(rows, wall)
     return ModeResult("peer", wall, rows, (load_before, os.getloadavg()[0]))
@@ -141,7 +186,6 @@ def run_peer(root: Path, spec_path: Path, params: list[dict[str, Any]], args, da
 
 def peer_child(job_path: Path) -> None:
     """What a user writes without octft's launcher: an Optuna loop that builds each config and trains it."""
-    started = time.time()
     import optuna
     import psutil
 
@@ -151,10 +195,10 @@ def peer_child(job_path: Path) -> None:
     from octft.train.recipe import train
 
     job = json.loads(job_path.read_text())
+    started = job["started"]  # when the parent started this interpreter: its imports count, as octft's do
     directory = Path(job["dir"])
-    spec = load_sweep(job["spec"], [f"fixed.train.epochs={job['epochs']}"])
-    extra = [f"data.uri={job['data_dir']}", f"data.cache_dir={job['cache_dir']}", f"runtime.kind={job['runtime']}",
-             f"output_dir={directory / 'runs'}", f"tracking.tracking_uri=sqlite:///{directory / 'mlflow.db'}"]
+    spec = load_sweep(job["spec"])
+    extra = [*job["overrides"], f"tracking.tracking_uri=sqlite:///{directory / 'mlflow.db'}"]
     rows = []
 
     def objective(trial: optuna.Trial) -> float:
@@ -175,40 +219,78 @@ def peer_child(job_path: Path) -> None:
     (directory / "rows.json").write_text(json.dumps(rows))
 
 
-def print_report(results: list[ModeResult], args) -> None:
+def summary(result: ModeResult, workers: int) -> dict[str, Any]:
+    """The mode's figures: wall, epochs and their share, overheads, compiles, RSS."""
+    rows = sorted(result.rows, key=lambda row: row.started)
+    epochs = sum(row.epoch_s for row in rows)
+    first_of_runner = {}
+    for row in rows:
+        first_of_runner.setdefault(row.pid, row)
+    later = [row.overhead_s for row in rows if first_of_runner[row.pid] is not row]
+    compiles = [row.compiles for row in rows if row.compiles is not None]
+    rss = {}  # runner pid -> RSS after each of its trials
+    for row in rows:
+        if row.rss_mb is not None:
+            rss.setdefault(row.pid, []).append(row.rss_mb)
+    # Growth after a runner's second trial: its first allocates what every trial reuses (graphs, data, pools).
+    growth = [values[-1] - values[1] for values in rss.values() if len(values) >= 3]
+    return {
+        "wall": result.wall_s, "epochs": epochs, "share": epochs / workers / result.wall_s,
+        "first_start": rows[0].started if rows else float("nan"),
+        "overhead": statistics.median(row.overhead_s for row in rows) if rows else float("nan"),
+        "overhead_warm": statistics.median(later) if later else float("nan"),
+        "compiles": sum(compiles) if compiles else None, "compiles_max": max(compiles) if compiles else None,
+        "rss_growth": max(growth) if growth else None,
+    }
+
+
+def print_report(results: list[ModeResult], args, seconds: float) -> None:
     print(f"\nmachine: {platform.platform()}, {os.cpu_count()} cores, python {platform.python_version()}; "
           f"load average now {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"demo space, {args.trials} trials x {args.epochs} epochs, {args.participants} participants, "
-          f"runtime.kind={args.runtime}, no pruning, octft workers {args.workers}")
-    header = f"{'mode':<7}{'wall s':>8}{'epochs s':>9}{'share':>7}{'overhead median s':>19}{'compiles':>9}{'load':>11}"
+          f"runtime.kind={args.runtime}, {args.devices_per_trial} device(s) per trial, no pruning, "
+          f"octft workers {args.workers} (the peer: one process)")
+    print("overhead: from a trial's start to the next one's on its worker (the run's end for the last), less its epochs;"
+          "\n  'after 1st': the median over trials that were not their runner's first; compiles: all trials / the most "
+          "one trial compiled;\n  RSS growth: a runner's RSS after its last trial less after its second")
+    header = (f"{'mode':<7}{'wall s':>8}{'epochs s':>9}{'share':>7}{'1st trial at s':>15}{'overhead median s':>19}"
+              f"{'after 1st':>10}{'compiles':>10}{'RSS growth MiB':>16}{'load':>12}")
     print(header)
     print("-" * len(header))
-    for r in results:
-        epochs = sum(row.epoch_s for row in r.rows)
-        compiles = [row.compiles for row in r.rows if row.compiles is not None]
-        median = statistics.median(row.overhead_s for row in r.rows) if r.rows else float("nan")
-        print(f"{r.name:<7}{r.wall_s:>8.0f}{epochs:>9.0f}{epochs / max(args.workers if r.name != 'peer' else 1, 1) / r.wall_s:>7.2f}"
-              f"{median:>19.1f}{sum(compiles) if compiles else '-':>9}{r.load[0]:>5.1f}->{r.load[1]:<5.1f}")
-    for r in results:
-        print(f"\n{r.name}: per trial")
-        print(f"{'trial':>5}{'worker':>7}{'pid':>8}{'runner trial':>13}{'compiles':>9}{'epochs s':>9}{'overhead s':>11}{'RSS MiB':>9}")
-        for row in sorted(r.rows, key=lambda row: row.number):
-            print(f"{row.number:>5}{row.worker:>7}{row.pid or '-':>8}{row.runner_trials or '-':>13}"
+    for result in results:
+        figures = summary(result, 1 if result.name == "peer" else args.workers)
+        compiles = "-" if figures["compiles"] is None else f"{figures['compiles']}/{figures['compiles_max']}"
+        growth = "-" if figures["rss_growth"] is None else f"{figures['rss_growth']:+.0f}"
+        print(f"{result.name:<7}{figures['wall']:>8.0f}{figures['epochs']:>9.0f}{figures['share']:>7.2f}"
+              f"{figures['first_start']:>15.1f}{figures['overhead']:>19.1f}{figures['overhead_warm']:>10.1f}"
+              f"{compiles:>10}{growth:>16}{result.load[0]:>6.1f}->{result.load[1]:<5.1f}")
+    for result in results:
+        print(f"\n{result.name}: per trial")
+        print(f"{'trial':>5}{'worker':>7}{'pid':>8}{'runner trial':>13}{'started s':>10}{'compiles':>9}{'epochs s':>9}"
+              f"{'overhead s':>11}{'RSS MiB':>9}")
+        for row in sorted(result.rows, key=lambda row: row.number):
+            print(f"{row.number:>5}{row.worker:>7}{row.pid or '-':>8}{row.runner_trials or '-':>13}{row.started:>10.1f}"
                   f"{'-' if row.compiles is None else row.compiles:>9}{row.epoch_s:>9.1f}"
                   f"{'-' if row.overhead_s is None else f'{row.overhead_s:.1f}':>11}"
                   f"{'-' if row.rss_mb is None else f'{row.rss_mb:.0f}':>9}")
+    print(f"\nthis benchmark took {seconds:.0f} s (data and cache included)")
 
 
 def main(argv=None) -> None:
+    begun = time.time()
     args = parse_args(argv)
     if args.peer_child:
         peer_child(args.peer_child)
         return
     if args.runtime == "xla":
         os.environ.setdefault("PJRT_DEVICE", "CPU")
+    if args.devices_per_trial is None:
+        # As `make demo` shares XLA:CPU devices: CPU_NUM_DEVICES among the workers; eager trials use one.
+        devices = int(os.environ.get("CPU_NUM_DEVICES", "4")) if args.runtime == "xla" else args.workers
+        args.devices_per_trial = max(1, devices // args.workers)
     root = args.dir or Path(tempfile.mkdtemp(prefix="octft-bench-sweep-"))
     root.mkdir(parents=True, exist_ok=True)
-    spec_path = copy_specs(root)
+    spec_path = bench_spec(root, args.epochs)
     data_dir, cache_dir = prepare(root, args.participants)
     params = draw_params(spec_path, args.trials, args.seed)
     results = []
@@ -217,7 +299,7 @@ def main(argv=None) -> None:
             results.append(run_peer(root, spec_path, params, args, data_dir, cache_dir))
         else:
             results.append(run_octft(mode, root, spec_path, params, args, data_dir, cache_dir))
-    print_report(results, args)
+    print_report(results, args, time.time() - begun)
     print(f"\nfiles under {root}")
 
 

@@ -4,7 +4,8 @@
 
 `octft sweep launch SPEC --workers K` starts K worker processes on this machine (`octft.sweep.workers`);
 each runs one trial at a time on its warm trial runner (`octft.sweep.trial`), a process that imports
-torch once and keeps its compiled graphs from trial to trial. Running the same
+torch once (while the launch opens the study and prepares the data) and keeps its compiled graphs from trial
+to trial. Running the same
 command on every host of a pod slice adds that host's workers to the same study, as long as all hosts
 reach the same storage (PostgreSQL; sqlite only works on one machine). Launching again resumes: trials
 whose worker died (no heartbeat for `grace_period` seconds) are marked FAIL, their MLflow runs FAILED,
@@ -380,6 +381,7 @@ class LaunchRecord:
     tracking_uri: str
     parent_run_id: str
     study_dir: str
+    launch_index: int = 0  # 0 for the study's first launch on any host, then 1, 2, ...
 
     def sweep_spec(self, storage: str) -> SweepSpec:
         return SweepSpec.model_validate({**self.spec, "storage": storage})
@@ -450,90 +452,95 @@ def launch(
         spec.n_trials = n_trials
     tracking_uri = sweep_tracking_uri(spec)
     check_trial_layouts(spec, base_config(spec, experiment_overrides), devices_per_trial)
-    rdb = open_storage(spec.storage, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
-    # LP-FT: a probe sweep file in init.head_from becomes one run, chosen now and kept for the study's life.
-    head_from = resolved_head_from(spec, rdb, experiment_overrides, spec_path=spec_path)
-    if head_from is not None:
-        # Into `fixed` when the sweep file set it there, else beside the command-line overrides; the head's
-        # shape comes with it (a warm start needs the probe's head), so every trial and replay builds that head.
-        prefix = "fixed." if "init.head_from" in spec.fixed else ""
-        target = sweep_overrides if prefix else experiment_overrides
-        target += [f"{prefix}{key}={value}" for key, value in {**head_from["head"], "init.head_from": head_from["run"]}.items()]
-        spec, sweep_overrides, experiment_overrides = load_launch_spec(
-            spec_path, [*sweep_overrides, *experiment_overrides], storage_url)
-        if n_trials is not None:
-            spec.n_trials = n_trials
-    study, launch_index = create_or_load_study(
-        spec, rdb, spec_path=spec_path, sweep_overrides=sweep_overrides,
-        experiment_overrides=experiment_overrides, tracking_uri=tracking_uri,
-    )
-    if head_from is not None and "head_from" not in study.user_attrs:
-        study.set_user_attr("head_from", head_from)
-    parent_run_id = str(study.user_attrs["mlflow_parent_run_id"])
-    from octft.sweep.tracking import end_parent_run, reopen_parent_run
-
-    reopen_parent_run(tracking_uri, parent_run_id)
-    reaped = reap_stale_trials(study, rdb, tracking_uri)
-    if reaped:
-        print(f"trials {reaped} of study {spec.study_name!r} lost their worker: marked FAIL, retried once", flush=True)
-    enqueued: list[dict[str, Any]] = []
-    if enqueue_from:
-        from octft.sweep.warmstart import warm_start
-
-        with study_lock(rdb, spec.study_name):  # two hosts launching together enqueue each set once
-            enqueued = warm_start(study, spec, enqueue_from, top=enqueue_top, tracking_uri=tracking_uri,
-                                  parent_run_id=parent_run_id)
-        print(f"warm start from {enqueue_from}: {len(enqueued)} parameter sets enqueued"
-              + "".join(f"\n  {entry['origin']}" for entry in enqueued), flush=True)
+    deadline = time.time() + spec.timeout_s if spec.timeout_s else None
     directory = study_dir(spec, experiment_overrides)
     directory.mkdir(parents=True, exist_ok=True)
-
-    record = LaunchRecord(
-        spec_path=str(Path(spec_path).resolve()),
-        # Only what the file and overrides set: defaults of another sampler type would not validate again.
-        spec=spec.model_dump(mode="json", exclude_unset=True, exclude={"storage"}),
-        experiment_overrides=list(experiment_overrides), tracking_uri=tracking_uri, parent_run_id=parent_run_id,
-        study_dir=str(directory),
-    )
-    record_path = directory / f"launch-{launch_index}.json"
-    record.write(record_path)
-
     env = dict(os.environ, **{STORAGE_ENV: spec.storage, "MLFLOW_TRACKING_URI": tracking_uri})
-    deadline = time.time() + spec.timeout_s if spec.timeout_s else None
     from octft.sweep.probe import is_probe_study, run_probe_trials
 
-    if is_probe_study(spec, base_config(spec, experiment_overrides)):
-        # Heads on stored features: no trial processes, no worker pool. Several hosts may still share the study.
-        if workers > 1:
-            print(f"{spec.study_name!r} is a probe study: its trials run one after another in this process "
-                  f"(--workers {workers} does not apply)", flush=True)
-        run_probe_trials(spec, study, rdb, study_dir=directory, n_trials=spec.n_trials, tracking_uri=tracking_uri,
-                         experiment_overrides=experiment_overrides, deadline=deadline)
-        return _finish_launch(study, spec, directory, parent_run_id, [0], reaped, tracking_uri, enqueued)
-    if not any(name.startswith("data.") for name in spec.space):
-        # Audit and prepare the data once, here, before any trial starts: the preparation plan (files and
-        # bytes to fetch, the prepared cache's size) is printed and a disk that cannot hold it is refused now,
-        # and each trial runner's own data check then finds every volume prepared.
-        from octft.train.recipe import prepare_data
+    probe = is_probe_study(spec, base_config(spec, experiment_overrides))
+    rdb = open_storage(spec.storage, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
+    # Started first, so that their trial runners import torch and MLflow (most of a worker's start) while this
+    # process opens the study and prepares the data; they take a trial once they read the launch record's path.
+    processes = [] if probe else [
+        subprocess.Popen(worker_command(index, devices_per_trial=devices_per_trial, study_dir=directory,
+                                        n_trials=spec.n_trials, heartbeat_interval=heartbeat_interval,
+                                        grace_period=grace_period, deadline=deadline,
+                                        fresh_process_per_trial=fresh_process_per_trial),
+                         env=env, stdin=subprocess.PIPE, text=True)
+        for index in range(workers)
+    ]
+    try:
+        # LP-FT: a probe sweep file in init.head_from becomes one run, chosen now and kept for the study's life.
+        head_from = resolved_head_from(spec, rdb, experiment_overrides, spec_path=spec_path)
+        if head_from is not None:
+            # Into `fixed` when the sweep file set it there, else beside the command-line overrides; the head's
+            # shape comes with it (a warm start needs the probe's head), so every trial and replay builds that head.
+            prefix = "fixed." if "init.head_from" in spec.fixed else ""
+            target = sweep_overrides if prefix else experiment_overrides
+            target += [f"{prefix}{key}={value}" for key, value in {**head_from["head"], "init.head_from": head_from["run"]}.items()]
+            spec, sweep_overrides, experiment_overrides = load_launch_spec(
+                spec_path, [*sweep_overrides, *experiment_overrides], storage_url)
+            if n_trials is not None:
+                spec.n_trials = n_trials
+        study, launch_index = create_or_load_study(
+            spec, rdb, spec_path=spec_path, sweep_overrides=sweep_overrides,
+            experiment_overrides=experiment_overrides, tracking_uri=tracking_uri,
+        )
+        if head_from is not None and "head_from" not in study.user_attrs:
+            study.set_user_attr("head_from", head_from)
+        parent_run_id = str(study.user_attrs["mlflow_parent_run_id"])
+        from octft.sweep.tracking import end_parent_run, reopen_parent_run
 
-        print(f"study {spec.study_name!r}: auditing and preparing the data once for every trial", flush=True)
-        prepare_data(base_config(spec, experiment_overrides).data, progress=True)
-    processes = []
-    for index in range(workers):
-        command = [
-            sys.executable, "-m", "octft.sweep.workers", str(record_path), "--worker-index", str(index),
-            "--launch-index", str(launch_index),
-            "--devices-per-trial", str(devices_per_trial), "--heartbeat-interval", str(heartbeat_interval),
-        ]
-        if grace_period is not None:
-            command += ["--grace-period", str(grace_period)]
-        if spec.n_trials is not None:
-            command += ["--n-trials", str(spec.n_trials)]
-        if deadline is not None:
-            command += ["--deadline", repr(deadline)]
-        if fresh_process_per_trial:
-            command += ["--fresh-process-per-trial"]
-        processes.append(subprocess.Popen(command, env=env))
+        reopen_parent_run(tracking_uri, parent_run_id)
+        reaped = reap_stale_trials(study, rdb, tracking_uri)
+        if reaped:
+            print(f"trials {reaped} of study {spec.study_name!r} lost their worker: marked FAIL, retried once", flush=True)
+        enqueued: list[dict[str, Any]] = []
+        if enqueue_from:
+            from octft.sweep.warmstart import warm_start
+
+            with study_lock(rdb, spec.study_name):  # two hosts launching together enqueue each set once
+                enqueued = warm_start(study, spec, enqueue_from, top=enqueue_top, tracking_uri=tracking_uri,
+                                      parent_run_id=parent_run_id)
+            print(f"warm start from {enqueue_from}: {len(enqueued)} parameter sets enqueued"
+                  + "".join(f"\n  {entry['origin']}" for entry in enqueued), flush=True)
+
+        record = LaunchRecord(
+            spec_path=str(Path(spec_path).resolve()),
+            # Only what the file and overrides set: defaults of another sampler type would not validate again.
+            spec=spec.model_dump(mode="json", exclude_unset=True, exclude={"storage"}),
+            experiment_overrides=list(experiment_overrides), tracking_uri=tracking_uri, parent_run_id=parent_run_id,
+            study_dir=str(directory), launch_index=launch_index,
+        )
+        record_path = directory / f"launch-{launch_index}.json"
+        record.write(record_path)
+
+        if probe:
+            # Heads on stored features: no trial processes, no worker pool. Several hosts may still share the study.
+            if workers > 1:
+                print(f"{spec.study_name!r} is a probe study: its trials run one after another in this process "
+                      f"(--workers {workers} does not apply)", flush=True)
+            run_probe_trials(spec, study, rdb, study_dir=directory, n_trials=spec.n_trials, tracking_uri=tracking_uri,
+                             experiment_overrides=experiment_overrides, deadline=deadline)
+            return _finish_launch(study, spec, directory, parent_run_id, [0], reaped, tracking_uri, enqueued)
+        if not any(name.startswith("data.") for name in spec.space):
+            # Audit and prepare the data once, here, before any trial starts: the preparation plan (files and
+            # bytes to fetch, the prepared cache's size) is printed and a disk that cannot hold it is refused
+            # now, and each trial runner's own data check then finds every volume prepared.
+            from octft.train.recipe import prepare_data
+
+            print(f"study {spec.study_name!r}: auditing and preparing the data once for every trial", flush=True)
+            prepare_data(base_config(spec, experiment_overrides).data, progress=True)
+    except BaseException:
+        for process in processes:  # input ends without a record: the worker and its runner exit, no trial taken
+            process.stdin.close()
+            process.wait()
+        raise
+    for process in processes:
+        with contextlib.suppress(BrokenPipeError):  # a worker that died already: its exit code tells
+            process.stdin.write(f"{record_path}\n")
+            process.stdin.close()
     try:
         codes = [process.wait() for process in processes]
     except KeyboardInterrupt:
@@ -547,13 +554,31 @@ def launch(
     return _finish_launch(study, spec, directory, parent_run_id, codes, reaped, tracking_uri, enqueued)
 
 
+def worker_command(index: int, *, devices_per_trial: int, study_dir: Path, n_trials: int | None, heartbeat_interval: int,
+                   grace_period: int | None, deadline: float | None, fresh_process_per_trial: bool) -> list[str]:
+    """`python -m octft.sweep.workers ...` for worker `index`; it reads its launch record's path on its input."""
+    command = [
+        sys.executable, "-m", "octft.sweep.workers", "--worker-index", str(index), "--study-dir", str(study_dir),
+        "--devices-per-trial", str(devices_per_trial), "--heartbeat-interval", str(heartbeat_interval),
+    ]
+    if grace_period is not None:
+        command += ["--grace-period", str(grace_period)]
+    if n_trials is not None:
+        command += ["--n-trials", str(n_trials)]
+    if deadline is not None:
+        command += ["--deadline", repr(deadline)]
+    if fresh_process_per_trial:
+        command += ["--fresh-process-per-trial"]
+    return command
+
+
 def _finish_launch(study, spec, directory, parent_run_id, codes, reaped, tracking_uri, enqueued) -> LaunchResult:
-    from octft.sweep.tracking import end_parent_run
+    from octft.sweep.tracking import end_parent_run, update_parent_best, update_parent_note
 
     trials = study.get_trials(deepcopy=False)
     counts = {state.name: sum(1 for t in trials if t.state == state) for state in TrialState}
-    from octft.sweep.tracking import update_parent_note
-
+    # Runners update it as each trial starts: the last trials' results arrive here.
+    update_parent_best(tracking_uri, parent_run_id, study, spec.objective.metric)
     update_parent_note(tracking_uri, study, spec)
     if not counts["RUNNING"] and not counts["WAITING"]:
         end_parent_run(tracking_uri, parent_run_id)

@@ -65,6 +65,18 @@ def ensure_parent_run(study: optuna.Study, spec: SweepSpec, tracking_uri: str) -
     return str(parent.run_id)
 
 
+def open_tracking_store(tracking_uri: str) -> None:
+    """Import MLflow and open the store of `tracking_uri` (MLflow keeps it for the process): a worker does this
+    in a background thread at its start, so its first `settle_run` does not wait seconds for the import.
+    Never raises: a store that cannot be opened fails again, where it is used, with that call's context."""
+    try:
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(tracking_uri=tracking_uri)._tracking_client.store
+    except Exception:
+        pass
+
+
 def settle_run(tracking_uri: str, run_id: str | None, state: TrialState, reason: str | None = None) -> None:
     """Make the child run's status match the trial's `state` (see the module docstring).
 

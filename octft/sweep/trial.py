@@ -91,6 +91,7 @@ class TrialOutcome:
     runner_pid: int | None = None
     runner_trials: int = 0  # trials this runner has run, this one included (1: a fresh runner)
     runner_rss_bytes: int | None = None  # the runner's resident memory after the trial
+    run_status: str | None = None  # how the runner ended the trial's MLflow run (None: it did not)
 
     @property
     def succeeded(self) -> bool:
@@ -173,6 +174,7 @@ class _WarmState:
 def run_trial(request: TrialRequest, warm: _WarmState) -> TrialOutcome:
     """Train one trial as `octft train <base> k=v ...` does, reporting to Optuna; never raises for a bad trial."""
     from octft.config import load_experiment
+    from octft.sweep.tracking import update_parent_best
     from octft.track import MlflowTracker
     from octft.train.recipe import train
 
@@ -195,6 +197,9 @@ def run_trial(request: TrialRequest, warm: _WarmState) -> TrialOutcome:
             log_system_metrics=True,
         )
         trial.set_user_attr("mlflow_run_id", tracker.run_id)
+        # The trials told so far (on any worker): the worker leaves MLflow to its runner, and the launch updates
+        # it once more at its end.
+        update_parent_best(request.tracking_uri, request.parent_run_id, study, request.metric)
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("pid", os.getpid())
         reporter = OptunaReporter(trial, study.pruner, len(CLASS_SHORT_NAMES), cfg.train.unfreeze_epoch,
@@ -217,6 +222,7 @@ def run_trial(request: TrialRequest, warm: _WarmState) -> TrialOutcome:
         outcome.compiles = result.compiles
         outcome.compile_seconds = result.compile_seconds
         outcome.epoch_seconds = result.epoch_seconds
+    outcome.run_status = getattr(tracker, "end_status", None)
     # The trial's model, optimizer and device buffers go now, not whenever the next trial allocates.
     del trial, tracker
     gc.collect()
@@ -276,9 +282,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--reply-fd", type=int, required=True, help="file descriptor the outcomes are written to")
     args = parser.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    # Imported before the first request arrives: the worker's next trial starts on a warm runner.
+    # Imported, and the MLflow store opened, before the first request arrives: the worker starts its runner
+    # first thing, so this overlaps the worker's and the launch's own start instead of delaying the first trial.
+    import octft.data.dataset  # noqa: F401  (the data setup's)
     import octft.train.loop  # noqa: F401  (torch)
     import octft.train.recipe  # noqa: F401
+    from octft.sweep.tracking import open_tracking_store
+
+    if os.environ.get("MLFLOW_TRACKING_URI"):  # the launch sets it to the sweep's
+        open_tracking_store(os.environ["MLFLOW_TRACKING_URI"])
 
     with os.fdopen(args.reply_fd, "w") as replies:
         try:
@@ -289,4 +301,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Every outcome is answered and every run ended: skip the interpreter's teardown of torch, XLA and MLflow
+    # (about 2 s, which the worker would wait for at the end of every sweep).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

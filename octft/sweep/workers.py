@@ -1,12 +1,16 @@
 """A sweep worker: take a trial, hand it to its warm trial runner, tell Optuna how it ended; repeat.
 
-`octft sweep launch` starts these as `python -m octft.sweep.workers LAUNCH_RECORD --worker-index I ...`.
-The worker imports neither torch nor torch_xla: it samples the trial's params, turns them into the
-trial's overrides once and hands them to its runner (`octft.sweep.trial`), a child process that keeps
-its imports, compiled graphs and data setup from trial to trial. A runner that runs out of memory,
+`octft sweep launch` starts these as `python -m octft.sweep.workers --worker-index I --study-dir D ...`
+first thing, and writes the launch record's path to their input once the study is open and the data
+prepared. The worker imports neither torch nor torch_xla: it starts its runner (`octft.sweep.trial`) at
+once, a child process that imports while the launch works and keeps its imports, compiled graphs and data
+setup from trial to trial; then it samples each trial's params, turns them into the trial's overrides once
+and hands them to the runner. A runner that runs out of memory,
 segfaults or aborts in XLA fails that trial only: the worker records the exit code or signal and the last
 lines of the trial's log (redacted) as `fail_reason`, ends its MLflow run FAILED, and the next trial
-starts a new runner (`--fresh-process-per-trial`: a new runner for every trial).
+starts a new runner (`--fresh-process-per-trial`: a new runner for every trial). The runner ends each
+trial's MLflow run itself and updates the parent run's best; the worker imports MLflow only to settle a
+run its runner could not end as the trial ended.
 
 While a trial runs, the worker writes the trial's heartbeat to the storage. If the worker dies (killed,
 host lost), the heartbeat stops, and the next launch or any live worker marks the trial FAIL and
@@ -29,6 +33,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TextIO
 
 import optuna
 from optuna.storages import RDBStorage
@@ -43,7 +48,7 @@ from octft.sweep.study import (
     reap_stale_trials,
     worker_seed_offset,
 )
-from octft.sweep.tracking import settle_run, update_parent_best
+from octft.sweep.tracking import RUN_STATUS_OF, settle_run
 from octft.train.devices import trial_device_env
 from octft.sweep.trial import TrialOutcome, TrialRequest
 from octft.track import redact
@@ -106,7 +111,10 @@ class TrialRunner:
         self.process: subprocess.Popen | None = None
         self._replies = None
 
-    def _start(self) -> None:
+    def start(self) -> None:
+        """Start the runner now (its imports run while the worker opens the study); `run` starts it otherwise."""
+        if self.process is not None:
+            return
         read_fd, write_fd = os.pipe()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
@@ -119,8 +127,7 @@ class TrialRunner:
         self._replies = os.fdopen(read_fd, "r")
 
     def run(self, request: TrialRequest) -> TrialOutcome:
-        if self.process is None:
-            self._start()
+        self.start()
         log_path = Path(request.run_dir) / "trial.log"
         try:
             self.process.stdin.write(request.to_json() + "\n")
@@ -189,10 +196,10 @@ def tell_outcome(
 
 
 def run_worker(
-    record: LaunchRecord,
+    record: LaunchRecord | TextIO,
     *,
     worker_index: int,
-    launch_index: int = 0,
+    runner_log: Path | None = None,
     n_trials: int | None,
     devices_per_trial: int = 1,
     heartbeat_interval: int = DEFAULT_HEARTBEAT_S,
@@ -202,26 +209,36 @@ def run_worker(
 ) -> int:
     """Run trials of the study until the budget is spent (or `deadline`, a time.time()); return how many ran.
 
-    The storage URL comes from $OCTFT_OPTUNA_STORAGE (the launch sets it): it is not part of `record`.
+    `record`: the launch's record, or a stream to read its path from (one line, which `launch` writes once
+    the study is open and the data prepared; when the stream ends first, the worker takes no trial).
+    `runner_log`: the runner's own output (default `<study dir>/runner-<worker_index>.log`). The storage URL
+    comes from $OCTFT_OPTUNA_STORAGE (the launch sets it): it is not part of `record`.
     """
     from octft.sweep.pruners import build_pruner
     from octft.sweep.space import suggest
     from octft.sweep.spec import build_sampler
 
-    spec = record.sweep_spec(os.environ[STORAGE_ENV])
-    storage = open_storage(spec.storage, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
-    study = optuna.load_study(
-        study_name=spec.study_name, storage=storage,
-        sampler=build_sampler(spec, seed_offset=worker_seed_offset(launch_index, worker_index)), pruner=build_pruner(spec),
-    )
-    metric = spec.objective.metric
-    study_dir = Path(record.study_dir)
-    runner = TrialRunner(
-        dict(os.environ, **device_env(worker_index, devices_per_trial), PYTHONUNBUFFERED="1"),
-        study_dir / f"runner-{worker_index}.log",
-    )
+    if runner_log is None:
+        runner_log = Path(record.study_dir) / f"runner-{worker_index}.log"
+    runner = TrialRunner(dict(os.environ, **device_env(worker_index, devices_per_trial), PYTHONUNBUFFERED="1"), runner_log)
     done = 0
     try:
+        # Started first: its imports (torch, MLflow: most of a worker's start) overlap the launch's own work.
+        runner.start()
+        if not isinstance(record, LaunchRecord):
+            line = record.readline().strip()
+            if not line:  # the launch failed before its workers were needed, and says why
+                runner.stop(timeout=0)  # no trial to finish: do not wait for its imports
+                return done
+            record = LaunchRecord.read(Path(line))
+        spec = record.sweep_spec(os.environ[STORAGE_ENV])
+        storage = open_storage(spec.storage, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
+        study = optuna.load_study(
+            study_name=spec.study_name, storage=storage,
+            sampler=build_sampler(spec, seed_offset=worker_seed_offset(record.launch_index, worker_index)),
+            pruner=build_pruner(spec),
+        )
+        metric = spec.objective.metric
         while deadline is None or time.time() < deadline:
             reap_stale_trials(study, storage, record.tracking_uri)
             trial = next_trial(study, storage, n_trials)
@@ -249,9 +266,9 @@ def run_worker(
                 if fresh_process_per_trial:
                     runner.stop()
                 state, reason = tell_outcome(study, trial, outcome, Path(request.run_dir) / "trial.log", metric)
-            run_id = storage.get_trial(trial._trial_id).user_attrs.get("mlflow_run_id")
-            settle_run(record.tracking_uri, run_id, state, reason)
-            update_parent_best(record.tracking_uri, record.parent_run_id, study, metric)
+            if outcome.run_status != RUN_STATUS_OF.get(state):  # the runner died, or its run ended otherwise
+                run_id = storage.get_trial(trial._trial_id).user_attrs.get("mlflow_run_id")
+                settle_run(record.tracking_uri, run_id, state, reason)
             done += 1
             print(f"worker {worker_index}: trial {trial.number} {state.name}" + (f": {reason.splitlines()[0]}" if reason else ""),
                   flush=True)
@@ -278,9 +295,10 @@ def trial_request(record: LaunchRecord, spec: SweepSpec, trial: optuna.trial.Tri
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m octft.sweep.workers", description=__doc__.split("\n")[0])
-    parser.add_argument("launch_record", help="the launch's record (JSON), written by octft sweep launch")
+    parser.add_argument("launch_record", nargs="?",
+                        help="the launch's record (JSON); without it, its path is read from stdin (octft sweep launch writes it)")
     parser.add_argument("--worker-index", type=int, required=True)
-    parser.add_argument("--launch-index", type=int, default=0)
+    parser.add_argument("--study-dir", type=Path, help="where the runner's log goes (default: the record's study_dir)")
     parser.add_argument("--n-trials", type=int)
     parser.add_argument("--devices-per-trial", type=int, default=1)
     parser.add_argument("--heartbeat-interval", type=int, default=DEFAULT_HEARTBEAT_S)
@@ -288,10 +306,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--deadline", type=float)
     parser.add_argument("--fresh-process-per-trial", action="store_true")
     args = parser.parse_args(argv)
+    if args.launch_record is None and args.study_dir is None:
+        parser.error("--study-dir is needed when the launch record comes on stdin")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         run_worker(
-            LaunchRecord.read(Path(args.launch_record)), worker_index=args.worker_index, launch_index=args.launch_index,
+            LaunchRecord.read(Path(args.launch_record)) if args.launch_record else sys.stdin,
+            worker_index=args.worker_index,
+            runner_log=args.study_dir / f"runner-{args.worker_index}.log" if args.study_dir else None,
             n_trials=args.n_trials, devices_per_trial=args.devices_per_trial, heartbeat_interval=args.heartbeat_interval,
             grace_period=args.grace_period, deadline=args.deadline, fresh_process_per_trial=args.fresh_process_per_trial,
         )

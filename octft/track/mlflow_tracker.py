@@ -248,6 +248,7 @@ class MlflowTracker:
         self._client: MlflowClient = MlflowClient(tracking_uri=self._tracking_uri, registry_uri=registry_uri)
         self.experiment = experiment
         self._finished = False
+        self.end_status: str | None = None  # what `finish` ended the run as
 
         run_tags = dict(tags or {})
         if parent_run_id is not None:
@@ -432,6 +433,7 @@ class MlflowTracker:
             self.set_tags({END_REASON_TAG: reason})
         self._client.set_terminated(self.run_id, status=status)
         self._finished = True
+        self.end_status = status
 
     # -- checkpoints and the model registry ---------------------------------------------------
 

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import optuna
+import psutil
 import pytest
 import yaml
 from optuna.trial import TrialState
@@ -18,7 +19,7 @@ from octft.config import load_experiment
 from octft.sweep.study import budget_used, launch, open_storage
 from octft.sweep.trial import TrialOutcome
 from octft.sweep.workers import describe_exit, device_env
-from octft.train.recipe import DataSetups
+from octft.train.recipe import AuditFailedError, DataSetups
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -207,6 +208,30 @@ def test_trials_with_the_same_data_settings_share_one_audit_and_cache_check(tmp_
                        progress=False)
     assert other is not first  # other data settings: audited again (its cache entries are all reused)
     assert other.prepared.report.reused == len(other.prepared.volumes) and other.prepared.report.built == 0
+
+
+def test_a_complete_cache_is_checked_without_starting_a_process_pool(tmp_path, data_dir, monkeypatch):
+    def no_pool(*args, **kwargs):
+        raise AssertionError("a process pool started to find that nothing needs building")
+
+    import octft.data.prepare
+
+    monkeypatch.setattr(octft.data.prepare, "ProcessPoolExecutor", no_pool)
+    overrides = [*experiment_overrides(data_dir, tmp_path), "data.download.workers=2"]
+    setup = DataSetups().get(load_experiment(REPO / "experiments" / "demo.yaml", overrides).data, progress=False)
+    assert setup.prepared.report.reused == len(setup.prepared.volumes) > 0
+
+
+@pytest.mark.integration
+def test_a_launch_whose_data_is_refused_takes_no_trial_and_leaves_no_process(tmp_path, data_dir, subprocess_env):
+    spec, storage, _ = write_spec(tmp_path, study_name="refused", n_trials=2, space=LR_HEAD)
+    before = {child.pid for child in psutil.Process().children(recursive=True)}
+    # The workers and their runners start before the audit, which refuses the data: they must all end.
+    with pytest.raises(AuditFailedError, match="min_per_class|classes_in"):
+        launch(spec, workers=2, overrides=[*experiment_overrides(data_dir, tmp_path), "data.guards.min_per_class=1000"])
+    assert load(storage, "refused").trials == []
+    assert {child.pid for child in psutil.Process().children(recursive=True)} <= before
+    assert (tmp_path / "runs" / "sweeps" / "refused" / "runner-1.log").is_file()  # the runner had started
 
 
 @pytest.mark.integration
