@@ -66,9 +66,9 @@ def ensure_parent_run(study: optuna.Study, spec: SweepSpec, tracking_uri: str) -
 
 
 def open_tracking_store(tracking_uri: str) -> None:
-    """Import MLflow and open the store of `tracking_uri` (MLflow keeps it for the process): a worker does this
-    in a background thread at its start, so its first `settle_run` does not wait seconds for the import.
-    Never raises: a store that cannot be opened fails again, where it is used, with that call's context."""
+    """Import MLflow and open the store of `tracking_uri` (MLflow keeps it for the process): a trial runner
+    does this while it waits for its first trial, so that trial does not wait for it.
+    Never raises: a store that cannot be opened fails again where it is used, inside a trial, with its context."""
     try:
         from mlflow.tracking import MlflowClient
 
