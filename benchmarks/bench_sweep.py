@@ -24,7 +24,7 @@ Measured on the 2-core development machine under other engineers' load (load ave
     .venv/bin/python benchmarks/bench_sweep.py --modes warm --trials 10          # runner RSS over 10 trials: 119 s
     .venv/bin/python benchmarks/bench_sweep.py --runtime xla                     # XLA:CPU, 4 trials, 1 worker: 220 s
     .venv/bin/python benchmarks/bench_sweep.py --runtime xla --workers 2 --trials 6  # XLA:CPU, the demo's shape: 346 s
-    .venv/bin/python benchmarks/bench_sweep.py --workers 2 --trials 6            # eager, the demo's shape
+    .venv/bin/python benchmarks/bench_sweep.py --workers 2 --trials 6            # eager, the demo's shape: not measured yet
 """
 
 from __future__ import annotations
