@@ -12,17 +12,19 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from functools import partial
-from typing import Callable, Literal, Sequence, get_args
+from typing import TYPE_CHECKING, Callable, Literal, Sequence, get_args
 
 import numpy as np
 import pandas as pd
-import torch
 
 from octft.data.cache import CacheReport, StorageDtype, VolumeCache
 from octft.data.pack import Pack, open_pack, write_pack
 from octft.data.preprocess import Preprocessing
 from octft.data.readers import read_volume
 from octft.errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
 
 PackDtype = Literal["auto", "uint8", "float16", "float32"]
 # Intensities that map every clip into [0, 1], so that uint8 can store round(x * 255).
@@ -227,8 +229,8 @@ def prepare_volumes(
                            keep_downloads=keep, download_budget_bytes=int(budget_gb * 1e9) if keep else 0)
 
 
-class VolumeDataset(torch.utils.data.Dataset):
-    """Samples `{"x": (1, T, H, W), "y": class index, "index": row}` read from a pack, else the cache.
+class VolumeDataset:
+    """A map-style dataset (what `torch.utils.data` takes): samples `{"x": (1, T, H, W), "y": class index, "index": row}` read from a pack, else the cache.
 
     `x` comes in the pack's dtype (uint8 holding round(x * 255), float16 or float32; float32 without a
     pack) and is converted to float32 on the device, by the model (`octft.models.encoder.input_as_float`),
@@ -236,6 +238,8 @@ class VolumeDataset(torch.utils.data.Dataset):
     `index` points back into `volumes` (participant, key) so evaluation can aggregate by participant.
     `load(key)` reads a source volume again when its cache entry went missing or bad after the build.
     `gather(indices)` reads a whole batch from the pack at once.
+    torch is imported where samples are made, not with the module: a sweep's launch audits and prepares
+    the data without it while its trial runners import it.
     """
 
     def __init__(self, volumes: pd.DataFrame, cache: VolumeCache, *, load: Callable[[str], object] | None = None,
@@ -251,6 +255,8 @@ class VolumeDataset(torch.utils.data.Dataset):
 
     def gather(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(x (B, 1, T, H, W) in the pack's dtype, y (B,) long) of the rows at `indices`, in that order."""
+        import torch
+
         if self.pack is not None:
             clips = torch.from_numpy(self.pack.gather(indices))
         else:
@@ -258,6 +264,8 @@ class VolumeDataset(torch.utils.data.Dataset):
         return clips.unsqueeze(1), torch.from_numpy(self.labels[list(indices)])
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        import torch
+
         if self.pack is not None:
             x, y = self.gather([index])
             return {"x": x[0], "y": y[0], "index": torch.tensor(index, dtype=torch.long)}
