@@ -77,6 +77,7 @@ class TrialRow:
     started: float  # seconds since the mode started
     overhead_s: float | None = None
     rss_mb: float | None = None
+    ended: float | None = None  # seconds since the mode started when the trial's outcome was known
 
 
 @dataclass
@@ -88,13 +89,15 @@ class ModeResult:
 
 
 def overheads(rows: list[TrialRow], wall_end: float) -> None:
-    """Fill `overhead_s`: next start on the same worker (or the end of the run) minus this start and its epochs."""
+    """Fill `overhead_s`: next start on the same worker minus this start and its epochs. A worker's last
+    trial has no next one: it counts to its own end (its outcome told), so that waiting for another worker's
+    trial or the launch's exit is not charged to it (the summary's `tail` shows that part)."""
     by_worker: dict[int, list[TrialRow]] = {}
     for row in sorted(rows, key=lambda r: r.started):
         by_worker.setdefault(row.worker, []).append(row)
     for worker_rows in by_worker.values():
         for row, following in zip(worker_rows, [*worker_rows[1:], None]):
-            end = following.started if following is not None else wall_end
+            end = following.started if following is not None else (row.ended if row.ended is not None else wall_end)
             row.overhead_s = end - row.started - row.epoch_s
 
 
@@ -150,6 +153,7 @@ def run_octft(name: str, root: Path, spec_path: Path, params: list[dict[str, Any
             epoch_s=float(attrs.get("epoch_seconds") or 0.0),
             # Optuna stores naive local datetimes, which .timestamp() reads as local time.
             started=trial.datetime_start.timestamp() - started, rss_mb=None if rss is None else rss / 2**20,
+            ended=None if trial.datetime_complete is None else trial.datetime_complete.timestamp() - started,
         ))
     overheads(rows, wall)
     return ModeResult(name, wall, rows, (load_before, os.getloadavg()[0]))
@@ -208,7 +212,7 @@ def peer_child(job_path: Path) -> None:
         result = train(cfg, progress=False)
         rows.append({"number": trial.number, "worker": 0, "pid": os.getpid(), "runner_trials": trial.number + 1,
                      "compiles": result.compiles, "epoch_s": result.epoch_seconds, "started": trial_started,
-                     "rss_mb": psutil.Process().memory_info().rss / 2**20})
+                     "rss_mb": psutil.Process().memory_info().rss / 2**20, "ended": time.time() - started})
         return result.best_value
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -241,6 +245,8 @@ def summary(result: ModeResult, workers: int) -> dict[str, Any]:
         "overhead_warm": statistics.median(later) if later else float("nan"),
         "compiles": sum(compiles) if compiles else None, "compiles_max": max(compiles) if compiles else None,
         "rss_growth": max(growth) if growth else None,
+        # From the last trial's end to the run's: workers and runners exiting, the launch's closing writes.
+        "tail": result.wall_s - max((row.ended for row in rows if row.ended is not None), default=result.wall_s),
     }
 
 
@@ -250,11 +256,11 @@ def print_report(results: list[ModeResult], args, seconds: float) -> None:
     print(f"demo space, {args.trials} trials x {args.epochs} epochs, {args.participants} participants, "
           f"runtime.kind={args.runtime}, {args.devices_per_trial} device(s) per trial, no pruning, "
           f"octft workers {args.workers} (the peer: one process)")
-    print("overhead: from a trial's start to the next one's on its worker (the run's end for the last), less its epochs;"
-          "\n  'after 1st': the median over trials that were not their runner's first; compiles: all trials / the most "
+    print("overhead: from a trial's start to the next one's on its worker (its own end for a worker's last), less its "
+          "epochs;\n  tail: from the last trial's end to the run's end (exits, closing writes);\n  'after 1st': the median over trials that were not their runner's first; compiles: all trials / the most "
           "one trial compiled;\n  RSS growth: a runner's RSS after its last trial less after its second")
     header = (f"{'mode':<7}{'wall s':>8}{'epochs s':>9}{'share':>7}{'1st trial at s':>15}{'overhead median s':>19}"
-              f"{'after 1st':>10}{'compiles':>10}{'RSS growth MiB':>16}{'load':>12}")
+              f"{'after 1st':>10}{'tail s':>8}{'compiles':>10}{'RSS growth MiB':>16}{'load':>12}")
     print(header)
     print("-" * len(header))
     for result in results:
@@ -263,7 +269,7 @@ def print_report(results: list[ModeResult], args, seconds: float) -> None:
         growth = "-" if figures["rss_growth"] is None else f"{figures['rss_growth']:+.0f}"
         print(f"{result.name:<7}{figures['wall']:>8.0f}{figures['epochs']:>9.0f}{figures['share']:>7.2f}"
               f"{figures['first_start']:>15.1f}{figures['overhead']:>19.1f}{figures['overhead_warm']:>10.1f}"
-              f"{compiles:>10}{growth:>16}{result.load[0]:>6.1f}->{result.load[1]:<5.1f}")
+              f"{figures['tail']:>8.1f}{compiles:>10}{growth:>16}{result.load[0]:>6.1f}->{result.load[1]:<5.1f}")
     for result in results:
         print(f"\n{result.name}: per trial")
         print(f"{'trial':>5}{'worker':>7}{'pid':>8}{'runner trial':>13}{'started s':>10}{'compiles':>9}{'epochs s':>9}"
