@@ -7,6 +7,9 @@ encoder and the features once and runs the trials here. Each is still an Optuna 
 study's sampler, reported per epoch, pruned on collapse) with its own MLflow child run, and runs the very
 `fit()` that `octft train <base> k=v ...` (its replay command) runs. Per-epoch metrics are written to
 MLflow in one batch per trial: the writes, not the head, would otherwise be most of a probe's time.
+One trial after another, not many heads in one batch: measured, a probe trial's time is mostly what
+each trial pays however its head is trained (its Optuna reports and MLflow writes), and a batch of
+heads would have to redraw each trial's own dropout masks to replay exactly.
 
     >>> run_probe_trials(spec, study, storage, study_dir=..., n_trials=50, ...)       # doctest: +SKIP
 """
