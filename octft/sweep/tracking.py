@@ -104,9 +104,23 @@ def update_parent_best(tracking_uri: str, parent_run_id: str, study: optuna.Stud
         return
     client = MlflowClient(tracking_uri=tracking_uri)
     client.log_metric(parent_run_id, f"best/{metric.replace('/', '_')}", float(best.value), step=best.number)
-    client.set_tag(parent_run_id, "best_trial", str(best.number))
+    _set_shared_tag(client, parent_run_id, "best_trial", str(best.number))
     if best.user_attrs.get("mlflow_run_id"):
-        client.set_tag(parent_run_id, "best_run_id", str(best.user_attrs["mlflow_run_id"]))
+        _set_shared_tag(client, parent_run_id, "best_run_id", str(best.user_attrs["mlflow_run_id"]))
+
+
+def _set_shared_tag(client, run_id: str, key: str, value: str) -> None:
+    """Set a tag that several workers may set at once. Two first writes race in MLflow's SQL store (it looks
+    the tag up, then inserts): the loser fails on the UNIQUE key (seen: two workers, one sqlite store) while
+    the row now exists, so setting it again updates it."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.set_tag(run_id, key, value)
+    except MlflowException as error:
+        if "UNIQUE constraint" not in str(error):
+            raise
+        client.set_tag(run_id, key, value)
 
 
 def end_parent_run(tracking_uri: str, parent_run_id: str, status: str = "FINISHED", reason: str | None = None) -> None:
