@@ -1,5 +1,8 @@
 # octft: the two commands a new user runs are `make demo` and `make test`.
 # Both install first (uv, the locked environment in .venv), so a fresh clone needs nothing else.
+# Bytecode is compiled at install: every octft command, trial runner and worker then starts without
+# compiling torch, MLflow and Optuna from source (seconds per process; every time where
+# PYTHONDONTWRITEBYTECODE is set, as on some CI machines).
 
 UV ?= $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 VENV := .venv
@@ -33,11 +36,11 @@ install-tpu:
 install-cpu:
 	rm -f $(TPU_MARKER) $(VENV)/.installed
 	@test -x "$(UV)" || python3 -m pip install --quiet --user uv
-	$(UV) sync --frozen
+	$(UV) sync --frozen --compile-bytecode
 
 $(VENV)/.installed: pyproject.toml uv.lock $(wildcard $(TPU_MARKER))
 	@test -x "$(UV)" || python3 -m pip install --quiet --user uv
-	$(UV) sync --frozen $(UV_EXTRAS)
+	$(UV) sync --frozen --compile-bytecode $(UV_EXTRAS)
 	@touch $@
 
 # The study report's test opens the HTML in Debian's Chromium; install it once where we may (root).
