@@ -33,7 +33,7 @@ from octft.sweep.spec import SweepSpec
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5000
 STARTUP_TIMEOUT_S = 300.0  # MLflow's app takes a while to import on a busy machine
-STOP_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 10.0  # a UI server holds nothing to save: graceful for this long, then killed
 
 
 @dataclass(frozen=True)

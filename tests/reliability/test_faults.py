@@ -79,7 +79,9 @@ def test_ctrl_c_during_a_sweep_ends_the_parent_run_killed(release, tmp_path):
     spec.write_text(yaml.safe_dump({
         "base": str(DEMO), "study_name": "ctrl-c", "storage": f"sqlite:///{tmp_path / 'optuna.db'}",
         "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "ctrl-c"},
-        "n_trials": 2, "fixed": {"train.epochs": 50},
+        # Long enough to be interrupted: a warm runner trains a tiny trial in seconds, and nothing stops it early.
+        "n_trials": 2, "fixed": {"train.epochs": 200, "train.early_stopping_patience": None},
+        "pruner": {"collapse": {"enabled": False}, "wrapped": "none"},
         "space": {"optim.lr_head": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}},
         "sampler": {"type": "random", "seed": 0},
     }))
@@ -97,7 +99,7 @@ def test_ctrl_c_during_a_sweep_ends_the_parent_run_killed(release, tmp_path):
         deadline = time.monotonic() + 600  # a guard against a hang, not a measurement
         while not re.search(r"epoch +0 ", trial_log.read_text() if trial_log.is_file() else "") and launcher.poll() is None:
             assert time.monotonic() < deadline, "the first trial never started its first epoch"
-            time.sleep(1)
+            time.sleep(0.2)
         os.killpg(launcher.pid, signal.SIGINT)
         output, _ = launcher.communicate(timeout=300)
     finally:

@@ -139,7 +139,7 @@ def test_octft_ui_serves_the_compare_page_of_every_trial_and_stops_on_ctrl_c(tmp
     finally:
         process.send_signal(signal.SIGINT)
         try:
-            process.wait(timeout=60)
+            process.wait(timeout=120)  # the server's grace (10 s) and kill, on a busy machine
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
