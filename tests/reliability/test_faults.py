@@ -91,9 +91,11 @@ def test_ctrl_c_during_a_sweep_ends_the_parent_run_killed(release, tmp_path):
     for name in ("OCTFT_OPTUNA_STORAGE", "MLFLOW_TRACKING_URI"):
         env.pop(name, None)
     # Its own session, so that SIGINT reaches the launcher and its workers as Ctrl-C in a terminal would.
+    # SIGINT as a terminal delivers it: a test run started in the background (`make test &`) ignores SIGINT,
+    # and its children would inherit that.
     launcher = subprocess.Popen([sys.executable, "-m", "octft.cli", "sweep", "launch", str(spec), *overrides],
                                 env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)
+                                text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         trial_log = tmp_path / "runs" / "sweeps" / "ctrl-c" / "trial-0" / "trial.log"
         deadline = time.monotonic() + 600  # a guard against a hang, not a measurement

@@ -117,6 +117,8 @@ def test_octft_ui_serves_the_compare_page_of_every_trial_and_stops_on_ctrl_c(tmp
         process = subprocess.Popen(
             [sys.executable, "-m", "octft.cli", "ui", str(spec_path), "--port", str(port)],
             stdout=sink, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+            # SIGINT as a terminal delivers it, even when the test run itself was started in the background.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
     try:
         lines = _lines_until(process, log, r"Ctrl-C stops it", 420)  # MLflow imports slowly on a busy machine
