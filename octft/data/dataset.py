@@ -198,7 +198,7 @@ def prepare_volumes(
     reason and left out of `volumes`. `pack_dtype` is the dtype of each split's pack (`resolve_pack_dtype`).
     The keyword arguments are `DataConfig.prepare_kwargs()`.
     """
-    from octft.data.prepare import PrepareItem, default_workers, plan_preparation, stream_prepare, take_share
+    from octft.data.prepare import GB, PrepareItem, default_workers, plan_preparation, stream_prepare, take_share
 
     check_pack_dtype(pack_dtype, intensity)  # before any work
     if storage is None:
@@ -226,7 +226,7 @@ def prepare_volumes(
     lost = prepared.source_id.isin(failed)
     return PreparedVolumes(prepared[~lost].reset_index(drop=True), cache, report, storage,
                            failed_volumes=prepared[lost].reset_index(drop=True), pack_dtype=pack_dtype,
-                           keep_downloads=keep, download_budget_bytes=int(budget_gb * 1e9) if keep else 0)
+                           keep_downloads=keep, download_budget_bytes=int(budget_gb * GB) if keep else 0)
 
 
 class VolumeDataset:
