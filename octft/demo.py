@@ -1,7 +1,7 @@
 """`octft demo` / `make demo`: the whole job on embedded defaults.
 
 Synthetic AI-READI -> audit -> preprocessing cache -> a probe study (heads on the frozen encoder's stored
-features, in one process) -> an LP-FT fine-tune study warm-started from the best probe's head, two workers
+features, two processes) -> an LP-FT fine-tune study warm-started from the best probe's head, two workers
 on XLA:CPU devices -> promotion of the best healthy trial -> the study report. Everything lands under one
 folder (default `demo/`): its own Optuna sqlite and MLflow sqlite, never the same file.
 """
@@ -78,8 +78,9 @@ def run_demo(root: Path, *, participants: int = 96, trials: int = 6, workers: in
                             f"features.dir={root / 'features'}"]
 
     probe_path = REPO / "sweeps" / "probe.yaml"
-    started = _step(f"4/7 probe study: {probe_trials} heads on the frozen encoder's stored features, in one process")
-    probed = launch(probe_path, n_trials=probe_trials, storage=storage,
+    started = _step(f"4/7 probe study: {probe_trials} heads on the frozen encoder's stored features, in {workers} "
+                    "processes (one CPU thread each)")
+    probed = launch(probe_path, n_trials=probe_trials, workers=workers, storage=storage,
                     overrides=[f"mlflow.tracking_uri={tracking_uri}", *experiment_overrides])
     probe_study = load_sweep(probe_path)
     print(f"trials by state: {probed.counts} ({time.perf_counter() - started:.0f} s); its best head warm-starts "

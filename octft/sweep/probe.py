@@ -3,7 +3,10 @@
 A study whose trials never unfreeze the encoder (`train.unfreeze_epoch: null` in the base or `fixed`, and
 not in the space; see `sweeps/probe.yaml`) needs no trial processes: its trials differ only in the head,
 and the encoder's outputs are in the feature store. `octft sweep launch` then prepares the data, the
-encoder and the features once and runs the trials here. Each is still an Optuna trial (sampled by the
+encoder and the features once and runs the trials here. With `--workers K`, K - 1 more processes
+(`python -m octft.sweep.probe`, each one CPU thread) run trials of the same study the same way, so a host's
+cores share the study: the feature store is built once (the others wait for it, then read it), and each
+process samples with the study's sampler, which sees the others' running trials. Each is still an Optuna trial (sampled by the
 study's sampler, reported per epoch, pruned on collapse) with its own MLflow child run, and runs the very
 `fit()` that `octft train <base> k=v ...` (its replay command) runs. Per-epoch metrics are written to
 MLflow in one batch per trial: the writes, not the head, would otherwise be most of a probe's time.
@@ -16,11 +19,13 @@ heads would have to redraw each trial's own dropout masks to replay exactly.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import math
 import os
 import socket
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -152,8 +157,12 @@ def run_probe_trials(
     tracking_uri: str,
     experiment_overrides: Sequence[str] = (),
     deadline: float | None = None,
+    worker_index: int = 0,
 ) -> int:
-    """Run trials of the probe study `study` in this process until the budget is spent; return how many ran."""
+    """Run trials of the probe study `study` in this process until the budget is spent; return how many ran.
+
+    `worker_index`: which of the launch's probe processes this is (0: the launch itself), recorded on each trial.
+    """
     from octft.data.layout import CLASS_SHORT_NAMES
     from octft.sweep.space import suggest
     from octft.sweep.study import base_config, next_trial
@@ -187,7 +196,7 @@ def run_probe_trials(
                       "octft.run_dir": str(run_dir.resolve()), "octft.kind": "probe"},
             ))
             for key, value in {"mlflow_run_id": tracker.run_id, "run_dir": str(run_dir.resolve()),
-                               "overrides": trial_overrides, "host": socket.gethostname(),
+                               "overrides": trial_overrides, "host": socket.gethostname(), "worker": worker_index,
                                "replay": spec.replay_command(params, extra=experiment_overrides)}.items():
                 trial.set_user_attr(key, value)
             outcome, reason_if_failed = None, None
@@ -239,8 +248,61 @@ def run_probe_trials(
         settle_run(tracking_uri, tracker.run_id, state, reason)
         update_parent_best(tracking_uri, parent_run_id, study, spec.objective.metric)
         done += 1
-        print(f"probe trial {trial.number} {state.name}" + (f": {reason.splitlines()[0]}" if reason else ""), flush=True)
+        print(f"probe trial {trial.number} {state.name}" + (f" (process {worker_index})" if worker_index else "")
+              + (f": {reason.splitlines()[0]}" if reason else ""), flush=True)
     return done
 
 
-__all__ = ["BufferedTracker", "is_probe_study", "run_probe_trials"]
+def probe_worker_command(index: int, *, study_dir: Path, n_trials: int | None, heartbeat_interval: int,
+                         grace_period: int | None, deadline: float | None) -> list[str]:
+    """`python -m octft.sweep.probe ...` for probe process `index` (1, 2, ...); it reads the launch record's
+    path on its input, as a sweep worker does."""
+    command = [sys.executable, "-m", "octft.sweep.probe", "--worker-index", str(index), "--study-dir", str(study_dir),
+               "--heartbeat-interval", str(heartbeat_interval)]
+    if grace_period is not None:
+        command += ["--grace-period", str(grace_period)]
+    if n_trials is not None:
+        command += ["--n-trials", str(n_trials)]
+    if deadline is not None:
+        command += ["--deadline", repr(deadline)]
+    return command
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from octft.sweep.pruners import build_pruner
+    from octft.sweep.spec import STORAGE_ENV, build_sampler
+    from octft.sweep.study import DEFAULT_HEARTBEAT_S, LaunchRecord, open_storage, worker_seed_offset
+
+    parser = argparse.ArgumentParser(prog="python -m octft.sweep.probe", description="one more process of a probe study")
+    parser.add_argument("--worker-index", type=int, required=True)
+    parser.add_argument("--study-dir", type=Path, required=True)
+    parser.add_argument("--n-trials", type=int)
+    parser.add_argument("--heartbeat-interval", type=int, default=DEFAULT_HEARTBEAT_S)
+    parser.add_argument("--grace-period", type=int)
+    parser.add_argument("--deadline", type=float)
+    args = parser.parse_args(argv)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        line = sys.stdin.readline().strip()
+        if not line:  # the launch failed before it needed this process, and says why
+            return 0
+        record = LaunchRecord.read(Path(line))
+        spec = record.sweep_spec(os.environ[STORAGE_ENV])
+        storage = open_storage(spec.storage, heartbeat_interval=args.heartbeat_interval, grace_period=args.grace_period)
+        study = optuna.load_study(
+            study_name=spec.study_name, storage=storage, pruner=build_pruner(spec),
+            sampler=build_sampler(spec, seed_offset=worker_seed_offset(record.launch_index, args.worker_index)),
+        )
+        run_probe_trials(spec, study, storage, study_dir=Path(record.study_dir), n_trials=args.n_trials,
+                         tracking_uri=record.tracking_uri, experiment_overrides=record.experiment_overrides,
+                         deadline=args.deadline, worker_index=args.worker_index)
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["BufferedTracker", "is_probe_study", "probe_worker_command", "run_probe_trials"]

@@ -148,6 +148,9 @@ def open_storage(
             )
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         engine_kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_S}
+        from octft import sqlite_wal
+
+        sqlite_wal.install()  # commits append to a log: a sweep commits every epoch
     elif kind in ("postgresql", "postgres"):
         engine_kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
         url = _postgres_driver(url)
@@ -456,19 +459,23 @@ def launch(
     directory = study_dir(spec, experiment_overrides)
     directory.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, **{STORAGE_ENV: spec.storage, "MLFLOW_TRACKING_URI": tracking_uri})
-    from octft.sweep.probe import is_probe_study, run_probe_trials
+    from octft.sweep.probe import is_probe_study, probe_worker_command, run_probe_trials
 
     probe = is_probe_study(spec, base_config(spec, experiment_overrides))
     rdb = open_storage(spec.storage, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
     # Started first, so that their trial runners import torch and MLflow (most of a worker's start) while this
     # process opens the study and prepares the data; they take a trial once they read the launch record's path.
-    processes = [] if probe else [
-        subprocess.Popen(worker_command(index, devices_per_trial=devices_per_trial, study_dir=directory,
+    # A probe study runs its trials in this process; each further worker is one more probe process.
+    processes = [
+        subprocess.Popen(probe_worker_command(index, study_dir=directory, n_trials=spec.n_trials,
+                                              heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                                              deadline=deadline) if probe else
+                         worker_command(index, devices_per_trial=devices_per_trial, study_dir=directory,
                                         n_trials=spec.n_trials, heartbeat_interval=heartbeat_interval,
                                         grace_period=grace_period, deadline=deadline,
                                         fresh_process_per_trial=fresh_process_per_trial),
                          env=env, stdin=subprocess.PIPE, text=True)
-        for index in range(workers)
+        for index in range(1 if probe else 0, workers)
     ]
     try:
         # LP-FT: a probe sweep file in init.head_from becomes one run, chosen now and kept for the study's life.
@@ -517,13 +524,15 @@ def launch(
         record.write(record_path)
 
         if probe:
-            # Heads on stored features: no trial processes, no worker pool. Several hosts may still share the study.
-            if workers > 1:
-                print(f"{spec.study_name!r} is a probe study: its trials run one after another in this process "
-                      f"(--workers {workers} does not apply)", flush=True)
+            # Heads on stored features, one CPU thread each: this process and `workers - 1` probe processes.
+            for process in processes:
+                with contextlib.suppress(BrokenPipeError):  # one that died already: its exit code tells
+                    process.stdin.write(f"{record_path}\n")
+                    process.stdin.close()
             run_probe_trials(spec, study, rdb, study_dir=directory, n_trials=spec.n_trials, tracking_uri=tracking_uri,
                              experiment_overrides=experiment_overrides, deadline=deadline)
-            return _finish_launch(study, spec, directory, parent_run_id, [0], reaped, tracking_uri, enqueued)
+            codes = [0, *(process.wait() for process in processes)]
+            return _finish_launch(study, spec, directory, parent_run_id, codes, reaped, tracking_uri, enqueued)
         if not any(name.startswith("data.") for name in spec.space):
             # Audit and prepare the data once, here, before any trial starts: the preparation plan (files and
             # bytes to fetch, the prepared cache's size) is printed and a disk that cannot hold it is refused
@@ -534,7 +543,8 @@ def launch(
             prepare_data(base_config(spec, experiment_overrides).data, progress=True)
     except BaseException:
         for process in processes:  # input ends without a record: the worker and its runner exit, no trial taken
-            process.stdin.close()
+            with contextlib.suppress(BrokenPipeError):
+                process.stdin.close()
             process.wait()
         raise
     for process in processes:

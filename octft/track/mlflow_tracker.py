@@ -103,6 +103,9 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     >>> resolve_tracking_uri("sqlite:////tmp/runs.db")
     'sqlite:////tmp/runs.db'
     """
+    from octft import sqlite_wal
+
+    sqlite_wal.install()  # every process that logs to MLflow resolves its URI first
     if uri:
         return normalise_url(uri)
     from_env = os.environ.get("MLFLOW_TRACKING_URI")

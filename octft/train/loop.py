@@ -163,7 +163,11 @@ def make_optimizer(model, *, lr_head: float, lr_encoder: float, weight_decay: fl
     same decoupled decay as AdamW's, with device tensors) and on XLA and CUDA the optimizer is
     capturable: its step count and bias corrections stay on the device, so a step never syncs.
     """
-    capturable = next(iter(model.parameters())).device.type in ("xla", "cuda")  # torch has no capturable CPU Adam
+    device_type = next(iter(model.parameters())).device.type
+    capturable = device_type in ("xla", "cuda")  # torch has no capturable CPU Adam
+    # On the host CPU one fused kernel per group: a head on stored features steps 1.6x faster (its step is
+    # per-op overhead). XLA keeps the per-tensor path: torch_xla traces it into the step's graph either way.
+    fused = True if device_type == "cpu" else None
     groups = []
     for name, parameters, lr in (("head", model.head_parameters(), lr_head), ("encoder", model.encoder_parameters(), lr_encoder)):
         parameters = list(parameters)
@@ -171,7 +175,7 @@ def make_optimizer(model, *, lr_head: float, lr_encoder: float, weight_decay: fl
         no_decay = [p for p in parameters if p.ndim < 2]
         groups.append({"params": decay, "lr": lr, "base_lr": lr, "decoupled_decay": weight_decay, "name": name})
         groups.append({"params": no_decay, "lr": lr, "base_lr": lr, "decoupled_decay": None, "name": name})
-    optimizer = torch.optim.AdamW(groups, betas=betas, weight_decay=0.0, foreach=False, capturable=capturable)
+    optimizer = torch.optim.AdamW(groups, betas=betas, weight_decay=0.0, foreach=False, capturable=capturable, fused=fused)
     optimizer.register_step_pre_hook(_decay_weights)
     return optimizer
 

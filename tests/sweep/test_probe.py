@@ -152,3 +152,40 @@ def test_a_probe_trial_goes_through_the_same_promotion(probe):
     assert 0.0 <= promotion.test_metrics["test/balanced_accuracy"] <= 1.0
     version = MlflowClient(tracking).get_model_version_by_alias(spec.promote.model_name, "champion")
     assert version.run_id == promotion.run_id
+
+
+@pytest.mark.integration  # probe processes
+def test_more_probe_processes_share_one_study_and_one_store(probe, tmp_path):
+    """`--workers 2`: the launch and one more process run trials of one study, reading the one feature store;
+    `python -m octft.sweep.probe` takes its launch record's path on its input, as a sweep worker does."""
+    import os
+    import subprocess
+    import sys
+
+    spec_path, _, tracking, overrides, _, _, out = probe
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    moved = [o for o in overrides if not o.startswith("output_dir=")] + [f"output_dir={tmp_path / 'runs'}"]
+    result = launch(spec_path, storage=storage, overrides=[*moved, "n_trials=3"], workers=2)
+    assert result.worker_exit_codes == [0, 0]
+    study = optuna.load_study(study_name="demo-probe", storage=storage)
+    assert len(study.trials) == 3  # the budget is the study's, not each process's
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials)
+    assert {t.user_attrs["worker"] for t in study.trials} <= {0, 1}
+
+    # The second process on its own, deterministically: it takes the study's next trials up to the budget.
+    record = next(Path(result.study_dir).glob("launch-*.json"))
+    env = dict(os.environ, OCTFT_OPTUNA_STORAGE=storage, PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, "-m", "octft.sweep.probe", "--worker-index", "1", "--study-dir",
+                           str(result.study_dir), "--n-trials", "5"], input=f"{record}\n", env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    study = optuna.load_study(study_name="demo-probe", storage=storage)
+    added = [t for t in study.trials if t.number >= 3]
+    assert len(added) == 2 and all(t.user_attrs["worker"] == 1 for t in added)
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in added), [t.user_attrs for t in added]
+    client = MlflowClient(tracking)
+    for trial in added:
+        run = client.get_run(trial.user_attrs["mlflow_run_id"])
+        assert run.data.tags["mlflow.parentRunId"] == result.parent_run_id
+    # Both processes read the fixture's store: no second entry was built.
+    assert len([p for p in (out / "features").iterdir() if not p.name.startswith(".")]) == 1

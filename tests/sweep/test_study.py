@@ -3,6 +3,7 @@
 Trials fine-tune the demo experiment shrunk to a micro ViT on 4 frames of 32x32 px for 2 epochs on CPU.
 """
 
+import contextlib
 import math
 import os
 import shlex
@@ -279,6 +280,31 @@ def test_two_workers_on_sqlite_run_exactly_n_trials_each_with_its_mlflow_run(sql
     assert study.user_attrs["cli_overrides"] == experiment_overrides(sqlite_sweep["data_dir"], out)
     assert study.user_attrs["sampler"] == {"type": "random", "seed": 0}
     assert study.user_attrs["pruner"]["collapse"]["patience"] == 1
+    # Both stores commit to a write-ahead log (octft.sqlite_wal): a sweep commits every epoch.
+    for database in (out / "mlflow.db", Path(storage.removeprefix("sqlite:///"))):
+        assert journal_mode(database) == "wal", database
+
+
+def journal_mode(path: Path) -> str:
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(path)) as connection:
+        return connection.execute("PRAGMA journal_mode").fetchone()[0]
+
+
+def test_sqlite_stores_opened_by_octft_commit_to_a_write_ahead_log(tmp_path):
+    """Every later SQLite connection of the process, Optuna's and MLflow's, in WAL mode with synchronous=NORMAL;
+    the mode stays with the file, so other processes (the MLflow UI, a plain Optuna script) read it as usual."""
+    from octft.track import MlflowTracker
+
+    storage = open_storage(f"sqlite:///{tmp_path / 'optuna.db'}", heartbeat_interval=None)
+    optuna.create_study(storage=storage, study_name="s").optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    with storage.engine.connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+    with MlflowTracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "e", "r") as tracker:
+        tracker.log_metrics({"m": 1.0}, step=0)
+    assert journal_mode(tmp_path / "optuna.db") == journal_mode(tmp_path / "mlflow.db") == "wal"
+    assert len(optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}").trials) == 2
 
 
 @pytest.mark.integration
