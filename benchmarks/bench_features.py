@@ -6,9 +6,9 @@ fine-tune, and the demo sweep with and without the store.
    (`perf/epoch_seconds`). Goal: a frozen epoch after the first costs at most 25% of an unfrozen one.
    Plus the same ratio from FLOPs for ViT-B on 16 x 224 x 224 (forward = F, training step = 3F; a frozen
    epoch without the store costs F per sample, with it only the head).
-2. A probe study (`octft sweep launch sweeps/probe.yaml`, N trials in one process) against one demo
-   fine-tune run (`octft train experiments/demo.yaml`, store off), each its own process timed from start
-   to exit, same data and the same XLA:CPU devices in the environment; the probe study builds the store.
+2. A probe study (`octft sweep launch sweeps/probe.yaml`, N trials, with 1 and with 2 processes) against
+   one demo fine-tune run (`octft train experiments/demo.yaml`, store off, data-parallel over 2 XLA:CPU
+   devices), each its own command timed from start to exit, same data; each probe study builds its store.
 3. The demo sweep (`sweeps/demo.yaml`, K trials of E epochs, 2 warm workers) with the store off and on:
    wall time of the launch, best value. Defaults K=4, E=6 (about 5 minutes on a quiet 2-core machine).
 
@@ -133,20 +133,25 @@ def part_probe(root: Path, base: list[str], trials: int, devices: int) -> None:
 
     wall_finetune, epochs = train_run(root, "finetune-reference", [*base, "features.enabled=false"], devices)
     best_finetune = max(r["val/balanced_accuracy"] for r in epochs)
-    storage = f"sqlite:///{root / 'probe-optuna.db'}"
-    probe_features = f"features.dir={root / 'probe-features'}"  # its own store: the study builds it
-    wall_probe = octft(["sweep", "launch", str(REPO / "sweeps" / "probe.yaml"), "--storage", storage,
-                        f"n_trials={trials}", *base, probe_features, f"output_dir={root / 'runs'}",
-                        f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}"], devices, root)
-    study = optuna.load_study(study_name="demo-probe", storage=storage)
-    states = [t.state.name for t in study.trials]
-    print(f"\n## 2. Probe study vs one fine-tune ({trials} probe trials in one process, same data, each command its "
-          "own process)\n")
+    rows = []
+    for workers in (1, 2):
+        storage = f"sqlite:///{root / f'probe-optuna-{workers}.db'}"
+        probe_features = f"features.dir={root / f'probe-features-{workers}'}"  # its own store: the study builds it
+        wall_probe = octft(["sweep", "launch", str(REPO / "sweeps" / "probe.yaml"), "--storage", storage,
+                            "--workers", str(workers), f"n_trials={trials}", *base, probe_features,
+                            f"output_dir={root / f'runs-probe-{workers}'}",
+                            f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}"], devices, root)
+        study = optuna.load_study(study_name="demo-probe", storage=storage)
+        states = [t.state.name for t in study.trials]
+        rows.append((workers, wall_probe, study.best_value, states.count("COMPLETE"), states.count("PRUNED")))
+    print(f"\n## 2. Probe study vs one fine-tune ({trials} probe trials, same data, each command its own process)\n")
     print("| what | wall s | best val balanced accuracy | trials (complete / pruned) |\n| --- | --- | --- | --- |")
-    print(f"| one demo fine-tune run (`octft train experiments/demo.yaml`, store off) | {wall_finetune:.1f} | "
-          f"{best_finetune:.3f} | 1 |")
-    print(f"| `octft sweep launch sweeps/probe.yaml n_trials={trials}` (incl. building the store) | {wall_probe:.1f} | "
-          f"{study.best_value:.3f} | {states.count('COMPLETE')} / {states.count('PRUNED')} |")
+    print(f"| one demo fine-tune run (`octft train experiments/demo.yaml`, store off, {devices} XLA:CPU devices) | "
+          f"{wall_finetune:.1f} | {best_finetune:.3f} | 1 |")
+    for workers, wall_probe, best, complete, pruned in rows:
+        print(f"| `octft sweep launch sweeps/probe.yaml --workers {workers} n_trials={trials}` (incl. building the "
+              f"store; {workers} process{'es' if workers > 1 else ''}) | {wall_probe:.1f} | {best:.3f} | "
+              f"{complete} / {pruned} |")
 
 
 def part_sweep(root: Path, base: list[str], trials: int, epochs: int, devices: int) -> None:

@@ -379,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
         "launch", help="create or resume the study and run trials; run it on every host to add its workers")
     sweep_arguments(launch)
     launch.add_argument("--n-trials", type=int, help="trials in the whole study, all workers and hosts together")
-    launch.add_argument("--workers", type=int, default=1, help="worker processes on this host (default 1)")
+    launch.add_argument("--workers", type=int, default=1,
+                        help="worker processes on this host (default 1); a probe study: processes running its heads")
     launch.add_argument("--enqueue-from", metavar="SOURCE",
                         help="warm start: an earlier sweep file (its best trials) or models:/NAME@champion (its params)")
     launch.add_argument("--enqueue-top", type=int, default=3, metavar="K",
