@@ -165,7 +165,7 @@ def make_optimizer(model, *, lr_head: float, lr_encoder: float, weight_decay: fl
     """
     device_type = next(iter(model.parameters())).device.type
     capturable = device_type in ("xla", "cuda")  # torch has no capturable CPU Adam
-    # On the host CPU one fused kernel per group: a head on stored features steps 1.6x faster (its step is
+    # On the host CPU one fused kernel per group: a head step on stored features 1.84 -> 1.4 ms (its step is
     # per-op overhead). XLA keeps the per-tensor path: torch_xla traces it into the step's graph either way.
     fused = True if device_type == "cpu" else None
     groups = []
