@@ -291,6 +291,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if os.environ.get("MLFLOW_TRACKING_URI"):  # the launch sets it to the sweep's
         open_tracking_store(os.environ["MLFLOW_TRACKING_URI"])
+    # What the imports made (about 500,000 objects: torch, MLflow, scikit-learn) lives as long as the runner:
+    # moved out of the collector's sight, the collection after each trial (run_trial) scans only what trials
+    # made. Measured: a full collection 0.6-0.7 s with them in sight, microseconds without.
+    gc.freeze()
 
     with os.fdopen(args.reply_fd, "w") as replies:
         try:
