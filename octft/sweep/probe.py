@@ -6,8 +6,9 @@ and the encoder's outputs are in the feature store. `octft sweep launch` then pr
 encoder and the features once and runs the trials here. With `--workers K`, K - 1 more processes
 (`python -m octft.sweep.probe`, each one CPU thread) run trials of the same study the same way, so a host's
 cores share the study: the feature store is built once (the others wait for it, then read it), and each
-process samples with the study's sampler, which sees the others' running trials. Each is still an Optuna trial (sampled by the
-study's sampler, reported per epoch, pruned on collapse) with its own MLflow child run, and runs the very
+process samples with the study's sampler, which sees the others' running trials. Each trial is still an
+Optuna trial (sampled by the study's sampler, reported per epoch, pruned on collapse) with its own MLflow
+child run, and runs the very
 `fit()` that `octft train <base> k=v ...` (its replay command) runs. Per-epoch metrics are written to
 MLflow in one batch per trial: the writes, not the head, would otherwise be most of a probe's time.
 One trial after another, not many heads in one batch: measured, a probe trial's time is mostly what
@@ -257,29 +258,13 @@ def run_probe_trials(
     return done
 
 
-def probe_worker_command(index: int, *, study_dir: Path, n_trials: int | None, heartbeat_interval: int,
-                         grace_period: int | None, deadline: float | None) -> list[str]:
-    """`python -m octft.sweep.probe ...` for probe process `index` (1, 2, ...); it reads the launch record's
-    path on its input, as a sweep worker does."""
-    command = [sys.executable, "-m", "octft.sweep.probe", "--worker-index", str(index), "--study-dir", str(study_dir),
-               "--heartbeat-interval", str(heartbeat_interval)]
-    if grace_period is not None:
-        command += ["--grace-period", str(grace_period)]
-    if n_trials is not None:
-        command += ["--n-trials", str(n_trials)]
-    if deadline is not None:
-        command += ["--deadline", repr(deadline)]
-    return command
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    from octft.sweep.pruners import build_pruner
-    from octft.sweep.spec import STORAGE_ENV, build_sampler
-    from octft.sweep.study import DEFAULT_HEARTBEAT_S, LaunchRecord, open_storage, worker_seed_offset
+    """`python -m octft.sweep.probe --worker-index I ...`: one more process of a probe study's launch
+    (`octft sweep launch --workers K`), which writes the launch record's path to its input."""
+    from octft.sweep.study import DEFAULT_HEARTBEAT_S, LaunchRecord, open_worker_study
 
     parser = argparse.ArgumentParser(prog="python -m octft.sweep.probe", description="one more process of a probe study")
     parser.add_argument("--worker-index", type=int, required=True)
-    parser.add_argument("--study-dir", type=Path, required=True)
     parser.add_argument("--n-trials", type=int)
     parser.add_argument("--heartbeat-interval", type=int, default=DEFAULT_HEARTBEAT_S)
     parser.add_argument("--grace-period", type=int)
@@ -291,12 +276,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not line:  # the launch failed before it needed this process, and says why
             return 0
         record = LaunchRecord.read(Path(line))
-        spec = record.sweep_spec(os.environ[STORAGE_ENV])
-        storage = open_storage(spec.storage, heartbeat_interval=args.heartbeat_interval, grace_period=args.grace_period)
-        study = optuna.load_study(
-            study_name=spec.study_name, storage=storage, pruner=build_pruner(spec),
-            sampler=build_sampler(spec, seed_offset=worker_seed_offset(record.launch_index, args.worker_index)),
-        )
+        study, storage, spec = open_worker_study(record, args.worker_index, heartbeat_interval=args.heartbeat_interval,
+                                                 grace_period=args.grace_period)
         run_probe_trials(spec, study, storage, study_dir=Path(record.study_dir), n_trials=args.n_trials,
                          tracking_uri=record.tracking_uri, experiment_overrides=record.experiment_overrides,
                          deadline=args.deadline, worker_index=args.worker_index)
@@ -305,8 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+__all__ = ["BufferedTracker", "is_probe_study", "main", "run_probe_trials"]
+
+
 if __name__ == "__main__":
     sys.exit(main())
-
-
-__all__ = ["BufferedTracker", "is_probe_study", "probe_worker_command", "run_probe_trials"]

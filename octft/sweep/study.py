@@ -459,7 +459,7 @@ def launch(
     directory = study_dir(spec, experiment_overrides)
     directory.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, **{STORAGE_ENV: spec.storage, "MLFLOW_TRACKING_URI": tracking_uri})
-    from octft.sweep.probe import is_probe_study, probe_worker_command, run_probe_trials
+    from octft.sweep.probe import is_probe_study, run_probe_trials
 
     probe = is_probe_study(spec, base_config(spec, experiment_overrides))
     rdb = open_storage(spec.storage, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
@@ -467,10 +467,7 @@ def launch(
     # process opens the study and prepares the data; they take a trial once they read the launch record's path.
     # A probe study runs its trials in this process; each further worker is one more probe process.
     processes = [
-        subprocess.Popen(probe_worker_command(index, study_dir=directory, n_trials=spec.n_trials,
-                                              heartbeat_interval=heartbeat_interval, grace_period=grace_period,
-                                              deadline=deadline) if probe else
-                         worker_command(index, devices_per_trial=devices_per_trial, study_dir=directory,
+        subprocess.Popen(worker_command(index, probe=probe, devices_per_trial=devices_per_trial, study_dir=directory,
                                         n_trials=spec.n_trials, heartbeat_interval=heartbeat_interval,
                                         grace_period=grace_period, deadline=deadline,
                                         fresh_process_per_trial=fresh_process_per_trial),
@@ -564,13 +561,18 @@ def launch(
     return _finish_launch(study, spec, directory, parent_run_id, codes, reaped, tracking_uri, enqueued)
 
 
-def worker_command(index: int, *, devices_per_trial: int, study_dir: Path, n_trials: int | None, heartbeat_interval: int,
-                   grace_period: int | None, deadline: float | None, fresh_process_per_trial: bool) -> list[str]:
-    """`python -m octft.sweep.workers ...` for worker `index`; it reads its launch record's path on its input."""
-    command = [
-        sys.executable, "-m", "octft.sweep.workers", "--worker-index", str(index), "--study-dir", str(study_dir),
-        "--devices-per-trial", str(devices_per_trial), "--heartbeat-interval", str(heartbeat_interval),
-    ]
+def worker_command(index: int, *, probe: bool = False, devices_per_trial: int = 1, study_dir: Path, n_trials: int | None,
+                   heartbeat_interval: int, grace_period: int | None, deadline: float | None,
+                   fresh_process_per_trial: bool = False) -> list[str]:
+    """The command of worker `index`: `python -m octft.sweep.workers ...`, or with `probe` one more probe
+    process, `python -m octft.sweep.probe ...` (heads in-process: no devices, runners or runner logs). Either
+    reads its launch record's path on its input."""
+    if probe:
+        command = [sys.executable, "-m", "octft.sweep.probe", "--worker-index", str(index)]
+    else:
+        command = [sys.executable, "-m", "octft.sweep.workers", "--worker-index", str(index), "--study-dir", str(study_dir),
+                   "--devices-per-trial", str(devices_per_trial)]
+    command += ["--heartbeat-interval", str(heartbeat_interval)]
     if grace_period is not None:
         command += ["--grace-period", str(grace_period)]
     if n_trials is not None:
@@ -580,6 +582,22 @@ def worker_command(index: int, *, devices_per_trial: int, study_dir: Path, n_tri
     if fresh_process_per_trial:
         command += ["--fresh-process-per-trial"]
     return command
+
+
+def open_worker_study(record: LaunchRecord, worker_index: int, *, heartbeat_interval: int,
+                      grace_period: int | None) -> tuple[optuna.Study, RDBStorage, SweepSpec]:
+    """(study, storage, spec) as worker `worker_index` of the launch `record` opens them: the storage URL from
+    $OCTFT_OPTUNA_STORAGE, the study's pruner, and a sampler seeded apart from every other worker's."""
+    from octft.sweep.pruners import build_pruner
+    from octft.sweep.spec import build_sampler
+
+    spec = record.sweep_spec(os.environ[STORAGE_ENV])
+    storage = open_storage(spec.storage, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
+    study = optuna.load_study(
+        study_name=spec.study_name, storage=storage, pruner=build_pruner(spec),
+        sampler=build_sampler(spec, seed_offset=worker_seed_offset(record.launch_index, worker_index)),
+    )
+    return study, storage, spec
 
 
 def _finish_launch(study, spec, directory, parent_run_id, codes, reaped, tracking_uri, enqueued) -> LaunchResult:

@@ -39,15 +39,8 @@ import optuna
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
-from octft.sweep.spec import STORAGE_ENV, SweepSpec
-from octft.sweep.study import (
-    DEFAULT_HEARTBEAT_S,
-    LaunchRecord,
-    next_trial,
-    open_storage,
-    reap_stale_trials,
-    worker_seed_offset,
-)
+from octft.sweep.spec import SweepSpec
+from octft.sweep.study import DEFAULT_HEARTBEAT_S, LaunchRecord, next_trial, open_worker_study, reap_stale_trials
 from octft.sweep.tracking import RUN_STATUS_OF, settle_run
 from octft.train.devices import trial_device_env
 from octft.sweep.trial import TrialOutcome, TrialRequest
@@ -214,9 +207,7 @@ def run_worker(
     `runner_log`: the runner's own output (default `<study dir>/runner-<worker_index>.log`). The storage URL
     comes from $OCTFT_OPTUNA_STORAGE (the launch sets it): it is not part of `record`.
     """
-    from octft.sweep.pruners import build_pruner
     from octft.sweep.space import suggest
-    from octft.sweep.spec import build_sampler
 
     if runner_log is None:
         runner_log = Path(record.study_dir) / f"runner-{worker_index}.log"
@@ -231,13 +222,8 @@ def run_worker(
                 runner.stop(timeout=0)  # no trial to finish: do not wait for its imports
                 return done
             record = LaunchRecord.read(Path(line))
-        spec = record.sweep_spec(os.environ[STORAGE_ENV])
-        storage = open_storage(spec.storage, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
-        study = optuna.load_study(
-            study_name=spec.study_name, storage=storage,
-            sampler=build_sampler(spec, seed_offset=worker_seed_offset(record.launch_index, worker_index)),
-            pruner=build_pruner(spec),
-        )
+        study, storage, spec = open_worker_study(record, worker_index, heartbeat_interval=heartbeat_interval,
+                                                 grace_period=grace_period)
         metric = spec.objective.metric
         while deadline is None or time.time() < deadline:
             reap_stale_trials(study, storage, record.tracking_uri)

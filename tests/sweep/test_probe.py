@@ -175,8 +175,8 @@ def test_more_probe_processes_share_one_study_and_one_store(probe, tmp_path):
     # The second process on its own, deterministically: it takes the study's next trials up to the budget.
     record = next(Path(result.study_dir).glob("launch-*.json"))
     env = dict(os.environ, OCTFT_OPTUNA_STORAGE=storage, PYTHONPATH=str(REPO))
-    done = subprocess.run([sys.executable, "-m", "octft.sweep.probe", "--worker-index", "1", "--study-dir",
-                           str(result.study_dir), "--n-trials", "5"], input=f"{record}\n", env=env, cwd=REPO,
+    done = subprocess.run([sys.executable, "-m", "octft.sweep.probe", "--worker-index", "1", "--n-trials", "5"],
+                          input=f"{record}\n", env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     study = optuna.load_study(study_name="demo-probe", storage=storage)
