@@ -60,9 +60,17 @@ class CountingSimulator(RawSimulator):
             raise KeyboardInterrupt
         self.downloads.append(key)
         if self.watch is not None and self.watch.exists():
-            used = sum(path.stat().st_size for path in self.watch.rglob("*")
-                       if path.is_file() and ".verified" not in path.parts)
+            used = sum(_size(path) for path in self.watch.rglob("*") if ".verified" not in path.parts)
             self.high_water_bytes = max(self.high_water_bytes, used)
+
+
+def _size(path: Path) -> int:
+    """Bytes in `path`; 0 for a folder or a file that went between listing and stat (another
+    download thread renames its partial when it finishes)."""
+    try:
+        return path.stat().st_size if path.is_file() else 0
+    except FileNotFoundError:
+        return 0
 
 
 @pytest.fixture(scope="module")
