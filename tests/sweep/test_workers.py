@@ -40,18 +40,32 @@ def experiment_overrides(data_dir: Path, out: Path) -> list[str]:
     ]
 
 
-def write_spec(directory: Path, *, study_name: str, n_trials: int, space: dict) -> tuple[Path, str, str]:
+# A trial that is to be killed while it runs is made long enough that no poll can miss it running (a warm
+# trial of 2 epochs takes about a second on an idle machine, a few polls of the study): all its epochs run.
+RUN_EVERY_EPOCH = {"train.early_stopping_patience": None}
+NO_PRUNING = {"wrapped": "none", "collapse": {"enabled": False}}
+LONG_EPOCHS = 1000
+LONG_OR_SHORT = {"train.epochs": {"type": "categorical", "choices": [2, LONG_EPOCHS]}}
+
+
+def write_spec(directory: Path, *, study_name: str, n_trials: int, space: dict, fixed: dict | None = None,
+               pruner: dict | None = None) -> tuple[Path, str, str]:
+    """A sweep file over `space`, its trials 2 epochs long unless `fixed` or `space` says otherwise."""
     storage, tracking_uri = f"sqlite:///{directory / 'optuna.db'}", f"sqlite:///{directory / 'mlflow.db'}"
+    fixed = {"train.epochs": 2, **(fixed or {})}
+    if "train.epochs" in space:
+        del fixed["train.epochs"]
     spec = {
         "base": str(REPO / "experiments" / "demo.yaml"),
         "study_name": study_name,
         "storage": storage,
         "mlflow": {"tracking_uri": tracking_uri, "experiment": f"sweep-{study_name}"},
         "n_trials": n_trials,
-        "fixed": {"train.epochs": 2},
+        "fixed": fixed,
         "space": space,
         "sampler": {"type": "random", "seed": 0},
-        "pruner": {"wrapped": "none"},  # demo unfreezes at epoch 2 of 2: collapse never counts, trials complete
+        # demo unfreezes at epoch 2 of 2: collapse never counts, trials complete
+        "pruner": pruner or {"wrapped": "none"},
     }
     path = directory / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -117,9 +131,11 @@ def test_a_failed_trial_is_described_by_signal_and_last_lines_without_secrets(tm
 
 @pytest.mark.integration
 def test_killed_workers_resume_and_the_dead_trial_is_retried_once(tmp_path, data_dir, subprocess_env):
+    # 12 epochs each: trial 0 still trains when the poll sees it (its retry has its params, so not a long trial).
     spec, storage, tracking_uri = write_spec(
         tmp_path, study_name="killed", n_trials=2,
         space={"optim.lr_head": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}},
+        fixed={"train.epochs": 12, **RUN_EVERY_EPOCH}, pruner=NO_PRUNING,
     )
     overrides = experiment_overrides(data_dir, tmp_path)
     beat = ["--heartbeat-interval", "1", "--grace-period", "3"]
@@ -129,7 +145,9 @@ def test_killed_workers_resume_and_the_dead_trial_is_retried_once(tmp_path, data
             cwd=REPO, start_new_session=True, stdout=log, stderr=subprocess.STDOUT,
         )
     # Kill launcher, worker and trial process (one process group) once the trial trains under its MLflow run.
-    dead_run = wait_for(lambda: running_trial_attr(storage, "killed", 0, "mlflow_run_id"), 240, "trial 0 to start")
+    dead_run = wait_for(lambda: running_trial_attr(storage, "killed", 0, "mlflow_run_id"), 240, "trial 0 to start",
+                        poll=0.1)
+    os.killpg(launcher.pid, signal.SIGSTOP)  # frozen at once, then killed: nothing can end the trial in between
     os.killpg(launcher.pid, signal.SIGKILL)
     launcher.wait()
     assert run_status(tracking_uri, dead_run)[0] == "RUNNING"  # nobody was left to end it
@@ -158,17 +176,19 @@ def test_a_crashing_trial_fails_alone_and_the_worker_goes_on(tmp_path, data_dir,
     missing = tmp_path / "no-such-encoder.pt"
     spec, storage, tracking_uri = write_spec(
         tmp_path, study_name="crash", n_trials=2,
-        space={"model.checkpoint": {"type": "categorical", "choices": [None, str(missing)]}},
+        space={"model.checkpoint": {"type": "categorical", "choices": [None, str(missing)]}, **LONG_OR_SHORT},
+        fixed=RUN_EVERY_EPOCH, pruner=NO_PRUNING,
     )
     study = optuna.create_study(study_name="crash", storage=storage, direction="maximize")
-    study.enqueue_trial({"model.checkpoint": str(missing)})  # trial 0 raises: the checkpoint does not exist
-    study.enqueue_trial({"model.checkpoint": None})  # trial 1 is killed with SIGSEGV while it runs
+    # Trial 0 raises: the checkpoint does not exist. Trial 1 is killed with SIGSEGV while it runs its long epochs.
+    study.enqueue_trial({"model.checkpoint": str(missing), "train.epochs": 2})
+    study.enqueue_trial({"model.checkpoint": None, "train.epochs": LONG_EPOCHS})
 
     outcome = {}
     launcher = threading.Thread(target=lambda: outcome.update(result=launch(
         spec, overrides=experiment_overrides(data_dir, tmp_path), heartbeat_interval=1)))
     launcher.start()
-    pid = wait_for(lambda: running_trial_attr(storage, "crash", 1, "pid"), 240, "trial 1 to start")
+    pid = wait_for(lambda: running_trial_attr(storage, "crash", 1, "pid"), 240, "trial 1 to start", poll=0.1)
     os.kill(pid, signal.SIGSEGV)
     launcher.join(timeout=240)
     assert outcome["result"].worker_exit_codes == [0]
@@ -236,35 +256,29 @@ def test_a_launch_whose_data_is_refused_takes_no_trial_and_leaves_no_process(tmp
 
 @pytest.mark.integration
 def test_trials_reuse_their_runner_until_it_is_killed_then_a_new_one_takes_over(tmp_path, data_dir, subprocess_env):
-    spec, storage, tracking_uri = write_spec(tmp_path, study_name="warm", n_trials=5, space=LR_HEAD)
+    spec, storage, tracking_uri = write_spec(tmp_path, study_name="warm", n_trials=5, space={**LR_HEAD, **LONG_OR_SHORT},
+                                             fixed=RUN_EVERY_EPOCH, pruner=NO_PRUNING)
     study = optuna.create_study(study_name="warm", storage=storage, direction="maximize")
-    for lr_head in (1e-3, 2e-3, 3e-3, 4e-3, 5e-3):
-        study.enqueue_trial({"optim.lr_head": lr_head})
+    for number, lr_head in enumerate((1e-3, 2e-3, 3e-3, 4e-3, 5e-3)):  # trial 2 is killed during its long epochs
+        study.enqueue_trial({"optim.lr_head": lr_head, "train.epochs": LONG_EPOCHS if number == 2 else 2})
 
     outcome = {}
     launcher = threading.Thread(target=lambda: outcome.update(result=launch(
         spec, overrides=experiment_overrides(data_dir, tmp_path), heartbeat_interval=1)))
     launcher.start()
     # Generous bounds: the runner's first trial pays imports, audit and cache check on a possibly busy machine.
-    # Trial 2, or trial 3 when trial 2 (a warm trial takes about a second) ended between two polls.
-    pid = wait_for(lambda: running_trial_attr(storage, "warm", 2, "pid") or running_trial_attr(storage, "warm", 3, "pid"),
-                   900, "trial 2 or 3 to start", poll=0.1)
+    pid = wait_for(lambda: running_trial_attr(storage, "warm", 2, "pid"), 900, "trial 2 to start", poll=0.1)
     os.kill(pid, signal.SIGKILL)  # what the out-of-memory killer does
     launcher.join(timeout=900)
     assert outcome["result"].worker_exit_codes == [0]
 
     trials = load(storage, "warm").trials
-    # A warm trial takes seconds: the signal lands in trial 2, or in trial 3 when trial 2 ended between the
-    # poll and the kill. Either way exactly that trial fails and every later one runs on a new runner.
-    killed_index = next(index for index, trial in enumerate(trials) if trial.state == TrialState.FAIL)
-    assert killed_index in (2, 3)
-    before, killed, after = trials[:killed_index], trials[killed_index], trials[killed_index + 1:]
-    assert [t.state for t in trials] == [TrialState.COMPLETE] * killed_index + [TrialState.FAIL] + \
-        [TrialState.COMPLETE] * len(after)
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2 + [TrialState.FAIL] + [TrialState.COMPLETE] * 2
+    before, killed, after = trials[:2], trials[2], trials[3:]
     # One runner ran every trial up to the killed one; the next trials ran on its replacement.
     assert {t.user_attrs["pid"] for t in (*before, killed)} == {pid}
-    assert [t.user_attrs["runner_trials"] for t in before] == list(range(1, killed_index + 1))
-    assert after and {t.user_attrs["pid"] for t in after} != {pid} and after[0].user_attrs["runner_trials"] == 1
+    assert [t.user_attrs["runner_trials"] for t in before] == [1, 2]
+    assert {t.user_attrs["pid"] for t in after} != {pid} and [t.user_attrs["runner_trials"] for t in after] == [1, 2]
     assert killed.user_attrs["fail_reason"].startswith("trial process killed by signal SIGKILL")
     status, tags = run_status(tracking_uri, killed.user_attrs["mlflow_run_id"])
     assert status == "FAILED" and "SIGKILL" in tags["octft.end_reason"]
