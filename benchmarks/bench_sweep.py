@@ -267,7 +267,7 @@ def print_report(results: list[ModeResult], args, seconds: float) -> None:
         figures = summary(result, 1 if result.name == "peer" else args.workers)
         compiles = "-" if figures["compiles"] is None else f"{figures['compiles']}/{figures['compiles_max']}"
         growth = "-" if figures["rss_growth"] is None else f"{figures['rss_growth']:+.0f}"
-        print(f"{result.name:<7}{figures['wall']:>8.0f}{figures['epochs']:>9.0f}{figures['share']:>7.2f}"
+        print(f"{result.name:<7}{figures['wall']:>8.1f}{figures['epochs']:>9.0f}{figures['share']:>7.2f}"
               f"{figures['first_start']:>15.1f}{figures['overhead']:>19.1f}{figures['overhead_warm']:>10.1f}"
               f"{figures['tail']:>8.1f}{compiles:>10}{growth:>16}{result.load[0]:>6.1f}->{result.load[1]:<5.1f}")
     for result in results:

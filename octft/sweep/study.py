@@ -23,6 +23,7 @@ import os
 import subprocess
 import sys
 import time
+import traceback
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -462,17 +463,25 @@ def launch(
     from octft.sweep.probe import is_probe_study, run_probe_trials
 
     probe = is_probe_study(spec, base_config(spec, experiment_overrides))
+    runner = None
+    if not probe:
+        # Worker 0 is this process. Its trial runner starts first, so that it imports torch and MLflow (most of
+        # a worker's start) while this process opens the study and prepares the data.
+        from octft.sweep.workers import TrialRunner, device_env
+
+        runner = TrialRunner(dict(env, **device_env(0, devices_per_trial), PYTHONUNBUFFERED="1"),
+                             directory / "runner-0.log")
+        runner.start()
     rdb = open_storage(spec.storage, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
-    # Started first, so that their trial runners import torch and MLflow (most of a worker's start) while this
-    # process opens the study and prepares the data; they take a trial once they read the launch record's path.
-    # A probe study runs its trials in this process; each further worker is one more probe process.
+    # Workers 1.. are processes, started now for the same reason; they take trials once they read the launch
+    # record's path. A probe study runs its trials in this process; each further worker is one more probe process.
     processes = [
         subprocess.Popen(worker_command(index, probe=probe, devices_per_trial=devices_per_trial, study_dir=directory,
                                         n_trials=spec.n_trials, heartbeat_interval=heartbeat_interval,
                                         grace_period=grace_period, deadline=deadline,
                                         fresh_process_per_trial=fresh_process_per_trial),
                          env=env, stdin=subprocess.PIPE, text=True)
-        for index in range(1 if probe else 0, workers)
+        for index in range(1, workers)
     ]
     try:
         # LP-FT: a probe sweep file in init.head_from becomes one run, chosen now and kept for the study's life.
@@ -539,6 +548,8 @@ def launch(
             print(f"study {spec.study_name!r}: auditing and preparing the data once for every trial", flush=True)
             prepare_data(base_config(spec, experiment_overrides).data, progress=True)
     except BaseException:
+        if runner is not None:
+            runner.stop(timeout=0)  # no trial to finish: do not wait for its imports
         for process in processes:  # input ends without a record: the worker and its runner exit, no trial taken
             with contextlib.suppress(BrokenPipeError):
                 process.stdin.close()
@@ -549,7 +560,10 @@ def launch(
             process.stdin.write(f"{record_path}\n")
             process.stdin.close()
     try:
-        codes = [process.wait() for process in processes]
+        codes = [_run_worker_here(record, runner, spec.storage, n_trials=spec.n_trials, deadline=deadline,
+                                  devices_per_trial=devices_per_trial, heartbeat_interval=heartbeat_interval,
+                                  grace_period=grace_period, fresh_process_per_trial=fresh_process_per_trial),
+                 *(process.wait() for process in processes)]
     except KeyboardInterrupt:
         # The workers got the same Ctrl-C (one process group); give them a moment to tell Optuna.
         codes = [process.wait(timeout=60) for process in processes]
@@ -559,6 +573,19 @@ def launch(
         raise
 
     return _finish_launch(study, spec, directory, parent_run_id, codes, reaped, tracking_uri, enqueued)
+
+
+def _run_worker_here(record: LaunchRecord, runner, storage_url: str, **settings) -> int:
+    """Worker 0 in the launch's process, with its already started `runner`: its exit code as a worker
+    process's would be (a bug in the worker prints its traceback and gives 1; the other workers go on)."""
+    from octft.sweep.workers import run_worker
+
+    try:
+        run_worker(record, worker_index=0, runner=runner, storage_url=storage_url, **settings)
+    except Exception:
+        traceback.print_exc()
+        return 1
+    return 0
 
 
 def worker_command(index: int, *, probe: bool = False, devices_per_trial: int = 1, study_dir: Path, n_trials: int | None,
@@ -584,14 +611,15 @@ def worker_command(index: int, *, probe: bool = False, devices_per_trial: int = 
     return command
 
 
-def open_worker_study(record: LaunchRecord, worker_index: int, *, heartbeat_interval: int,
-                      grace_period: int | None) -> tuple[optuna.Study, RDBStorage, SweepSpec]:
-    """(study, storage, spec) as worker `worker_index` of the launch `record` opens them: the storage URL from
-    $OCTFT_OPTUNA_STORAGE, the study's pruner, and a sampler seeded apart from every other worker's."""
+def open_worker_study(record: LaunchRecord, worker_index: int, *, heartbeat_interval: int, grace_period: int | None,
+                      storage_url: str | None = None) -> tuple[optuna.Study, RDBStorage, SweepSpec]:
+    """(study, storage, spec) as worker `worker_index` of the launch `record` opens them: the storage URL
+    (default $OCTFT_OPTUNA_STORAGE, which the launch gives its workers: it is not in the record), the study's
+    pruner, and a sampler seeded apart from every other worker's."""
     from octft.sweep.pruners import build_pruner
     from octft.sweep.spec import build_sampler
 
-    spec = record.sweep_spec(os.environ[STORAGE_ENV])
+    spec = record.sweep_spec(storage_url or os.environ[STORAGE_ENV])
     storage = open_storage(spec.storage, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
     study = optuna.load_study(
         study_name=spec.study_name, storage=storage, pruner=build_pruner(spec),

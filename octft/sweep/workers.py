@@ -1,11 +1,12 @@
 """A sweep worker: take a trial, hand it to its warm trial runner, tell Optuna how it ended; repeat.
 
-`octft sweep launch` starts these as `python -m octft.sweep.workers --worker-index I --study-dir D ...`
-first thing, and writes the launch record's path to their input once the study is open and the data
-prepared. The worker imports neither torch nor torch_xla: it starts its runner (`octft.sweep.trial`) at
-once, a child process that imports while the launch works and keeps its imports, compiled graphs and data
-setup from trial to trial; then it samples each trial's params, turns them into the trial's overrides once
-and hands them to the runner. A runner that runs out of memory,
+`octft sweep launch` is worker 0 itself (`run_worker` in its process) and starts workers 1.. as
+`python -m octft.sweep.workers --worker-index I --study-dir D ...` first thing, writing the launch record's
+path to their input once the study is open and the data prepared. A worker imports neither torch nor
+torch_xla: it starts its runner (`octft.sweep.trial`) at once, a child process that imports while the launch
+works and keeps its imports, compiled graphs and data setup from trial to trial; then it samples each
+trial's params, turns them into the trial's overrides once and hands them to the runner. A runner that
+runs out of memory,
 segfaults or aborts in XLA fails that trial only: the worker records the exit code or signal and the last
 lines of the trial's log (redacted) as `fail_reason`, ends its MLflow run FAILED, and the next trial
 starts a new runner (`--fresh-process-per-trial`: a new runner for every trial). The runner ends each
@@ -192,7 +193,9 @@ def run_worker(
     record: LaunchRecord | TextIO,
     *,
     worker_index: int,
+    runner: TrialRunner | None = None,
     runner_log: Path | None = None,
+    storage_url: str | None = None,
     n_trials: int | None,
     devices_per_trial: int = 1,
     heartbeat_interval: int = DEFAULT_HEARTBEAT_S,
@@ -204,14 +207,17 @@ def run_worker(
 
     `record`: the launch's record, or a stream to read its path from (one line, which `launch` writes once
     the study is open and the data prepared; when the stream ends first, the worker takes no trial).
-    `runner_log`: the runner's own output (default `<study dir>/runner-<worker_index>.log`). The storage URL
-    comes from $OCTFT_OPTUNA_STORAGE (the launch sets it): it is not part of `record`.
+    `runner`: one already started (the launch starts worker 0's before it opens the study); else one is made
+    with its output in `runner_log` (default `<study dir>/runner-<worker_index>.log`). `storage_url`: default
+    $OCTFT_OPTUNA_STORAGE (the launch sets it): it is not part of `record`.
     """
     from octft.sweep.space import suggest
 
-    if runner_log is None:
-        runner_log = Path(record.study_dir) / f"runner-{worker_index}.log"
-    runner = TrialRunner(dict(os.environ, **device_env(worker_index, devices_per_trial), PYTHONUNBUFFERED="1"), runner_log)
+    if runner is None:
+        if runner_log is None:
+            runner_log = Path(record.study_dir) / f"runner-{worker_index}.log"
+        runner = TrialRunner(dict(os.environ, **device_env(worker_index, devices_per_trial), PYTHONUNBUFFERED="1"),
+                             runner_log)
     done = 0
     try:
         # Started first: its imports (torch, MLflow: most of a worker's start) overlap the launch's own work.
@@ -223,7 +229,7 @@ def run_worker(
                 return done
             record = LaunchRecord.read(Path(line))
         study, storage, spec = open_worker_study(record, worker_index, heartbeat_interval=heartbeat_interval,
-                                                 grace_period=grace_period)
+                                                 grace_period=grace_period, storage_url=storage_url)
         metric = spec.objective.metric
         while deadline is None or time.time() < deadline:
             reap_stale_trials(study, storage, record.tracking_uri)
