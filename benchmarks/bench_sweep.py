@@ -2,13 +2,18 @@
 `--fresh-process-per-trial` (one process per trial, as before warm runners), and a plain in-process
 `study.optimize` loop calling the recipe (the peer), on the same trials in the same runtime.
 
+Modes: `warm` (octft sweep launch), `fresh` (the same, a process per trial), `peer` (the loop in one
+process), `peers` (the loop in `--workers` processes sharing one sqlite study, the way Optuna runs a study in
+parallel: the same script started once per worker; its MLflow database is created first, since processes
+creating one at once fail in its migrations).
+
 Params are drawn once from the demo space (sweeps/demo.yaml, its unfreeze range cut below `--epochs`) with a
 seeded RandomSampler and enqueued in the same order in every mode; pruning is off
 (`pruner.collapse.enabled=false pruner.wrapped.type=none`), so every trial runs the same epochs everywhere.
 Data: a synthetic release in the demo's shape (8 x 64 x 64), its cache built before any mode runs; each mode
 has its own Optuna and MLflow sqlite files and feature store. `octft sweep launch` runs as a user runs it,
-the command line in a fresh interpreter, and the peer in one fresh interpreter (with the devices one octft
-worker's trials get); both are timed from their interpreter's start, imports included. On XLA:CPU the
+the command line in a fresh interpreter, and each peer process in a fresh interpreter (with the devices one
+octft worker's trials get); all are timed from their interpreter's start, imports included. On XLA:CPU the
 devices are shared as `make demo` shares them: CPU_NUM_DEVICES (4) divided among the workers.
 
 Per mode it prints the wall time, the epochs' share of it (per worker), when the first trial started, the
@@ -16,15 +21,16 @@ median overhead per trial (time from a trial's start to the next trial's start o
 its epochs' seconds; the launch's end for a worker's last trial) over all trials and over the trials that
 were not their runner's first, XLA compiles (all trials / the most one trial compiled), and how much a
 runner's RSS grew after its second trial; then per trial its worker, runner pid, the runner's trial
-count, compiles, epochs' seconds, overhead and the runner's RSS after it.
+count, compiles, epochs' seconds, overhead and the runner's RSS after it. Which worker takes which trial
+depends on timing, and with it how many graphs each worker compiles.
 
-Measured on the 2-core development machine under other engineers' load (load average 2-7; idle is faster):
+Run times on the quiet 2-core development machine (README "Sweep speed" has the figures):
 
-    .venv/bin/python benchmarks/bench_sweep.py                                   # eager, 4 trials, 1 worker: 169 s
-    .venv/bin/python benchmarks/bench_sweep.py --modes warm --trials 10          # runner RSS over 10 trials: 119 s
-    .venv/bin/python benchmarks/bench_sweep.py --runtime xla                     # XLA:CPU, 4 trials, 1 worker: 220 s
-    .venv/bin/python benchmarks/bench_sweep.py --runtime xla --workers 2 --trials 6  # XLA:CPU, the demo's shape: 346 s
-    .venv/bin/python benchmarks/bench_sweep.py --workers 2 --trials 6            # eager, the demo's shape: not measured yet
+    .venv/bin/python benchmarks/bench_sweep.py --modes warm peer                 # eager, 4 trials, 1 worker: 35 s
+    .venv/bin/python benchmarks/bench_sweep.py --modes warm --trials 10          # runner RSS over 10 trials: 30 s
+    .venv/bin/python benchmarks/bench_sweep.py --runtime xla --modes warm peer   # XLA:CPU, 4 trials, 1 worker: 74 s
+    .venv/bin/python benchmarks/bench_sweep.py --runtime xla --workers 2 --trials 6 --modes warm peers peer
+                                                                                 # XLA:CPU, the demo's shape: 2.5 min
 """
 
 from __future__ import annotations
@@ -47,14 +53,14 @@ from bench_pruning import copy_specs, draw_params, prepare
 from octft.train.devices import trial_device_env as device_env
 
 NO_PRUNING = ["pruner.collapse.enabled=false", "pruner.wrapped.type=none"]
-MODES = ("warm", "fresh", "peer")
+MODES = ("warm", "fresh", "peer", "peers")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=2, help="fixed.train.epochs (default 2)")
-    parser.add_argument("--workers", type=int, default=1, help="workers of octft sweep launch (the peer loop has one)")
+    parser.add_argument("--workers", type=int, default=1, help="workers of octft sweep launch (and processes of `peers`)")
     parser.add_argument("--participants", type=int, default=48)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runtime", choices=["cpu", "xla"], default="cpu")
@@ -63,6 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--dir", type=Path, default=None)
     parser.add_argument("--peer-child", type=Path, help=argparse.SUPPRESS)  # internal: run the peer loop here
+    parser.add_argument("--peer-index", type=int, default=0, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -165,30 +172,52 @@ def data_overrides(args, data_dir: Path, cache_dir: Path, directory: Path) -> li
             f"output_dir={directory / 'runs'}", f"features.dir={directory / 'features'}"]
 
 
-def run_peer(root: Path, spec_path: Path, params: list[dict[str, Any]], args, data_dir: Path, cache_dir: Path) -> ModeResult:
-    """The peer loop in a process of its own (a fresh interpreter, as a user's script would be)."""
-    directory = root / "peer"
+def run_peer(root: Path, spec_path: Path, params: list[dict[str, Any]], args, data_dir: Path, cache_dir: Path,
+             processes: int = 1) -> ModeResult:
+    """The peer loop in `processes` processes of its own (fresh interpreters, as a user's script would be),
+    started together; with more than one they share one sqlite study, the way Optuna runs a study in parallel
+    (the same script started once per worker), each with one octft worker's devices."""
+    name = "peer" if processes == 1 else "peers"
+    directory = root / name
     directory.mkdir(parents=True)
-    job = {"spec": str(spec_path), "params": params, "dir": str(directory),
-           "overrides": data_overrides(args, data_dir, cache_dir, directory)}
-    print("== peer: in-process study.optimize calling octft.train.recipe.train", flush=True)
+    storage = f"sqlite:///{directory / 'optuna.db'}" if processes > 1 else None
+    if storage:
+        import optuna
+
+        study = optuna.create_study(storage=storage, study_name="peers", direction="maximize")
+        for trial_params in params:
+            study.enqueue_trial(trial_params)
+        # Created here, before the clock starts: processes creating one MLflow database at once fail in its
+        # migrations (alembic "expected to match one row"), which octft's launch avoids by creating it first.
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(f"sqlite:///{directory / 'mlflow.db'}").search_experiments()
+    what = "in-process study.optimize calling octft.train.recipe.train"
+    print(f"== {name}: {what}" + (f", {processes} processes sharing one sqlite study" if storage else ""), flush=True)
     load_before = os.getloadavg()[0]
     started = time.time()
-    (directory / "job.json").write_text(json.dumps({**job, "started": started}))
-    # The devices one octft worker's trials get (`octft.sweep.workers.device_env`), so both train alike.
-    env = dict(os.environ, **device_env(0, args.devices_per_trial))
-    with open(directory / "peer.log", "w") as log:
-        code = subprocess.run([sys.executable, __file__, "--peer-child", str(directory / "job.json")], env=env,
-                              stdout=log, stderr=subprocess.STDOUT).returncode
+    job = {"spec": str(spec_path), "params": params, "dir": str(directory), "storage": storage,
+           "overrides": data_overrides(args, data_dir, cache_dir, directory), "started": started}
+    (directory / "job.json").write_text(json.dumps(job))
+    children = []
+    for index in range(processes):
+        # The devices one octft worker's trials get (`octft.sweep.workers.device_env`), so both train alike.
+        env = dict(os.environ, **device_env(index, args.devices_per_trial))
+        with open(directory / f"peer-{index}.log", "w") as log:
+            children.append(subprocess.Popen(
+                [sys.executable, __file__, "--peer-child", str(directory / "job.json"), "--peer-index", str(index)],
+                env=env, stdout=log, stderr=subprocess.STDOUT))
+    codes = [child.wait() for child in children]
     wall = time.time() - started
-    if code:
-        raise SystemExit(f"peer: exited with {code}; see {directory / 'peer.log'}")
-    rows = [TrialRow(**row) for row in json.loads((directory / "rows.json").read_text())]
+    if any(codes):
+        raise SystemExit(f"{name}: exited with {codes}; see {directory}/peer-*.log")
+    rows = [TrialRow(**row) for index in range(processes)
+            for row in json.loads((directory / f"rows-{index}.json").read_text())]
     overheads(rows, wall)
-    return ModeResult("peer", wall, rows, (load_before, os.getloadavg()[0]))
+    return ModeResult(name, wall, rows, (load_before, os.getloadavg()[0]))
 
 
-def peer_child(job_path: Path) -> None:
+def peer_child(job_path: Path, index: int) -> None:
     """What a user writes without octft's launcher: an Optuna loop that builds each config and trains it."""
     import optuna
     import psutil
@@ -210,17 +239,26 @@ def peer_child(job_path: Path) -> None:
         params = suggest(trial, spec.space)  # the enqueued params
         cfg = load_experiment(spec.base, [*spec.trial_overrides(params), *extra, f"tracking.run_name=trial-{trial.number}"])
         result = train(cfg, progress=False)
-        rows.append({"number": trial.number, "worker": 0, "pid": os.getpid(), "runner_trials": trial.number + 1,
+        rows.append({"number": trial.number, "worker": index, "pid": os.getpid(), "runner_trials": len(rows) + 1,
                      "compiles": result.compiles, "epoch_s": result.epoch_seconds, "started": trial_started,
                      "rss_mb": psutil.Process().memory_info().rss / 2**20, "ended": time.time() - started})
         return result.best_value
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction="maximize")
-    for trial_params in job["params"]:
-        study.enqueue_trial(trial_params)
-    study.optimize(objective, n_trials=len(job["params"]))
-    (directory / "rows.json").write_text(json.dumps(rows))
+    if job["storage"]:  # one of several processes: the enqueued trials are taken from the shared study
+        study = optuna.load_study(study_name="peers", storage=job["storage"])
+        from optuna.trial import TrialState
+
+        # Trials taken, running or ended; the enqueued ones wait in the study from the start.
+        taken = (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+        budget = optuna.study.MaxTrialsCallback(len(job["params"]), states=taken)
+        study.optimize(objective, callbacks=[budget])
+    else:
+        study = optuna.create_study(direction="maximize")
+        for trial_params in job["params"]:
+            study.enqueue_trial(trial_params)
+        study.optimize(objective, n_trials=len(job["params"]))
+    (directory / f"rows-{index}.json").write_text(json.dumps(rows))
 
 
 def summary(result: ModeResult, workers: int) -> dict[str, Any]:
@@ -264,7 +302,7 @@ def print_report(results: list[ModeResult], args, seconds: float) -> None:
     print(header)
     print("-" * len(header))
     for result in results:
-        figures = summary(result, 1 if result.name == "peer" else args.workers)
+        figures = summary(result, 1 if result.name == "peer" else args.workers)  # peers: one per worker
         compiles = "-" if figures["compiles"] is None else f"{figures['compiles']}/{figures['compiles_max']}"
         growth = "-" if figures["rss_growth"] is None else f"{figures['rss_growth']:+.0f}"
         print(f"{result.name:<7}{figures['wall']:>8.1f}{figures['epochs']:>9.0f}{figures['share']:>7.2f}"
@@ -307,7 +345,7 @@ def main(argv=None) -> None:
     begun = time.time()
     args = parse_args(argv)
     if args.peer_child:
-        peer_child(args.peer_child)
+        peer_child(args.peer_child, args.peer_index)
         return
     if args.runtime == "xla":
         os.environ.setdefault("PJRT_DEVICE", "CPU")
@@ -323,8 +361,9 @@ def main(argv=None) -> None:
     params = draw_params(spec_path, args.trials, args.seed)
     results = []
     for mode in args.modes:
-        if mode == "peer":
-            results.append(run_peer(root, spec_path, params, args, data_dir, cache_dir))
+        if mode in ("peer", "peers"):
+            processes = 1 if mode == "peer" else args.workers
+            results.append(run_peer(root, spec_path, params, args, data_dir, cache_dir, processes))
         else:
             results.append(run_octft(mode, root, spec_path, params, args, data_dir, cache_dir))
     print_report(results, args, time.time() - begun)
