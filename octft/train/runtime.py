@@ -379,9 +379,19 @@ class XlaRuntime:
         return self.process_index == 0
 
     def to_device(self, model: torch.nn.Module) -> torch.nn.Module:
-        # Under SPMD, tensors without a sharding annotation are replicated: data parallelism
-        # needs nothing more than sharded inputs.
-        return model.to(self.device)
+        # Under SPMD, tensors without a sharding annotation are replicated: data parallelism needs nothing more
+        # than sharded inputs. Said explicitly all the same: a tensor becomes `{replicated}` once a graph has
+        # read it, and a graph traces differently before and after that (the first unfrozen step of a trial
+        # whose encoder had built the feature store compiled under another hash than the next trial's).
+        model = model.to(self.device)
+        if self.mesh is not None:
+            import torch_xla
+            import torch_xla.distributed.spmd as xs
+
+            for tensor in itertools.chain(model.parameters(), model.buffers()):
+                if not torch_xla._XLAC._get_xla_sharding_spec(tensor):
+                    xs.mark_sharding(tensor, self.mesh, (None,) * tensor.dim())
+        return model
 
     def device_loader(self, loader: Iterable[dict[str, torch.Tensor]]) -> Iterable[dict[str, torch.Tensor]]:
         """Batches on device, each tensor's first dim sharded over "data", prefetched in background threads.

@@ -291,7 +291,11 @@ def test_trials_reuse_their_runner_until_it_is_killed_then_a_new_one_takes_over(
 
 
 @pytest.mark.integration
-def test_a_second_trial_on_a_warm_xla_runner_compiles_nothing(tmp_path, data_dir, subprocess_env, monkeypatch):
+@pytest.mark.parametrize("devices", [1, 2])  # 2: SPMD, where a tensor a graph has read becomes {replicated}
+def test_a_second_trial_on_a_warm_xla_runner_compiles_nothing(tmp_path, data_dir, subprocess_env, monkeypatch, devices):
+    # The first trial builds the feature store (its epoch 0 is frozen), the second reuses it: under SPMD the
+    # encoder that built it had been read by a graph and the reusing one had not, and the second trial's first
+    # unfrozen step compiled again under another graph hash until every parameter was marked replicated at once.
     monkeypatch.setenv("PJRT_DEVICE", "CPU")
     space = {"optim.lr_head": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
              "optim.lr_encoder": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
@@ -305,7 +309,7 @@ def test_a_second_trial_on_a_warm_xla_runner_compiles_nothing(tmp_path, data_dir
     study.enqueue_trial({"optim.lr_head": 5e-3, "optim.lr_encoder": 5e-3, "loss.label_smoothing": 0.15,
                          "loss.class_weights": "none"})
     overrides = [text for text in experiment_overrides(data_dir, tmp_path) if text != "runtime.kind=cpu"]
-    result = launch(spec, overrides=[*overrides, "runtime.kind=xla", "train.unfreeze_epoch=1"])
+    result = launch(spec, overrides=[*overrides, "runtime.kind=xla", "train.unfreeze_epoch=1"], devices_per_trial=devices)
     assert result.worker_exit_codes == [0]
 
     first, second = load(storage, "compiles").trials
