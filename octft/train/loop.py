@@ -180,6 +180,29 @@ def make_optimizer(model, *, lr_head: float, lr_encoder: float, weight_decay: fl
     return optimizer
 
 
+@torch.no_grad()
+def init_optimizer_state(optimizer, runtime) -> None:
+    """AdamW's state (step 0, zero moments) on the device now for each trainable parameter that has none, as
+    AdamW's first step would make it, replicated and materialized.
+
+    On XLA a first step that makes the state traces another graph than every later step, a second compile
+    of the whole train step (forward, backward, update) per trial phase and accumulation count; with the
+    state made here, the first step is the steady step.
+    """
+    made = []
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            state = optimizer.state[parameter]
+            if parameter.requires_grad and not state:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=parameter.device)
+                state["exp_avg"] = torch.zeros_like(parameter, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(parameter, memory_format=torch.preserve_format)
+                made += state.values()
+    if made:
+        runtime.replicate(made)
+        runtime.sync()
+
+
 def set_lr(optimizer, factor: float, device: torch.device) -> None:
     """This step's learning rate of each group, `base_lr * factor`, and its decay `lr * decoupled_decay`.
 
@@ -334,10 +357,12 @@ def fit(
     for epoch in range(state["epoch"] + 1, epochs):
         encoder_trainable = unfreeze_epoch is not None and epoch >= unfreeze_epoch
         started = time.perf_counter()
+        set_encoder_trainable(model, encoder_trainable)
+        if runtime.name == "xla":
+            init_optimizer_state(optimizer, runtime)  # before seeding: its sync would move XLA's random state
         # Every random draw of an epoch derives from (seed, epoch): a resumed run replays it exactly.
         torch.manual_seed(seed * 100_003 + epoch)
         runtime.manual_seed(seed * 100_003 + epoch)
-        set_encoder_trainable(model, encoder_trainable)
         model.head.train(True)
         # A frozen encoder's output is the stored feature row: the head alone steps on it, batch for batch.
         on_features = frozen_features is not None and not encoder_trainable

@@ -384,14 +384,19 @@ class XlaRuntime:
         # read it, and a graph traces differently before and after that (the first unfrozen step of a trial
         # whose encoder had built the feature store compiled under another hash than the next trial's).
         model = model.to(self.device)
-        if self.mesh is not None:
-            import torch_xla
-            import torch_xla.distributed.spmd as xs
-
-            for tensor in itertools.chain(model.parameters(), model.buffers()):
-                if not torch_xla._XLAC._get_xla_sharding_spec(tensor):
-                    xs.mark_sharding(tensor, self.mesh, (None,) * tensor.dim())
+        self.replicate(itertools.chain(model.parameters(), model.buffers()))
         return model
+
+    def replicate(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Mark device tensors replicated over the mesh (without SPMD: nothing to do)."""
+        if self.mesh is None:
+            return
+        import torch_xla
+        import torch_xla.distributed.spmd as xs
+
+        for tensor in tensors:
+            if not torch_xla._XLAC._get_xla_sharding_spec(tensor):
+                xs.mark_sharding(tensor, self.mesh, (None,) * tensor.dim())
 
     def device_loader(self, loader: Iterable[dict[str, torch.Tensor]]) -> Iterable[dict[str, torch.Tensor]]:
         """Batches on device, each tensor's first dim sharded over "data", prefetched in background threads.
