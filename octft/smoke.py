@@ -68,7 +68,7 @@ def run_smoke(devices: int | None = None, *, overrides: list[str] | None = None)
         tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
         config = load_experiment(SMOKE_CONFIG, [
             f"data.uri={root / 'data'}", f"data.cache_dir={root / 'cache'}", f"output_dir={root / 'runs'}",
-            f"tracking.tracking_uri={tracking_uri}", *(overrides or []),
+            f"features.dir={root / 'features'}", f"tracking.tracking_uri={tracking_uri}", *(overrides or []),
         ])
         result = train(config, run_dir=root / "runs" / "smoke", progress=False)
         client = MlflowClient(tracking_uri)
