@@ -249,7 +249,9 @@ def peer_child(job_path: Path, index: int) -> None:
         study = optuna.load_study(study_name="peers", storage=job["storage"])
         from optuna.trial import TrialState
 
-        # Trials taken, running or ended; the enqueued ones wait in the study from the start.
+        # Trials taken, running or ended; the enqueued ones wait in the study from the start. Two processes
+        # checking at the same moment may both start one more (Optuna's own budget has that race): the
+        # table would then show a trial more, with sampled params.
         taken = (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
         budget = optuna.study.MaxTrialsCallback(len(job["params"]), states=taken)
         study.optimize(objective, callbacks=[budget])
