@@ -242,6 +242,9 @@ class RuntimeConfig(_Strict):
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     # torch_xla's persistent compilation cache, shared by every trial process on a host (TPU only); null: off.
     compile_cache_dir: str | None = "~/.cache/octft/xla"
+    # Rows each device holds per micro-batch; null: the most, up to train.batch_size, that divide its share of
+    # the effective batch. A sweep on XLA fixes it for all its trials, so that they share compiled graphs.
+    micro_batch_rows: Int | None = Field(None, ge=1)
 
 
 class TrackingConfig(_Strict):

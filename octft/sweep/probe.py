@@ -223,7 +223,8 @@ def run_probe_trials(
                     result = fit(
                         model, features.train, features.val, runtime=shared.runtime, tracker=tracker, reporter=reporter,
                         class_names=CLASS_SHORT_NAMES, epochs=cfg.train.epochs, batch_size=cfg.train.batch_size,
-                        accumulation_steps=cfg.train.accumulation_steps, unfreeze_epoch=None, lr_head=cfg.optim.lr_head,
+                        accumulation_steps=cfg.train.accumulation_steps,
+                        micro_batch_rows=cfg.runtime.micro_batch_rows, unfreeze_epoch=None, lr_head=cfg.optim.lr_head,
                         lr_encoder=cfg.optim.lr_encoder, weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas),
                         warmup_epochs=cfg.optim.warmup_epochs, min_lr_ratio=cfg.optim.min_lr_ratio,
                         label_smoothing=cfg.loss.label_smoothing, class_weights=shared.class_weights,

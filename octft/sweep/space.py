@@ -195,3 +195,23 @@ def check_batch_layouts(space: dict[str, Param], batch_size: int, accumulation_s
             + (" ..." if len(failing) > 6 else "")
             + f". Keep the space to effective batches that are multiples of {num_devices}, or change --devices-per-trial"
         )
+
+
+def shared_micro_batch_rows(space: dict[str, Param], batch_size: int, accumulation_steps: int, num_devices: int) -> int | None:
+    """The most rows per device per micro-batch that every trial's effective batch can be cut into, at most each
+    trial's `train.batch_size`: fixed for all of a study's trials (`runtime.micro_batch_rows`), trials with other
+    accumulation counts then run the same micro-batch shapes and share every compiled graph.
+
+    None when the space samples one effective batch only (nothing to share) or too many values to list.
+
+    >>> shared_micro_batch_rows({"train.accumulation_steps": CategoricalParam(choices=[1, 2])}, 8, 1, 2)
+    4
+    """
+    sizes = possible_values("train.batch_size", space, batch_size)
+    steps = possible_values("train.accumulation_steps", space, accumulation_steps)
+    if sizes is None or steps is None:
+        return None
+    per_device = {size * step // num_devices for size in sizes for step in steps if (size * step) % num_devices == 0}
+    if len(per_device) < 2:
+        return None
+    return max(d for d in range(1, min(sizes) + 1) if all(rows % d == 0 for rows in per_device))

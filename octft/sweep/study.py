@@ -412,14 +412,21 @@ class LaunchResult:
     enqueued: list[dict[str, Any]] = field(default_factory=list)  # warm-start parameter sets enqueued now
 
 
-def check_trial_layouts(spec: SweepSpec, base: ExperimentConfig, devices_per_trial: int) -> None:
+def check_trial_layouts(spec: SweepSpec, base: ExperimentConfig, devices_per_trial: int) -> list[str]:
     """Refuse at launch a space whose sampled batch layouts the trials' devices cannot hold (XLA runtimes;
-    an eager runtime trains on one device)."""
-    from octft.sweep.space import check_batch_layouts
+    an eager runtime trains on one device), and return the override that fixes one micro-batch shape for
+    every trial (`runtime.micro_batch_rows`, unless the experiment sets it), so that trials with other
+    accumulation counts or batch sizes compile nothing new; [] when there is nothing to fix."""
+    from octft.sweep.space import check_batch_layouts, shared_micro_batch_rows
     from octft.train.devices import platform
 
-    if base.runtime.kind in ("xla", "auto") and platform():
-        check_batch_layouts(spec.space, base.train.batch_size, base.train.accumulation_steps, devices_per_trial)
+    if base.runtime.kind not in ("xla", "auto") or not platform():
+        return []
+    check_batch_layouts(spec.space, base.train.batch_size, base.train.accumulation_steps, devices_per_trial)
+    if base.runtime.micro_batch_rows is not None or "runtime.micro_batch_rows" in spec.space:
+        return []
+    rows = shared_micro_batch_rows(spec.space, base.train.batch_size, base.train.accumulation_steps, devices_per_trial)
+    return [] if rows is None else [f"runtime.micro_batch_rows={rows}"]
 
 
 def launch(
@@ -455,7 +462,11 @@ def launch(
     if n_trials is not None:
         spec.n_trials = n_trials
     tracking_uri = sweep_tracking_uri(spec)
-    check_trial_layouts(spec, base_config(spec, experiment_overrides), devices_per_trial)
+    layout_overrides = check_trial_layouts(spec, base_config(spec, experiment_overrides), devices_per_trial)
+    if layout_overrides:
+        # Beside the command-line overrides, so the study records it and every replay runs the same shapes.
+        experiment_overrides = [*experiment_overrides, *layout_overrides]
+        print(f"{layout_overrides[0]} for every trial: one micro-batch shape, so trials share compiled graphs", flush=True)
     deadline = time.time() + spec.timeout_s if spec.timeout_s else None
     directory = study_dir(spec, experiment_overrides)
     directory.mkdir(parents=True, exist_ok=True)

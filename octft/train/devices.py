@@ -70,7 +70,8 @@ class BatchLayout:
 
 
 def plan_batches(
-    effective_batch_size: int, *, max_micro_batch_per_device: int, num_devices: int, num_hosts: int = 1
+    effective_batch_size: int, *, max_micro_batch_per_device: int, num_devices: int, num_hosts: int = 1,
+    micro_batch_per_device: int | None = None,
 ) -> BatchLayout:
     """Spread `effective_batch_size` rows evenly over `num_devices`, in as few accumulation steps as fit.
 
@@ -79,6 +80,8 @@ def plan_batches(
     for every layout (the objective is normalised over the whole effective batch), so the layout only
     changes speed and memory, never the science. Evaluation holds no activations for a backward
     pass, so each device takes `max_micro_batch_per_device` rows per evaluation batch.
+    `micro_batch_per_device` (`runtime.micro_batch_rows`, which a sweep launch fixes for all its trials) sets
+    the rows per device instead; it must divide each device's share of the effective batch.
     """
     if effective_batch_size < 1 or max_micro_batch_per_device < 1:
         raise BatchLayoutError(
@@ -95,7 +98,16 @@ def plan_batches(
             f"or run on {_divisor_text(effective_batch_size)} devices"
         )
     rows_per_device = effective_batch_size // num_devices
-    micro = max(d for d in range(1, min(rows_per_device, max_micro_batch_per_device) + 1) if rows_per_device % d == 0)
+    if micro_batch_per_device is not None:
+        if micro_batch_per_device < 1 or rows_per_device % micro_batch_per_device:
+            raise BatchLayoutError(
+                f"runtime.micro_batch_rows={micro_batch_per_device} does not divide the {rows_per_device} rows each of "
+                f"{num_devices} devices holds of effective batch {effective_batch_size}: use one of "
+                f"{_divisor_text(rows_per_device)}, or null (the most that fit)"
+            )
+        micro = micro_batch_per_device
+    else:
+        micro = max(d for d in range(1, min(rows_per_device, max_micro_batch_per_device) + 1) if rows_per_device % d == 0)
     return BatchLayout(
         effective_batch_size=effective_batch_size,
         num_devices=num_devices,

@@ -38,7 +38,7 @@ from octft.train.metrics import (
 )
 from octft.models.checkpoint import CheckpointError
 from octft.train.runtime import Runtime, load_state
-from octft.train.step import eval_step, train_step
+from octft.train.step import backward_step, eval_step, optimizer_step
 from octft.errors import OctftError
 
 
@@ -77,21 +77,26 @@ class FitResult:
 
 
 def padded_batches(
-    dataset, batch_size: int, *, order: Sequence[int], host_index: int = 0, host_count: int = 1, workers: int = 0
+    dataset, batch_size: int, *, order: Sequence[int], host_index: int = 0, host_count: int = 1, workers: int = 0,
+    micro_batches: int = 1,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """This host's rows of each global batch of exactly `batch_size` rows in `order`.
+    """This host's rows of each global batch of exactly `batch_size` rows in `order`, in `micro_batches` pieces.
 
     The last global batch is padded with weight-0 copies. Fixed shapes keep XLA at one graph per step
     kind; the 0/1 weight `w` keeps padding out of the loss and the metrics; `row` is each row's index
-    in `dataset`. With several hosts, host `h` reads and yields only rows `[h * B/P, (h+1) * B/P)` of
-    each global batch (torch_xla's per-host input contract: the runtime assembles the hosts' rows, in
-    host order, into the global batch), so no row is read or fed twice. `workers` background threads
-    gather batches ahead (`train.num_workers`; 0: each batch is gathered when it is asked for).
+    in `dataset`; `scale` is each row's weight over its global batch (`w / sum(w)`), what an optimizer step
+    over the batch's micro-batches weighs its rows by. Each global batch is yielded as `micro_batches`
+    consecutive micro-batches of `batch_size / micro_batches` rows (global); with several hosts, host `h`
+    reads and yields only rows `[h * M/P, (h+1) * M/P)` of each global micro-batch of M rows (torch_xla's
+    per-host input contract: the runtime assembles the hosts' rows, in host order, into the global batch),
+    so no row is read or fed twice. `workers` background threads gather batches ahead (`train.num_workers`;
+    0: each batch is gathered when it is asked for).
     """
-    if batch_size % host_count:
-        raise ValueError(f"a global batch of {batch_size} rows cannot be split evenly over {host_count} hosts")
-    host_rows = batch_size // host_count
-    mine = slice(host_index * host_rows, (host_index + 1) * host_rows)
+    if batch_size % micro_batches or (batch_size // micro_batches) % host_count:
+        raise ValueError(f"a global batch of {batch_size} rows cannot be split evenly over {host_count} hosts"
+                         + (f" in {micro_batches} micro-batches" if micro_batches > 1 else ""))
+    micro_rows = batch_size // micro_batches
+    host_rows = micro_rows // host_count
 
     def plans():
         for start in range(0, len(order), batch_size):
@@ -99,19 +104,24 @@ def padded_batches(
             real = len(indices)
             indices += [indices[-1]] * (batch_size - real)
             weights = [1.0] * real + [0.0] * (batch_size - real)
-            yield indices[mine], weights[mine]
+            for micro in range(micro_batches):
+                first = micro * micro_rows + host_index * host_rows
+                mine = slice(first, first + host_rows)
+                yield indices[mine], weights[mine], real
 
-    def batch(plan: tuple[list[int], list[float]]) -> dict[str, torch.Tensor]:
-        indices, weights = plan
+    def batch(plan: tuple[list[int], list[float], int]) -> dict[str, torch.Tensor]:
+        indices, weights, real = plan
         if hasattr(dataset, "gather"):  # a packed dataset reads the whole batch in one gather
             x, y = dataset.gather(indices)
         else:
             rows = [dataset[i] for i in indices]
             x, y = torch.stack([row["x"] for row in rows]), torch.stack([row["y"] for row in rows])
+        w = torch.tensor(weights)
         return {
             "x": x,
             "y": y,
-            "w": torch.tensor(weights),
+            "w": w,
+            "scale": w / max(real, 1),
             "row": torch.tensor(indices, dtype=torch.long),  # dataset index, to place eval logits
         }
 
@@ -121,18 +131,20 @@ def padded_batches(
 class _Batches:
     """A re-iterable, sized view of `padded_batches` (device loaders want both)."""
 
-    def __init__(self, dataset, batch_size: int, order: Sequence[int], runtime: Runtime, workers: int = 1):
+    def __init__(self, dataset, batch_size: int, order: Sequence[int], runtime: Runtime, workers: int = 1,
+                 micro_batches: int = 1):
         self.dataset, self.batch_size, self.order, self.workers = dataset, batch_size, list(order), workers
         self.host_index, self.host_count = runtime.process_index, runtime.process_count
+        self.micro_batches = micro_batches
 
     def __len__(self) -> int:
-        return math.ceil(len(self.order) / self.batch_size)
+        return math.ceil(len(self.order) / self.batch_size) * self.micro_batches
 
     def __iter__(self):
         # Stored pooled features gather quicker than a hand-over between threads: no background worker for them.
         workers = 0 if getattr(self.dataset, "cheap_to_gather", False) else self.workers
         return padded_batches(self.dataset, self.batch_size, order=self.order, host_index=self.host_index,
-                              host_count=self.host_count, workers=workers)
+                              host_count=self.host_count, workers=workers, micro_batches=self.micro_batches)
 
 
 def place_rows(logits: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, total_rows: int) -> torch.Tensor:
@@ -183,24 +195,39 @@ def make_optimizer(model, *, lr_head: float, lr_encoder: float, weight_decay: fl
 @torch.no_grad()
 def init_optimizer_state(optimizer, runtime) -> None:
     """AdamW's state (step 0, zero moments) on the device now for each trainable parameter that has none, as
-    AdamW's first step would make it, replicated and materialized.
+    AdamW's first step would make it, and a zero gradient for each that has none, replicated and materialized;
+    a frozen parameter's gradient is dropped.
 
     On XLA a first step that makes the state traces another graph than every later step, a second compile
-    of the whole train step (forward, backward, update) per trial phase and accumulation count; with the
-    state made here, the first step is the steady step.
+    of the whole train step (forward, backward, update) per trial phase; with the state made here, the first
+    step is the steady step. Gradients likewise: every micro-batch adds to gradients that already exist
+    (`octft.train.step.optimizer_step` zeroes them, never frees them). The zeros are moved to the device,
+    so making them compiles nothing.
     """
-    made = []
+    # Zeros moved to the device (`Runtime.put`), not made there: zeros made on an XLA device are a graph, and
+    # which parameters a phase starts (the head, the encoder, both) would make it another graph each time.
+    made: dict[tuple[torch.nn.Parameter, str], torch.Tensor] = {}
     for group in optimizer.param_groups:
         for parameter in group["params"]:
-            state = optimizer.state[parameter]
-            if parameter.requires_grad and not state:
-                state["step"] = torch.zeros((), dtype=torch.float32, device=parameter.device)
-                state["exp_avg"] = torch.zeros_like(parameter, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(parameter, memory_format=torch.preserve_format)
-                made += state.values()
-    if made:
-        runtime.replicate(made)
-        runtime.sync()
+            if not parameter.requires_grad:
+                parameter.grad = None
+                continue
+            if parameter.grad is None:
+                made[parameter, "grad"] = torch.zeros(parameter.shape, dtype=parameter.dtype)
+            if not optimizer.state[parameter]:
+                made[parameter, "step"] = torch.zeros((), dtype=torch.float32)
+                made[parameter, "exp_avg"] = torch.zeros(parameter.shape, dtype=parameter.dtype)
+                made[parameter, "exp_avg_sq"] = torch.zeros(parameter.shape, dtype=parameter.dtype)
+    if not made:
+        return
+    placed = runtime.put(list(made.values()))
+    for (parameter, name), tensor in zip(made, placed):
+        if name == "grad":
+            parameter.grad = tensor
+        else:
+            optimizer.state[parameter][name] = tensor
+    runtime.replicate(placed)
+    runtime.sync()
 
 
 def set_lr(optimizer, factor: float, device: torch.device) -> None:
@@ -249,6 +276,7 @@ def fit(
     epochs: int,
     batch_size: int,
     accumulation_steps: int,
+    micro_batch_rows: int | None = None,
     unfreeze_epoch: int | None,
     lr_head: float,
     lr_encoder: float,
@@ -285,7 +313,8 @@ def fit(
     `last.pt`, and with it their best epoch's `best.pt` and `best/`.
     `confusion_figure=False` skips `best/confusion_matrix.png` (a probe study: nothing reads it there,
     and drawing it costs a fifth of a probe trial).
-    `num_workers` threads gather batches ahead of the step (`padded_batches`).
+    `num_workers` threads gather batches ahead of the step (`padded_batches`). `micro_batch_rows`: rows per
+    device per micro-batch (`runtime.micro_batch_rows`; None: the runtime's choice, `Runtime.batch_layout`).
     """
     if objective_direction not in ("maximize", "minimize"):
         raise ValueError(f"objective_direction must be maximize or minimize, got {objective_direction!r}")
@@ -297,7 +326,7 @@ def fit(
     (run_dir / "checkpoint").mkdir(parents=True, exist_ok=True)
     num_classes = len(class_names)
     # Refused here, before anything compiles, when the devices cannot share the effective batch evenly.
-    layout = runtime.batch_layout(batch_size, accumulation_steps)
+    layout = runtime.batch_layout(batch_size, accumulation_steps, micro_batch_rows)
     step_rows = layout.effective_batch_size  # rows per optimizer step (global, all devices and hosts)
 
     # A warm trial runner runs many fits in one process: count only this one's compiles.
@@ -370,20 +399,25 @@ def fit(
         train_rows, val_rows = (frozen_features.train, frozen_features.val) if on_features else (train_set, val_set)
         order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
 
-        loss_sum = torch.zeros((), device=runtime.device)
-        weight_sum = torch.zeros((), device=runtime.device)
-        for step_in_epoch, batch in enumerate(runtime.device_loader(_Batches(train_rows, step_rows, order, runtime, num_workers))):
-            factor = lr_factor(epoch * steps_per_epoch + step_in_epoch, total_steps=total_steps,
-                               warmup_steps=warmup_steps, min_ratio=min_lr_ratio)
-            set_lr(optimizer, factor, runtime.device)
-            out = train_step(step_model, batch, loss_fn=loss_fn, optimizer=optimizer,
-                             accumulation_steps=layout.accumulation_steps, clip_norm=clip_norm, runtime=runtime)
-            loss_sum = loss_sum + out["loss_sum"].detach()
-            weight_sum = weight_sum + out["weight_sum"].detach()
+        # Sums start as zeros moved to the device (made there, each would be a graph of its own to compile).
+        loss_sum, weight_sum = runtime.put([torch.zeros(()), torch.zeros(())])
+        # One micro-batch per graph execution: one graph for a step's other micro-batches (backward only) and one
+        # for its last (backward and update), whatever the accumulation count.
+        micro_batches = layout.accumulation_steps
+        batches = _Batches(train_rows, step_rows, order, runtime, num_workers, micro_batches=micro_batches)
+        for index, batch in enumerate(runtime.device_loader(batches)):
+            out = backward_step(step_model, batch, loss_fn=loss_fn, runtime=runtime)
+            loss_sum = loss_sum + out["loss_sum"]
+            weight_sum = weight_sum + out["weight_sum"]
+            if (index + 1) % micro_batches == 0:
+                factor = lr_factor(epoch * steps_per_epoch + index // micro_batches, total_steps=total_steps,
+                                   warmup_steps=warmup_steps, min_ratio=min_lr_ratio)
+                set_lr(optimizer, factor, runtime.device)
+                optimizer_step(step_model, optimizer, clip_norm=clip_norm)
         train_seconds = time.perf_counter() - started
 
         # Evaluation: every row's logits placed on device, each row exactly once.
-        val_logits = torch.zeros(len(val_set), num_classes, device=runtime.device)
+        val_logits = runtime.put([torch.zeros(len(val_set), num_classes)])[0]
         for batch in runtime.device_loader(_Batches(val_rows, layout.eval_batch_size, range(len(val_set)), runtime, num_workers)):
             out = eval_step(step_model, batch, num_classes=num_classes, runtime=runtime)
             val_logits = val_logits + place_rows(out["logits"], batch["row"], batch["w"], len(val_set))
@@ -441,7 +475,8 @@ def fit(
             state.update(best_value=value, best_epoch=epoch, best_metrics=metrics, bad_epochs=0)
             if on_features:  # written with the phase's last checkpoint; a later best replaces it unwritten
                 pending_best = {"epoch": epoch, "metrics": metrics, "logits": logits,
-                                "head_state": {k: v.detach().clone() for k, v in model.head.state_dict().items()}}
+                                # Copied to the host: a copy on an XLA device would be one more graph to compile.
+                                "head_state": {k: v.detach().cpu().clone() for k, v in model.head.state_dict().items()}}
             else:
                 write_best(epoch, metrics, logits)
         elif epoch >= counted_from:

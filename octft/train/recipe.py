@@ -262,7 +262,8 @@ def stored_features(cfg: ExperimentConfig, model, train_set, val_set, runtime, *
     features = frozen_features(store, key, model.encoder, train_set, val_set,
                                runtime=runtime,
                                # evaluation-sized batches the devices share evenly (see Runtime.batch_layout)
-                               batch_size=runtime.batch_layout(cfg.train.batch_size, cfg.train.accumulation_steps).eval_batch_size)
+                               batch_size=runtime.batch_layout(cfg.train.batch_size, cfg.train.accumulation_steps,
+                                                               cfg.runtime.micro_batch_rows).eval_batch_size)
     print(f"features {'built' if features.built else 'reused'}: {features.digest[:12]} ({kind}, "
           f"{features.nbytes / 2**20:.1f} MiB, {features.seconds:.1f} s)", flush=True)
     return features
@@ -311,7 +312,7 @@ def train(
 
     # Devices first: a batch the devices cannot share is refused before any data is read.
     runtime = make_runtime(cfg.runtime.kind, cfg.runtime.precision, compile_cache_dir=cfg.runtime.compile_cache_dir)
-    layout = runtime.batch_layout(cfg.train.batch_size, cfg.train.accumulation_steps)
+    layout = runtime.batch_layout(cfg.train.batch_size, cfg.train.accumulation_steps, cfg.runtime.micro_batch_rows)
     print(f"{runtime}: {layout.describe()}", flush=True)
     if getattr(runtime, "compile_cache_note", None):
         print(runtime.compile_cache_note, flush=True)
@@ -378,7 +379,8 @@ def train(
         result = fit(
             model, train_set, val_set, runtime=runtime, tracker=tracker, reporter=reporter,
             class_names=CLASS_SHORT_NAMES, epochs=cfg.train.epochs, batch_size=cfg.train.batch_size,
-            accumulation_steps=cfg.train.accumulation_steps, unfreeze_epoch=cfg.train.unfreeze_epoch,
+            accumulation_steps=cfg.train.accumulation_steps, micro_batch_rows=cfg.runtime.micro_batch_rows,
+            unfreeze_epoch=cfg.train.unfreeze_epoch,
             lr_head=cfg.optim.lr_head, lr_encoder=cfg.optim.lr_encoder, weight_decay=cfg.optim.weight_decay,
             betas=tuple(cfg.optim.betas), warmup_epochs=cfg.optim.warmup_epochs, min_lr_ratio=cfg.optim.min_lr_ratio,
             label_smoothing=cfg.loss.label_smoothing, class_weights=class_weights, clip_norm=cfg.train.clip_norm,

@@ -56,19 +56,14 @@ class Runtime(Protocol):
     def to_device(self, model: torch.nn.Module) -> torch.nn.Module: ...
     def device_loader(self, loader: Iterable[dict[str, torch.Tensor]]) -> Iterable[dict[str, torch.Tensor]]: ...
     def autocast(self) -> ContextManager: ...
-    def accumulate_gradients(
-        self,
-        micro_objective: Callable[..., torch.Tensor],
-        micro_batches: tuple[torch.Tensor, ...],
-        model: torch.nn.Module,
-    ) -> torch.Tensor: ...
+    def put(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]: ...
     def manual_seed(self, seed: int) -> None: ...
     def step_closure(self, fn: Callable[..., Any], *args: Any) -> None: ...
     def to_host(self, tensor: torch.Tensor) -> np.ndarray: ...
     def compile_stats(self) -> dict[str, float]: ...
     def save(self, state: dict, path: str | os.PathLike) -> None: ...
     def broadcast_object(self, obj: Any) -> Any: ...
-    def batch_layout(self, batch_size: int, accumulation_steps: int) -> BatchLayout: ...
+    def batch_layout(self, batch_size: int, accumulation_steps: int, micro_batch_rows: int | None = None) -> BatchLayout: ...
 
 
 def make_runtime(
@@ -247,19 +242,9 @@ class EagerRuntime:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def accumulate_gradients(
-        self,
-        micro_objective: Callable[..., torch.Tensor],
-        micro_batches: tuple[torch.Tensor, ...],
-        model: torch.nn.Module,
-    ) -> torch.Tensor:
-        """Backpropagate `micro_objective` on each slice of the leading dim; return the summed objective."""
-        total = torch.zeros((), device=self.device)
-        for index in range(micro_batches[0].shape[0]):
-            objective = micro_objective(*(tensor[index] for tensor in micro_batches))
-            objective.backward()
-            total = total + objective.detach()
-        return total
+    def put(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Host tensors moved to the device."""
+        return [tensor.to(self.device) for tensor in tensors]
 
     def manual_seed(self, seed: int) -> None:
         """Seed the RNG that dropout and other random ops on this device draw from."""
@@ -289,9 +274,11 @@ class EagerRuntime:
     def broadcast_object(self, obj: Any) -> Any:
         return obj
 
-    def batch_layout(self, batch_size: int, accumulation_steps: int) -> BatchLayout:
-        """The configured layout itself: one device, `accumulation_steps` micro-batches of `batch_size`."""
-        return plan_batches(batch_size * accumulation_steps, max_micro_batch_per_device=batch_size, num_devices=1)
+    def batch_layout(self, batch_size: int, accumulation_steps: int, micro_batch_rows: int | None = None) -> BatchLayout:
+        """The configured layout itself: one device, `accumulation_steps` micro-batches of `batch_size` (or of
+        `micro_batch_rows` when set)."""
+        return plan_batches(batch_size * accumulation_steps, max_micro_batch_per_device=batch_size, num_devices=1,
+                            micro_batch_per_device=micro_batch_rows)
 
 
 def _map_tensors(data: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
@@ -410,28 +397,13 @@ class XlaRuntime:
             return torch.autocast("xla", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def accumulate_gradients(
-        self,
-        micro_objective: Callable[..., torch.Tensor],
-        micro_batches: tuple[torch.Tensor, ...],
-        model: torch.nn.Module,
-    ) -> torch.Tensor:
-        """Backpropagate `micro_objective` on each slice of the leading dim; return the summed objective.
+    def put(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Host tensors moved to the device as device data, 0-dim ones included: `.to()` makes a 0-dim tensor a
+        constant of the graphs that read it (a graph to compile where it is only stored, and another graph for
+        another value)."""
+        import torch_xla.core.xla_model as xm
 
-        Runs the micro-batches in an XLA while loop (torch_xla's gradient_accumulation), so the
-        graph size and compile time do not grow with the number of micro-batches. It syncs the
-        inputs and waits for the device once per call (a host-device sync point).
-        """
-        from torch_xla.experimental.gradient_accumulation import gradient_accumulation
-
-        steps = micro_batches[0].shape[0]
-
-        # gradient_accumulation divides each returned loss by the number of micro-batches;
-        # our objective is already normalised over the whole batch, so undo that division.
-        def body(*slices: torch.Tensor) -> torch.Tensor:
-            return micro_objective(*slices).float() * steps
-
-        return gradient_accumulation(body, tuple(micro_batches), model)
+        return xm.send_cpu_data_to_device(list(tensors), self.device)
 
     def manual_seed(self, seed: int) -> None:
         """Seed the RNG that dropout and other random ops on the XLA device draw from."""
@@ -492,14 +464,16 @@ class XlaRuntime:
     def broadcast_object(self, obj: Any) -> Any:
         return _broadcast_object(obj, self.process_count)
 
-    def batch_layout(self, batch_size: int, accumulation_steps: int) -> BatchLayout:
+    def batch_layout(self, batch_size: int, accumulation_steps: int, micro_batch_rows: int | None = None) -> BatchLayout:
         """Keep the effective batch `batch_size x accumulation_steps`; spread it over every device.
 
-        Each device holds at most `batch_size` rows per micro-batch; raises `BatchLayoutError`, naming
-        the effective batches that would work, when the devices cannot share the rows evenly.
+        Each device holds at most `batch_size` rows per micro-batch (exactly `micro_batch_rows` when set);
+        raises `BatchLayoutError`, naming the effective batches that would work, when the devices cannot
+        share the rows evenly.
         """
         return plan_batches(batch_size * accumulation_steps, max_micro_batch_per_device=batch_size,
-                            num_devices=self.num_devices, num_hosts=self.process_count)
+                            num_devices=self.num_devices, num_hosts=self.process_count,
+                            micro_batch_per_device=micro_batch_rows)
 
 
 class _XlaDeviceLoader:

@@ -1,7 +1,8 @@
 """Pure train and eval steps: no `.item()`, no Python branch on tensor values, fixed shapes.
 
 A batch is a dict of device tensors: `x` (B, C, T, H, W), `y` (B,) class indices and `w` (B,)
-sample weights, 1 for real rows and 0 for the padding that keeps the last batch full-sized.
+sample weights, 1 for real rows and 0 for the padding that keeps the last batch full-sized; the training
+loop's micro-batches also carry `scale` (B,), each row's weight over its whole optimizer step.
 Steps return device tensors; the loop reads them on the host inside `runtime.step_closure`.
 
 Example:
@@ -24,6 +25,54 @@ from octft.train.runtime import Runtime
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def backward_step(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    *,
+    loss_fn: LossFn,
+    runtime: Runtime,
+) -> dict[str, torch.Tensor]:
+    """Add one micro-batch's share of its optimizer step's gradient to each trainable parameter's `.grad`.
+
+    `batch["scale"]` (B,) is each row's weight over its whole optimizer step, `w / sum(w over the
+    step's micro-batches)` (0 on padding), so the micro-batches of a step together backpropagate
+    sum(w * loss) / sum(w) over the step's rows, whatever their number. Returns device tensors `loss_sum`
+    (sum of w * loss) and `weight_sum` (sum of w) of this micro-batch.
+    """
+    x, y, w = batch["x"], batch["y"], batch["w"]
+    if x.shape[0] % runtime.num_devices:
+        raise ValueError(
+            f"micro-batch of {x.shape[0]} rows cannot be split over {runtime.num_devices} devices: make it a multiple "
+            f"of {runtime.num_devices}"
+        )
+    # Padded rows may carry any label; give them class 0 so the loss never indexes out of range.
+    y = torch.where(w > 0, y, torch.zeros_like(y))
+    with runtime.autocast():
+        logits = model(x)
+    losses = loss_fn(logits.float(), y)
+    (losses * batch["scale"]).sum().backward()
+    return {"loss_sum": (losses.detach() * w).sum(), "weight_sum": w.sum()}
+
+
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, clip_norm: float | None) -> torch.Tensor:
+    """Clip the gradient the step's micro-batches accumulated, take the optimizer step, and zero the gradient.
+
+    The gradient is zeroed, not freed: every micro-batch then adds to gradients that exist as device
+    data, so on XLA one graph serves a step's first micro-batch and its others (backward only) and one its
+    last (backward and update), whatever the number of micro-batches: trials with other accumulation
+    counts compile nothing new. Returns the global gradient norm before clipping (0 when `clip_norm` is None).
+    """
+    trainable = _trainable(model)
+    if clip_norm is not None:
+        # No foreach: torch_xla's patched clip_grad_norm_ refuses it; it never syncs with the host either way.
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, clip_norm)
+    else:
+        grad_norm = torch.zeros((), device=trainable[0].device)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=False)
+    return grad_norm.detach()
+
+
 def train_step(
     model: torch.nn.Module,
     batch: dict[str, torch.Tensor],
@@ -34,7 +83,7 @@ def train_step(
     clip_norm: float | None = None,
     runtime: Runtime,
 ) -> dict[str, torch.Tensor]:
-    """One optimizer step on `batch`, split into `accumulation_steps` micro-batches.
+    """One optimizer step on a whole batch held at once, split into `accumulation_steps` micro-batches.
 
     `loss_fn(logits, y)` returns one loss per row (reduction="none"). The objective is
     sum(w * loss) / sum(w) over the whole batch, so accumulating k micro-batches gives the same
@@ -42,46 +91,27 @@ def train_step(
     Returns device tensors `loss_sum` (sum of w * loss), `weight_sum` (sum of w) and
     `grad_norm` (global gradient norm before clipping; 0 when `clip_norm` is None).
     The model's train/eval mode is the caller's choice (e.g. a frozen encoder kept in eval).
+    The training loop feeds its micro-batches one by one instead (`backward_step`, then `optimizer_step`
+    after a step's last), so that its graphs do not depend on the accumulation count.
     """
-    x, y, w = batch["x"], batch["y"], batch["w"]
-    rows = x.shape[0]
+    rows = batch["x"].shape[0]
     if accumulation_steps < 1 or rows % (accumulation_steps * runtime.num_devices):
         raise ValueError(
             f"batch of {rows} rows cannot be split into accumulation_steps={accumulation_steps} micro-batches "
             f"over {runtime.num_devices} devices: make the batch size a multiple of "
             f"accumulation_steps * num_devices = {max(accumulation_steps, 1) * runtime.num_devices}"
         )
-    # Padded rows may carry any label; give them class 0 so the loss never indexes out of range.
-    y = torch.where(w > 0, y, torch.zeros_like(y))
-    weight_sum = w.sum()
+    w = batch["w"]
     # Guards the all-padding batch: its numerator is 0 too, so the objective is 0, not NaN.
-    denominator = weight_sum.clamp_min(torch.finfo(weight_sum.dtype).tiny)
-
-    def micro_objective(micro_x: torch.Tensor, micro_y: torch.Tensor, micro_w: torch.Tensor) -> torch.Tensor:
-        with runtime.autocast():
-            logits = model(micro_x)
-        losses = loss_fn(logits.float(), micro_y)
-        return (losses * micro_w).sum() / denominator
-
-    # Grads start as None every step, so each step traces the same graph (no zeros-vs-data variants).
-    optimizer.zero_grad(set_to_none=True)
-    if accumulation_steps == 1:
-        objective = micro_objective(x, y, w)
-        objective.backward()
-        objective = objective.detach()
-    else:
-        objective = runtime.accumulate_gradients(
-            micro_objective, tuple(_micro_batches(t, accumulation_steps) for t in (x, y, w)), model
-        )
-    if clip_norm is not None:
-        # No foreach: torch_xla's patched clip_grad_norm_ refuses it; it never syncs with the host either way.
-        grad_norm = torch.nn.utils.clip_grad_norm_(_trainable(model), clip_norm)
-    else:
-        grad_norm = torch.zeros((), device=x.device)
-    optimizer.step()
-    # Frees the gradients between steps instead of keeping a zeroed copy of every one alive.
-    optimizer.zero_grad(set_to_none=True)
-    return {"loss_sum": objective * weight_sum, "weight_sum": weight_sum, "grad_norm": grad_norm.detach()}
+    scale = w / w.sum().clamp_min(torch.finfo(w.dtype).tiny)
+    parts = {key: _micro_batches(batch[key], accumulation_steps) for key in ("x", "y", "w")}
+    parts["scale"] = _micro_batches(scale, accumulation_steps)
+    loss_sum = torch.zeros((), device=w.device)
+    for index in range(accumulation_steps):
+        out = backward_step(model, {key: value[index] for key, value in parts.items()}, loss_fn=loss_fn, runtime=runtime)
+        loss_sum = loss_sum + out["loss_sum"]
+    grad_norm = optimizer_step(model, optimizer, clip_norm=clip_norm)
+    return {"loss_sum": loss_sum, "weight_sum": w.sum(), "grad_norm": grad_norm}
 
 
 @torch.no_grad()

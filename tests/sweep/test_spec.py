@@ -344,3 +344,11 @@ def test_sampler_settings_belong_to_their_type(tmp_path):
     assert "sigma0 applies to type: cmaes" in error_of(write_sweep(tmp_path, sampler={"type": "gp", "sigma0": 0.1}))
     assert "constant_liar applies to type: tpe" in error_of(write_sweep(tmp_path, sampler={"type": "qmc", "constant_liar": True}))
     assert "needs a seed" in error_of(write_sweep(tmp_path, sampler={"type": "qmc", "seed": None, "scramble": True}))
+
+
+def test_space_docstring_examples_hold():
+    import doctest
+
+    from octft.sweep import space
+
+    assert doctest.testmod(space).failed == 0

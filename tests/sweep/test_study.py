@@ -206,6 +206,24 @@ def test_a_space_with_batches_the_trial_devices_cannot_split_is_refused_at_launc
     check_trial_layouts(loaded, base_config(loaded), 16)
 
 
+def test_launch_fixes_one_micro_batch_shape_for_every_trial_on_xla(tmp_path, monkeypatch):
+    from octft.sweep.study import base_config, check_trial_layouts
+
+    monkeypatch.setenv("PJRT_DEVICE", "CPU")
+    space = {"train.accumulation_steps": {"type": "categorical", "choices": [1, 2, 4]}}  # demo batch 8: 8, 16, 32
+    spec = write_spec(tmp_path, study_name="micro", storage=f"sqlite:///{tmp_path / 'optuna.db'}", n_trials=1,
+                      space=space)
+    loaded = load_launch_spec(spec, [], None)[0]
+    # Rows per device 4, 8, 16 on 2 devices: micro-batches of 4 fit all; on 1 device at most train.batch_size.
+    assert check_trial_layouts(loaded, base_config(loaded), 2) == ["runtime.micro_batch_rows=4"]
+    assert check_trial_layouts(loaded, base_config(loaded), 1) == ["runtime.micro_batch_rows=8"]
+    assert check_trial_layouts(loaded, base_config(loaded, ["runtime.micro_batch_rows=2"]), 2) == []  # the user's
+    one_batch = load_launch_spec(spec, ["space.train.accumulation_steps=null"], None)[0]
+    assert check_trial_layouts(one_batch, base_config(one_batch), 2) == []  # one effective batch: nothing to share
+    monkeypatch.delenv("PJRT_DEVICE")
+    assert check_trial_layouts(loaded, base_config(loaded), 2) == []  # eager: no graphs
+
+
 RACE_SCRIPT = """
 import sys, optuna
 from octft.sweep.study import open_storage, study_lock, take_trial

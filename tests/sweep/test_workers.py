@@ -296,24 +296,30 @@ def test_a_second_trial_on_a_warm_xla_runner_compiles_nothing(tmp_path, data_dir
     # The first trial builds the feature store (its epoch 0 is frozen), the second reuses it: under SPMD the
     # encoder that built it had been read by a graph and the reusing one had not, and the second trial's first
     # unfrozen step compiled again under another graph hash until every parameter was marked replicated at once.
+    # The second trial also accumulates over another number of micro-batches and unfreezes at another epoch:
+    # the launch fixed one micro-batch shape for the study, and the loop runs one micro-batch per graph.
     monkeypatch.setenv("PJRT_DEVICE", "CPU")
     space = {"optim.lr_head": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
              "optim.lr_encoder": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
              "loss.label_smoothing": {"type": "float", "low": 0.0, "high": 0.2},
-             "loss.class_weights": {"type": "categorical", "choices": ["balanced", "none"]}}
+             "loss.class_weights": {"type": "categorical", "choices": ["balanced", "none"]},
+             "train.accumulation_steps": {"type": "categorical", "choices": [1, 2]},
+             "train.unfreeze_epoch": {"type": "categorical", "choices": [0, 1]}}
     spec, storage, _ = write_spec(tmp_path, study_name="compiles", n_trials=2, space=space)
     study = optuna.create_study(study_name="compiles", storage=storage, direction="maximize")
     # Every per-trial value differs, and the second trial's two learning rates happen to be equal.
     study.enqueue_trial({"optim.lr_head": 1e-3, "optim.lr_encoder": 3e-4, "loss.label_smoothing": 0.0,
-                         "loss.class_weights": "balanced"})
+                         "loss.class_weights": "balanced", "train.accumulation_steps": 2, "train.unfreeze_epoch": 1})
     study.enqueue_trial({"optim.lr_head": 5e-3, "optim.lr_encoder": 5e-3, "loss.label_smoothing": 0.15,
-                         "loss.class_weights": "none"})
+                         "loss.class_weights": "none", "train.accumulation_steps": 1, "train.unfreeze_epoch": 0})
     overrides = [text for text in experiment_overrides(data_dir, tmp_path) if text != "runtime.kind=cpu"]
-    result = launch(spec, overrides=[*overrides, "runtime.kind=xla", "train.unfreeze_epoch=1"], devices_per_trial=devices)
+    result = launch(spec, overrides=[*overrides, "runtime.kind=xla", "train.batch_size=4"], devices_per_trial=devices)
     assert result.worker_exit_codes == [0]
 
     first, second = load(storage, "compiles").trials
     assert (first.state, second.state) == (TrialState.COMPLETE, TrialState.COMPLETE)
     assert first.user_attrs["pid"] == second.user_attrs["pid"]
+    # Effective batches 4 and 8: every trial cuts them into micro-batches of 4 rows in all.
+    assert second.user_attrs["replay"].split().count(f"runtime.micro_batch_rows={4 // devices}") == 1
     assert first.user_attrs["xla_compiles"] > 0  # frozen and unfrozen steps, eval: counted for the trial that compiled them
     assert second.user_attrs["xla_compiles"] == 0, second.user_attrs

@@ -71,6 +71,13 @@ def test_impossible_layouts_are_refused_naming_what_would_work(effective, num_de
     assert isinstance(raised.value, OctftError)  # the CLI prints it as one line, exit 2
 
 
+def test_a_fixed_micro_batch_sets_the_rows_per_device_or_is_refused_naming_the_key():
+    layout = plan_batches(32, max_micro_batch_per_device=8, num_devices=2, micro_batch_per_device=4)
+    assert (layout.micro_batch_per_device, layout.accumulation_steps) == (4, 4)
+    with pytest.raises(BatchLayoutError, match=r"runtime.micro_batch_rows=3 does not divide the 16 rows .* 1, 2, 4, 8 or 16"):
+        plan_batches(32, max_micro_batch_per_device=8, num_devices=2, micro_batch_per_device=3)
+
+
 def test_tpu_chips_are_read_from_pci_ids(tmp_path):
     def pci_device(name: str, vendor: str, device: str) -> None:
         folder = tmp_path / name

@@ -33,9 +33,10 @@ def toy_dataset(rows: int = 23) -> list[dict[str, torch.Tensor]]:
     return [{"x": torch.randn(1, 4, 8, 8, generator=generator), "y": torch.tensor(i % 4)} for i in range(rows)]
 
 
-def assembled_batches(dataset, batch_size: int, order, host_count: int) -> list[dict[str, torch.Tensor]]:
+def assembled_batches(dataset, batch_size: int, order, host_count: int, micro_batches: int = 1) -> list[dict[str, torch.Tensor]]:
     """Every host's batches, concatenated step by step in host order (what the runtime assembles)."""
-    per_host = [list(padded_batches(dataset, batch_size, order=order, host_index=h, host_count=host_count))
+    per_host = [list(padded_batches(dataset, batch_size, order=order, host_index=h, host_count=host_count,
+                                    micro_batches=micro_batches))
                 for h in range(host_count)]
     assert len({len(batches) for batches in per_host}) == 1  # every host takes the same number of steps
     return [{key: torch.cat([host[step][key] for host in per_host]) for key in per_host[0][step]}
@@ -57,6 +58,25 @@ def test_hosts_cover_each_global_batch_with_no_row_twice(host_count):
             assert batch["x"].shape[0] == 8 // host_count  # each host reads only its share
     real_rows = torch.cat([batch["row"][batch["w"] > 0] for batch in assembled]).tolist()
     assert sorted(real_rows) == list(range(23))  # every row once, padding weighted 0
+
+
+@pytest.mark.parametrize("host_count", [1, 2])
+def test_micro_batches_cut_each_global_batch_and_weigh_rows_over_the_whole_step(host_count):
+    dataset = toy_dataset(23)
+    order = torch.randperm(23, generator=torch.Generator().manual_seed(2)).tolist()
+    whole = list(padded_batches(dataset, 8, order=order))
+    micro = assembled_batches(dataset, 8, order, host_count, micro_batches=2)
+    assert len(micro) == 2 * len(whole) == 6
+    for step, batch in enumerate(whole):
+        parts = micro[2 * step : 2 * step + 2]
+        assert all(part["x"].shape[0] == 4 for part in parts)
+        # Assembled over hosts, a step's micro-batches hold its rows; the step's rows weigh 1 in all.
+        joined = {key: torch.cat([part[key] for part in parts]) for key in batch}
+        assert sorted(joined["row"].tolist()) == sorted(batch["row"].tolist())
+        assert float(sum(part["scale"].sum() for part in parts)) == pytest.approx(1.0)
+        torch.testing.assert_close(joined["scale"], joined["w"] / batch["w"].sum())
+    last = torch.cat([part["scale"] for part in micro[4:]])
+    assert sorted(set(last.tolist())) == [0.0, pytest.approx(1 / 7)]  # 23 rows: the last step holds 7, 1 padded
 
 
 def test_a_global_batch_the_hosts_cannot_share_is_named():
@@ -146,17 +166,18 @@ def run_record(run_dir: Path):
 @pytest.mark.integration
 def test_scenario_a_trains_the_same_on_one_eight_and_sixteen_devices(small_data, tmp_path):
     runs = {}
-    for devices in (1, 8, 16):
-        completed = train_cli(small_data, tmp_path / f"d{devices}" / "run", devices, *SCENARIO_A)
+    # "8x1": 8 devices with the micro-batch a sweep may fix (runtime.micro_batch_rows=1): 2 micro-batches per step.
+    for name, devices, extra in ((1, 1, ()), (8, 8, ()), (16, 16, ()), ("8x1", 8, ("runtime.micro_batch_rows=1",))):
+        completed = train_cli(small_data, tmp_path / f"d{name}" / "run", devices, *SCENARIO_A, *extra)
         assert completed.returncode == 0, completed.stderr[-3000:]
-        runs[devices] = run_record(tmp_path / f"d{devices}" / "run")
-    expected = {1: ("4", "4"), 8: ("2", "1"), 16: ("1", "1")}
+        runs[name] = run_record(tmp_path / f"d{name}" / "run")
+    expected = {1: ("4", "4"), 8: ("2", "1"), 16: ("1", "1"), "8x1": ("1", "2")}
     for devices, (params, _) in runs.items():
-        assert params["runtime.num_devices"] == str(devices) and params["runtime.num_hosts"] == "1"
+        assert params["runtime.num_devices"] == str(devices).split("x")[0] and params["runtime.num_hosts"] == "1"
         assert params["train.effective_batch_size"] == "16"
         assert (params["runtime.micro_batch_per_device"], params["runtime.accumulation_steps_used"]) == expected[devices]
     # The same effective batch gives the same optimizer steps; only the order of sums differs.
-    for devices in (8, 16):
+    for devices in (8, 16, "8x1"):
         for key in ("train/loss", "val/loss"):
             np.testing.assert_allclose(runs[devices][1][key], runs[1][1][key], rtol=1e-5, err_msg=f"{key} on {devices}")
 

@@ -179,7 +179,8 @@ def test_train_step_decreases_the_loss():
                          runtime=runtime)
         losses.append(float(out["loss_sum"] / out["weight_sum"]))
     assert losses[-1] < 0.5 * losses[0]
-    assert all(parameter.grad is None for parameter in model.parameters())
+    # The step leaves the gradients zero, allocated for the next step's micro-batches to add to.
+    assert all(torch.count_nonzero(parameter.grad) == 0 for parameter in model.parameters())
 
 
 @pytest.mark.parametrize("accumulation_steps", [2, 4])
