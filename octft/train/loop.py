@@ -341,11 +341,6 @@ def fit(
     def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return row_losses(logits, targets, class_weights=weight, label_smoothing=smoothing)
 
-    # On XLA, whether a micro-batch's update is kept is device data too (`optimizer_step`): (False, True).
-    apply_flags = runtime.put([torch.tensor(False), torch.tensor(True)]) if runtime.name == "xla" else None
-    if apply_flags is not None:
-        runtime.replicate(apply_flags)
-
     steps_per_epoch = math.ceil(len(train_set) / step_rows)
     total_steps = steps_per_epoch * epochs
     warmup_steps = int(round(warmup_epochs * steps_per_epoch))
@@ -406,23 +401,18 @@ def fit(
 
         # Sums start as zeros moved to the device (made there, each would be a graph of its own to compile).
         loss_sum, weight_sum = runtime.put([torch.zeros(()), torch.zeros(())])
-        # One micro-batch per graph execution. On XLA every micro-batch runs the same graph (backward, then the
-        # update kept only on a step's last micro-batch: `optimizer_step(apply=...)`), whatever the accumulation
-        # count; elsewhere the update runs after a step's last micro-batch only.
+        # One micro-batch per graph execution: one graph for a step's other micro-batches (backward only) and one
+        # for its last (backward and update), whatever the accumulation count.
         micro_batches = layout.accumulation_steps
         batches = _Batches(train_rows, step_rows, order, runtime, num_workers, micro_batches=micro_batches)
         for index, batch in enumerate(runtime.device_loader(batches)):
-            if index % micro_batches == 0:
-                factor = lr_factor(epoch * steps_per_epoch + index // micro_batches, total_steps=total_steps,
-                                   warmup_steps=warmup_steps, min_ratio=min_lr_ratio)
-                set_lr(optimizer, factor, runtime.device)
             out = backward_step(step_model, batch, loss_fn=loss_fn, runtime=runtime)
             loss_sum = loss_sum + out["loss_sum"]
             weight_sum = weight_sum + out["weight_sum"]
-            last = (index + 1) % micro_batches == 0
-            if apply_flags is not None:
-                optimizer_step(step_model, optimizer, clip_norm=clip_norm, apply=apply_flags[last])
-            elif last:
+            if (index + 1) % micro_batches == 0:
+                factor = lr_factor(epoch * steps_per_epoch + index // micro_batches, total_steps=total_steps,
+                                   warmup_steps=warmup_steps, min_ratio=min_lr_ratio)
+                set_lr(optimizer, factor, runtime.device)
                 optimizer_step(step_model, optimizer, clip_norm=clip_norm)
         train_seconds = time.perf_counter() - started
 

@@ -54,32 +54,15 @@ def backward_step(
     return {"loss_sum": (losses.detach() * w).sum(), "weight_sum": w.sum()}
 
 
-def optimizer_step(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    *,
-    clip_norm: float | None,
-    apply: torch.Tensor | None = None,
-) -> torch.Tensor:
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, clip_norm: float | None) -> torch.Tensor:
     """Clip the gradient the step's micro-batches accumulated, take the optimizer step, and zero the gradient.
 
-    The gradient is zeroed, not freed: every micro-batch adds to gradients that exist as device data.
-    `apply` (a 0-dim bool device tensor, XLA): run after every micro-batch, in the same graph as its
-    backward pass, and keep the update only where `apply` is true (a step's last micro-batch); elsewhere the
-    parameters, the optimizer's state and the accumulated gradient come out as they went in. So one graph
-    per trial phase serves every micro-batch whatever the number per step: trials with other accumulation
-    counts compile nothing new (the update's arithmetic on the other micro-batches is the price, small next
-    to a forward and backward pass). Returns the global gradient norm before clipping (0 when `clip_norm`
-    is None).
+    The gradient is zeroed, not freed: every micro-batch then adds to gradients that exist as device
+    data, so on XLA one graph serves a step's first micro-batch and its others (backward only) and one its
+    last (backward and update), whatever the number of micro-batches: trials with other accumulation
+    counts compile nothing new. Returns the global gradient norm before clipping (0 when `clip_norm` is None).
     """
     trainable = _trainable(model)
-    kept: list[tuple[torch.Tensor, torch.Tensor]] = []
-    if apply is not None:
-        with torch.no_grad():
-            tensors = [*trainable, *(value for p in trainable for value in optimizer.state[p].values()
-                                     if isinstance(value, torch.Tensor))]
-            kept = [(tensor, tensor.clone()) for tensor in tensors]
-            accumulated = [p.grad.clone() for p in trainable]
     if clip_norm is not None:
         # No foreach: torch_xla's patched clip_grad_norm_ refuses it; it never syncs with the host either way.
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, clip_norm)
@@ -87,12 +70,6 @@ def optimizer_step(
         grad_norm = torch.zeros((), device=trainable[0].device)
     optimizer.step()
     optimizer.zero_grad(set_to_none=False)
-    if apply is not None:
-        with torch.no_grad():
-            for tensor, before in kept:
-                tensor.copy_(torch.where(apply, tensor, before))
-            for parameter, gradient in zip(trainable, accumulated):
-                parameter.grad.copy_(torch.where(apply, parameter.grad, gradient))
     return grad_norm.detach()
 
 

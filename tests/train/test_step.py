@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from octft.train.runtime import make_runtime
-from octft.train.step import backward_step, eval_step, optimizer_step, train_step
+from octft.train.step import eval_step, train_step
 
 NUM_CLASSES = 4
 SHAPE = (1, 4, 8, 8)  # (C, T, H, W)
@@ -250,38 +250,6 @@ def test_frozen_encoder_is_not_updated():
     after = parameters_of(model)
     assert torch.equal(after["0.weight"], before["0.weight"])
     assert not torch.equal(after["2.weight"], before["2.weight"])
-
-
-def test_an_update_not_applied_leaves_parameters_state_and_gradient_as_they_were():
-    """`optimizer_step(apply=...)`, as the loop runs it on XLA after every micro-batch: apply=False changes
-    nothing (the gradient keeps accumulating), apply=True is the plain step."""
-    runtime = make_runtime("cpu")
-
-    def snapshot(model, optimizer):
-        return ([p.detach().clone() for p in model.parameters()], [p.grad.clone() for p in model.parameters()],
-                [v.clone() for p in model.parameters() for v in optimizer.state[p].values()])
-
-    runs = []
-    for masked in (False, True):
-        model = tiny_model()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05)
-        train_step(model, make_batch(8, seed=8), loss_fn=loss_fn(), optimizer=optimizer, runtime=runtime)  # state exists
-        batch = make_batch(8, seed=9)
-        batch["scale"] = batch["w"] / batch["w"].sum()
-        backward_step(model, batch, loss_fn=loss_fn(), runtime=runtime)
-        if masked:
-            before = snapshot(model, optimizer)
-            optimizer_step(model, optimizer, clip_norm=1.0, apply=torch.tensor(False))
-            for kept, was in zip(snapshot(model, optimizer), before):
-                assert all(torch.equal(a, b) for a, b in zip(kept, was))
-            assert any(torch.count_nonzero(g) for g in before[1])  # there was a gradient to keep
-            optimizer_step(model, optimizer, clip_norm=1.0, apply=torch.tensor(True))
-        else:
-            optimizer_step(model, optimizer, clip_norm=1.0)
-        runs.append(snapshot(model, optimizer))
-    for plain, masked in zip(*runs):
-        for a, b in zip(plain, masked):
-            assert torch.equal(a, b)
 
 
 def test_batch_that_does_not_split_is_refused():
