@@ -412,21 +412,36 @@ class LaunchResult:
     enqueued: list[dict[str, Any]] = field(default_factory=list)  # warm-start parameter sets enqueued now
 
 
-def check_trial_layouts(spec: SweepSpec, base: ExperimentConfig, devices_per_trial: int) -> list[str]:
+MICRO_BATCH_KEY = "runtime.micro_batch_rows"
+
+
+def _recorded_overrides(storage: RDBStorage, study_name: str) -> list[str] | None:
+    """The experiment overrides an existing study was launched with; None when there is no such study."""
+    try:
+        study_id = storage.get_study_id_from_name(study_name)
+    except KeyError:
+        return None
+    return list(storage.get_study_user_attrs(study_id).get("cli_overrides", []))
+
+
+def check_trial_layouts(spec: SweepSpec, base: ExperimentConfig, devices_per_trial: int,
+                        experiment_overrides: Sequence[str] = ()) -> list[str]:
     """Refuse at launch a space whose sampled batch layouts the trials' devices cannot hold (XLA runtimes;
     an eager runtime trains on one device), and return the override that fixes one micro-batch shape for
-    every trial (`runtime.micro_batch_rows`, unless the experiment sets it), so that trials with other
-    accumulation counts or batch sizes compile nothing new; [] when there is nothing to fix."""
+    every trial (`runtime.micro_batch_rows`), so that trials with other accumulation counts or batch sizes
+    compile nothing new; [] when there is nothing to fix or the user sets the key (null included) in the
+    base experiment, the sweep's `fixed` or `experiment_overrides`."""
     from octft.sweep.space import check_batch_layouts, shared_micro_batch_rows
     from octft.train.devices import platform
 
     if base.runtime.kind not in ("xla", "auto") or not platform():
         return []
     check_batch_layouts(spec.space, base.train.batch_size, base.train.accumulation_steps, devices_per_trial)
-    if base.runtime.micro_batch_rows is not None or "runtime.micro_batch_rows" in spec.space:
+    if (base.runtime.micro_batch_rows is not None or MICRO_BATCH_KEY in spec.space or MICRO_BATCH_KEY in spec.fixed
+            or any(text.split("=", 1)[0].strip() == MICRO_BATCH_KEY for text in experiment_overrides)):
         return []
     rows = shared_micro_batch_rows(spec.space, base.train.batch_size, base.train.accumulation_steps, devices_per_trial)
-    return [] if rows is None else [f"runtime.micro_batch_rows={rows}"]
+    return [] if rows is None else [f"{MICRO_BATCH_KEY}={rows}"]
 
 
 def launch(
@@ -462,7 +477,8 @@ def launch(
     if n_trials is not None:
         spec.n_trials = n_trials
     tracking_uri = sweep_tracking_uri(spec)
-    layout_overrides = check_trial_layouts(spec, base_config(spec, experiment_overrides), devices_per_trial)
+    layout_overrides = check_trial_layouts(spec, base_config(spec, experiment_overrides), devices_per_trial,
+                                           experiment_overrides)
     if layout_overrides:
         # Beside the command-line overrides, so the study records it and every replay runs the same shapes.
         experiment_overrides = [*experiment_overrides, *layout_overrides]
@@ -507,6 +523,11 @@ def launch(
                 spec_path, [*sweep_overrides, *experiment_overrides], storage_url)
             if n_trials is not None:
                 spec.n_trials = n_trials
+        if layout_overrides and _recorded_overrides(rdb, spec.study_name) not in (None, experiment_overrides):
+            # A study launched before octft fixed the micro-batch: its trials keep the layouts they ran with.
+            experiment_overrides = [text for text in experiment_overrides if text not in layout_overrides]
+            print(f"study {spec.study_name!r} was launched without {layout_overrides[0]}: its trials keep their own "
+                  "micro-batch layouts", flush=True)
         study, launch_index = create_or_load_study(
             spec, rdb, spec_path=spec_path, sweep_overrides=sweep_overrides,
             experiment_overrides=experiment_overrides, tracking_uri=tracking_uri,

@@ -218,6 +218,7 @@ def test_launch_fixes_one_micro_batch_shape_for_every_trial_on_xla(tmp_path, mon
     assert check_trial_layouts(loaded, base_config(loaded), 2) == ["runtime.micro_batch_rows=4"]
     assert check_trial_layouts(loaded, base_config(loaded), 1) == ["runtime.micro_batch_rows=8"]
     assert check_trial_layouts(loaded, base_config(loaded, ["runtime.micro_batch_rows=2"]), 2) == []  # the user's
+    assert check_trial_layouts(loaded, base_config(loaded), 2, ["runtime.micro_batch_rows=null"]) == []  # null too
     one_batch = load_launch_spec(spec, ["space.train.accumulation_steps=null"], None)[0]
     assert check_trial_layouts(one_batch, base_config(one_batch), 2) == []  # one effective batch: nothing to share
     monkeypatch.delenv("PJRT_DEVICE")
@@ -373,6 +374,25 @@ def test_launching_a_finished_study_again_runs_nothing(sqlite_sweep):
     result = launch(sqlite_sweep["spec"], workers=1, overrides=experiment_overrides(sqlite_sweep["data_dir"], sqlite_sweep["out"]))
     assert result.worker_exit_codes == [0]
     assert [(t.number, t.state, t.datetime_complete) for t in load(sqlite_sweep["storage"], "two-workers").trials] == before
+
+
+@pytest.mark.integration
+def test_a_study_launched_without_a_fixed_micro_batch_is_relaunched_as_it_was(tmp_path, data_dir, subprocess_env,
+                                                                               monkeypatch):
+    # Launched where no XLA device was (as every study before octft fixed the micro-batch): its record holds no
+    # runtime.micro_batch_rows. Relaunched on XLA, the launch keeps the study's overrides instead of refusing them.
+    monkeypatch.delenv("PJRT_DEVICE", raising=False)
+    space = {"optim.lr_head": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True},
+             "train.accumulation_steps": {"type": "categorical", "choices": [1, 2]}}
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    spec = write_spec(tmp_path, study_name="before", storage=storage, n_trials=1, space=space)
+    overrides = experiment_overrides(data_dir, tmp_path, "auto")
+    assert launch(spec, overrides=overrides).worker_exit_codes == [0]
+    monkeypatch.setenv("PJRT_DEVICE", "CPU")
+    result = launch(spec, overrides=overrides, devices_per_trial=2)
+    assert result.worker_exit_codes == [0]
+    study = load(storage, "before")
+    assert study.user_attrs["cli_overrides"] == overrides and len(study.trials) == 1  # nothing to run: budget spent
 
 
 # ---------------------------------------------------------------------------------------------------- PostgreSQL
