@@ -58,7 +58,7 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, 
     """Clip the gradient the step's micro-batches accumulated, take the optimizer step, and zero the gradient.
 
     The gradient is zeroed, not freed: every micro-batch then adds to gradients that exist as device
-    data, so on XLA one graph serves a step's first micro-batch and its others (backward only) and one its
+    data, so on XLA one graph serves every micro-batch of a step but its last (backward only) and one its
     last (backward and update), whatever the number of micro-batches: trials with other accumulation
     counts compile nothing new. Returns the global gradient norm before clipping (0 when `clip_norm` is None).
     """
