@@ -416,12 +416,14 @@ MICRO_BATCH_KEY = "runtime.micro_batch_rows"
 
 
 def _recorded_overrides(storage: RDBStorage, study_name: str) -> list[str] | None:
-    """The experiment overrides an existing study was launched with; None when there is no such study."""
+    """The experiment overrides an existing study was launched with; None when no launch has recorded any (no
+    such study, or one made with Optuna alone, e.g. to enqueue trials before the first launch)."""
     try:
         study_id = storage.get_study_id_from_name(study_name)
     except KeyError:
         return None
-    return list(storage.get_study_user_attrs(study_id).get("cli_overrides", []))
+    recorded = storage.get_study_user_attrs(study_id).get("cli_overrides")
+    return None if recorded is None else list(recorded)
 
 
 def check_trial_layouts(spec: SweepSpec, base: ExperimentConfig, devices_per_trial: int,
