@@ -174,9 +174,12 @@ def possible_values(key: str, space: dict[str, Param], fixed_value: Any, *, limi
     return None
 
 
-def check_batch_layouts(space: dict[str, Param], batch_size: int, accumulation_steps: int, num_devices: int) -> None:
+def check_batch_layouts(space: dict[str, Param], batch_size: int, accumulation_steps: int, num_devices: int,
+                        micro_batch_rows: int | None = None) -> None:
     """Refuse, before any trial runs, a space in which some trial's effective batch
-    (`train.batch_size x train.accumulation_steps`) cannot be spread evenly over `num_devices`.
+    (`train.batch_size x train.accumulation_steps`) cannot be spread evenly over `num_devices`, or, with
+    `micro_batch_rows` (`runtime.micro_batch_rows`) set, cannot be cut into micro-batches of that many rows
+    per device.
 
     Raises `BatchLayoutError` naming the values that fail; a trial would otherwise fail at its own start.
     """
@@ -184,9 +187,10 @@ def check_batch_layouts(space: dict[str, Param], batch_size: int, accumulation_s
 
     sizes = possible_values("train.batch_size", space, batch_size)
     steps = possible_values("train.accumulation_steps", space, accumulation_steps)
-    if sizes is None or steps is None or num_devices == 1:
+    if sizes is None or steps is None:
         return
-    failing = sorted({(size, step) for size in sizes for step in steps if (size * step) % num_devices})
+    pairs = sorted({(size, step) for size in sizes for step in steps})
+    failing = [(size, step) for size, step in pairs if (size * step) % num_devices]
     if failing:
         shown = ", ".join(f"{size} x {step} = {size * step}" for size, step in failing[:6])
         raise BatchLayoutError(
@@ -194,6 +198,18 @@ def check_batch_layouts(space: dict[str, Param], batch_size: int, accumulation_s
             f"split evenly over the {num_devices} devices each trial gets: {shown}"
             + (" ..." if len(failing) > 6 else "")
             + f". Keep the space to effective batches that are multiples of {num_devices}, or change --devices-per-trial"
+        )
+    if micro_batch_rows is None:
+        return
+    failing = [(size, step) for size, step in pairs if (size * step // num_devices) % micro_batch_rows]
+    if failing:
+        shown = ", ".join(f"{size} x {step} = {size * step} ({size * step // num_devices} rows per device)"
+                          for size, step in failing[:6])
+        raise BatchLayoutError(
+            f"runtime.micro_batch_rows={micro_batch_rows} does not divide the rows per device of {len(failing)} of the "
+            f"space's effective batches on {num_devices} device{'s' if num_devices > 1 else ''}: {shown}"
+            + (" ..." if len(failing) > 6 else "")
+            + ". Set it to a divisor of every one, or leave it out (null) and the launch picks one"
         )
 
 

@@ -85,7 +85,7 @@ def load_launch_spec(spec_path: str | Path, overrides: Sequence[str] = (), stora
     spec = load_sweep(spec_path, sweep_overrides)
     if storage:
         spec.storage = storage  # validated on assignment: its password percent-encoded before any parsing
-    keys = {text.split("=", 1)[0].strip() for text in experiment_overrides}
+    keys = override_keys(experiment_overrides)
     objective = sorted(keys & set(OBJECTIVE_KEYS))
     if objective:
         raise ConfigError(
@@ -415,35 +415,52 @@ class LaunchResult:
 MICRO_BATCH_KEY = "runtime.micro_batch_rows"
 
 
-def _recorded_overrides(storage: RDBStorage, study_name: str) -> list[str] | None:
-    """The experiment overrides an existing study was launched with; None when no launch has recorded any (no
-    such study, or one made with Optuna alone, e.g. to enqueue trials before the first launch)."""
-    try:
-        study_id = storage.get_study_id_from_name(study_name)
-    except KeyError:
-        return None
-    recorded = storage.get_study_user_attrs(study_id).get("cli_overrides")
-    return None if recorded is None else list(recorded)
+def override_keys(overrides: Sequence[str]) -> set[str]:
+    """The dotted keys of `key=value` overrides."""
+    return {text.split("=", 1)[0].strip() for text in overrides}
 
 
-def check_trial_layouts(spec: SweepSpec, base: ExperimentConfig, devices_per_trial: int,
-                        experiment_overrides: Sequence[str] = ()) -> list[str]:
-    """Refuse at launch a space whose sampled batch layouts the trials' devices cannot hold (XLA runtimes;
-    an eager runtime trains on one device), and return the override that fixes one micro-batch shape for
-    every trial (`runtime.micro_batch_rows`), so that trials with other accumulation counts or batch sizes
-    compile nothing new; [] when there is nothing to fix or the user sets the key (null included) in the
-    base experiment, the sweep's `fixed` or `experiment_overrides`."""
-    from octft.sweep.space import check_batch_layouts, shared_micro_batch_rows
+def check_trial_layouts(spec: SweepSpec, base: ExperimentConfig, devices_per_trial: int) -> None:
+    """Refuse at launch a space whose sampled batch layouts the trials' devices cannot hold (XLA runtimes; an
+    eager runtime trains on one device), or cannot cut into micro-batches of a `runtime.micro_batch_rows` the
+    user set."""
+    from octft.sweep.space import check_batch_layouts
+    from octft.train.devices import platform
+
+    xla = base.runtime.kind in ("xla", "auto") and bool(platform())
+    micro = None if MICRO_BATCH_KEY in spec.space else base.runtime.micro_batch_rows
+    if xla or micro is not None:
+        check_batch_layouts(spec.space, base.train.batch_size, base.train.accumulation_steps,
+                            devices_per_trial if xla else 1, micro_batch_rows=micro)
+
+
+def fixed_micro_batch(spec: SweepSpec, base: ExperimentConfig, devices_per_trial: int,
+                      experiment_overrides: Sequence[str] = ()) -> list[str]:
+    """The override that gives every trial of an XLA sweep one micro-batch shape (`runtime.micro_batch_rows`),
+    so that trials with other accumulation counts or batch sizes compile nothing new; [] on an eager runtime,
+    when the space samples one effective batch, or when the user sets the key (null included) in the base
+    experiment, the sweep's `fixed` or `space`, or `experiment_overrides`."""
+    from octft.sweep.space import shared_micro_batch_rows
     from octft.train.devices import platform
 
     if base.runtime.kind not in ("xla", "auto") or not platform():
         return []
-    check_batch_layouts(spec.space, base.train.batch_size, base.train.accumulation_steps, devices_per_trial)
     if (base.runtime.micro_batch_rows is not None or MICRO_BATCH_KEY in spec.space or MICRO_BATCH_KEY in spec.fixed
-            or any(text.split("=", 1)[0].strip() == MICRO_BATCH_KEY for text in experiment_overrides)):
+            or MICRO_BATCH_KEY in override_keys(experiment_overrides)):
         return []
     rows = shared_micro_batch_rows(spec.space, base.train.batch_size, base.train.accumulation_steps, devices_per_trial)
     return [] if rows is None else [f"{MICRO_BATCH_KEY}={rows}"]
+
+
+def _launched_without_fixed_micro_batch(storage: RDBStorage, study_name: str) -> bool:
+    """Whether an earlier launch recorded this study's overrides without `runtime.micro_batch_rows` (a study from
+    before octft fixed it). False for a new study, or one made with Optuna alone (e.g. to enqueue trials)."""
+    try:
+        study_id = storage.get_study_id_from_name(study_name)
+    except KeyError:
+        return False
+    recorded = storage.get_study_user_attrs(study_id).get("cli_overrides")
+    return recorded is not None and MICRO_BATCH_KEY not in override_keys(recorded)
 
 
 def launch(
@@ -479,8 +496,9 @@ def launch(
     if n_trials is not None:
         spec.n_trials = n_trials
     tracking_uri = sweep_tracking_uri(spec)
-    layout_overrides = check_trial_layouts(spec, base_config(spec, experiment_overrides), devices_per_trial,
-                                           experiment_overrides)
+    base = base_config(spec, experiment_overrides)
+    check_trial_layouts(spec, base, devices_per_trial)
+    layout_overrides = fixed_micro_batch(spec, base, devices_per_trial, experiment_overrides)
     if layout_overrides:
         # Beside the command-line overrides, so the study records it and every replay runs the same shapes.
         experiment_overrides = [*experiment_overrides, *layout_overrides]
@@ -525,7 +543,7 @@ def launch(
                 spec_path, [*sweep_overrides, *experiment_overrides], storage_url)
             if n_trials is not None:
                 spec.n_trials = n_trials
-        if layout_overrides and _recorded_overrides(rdb, spec.study_name) not in (None, experiment_overrides):
+        if layout_overrides and _launched_without_fixed_micro_batch(rdb, spec.study_name):
             # A study launched before octft fixed the micro-batch: its trials keep the layouts they ran with.
             experiment_overrides = [text for text in experiment_overrides if text not in layout_overrides]
             print(f"study {spec.study_name!r} was launched without {layout_overrides[0]}: its trials keep their own "

@@ -101,8 +101,9 @@ def plan_batches(
     if micro_batch_per_device is not None:
         if micro_batch_per_device < 1 or rows_per_device % micro_batch_per_device:
             raise BatchLayoutError(
-                f"runtime.micro_batch_rows={micro_batch_per_device} does not divide the {rows_per_device} rows each of "
-                f"{num_devices} devices holds of effective batch {effective_batch_size}: use one of "
+                f"runtime.micro_batch_rows={micro_batch_per_device} does not divide the {rows_per_device} rows "
+                + (f"each of {num_devices} devices holds" if num_devices > 1 else "the device holds")
+                + f" of effective batch {effective_batch_size}: use one of "
                 f"{_divisor_text(rows_per_device)}, or null (the most that fit)"
             )
         micro = micro_batch_per_device

@@ -207,7 +207,7 @@ def test_a_space_with_batches_the_trial_devices_cannot_split_is_refused_at_launc
 
 
 def test_launch_fixes_one_micro_batch_shape_for_every_trial_on_xla(tmp_path, monkeypatch):
-    from octft.sweep.study import base_config, check_trial_layouts
+    from octft.sweep.study import base_config, fixed_micro_batch
 
     monkeypatch.setenv("PJRT_DEVICE", "CPU")
     space = {"train.accumulation_steps": {"type": "categorical", "choices": [1, 2, 4]}}  # demo batch 8: 8, 16, 32
@@ -215,14 +215,14 @@ def test_launch_fixes_one_micro_batch_shape_for_every_trial_on_xla(tmp_path, mon
                       space=space)
     loaded = load_launch_spec(spec, [], None)[0]
     # Rows per device 4, 8, 16 on 2 devices: micro-batches of 4 fit all; on 1 device at most train.batch_size.
-    assert check_trial_layouts(loaded, base_config(loaded), 2) == ["runtime.micro_batch_rows=4"]
-    assert check_trial_layouts(loaded, base_config(loaded), 1) == ["runtime.micro_batch_rows=8"]
-    assert check_trial_layouts(loaded, base_config(loaded, ["runtime.micro_batch_rows=2"]), 2) == []  # the user's
-    assert check_trial_layouts(loaded, base_config(loaded), 2, ["runtime.micro_batch_rows=null"]) == []  # null too
+    assert fixed_micro_batch(loaded, base_config(loaded), 2) == ["runtime.micro_batch_rows=4"]
+    assert fixed_micro_batch(loaded, base_config(loaded), 1) == ["runtime.micro_batch_rows=8"]
+    assert fixed_micro_batch(loaded, base_config(loaded, ["runtime.micro_batch_rows=2"]), 2) == []  # the user's
+    assert fixed_micro_batch(loaded, base_config(loaded), 2, ["runtime.micro_batch_rows=null"]) == []  # null too
     one_batch = load_launch_spec(spec, ["space.train.accumulation_steps=null"], None)[0]
-    assert check_trial_layouts(one_batch, base_config(one_batch), 2) == []  # one effective batch: nothing to share
+    assert fixed_micro_batch(one_batch, base_config(one_batch), 2) == []  # one effective batch: nothing to share
     monkeypatch.delenv("PJRT_DEVICE")
-    assert check_trial_layouts(loaded, base_config(loaded), 2) == []  # eager: no graphs
+    assert fixed_micro_batch(loaded, base_config(loaded), 2) == []  # eager: no graphs
 
 
 RACE_SCRIPT = """
@@ -374,6 +374,24 @@ def test_launching_a_finished_study_again_runs_nothing(sqlite_sweep):
     result = launch(sqlite_sweep["spec"], workers=1, overrides=experiment_overrides(sqlite_sweep["data_dir"], sqlite_sweep["out"]))
     assert result.worker_exit_codes == [0]
     assert [(t.number, t.state, t.datetime_complete) for t in load(sqlite_sweep["storage"], "two-workers").trials] == before
+
+
+def test_a_micro_batch_the_space_cannot_use_is_refused_at_launch_naming_the_batches(tmp_path, monkeypatch):
+    from octft.train.devices import BatchLayoutError
+
+    space = {"train.accumulation_steps": {"type": "categorical", "choices": [1, 3]}}  # demo batch 8: 8, 24
+    spec = write_spec(tmp_path, study_name="bad-micro", storage=f"sqlite:///{tmp_path / 'optuna.db'}", n_trials=1,
+                      space=space)
+    for pjrt, devices, shown in ((None, 2, "8 x 1 = 8 (8 rows per device)"), ("CPU", 2, "8 x 1 = 8 (4 rows per device)")):
+        if pjrt:
+            monkeypatch.setenv("PJRT_DEVICE", pjrt)
+        else:
+            monkeypatch.delenv("PJRT_DEVICE", raising=False)
+        with pytest.raises(BatchLayoutError) as error:
+            launch(spec, overrides=["runtime.micro_batch_rows=3"], devices_per_trial=devices)
+        assert str(error.value).startswith("runtime.micro_batch_rows=3 does not divide") and shown in str(error.value)
+        assert "8 x 3" not in str(error.value)  # 24 rows (12 per device) divide by 3
+    assert not (tmp_path / "optuna.db").exists()  # refused before the study was created
 
 
 @pytest.mark.integration
