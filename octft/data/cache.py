@@ -26,7 +26,6 @@ import multiprocessing
 import os
 import pickle
 import time
-import uuid
 import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -39,13 +38,13 @@ from tqdm.auto import tqdm
 
 from octft.data.preprocess import Preprocessing, preprocess
 from octft.data.volume import OctReadError, Volume
+from octft.io import atomic_file, remove_stale_temporaries, write_text_atomic
 
 # Bump when the entry layout or the preprocessing code changes what a key's bytes mean.
 CACHE_FORMAT = 1
 
-# Temporary files carry this suffix; one older than STALE_TEMP_SECONDS belongs to a writer
-# that died (a live writer renames its file within seconds).
-TEMP_SUFFIX = ".tmp"
+# A temporary file (`octft.io`) older than this belongs to a writer that died (a live writer renames its file
+# within seconds).
 STALE_TEMP_SECONDS = 3600.0
 # Data older than this without its record was left by a writer that died between renames.
 ORPHAN_DATA_SECONDS = 60.0
@@ -225,8 +224,9 @@ class VolumeCache:
             record["source_dtype"] = source_dtype
         # No fsync: a crash can leave a committed record over lost data, and the checksum
         # turns that into a miss instead of a wrong array.
-        _write_atomic(data_path, lambda handle: np.save(handle, stored, allow_pickle=False))
-        _write_atomic(record_path, lambda handle: handle.write(json.dumps(record).encode("utf-8")))
+        with atomic_file(data_path) as temp, open(temp, "wb") as handle:
+            np.save(handle, stored, allow_pickle=False)
+        write_text_atomic(record_path, json.dumps(record))
         return stored.astype(np.float32)
 
     def get_or_build(self, source_id: str, load: Loader) -> np.ndarray:
@@ -325,18 +325,7 @@ class VolumeCache:
 
     def remove_stale_temp_files(self, older_than_s: float = STALE_TEMP_SECONDS) -> int:
         """Remove temporary files older than `older_than_s` (left by killed writers); returns how many."""
-        if not self.root.is_dir():
-            return 0
-        cutoff = time.time() - older_than_s
-        removed = 0
-        for path in self.root.glob(f"??/.*{TEMP_SUFFIX}"):
-            try:
-                if path.stat().st_mtime < cutoff:
-                    path.unlink()
-                    removed += 1
-            except FileNotFoundError:
-                pass  # its writer finished or another process removed it
-        return removed
+        return remove_stale_temporaries(self.root, older_than_s, "??/*")
 
 
 def _check_picklable(items: Sequence[tuple[str, Loader]]) -> None:
@@ -356,18 +345,6 @@ def _limit_torch_threads(threads: int) -> None:
 
     # Without this every worker process would start one torch thread per core.
     torch.set_num_threads(threads)
-
-
-def _write_atomic(path: Path, write: Callable[[object], object]) -> None:
-    # A unique name per writer: concurrent writers of one key never share a temp file.
-    temp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}{TEMP_SUFFIX}")
-    try:
-        with open(temp, "wb") as handle:
-            write(handle)
-        os.replace(temp, path)
-    except BaseException:
-        _remove(temp)
-        raise
 
 
 def _age_s(path: Path) -> float:

@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import uuid
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -37,8 +35,9 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from octft.io import atomic_file, write_text_atomic
+
 PACK_FORMAT = 1
-TEMP_SUFFIX = ".tmp"
 
 T = TypeVar("T")
 U = TypeVar("U")
@@ -96,11 +95,8 @@ def write_pack(
     key = pack_key(meta, row_ids)
     folder, data_path, record_path = _paths(root, key)
     folder.mkdir(parents=True, exist_ok=True)
-    token = f"{os.getpid()}.{uuid.uuid4().hex}"
-    temp_data = folder / f".data.npy.{token}{TEMP_SUFFIX}"
-    temp_record = folder / f".record.json.{token}{TEMP_SUFFIX}"
     shape = (len(row_ids), *row_shape)
-    try:
+    with atomic_file(data_path) as temp_data:
         array = np.lib.format.open_memmap(temp_data, mode="w+", dtype=np.dtype(dtype), shape=shape)
         crcs = []
         count = 0
@@ -118,14 +114,9 @@ def write_pack(
             raise ValueError(f"write_pack: {count} rows for {len(row_ids)} row ids")
         array.flush()
         del array
-        record = {"format": PACK_FORMAT, "meta": meta, "row_ids": list(row_ids), "row_shape": list(row_shape),
-                  "dtype": dtype, "crc32": crcs}
-        temp_record.write_text(json.dumps(record), encoding="utf-8")
-        os.replace(temp_data, data_path)
-        os.replace(temp_record, record_path)  # the commit point
-    finally:
-        temp_data.unlink(missing_ok=True)
-        temp_record.unlink(missing_ok=True)
+    record = {"format": PACK_FORMAT, "meta": meta, "row_ids": list(row_ids), "row_shape": list(row_shape),
+              "dtype": dtype, "crc32": crcs}
+    write_text_atomic(record_path, json.dumps(record))  # the commit point: data without its record is no pack
     opened = open_pack(root, meta, row_ids, verify=False)  # just checked, as written
     if opened is None:  # another writer replaced it between our renames with a damaged copy: unlikely
         raise RuntimeError(f"pack {folder} vanished right after it was written")

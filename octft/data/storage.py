@@ -17,7 +17,6 @@ import io
 import json
 import logging
 import os
-import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,6 +27,7 @@ from urllib.parse import unquote, urlparse
 
 from tqdm import tqdm
 from octft.errors import OctftError
+from octft.io import atomic_file, is_temporary, remove_stale_temporaries, write_text_atomic
 from octft.redaction import redact_text, redact_url
 
 logger = logging.getLogger(__name__)
@@ -36,9 +36,7 @@ KEY_ID_ENV = "B2_APPLICATION_KEY_ID"
 KEY_ENV = "B2_APPLICATION_KEY"
 CACHE_DIR_ENV = "OCTFT_CACHE_DIR"
 
-# Our own temporary files end with this; listings never show them.
-PARTIAL_SUFFIX = ".partial"
-# A partial untouched this long belongs to a killed download (a live one keeps writing).
+# A temporary download untouched this long belongs to a killed download (a live one keeps writing).
 STALE_PARTIAL_S = 3600.0
 # Sidecars saying "this cache entry was verified" live in a tree that no bucket name can
 # collide with (B2 bucket names never start with a dot).
@@ -264,7 +262,7 @@ class LocalStorage:
                     continue
                 yield from self._walk(Path(entry.path), folder_key, prefix, ancestors | {identity})
             elif entry.is_file():
-                if entry.name.endswith(PARTIAL_SUFFIX) or not key.startswith(prefix):
+                if is_temporary(entry.name) or not key.startswith(prefix):  # our own writes in progress
                     continue
                 stat = entry.stat()
                 yield ObjectInfo(key=key, size=stat.st_size, version=str(stat.st_mtime_ns))
@@ -618,7 +616,7 @@ class B2Storage:
             )
             path.unlink(missing_ok=True)
         path.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_partials(path)
+        remove_stale_temporaries(path.parent, STALE_PARTIAL_S, f".{path.name}.*")
         _call_with_retry(
             lambda: self._download_to_cache(key, path),
             retry=self.retry,
@@ -659,18 +657,13 @@ class B2Storage:
 
     def _download_to_cache(self, key: str, path: Path) -> None:
         info = self.info(key)
-        # Unique per process and call, so concurrent downloads of one key never share a file.
-        partial = _partial_path(path)
-        try:
+        # Unique per process and call: concurrent downloads of one key never share a file; readers see the old
+        # entry or the whole new one.
+        with atomic_file(path, durable=True) as partial:
             with open(partial, "w+b") as file:
                 self._download(key, file)
-                file.flush()
-                os.fsync(file.fileno())
             sha1 = _file_sha1(partial)
             self._check_content(key, info, partial.stat().st_size, sha1)
-            os.replace(partial, path)  # atomic: readers see the old entry or the whole new one
-        finally:
-            partial.unlink(missing_ok=True)
         _write_stamp(self._stamp_path(key), path, sha1)
 
 
@@ -692,7 +685,7 @@ class _KeptDownloads:
             self._files = {}
             if self.root.is_dir():
                 for path in self.root.rglob("*"):
-                    if path.name.endswith(PARTIAL_SUFFIX) or not path.is_file():
+                    if is_temporary(path.name) or not path.is_file():
                         continue
                     stat = path.stat()
                     self._files[path.relative_to(self.root).as_posix()] = (stat.st_atime_ns, stat.st_size)
@@ -737,11 +730,6 @@ class _KeptDownloads:
                 self._files.pop(key, None)
 
 
-def _partial_path(path: Path) -> Path:
-    """A temporary sibling of `path`, unique per process and call."""
-    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{PARTIAL_SUFFIX}")
-
-
 def _read_stamp(stamp_path: Path, path: Path) -> str | None:
     """The SHA-1 recorded for `path`, if the stamp still describes the file as it is."""
     try:
@@ -760,20 +748,4 @@ def _read_stamp(stamp_path: Path, path: Path) -> str | None:
 def _write_stamp(stamp_path: Path, path: Path, sha1: str) -> None:
     stat = path.stat()
     stamp_path.parent.mkdir(parents=True, exist_ok=True)
-    partial = _partial_path(stamp_path)
-    partial.write_text(json.dumps({"sha1": sha1, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}))
-    os.replace(partial, stamp_path)
-
-
-def _remove_stale_partials(path: Path) -> None:
-    """Delete partials of `path` left by killed downloads (never a live one: those are fresh)."""
-    start = f".{path.name}."
-    now = time.time()
-    with os.scandir(path.parent) as scan:
-        for entry in scan:
-            if entry.name.startswith(start) and entry.name.endswith(PARTIAL_SUFFIX):
-                try:
-                    if now - entry.stat().st_mtime > STALE_PARTIAL_S:
-                        os.unlink(entry.path)
-                except FileNotFoundError:  # its owner finished or removed it meanwhile
-                    pass
+    write_text_atomic(stamp_path, json.dumps({"sha1": sha1, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}))

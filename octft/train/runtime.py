@@ -24,7 +24,6 @@ import contextlib
 import importlib.util
 import itertools
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterable, Iterator, Literal, Protocol
 
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 
 from octft.errors import OctftError
+from octft.io import atomic_file
 from octft.train.devices import BatchLayout, auto_precision, compile_cache_note, plan_batches
 from octft.train.devices import platform as device_platform
 
@@ -150,28 +150,10 @@ def _detect_kind() -> str:
 
 
 def _write_atomically(state: Any, path: Path) -> None:
-    """torch.save to a temp file in the same folder, fsync, then os.replace.
-
-    A write killed half-way leaves only the temp file; the last good checkpoint at `path` stays.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save(state, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp_name)
-        raise
-    # The rename itself is only durable once the folder entry is on disk.
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+    """torch.save to a temporary beside `path`, synced, then renamed over it: a write killed half-way leaves the
+    last good checkpoint at `path`."""
+    with atomic_file(path, durable=True) as temp:
+        torch.save(state, temp)
 
 
 def _distributed_ready() -> bool:

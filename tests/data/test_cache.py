@@ -50,7 +50,7 @@ def stored_as(clip: np.ndarray, dtype: str = "float16") -> np.ndarray:
 
 
 def temp_files(root: Path) -> list[Path]:
-    return [p for p in root.rglob("*") if p.name.endswith(".tmp")]
+    return [p for p in root.rglob("*") if p.name.endswith(".partial")]
 
 
 # -- Preprocessing ------------------------------------------------------------------------
@@ -311,12 +311,12 @@ def test_stray_temp_files_are_never_read_and_old_ones_are_swept(tmp_path):
     data_path.parent.mkdir(parents=True)
     # What a writer killed mid-put leaves: a complete-looking data temp and record temp.
     clip = preprocess(oct_like(seed=6), SMALL).astype(np.float16)
-    stale_data = data_path.with_name(f".{data_path.name}.999.dead.tmp")
+    stale_data = data_path.with_name(f".{data_path.name}.999.dead.partial")
     with open(stale_data, "wb") as handle:
         np.save(handle, clip)
-    stale_record = record_path.with_name(f".{record_path.name}.999.dead.tmp")
+    stale_record = record_path.with_name(f".{record_path.name}.999.dead.partial")
     stale_record.write_text("{}")
-    fresh = data_path.with_name(f".{data_path.name}.1000.live.tmp")
+    fresh = data_path.with_name(f".{data_path.name}.1000.live.partial")
     fresh.write_bytes(b"partial")
     old = time.time() - STALE_TEMP_SECONDS - 5
     for path in (stale_data, stale_record):

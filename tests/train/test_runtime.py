@@ -164,13 +164,13 @@ def test_killed_or_failed_write_never_replaces_the_last_good_checkpoint(tmp_path
     path = tmp_path / "last.pt"
     runtime.save({"step": torch.tensor(1)}, path)
     # A write killed half-way leaves its temp file; the checkpoint itself is untouched.
-    (tmp_path / ".last.pt.killed.tmp").write_bytes(b"\x80half a pickle")
+    (tmp_path / ".last.pt.killed.partial").write_bytes(b"\x80half a pickle")
     assert int(load_state(path)["step"]) == 1
     # A write that fails (unpicklable state) cleans up its temp file and keeps the old checkpoint.
     with pytest.raises(Exception):
         runtime.save({"step": torch.tensor(2), "callback": lambda: None}, path)
     assert int(load_state(path)["step"]) == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".last.pt.killed.tmp", "last.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".last.pt.killed.partial", "last.pt"]
     runtime.save({"step": torch.tensor(3)}, path)
     assert int(load_state(path)["step"]) == 3
 
