@@ -149,7 +149,7 @@ def cmd_train(args) -> int:
 def cmd_checkpoint_inspect(args) -> int:
     from octft.config import load_experiment
     from octft.models.checkpoint import inspect_checkpoint
-    from octft.train.recipe import build_model
+    from octft.train.setup import build_model
 
     cfg = load_experiment(args.config, args.overrides)
     cfg.model.checkpoint = None  # build the bare encoder; inspect compares without loading
@@ -186,7 +186,7 @@ def cmd_smoke(args) -> int:
 
 # ---------------------------------------------------------------- promote / predict / report
 def cmd_promote(args) -> int:
-    from octft.sweep.promote import format_promotion, promote
+    from octft.registry.promote import format_promotion, promote
     from octft.sweep.spec import load_sweep
 
     spec = load_sweep(args.spec, args.overrides)
@@ -196,7 +196,7 @@ def cmd_promote(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from octft.predict import format_prediction, predict
+    from octft.registry.predict import format_prediction, predict
 
     result = predict(args.model, args.inputs, tracking_uri=args.tracking_uri, batch_size=args.batch_size)
     if args.json:
@@ -209,7 +209,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from octft.sweep.report import render_report
+    from octft.report.study import render_report
     from octft.sweep.spec import load_sweep
 
     spec = load_sweep(args.spec, args.overrides)
@@ -219,8 +219,8 @@ def cmd_report(args) -> int:
 
 
 def cmd_ui(args) -> int:
+    from octft.report.ui import serve
     from octft.sweep.spec import load_sweep
-    from octft.sweep.ui import serve
 
     spec = load_sweep(args.spec, args.overrides)
     return serve(spec, storage=args.storage, tracking_uri=args.tracking_uri, host=args.host, port=args.port)
@@ -228,26 +228,17 @@ def cmd_ui(args) -> int:
 
 # ---------------------------------------------------------------- sweep
 def _sweep_study(args):
-    """The spec and the loaded study of `octft sweep status|show` (no workers, no heartbeat)."""
-    import optuna
+    """The spec and the loaded study of `octft sweep status|show` (read-only: a mistyped SQLite path must not leave
+    an empty database behind)."""
+    from octft.sweep.plan import load_launch_spec
+    from octft.sweep.storage import open_existing_study
 
-    from octft.errors import UsageError
-    from octft.sweep.study import load_launch_spec, open_storage
-
-    spec, _, _ = load_launch_spec(args.spec, args.overrides, args.storage)
-    # Read-only: a mistyped sqlite path must not leave an empty database behind.
-    storage = open_storage(spec.storage, heartbeat_interval=None, create=False)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        return spec, optuna.load_study(study_name=spec.study_name, storage=storage)
-    except KeyError:
-        raise UsageError(
-            f"no study {spec.study_name!r} in {spec.storage_redacted}; start it with octft sweep launch {args.spec}"
-        ) from None
+    spec, _ = load_launch_spec(args.spec, args.overrides, args.storage)
+    return spec, open_existing_study(spec.study_name, spec.storage)
 
 
 def cmd_sweep_launch(args) -> int:
-    from octft.sweep.study import launch
+    from octft.sweep.launch import launch
 
     result = launch(
         args.spec, n_trials=args.n_trials, workers=args.workers, devices_per_trial=args.devices_per_trial,
@@ -262,7 +253,7 @@ def cmd_sweep_launch(args) -> int:
 
 
 def cmd_sweep_status(args) -> int:
-    from octft.sweep.reporting import format_status
+    from octft.sweep.status import format_status
 
     spec, study = _sweep_study(args)
     print(format_status(study, spec.objective.metric))
@@ -270,10 +261,10 @@ def cmd_sweep_status(args) -> int:
 
 
 def cmd_sweep_show(args) -> int:
-    from octft.sweep.reporting import replay_command
+    from octft.sweep.status import replay_command
 
-    spec, study = _sweep_study(args)
-    print(replay_command(study, args.trial, spec))
+    _, study = _sweep_study(args)
+    print(replay_command(study, args.trial))
     return 0
 
 

@@ -19,6 +19,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from octft.data.layout import LABELS_KEY
 from octft.errors import OctftError
+from octft.redaction import redact_text
 
 
 class ConfigError(OctftError, ValueError):
@@ -388,4 +389,10 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
 
 
 def save_resolved(config: ExperimentConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    """The resolved config as YAML, every URL's password hidden (a run folder and its artifacts carry no secret)."""
+    tree = json.loads(json.dumps(config.model_dump(mode="json")), object_hook=_hide_passwords)
+    Path(path).write_text(yaml.safe_dump(tree, sort_keys=False))
+
+
+def _hide_passwords(section: dict[str, Any]) -> dict[str, Any]:
+    return {key: redact_text(value) if isinstance(value, str) else value for key, value in section.items()}

@@ -13,6 +13,18 @@ import os
 import time
 from pathlib import Path
 
+import optuna
+
+from octft.data.audit import audit_dataset, format_report
+from octft.data.dataset import prepare_volumes
+from octft.data.synth import synthesize
+from octft.registry.promote import format_promotion, promote
+from octft.report.study import render_report
+from octft.report.ui import ui_command
+from octft.sweep.launch import launch
+from octft.sweep.records import TRIAL_ATTR, TrialRecord
+from octft.sweep.spec import load_sweep
+
 REPO = Path(__file__).resolve().parents[1]
 FRAMES, HEIGHT, WIDTH = 8, 64, 64
 # The top of the demo space's head and encoder learning rates, encoder trainable from the start: the
@@ -33,10 +45,6 @@ def _step(title: str) -> float:
 
 
 def run_demo(root: Path, *, participants: int = 96, trials: int = 6, workers: int = 2, probe_trials: int = 50) -> int:
-    from octft.data.audit import audit_dataset, format_report
-    from octft.data.dataset import prepare_volumes
-    from octft.data.synth import synthesize
-
     root = root.resolve()
     root.mkdir(parents=True, exist_ok=True)
     data_dir = root / "data"
@@ -64,11 +72,6 @@ def run_demo(root: Path, *, participants: int = 96, trials: int = 6, workers: in
           f"({time.perf_counter() - started:.1f} s)")
 
     # The study: its own Optuna database and its own MLflow database, both under `root`.
-    from octft.sweep.promote import format_promotion, promote
-    from octft.sweep.report import render_report
-    from octft.sweep.spec import load_sweep
-    from octft.sweep.study import launch
-
     storage = f"sqlite:///{root / 'optuna.db'}"
     tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
@@ -87,12 +90,11 @@ def run_demo(root: Path, *, participants: int = 96, trials: int = 6, workers: in
           f"every trial of {spec_path.relative_to(REPO)} (init.head_from: {probe_path.relative_to(REPO)})")
 
     spec = load_sweep(spec_path, sweep_overrides)
-    import optuna
-
     study = optuna.create_study(storage=storage, study_name=spec.study_name, direction=spec.objective.direction,
                                 load_if_exists=True)
     if not study.trials:
-        study.enqueue_trial(COLLAPSING_TRIAL, user_attrs={"demo_note": "enqueued in the collapsing region"})
+        study.enqueue_trial(COLLAPSING_TRIAL, user_attrs={
+            TRIAL_ATTR: TrialRecord(enqueued_from="the demo: the collapsing region").to_dict()})
     devices = int(os.environ.get("CPU_NUM_DEVICES", "4")) if os.environ.get("PJRT_DEVICE") else workers
     started = _step(f"5/7 LP-FT fine-tune study: {trials} trials, {workers} workers, {max(1, devices // workers)} XLA "
                     "devices each, every head starting from the best probe")
@@ -124,8 +126,6 @@ def run_demo(root: Path, *, participants: int = 96, trials: int = 6, workers: in
     if promotion is not None:
         print(f"  champion:        octft predict --model {promotion.model_uri} --tracking-uri {tracking_uri} "
               f"{data_dir / 'retinal_oct'}")
-    from octft.sweep.ui import ui_command
-
     print("\ncompare the trials in MLflow's UI (its model-training view and its compare page; Ctrl-C stops it):")
     print(f"  {ui_command(spec_path.relative_to(REPO), storage=storage, tracking_uri=tracking_uri)}")
     return 0

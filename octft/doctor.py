@@ -21,10 +21,16 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import sqlalchemy
+import torch
+
+from octft.data.storage import open_storage
+from octft.redaction import redact
+from octft.stores import DEFAULT_STORAGE, STORAGE_ENV, dialect, resolve_tracking_uri, sqlalchemy_url, sqlite_path
 from octft.train import devices
+from octft.train.runtime import xla_device_facts
 
 CONNECT_TIMEOUT_S = 5
-DEFAULT_OPTUNA_STORAGE = "sqlite:///optuna.db"  # the sweep spec's default
 B2_KEY_ENV = ("B2_APPLICATION_KEY_ID", "B2_APPLICATION_KEY")
 
 
@@ -93,9 +99,7 @@ def runtime_facts(compile_cache_dir: str | None = "~/.cache/octft/xla") -> tuple
     count = hosts = index = None
     if xla and platform:
         try:
-            import torch_xla.runtime as xr
-
-            count, hosts, index = xr.global_runtime_device_count(), xr.process_count(), xr.process_index()
+            count, hosts, index = xla_device_facts()
             checks.append(Check("devices", True, f"XLA sees {count} {platform} devices on {hosts} host(s)"))
         except Exception as error:  # the XLA runtime did not start: chips taken, libtpu missing, bad env
             first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
@@ -104,8 +108,6 @@ def runtime_facts(compile_cache_dir: str | None = "~/.cache/octft/xla") -> tuple
                 "holds the chips, run doctor when it is done; on a TPU VM check that `make install TPU=1` installed libtpu"
             )))
     else:
-        import torch
-
         platform = "cuda" if torch.cuda.is_available() else "cpu"
         count, hosts, index = (torch.cuda.device_count() if platform == "cuda" else 1), 1, 0
         if chips:
@@ -126,12 +128,10 @@ def runtime_facts(compile_cache_dir: str | None = "~/.cache/octft/xla") -> tuple
 
 def check_database(name: str, url: str, *, env_hint: str) -> Check:
     """Does the SQL store at `url` answer? sqlite files are opened read-only; a missing one is fine."""
-    from octft.track import redact
-
     shown = str(redact(url))
-    kind = url.split(":", 1)[0].split("+", 1)[0].lower()
+    kind = dialect(url)
     if kind == "sqlite":
-        path = Path(url.split("://", 1)[1].split("?", 1)[0].removeprefix("/"))
+        path = sqlite_path(url) or Path(":memory:")
         if not path.exists():
             folder = next((p for p in path.absolute().parents if p.exists()), Path("/"))
             if not os.access(folder, os.W_OK):
@@ -144,11 +144,7 @@ def check_database(name: str, url: str, *, env_hint: str) -> Check:
             return Check(name, False, f"{shown}: cannot be read ({error}); {env_hint}")
         return Check(name, True, f"{shown}: answers ({tables} tables)")
     if kind in ("postgresql", "postgres", "mysql", "mariadb"):
-        import sqlalchemy
-
-        from octft.sweep.study import _postgres_driver
-
-        driver_url = _postgres_driver(url) if kind.startswith("postgres") else url
+        driver_url = sqlalchemy_url(url)
         try:
             engine = sqlalchemy.create_engine(driver_url, connect_args={"connect_timeout": CONNECT_TIMEOUT_S})
             with engine.connect() as connection:
@@ -162,8 +158,6 @@ def check_database(name: str, url: str, *, env_hint: str) -> Check:
 
 
 def check_tracking(uri: str) -> Check:
-    from octft.track import redact
-
     hint = "or pass another with --tracking-uri / $MLFLOW_TRACKING_URI"
     if uri.startswith(("http://", "https://")):
         try:
@@ -181,8 +175,6 @@ def check_tracking(uri: str) -> Check:
 
 def check_data(uri: str) -> Check:
     """Does the data URI list? B2 credentials are reported present or absent, never shown."""
-    from octft.data.storage import open_storage
-
     credentials = ""
     if uri.startswith("b2://"):
         missing = [name for name in B2_KEY_ENV if not os.environ.get(name)]
@@ -193,8 +185,6 @@ def check_data(uri: str) -> Check:
     try:
         first = next(iter(open_storage(uri).list()), None)
     except Exception as error:  # a missing folder, refused credentials, no network
-        from octft.track import redact
-
         return Check("data", False, f"{uri}: cannot be listed ({redact(str(error))}); check --data / data.uri")
     if first is None:
         return Check("data", False, f"{uri}: lists nothing; check --data / data.uri points at the release root")
@@ -203,12 +193,9 @@ def check_data(uri: str) -> Check:
 
 def diagnose(*, storage: str | None, tracking_uri: str | None, data: str | None,
              compile_cache_dir: str | None = "~/.cache/octft/xla") -> DoctorReport:
-    from octft.sweep.spec import STORAGE_ENV
-    from octft.track.mlflow_tracker import resolve_tracking_uri
-
     facts, checks = runtime_facts(compile_cache_dir)
     report = DoctorReport(facts, checks)
-    storage_url = storage or os.environ.get(STORAGE_ENV) or DEFAULT_OPTUNA_STORAGE
+    storage_url = storage or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
     report.checks.append(check_database("optuna", storage_url, env_hint=f"or pass another with --storage / ${STORAGE_ENV}"))
     report.checks.append(check_tracking(resolve_tracking_uri(tracking_uri)))
     if data:

@@ -19,9 +19,13 @@ from __future__ import annotations
 import base64
 import re
 from collections.abc import Iterable
+from typing import Any
 from urllib.parse import quote, unquote
 
 REDACTED = "***"
+_SECRET_WORDS = ("key", "secret", "password", "passwd", "token")
+# Config keys that contain a secret word but name something public (a key *inside* a checkpoint, token sequences).
+_PUBLIC_KEY_NAMES = frozenset({"checkpoint_key", "tokens"})
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 # Schemes whose URLs are SQLAlchemy database URLs: the only ones whose password octft rewrites.
@@ -91,3 +95,30 @@ def redact_text(text: str, secrets: Iterable[str] = ()) -> str:
     text = _URL_PASSWORD.sub(rf"\1{REDACTED}\3", text)
     text = _AUTH_HEADER.sub(rf"\1{REDACTED}", text)
     return _BASIC_TOKEN.sub(rf"\1 {REDACTED}", text)
+
+
+def is_secret_key(key: str) -> bool:
+    """Whether a dotted key names a secret: one of its parts contains "key", "secret", "password" or "token"."""
+    return any(word in part and part not in _PUBLIC_KEY_NAMES for part in key.lower().split(".") for word in _SECRET_WORDS)
+
+
+def redact(value: Any, key: str = "") -> Any:
+    """`value` with secrets hidden: anything under a secret-looking key, and passwords in URLs and texts.
+
+    Dicts and lists are redacted recursively (a dict's keys decide for their values).
+
+    >>> redact("s3cr3t", key="storage.b2_application_key")
+    '***'
+    >>> redact({"optim": {"lr_head": 0.001}, "b2": {"key_id": "0012ab"}})
+    {'optim': {'lr_head': 0.001}, 'b2': {'key_id': '***'}}
+    """
+    if key and is_secret_key(key):
+        return REDACTED
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, dict):
+        return {name: redact(item, str(name)) for name, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [redact(item) for item in value]
+        return items if isinstance(value, list) else tuple(items)
+    return value

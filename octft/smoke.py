@@ -12,7 +12,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from octft.config import load_experiment
+from octft.data.synth import synthesize
 from octft.errors import UsageError
+from octft.track.mlflow_store import MlflowStore
+from octft.train import devices
+from octft.train.recipe import train
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE_CONFIG = REPO / "experiments" / "smoke.yaml"
@@ -35,8 +40,6 @@ def select_devices(count: int | None, environ: dict[str, str] | None = None) -> 
     XLA:CPU (PJRT_DEVICE=CPU, or no accelerator at all): `count` CPU devices. TPU: the first `count`
     chips, as a sweep worker would give them to one trial.
     """
-    from octft.train import devices
-
     environ = os.environ if environ is None else environ
     if count is None:
         return
@@ -54,12 +57,6 @@ def select_devices(count: int | None, environ: dict[str, str] | None = None) -> 
 
 def run_smoke(devices: int | None = None, *, overrides: list[str] | None = None) -> SmokeResult:
     select_devices(devices)
-    from mlflow.tracking import MlflowClient
-
-    from octft.config import load_experiment
-    from octft.data.synth import synthesize
-    from octft.train.recipe import train
-
     with tempfile.TemporaryDirectory(prefix="octft-smoke-") as folder:
         root = Path(folder)
         config = load_experiment(SMOKE_CONFIG, overrides or [])
@@ -71,13 +68,13 @@ def run_smoke(devices: int | None = None, *, overrides: list[str] | None = None)
             f"features.dir={root / 'features'}", f"tracking.tracking_uri={tracking_uri}", *(overrides or []),
         ])
         result = train(config, run_dir=root / "runs" / "smoke", progress=False)
-        client = MlflowClient(tracking_uri)
+        store = MlflowStore(tracking_uri)
 
         def last(key: str) -> float:
-            history = sorted(client.get_metric_history(result.run_id, key), key=lambda metric: metric.step)
-            return history[-1].value if history else float("nan")
+            history = store.metric_history(result.run_id, key)
+            return history[-1][1] if history else float("nan")
 
-        params = client.get_run(result.run_id).data.params
+        params = store.run(result.run_id).params
         return SmokeResult(
             status=result.status, epochs_run=result.epochs_run,
             samples_per_second=last("perf/samples_per_second"), compiles=int(last("xla/compiles")),

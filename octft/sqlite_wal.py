@@ -14,10 +14,15 @@ through PostgreSQL), and leaves `<file>-wal` and `<file>-shm` beside the databas
 a live database with `sqlite3 <file> ".backup <copy>"`, not `cp`.
 
 `install()` applies this to every SQLite connection SQLAlchemy opens in this process from then on (Optuna's
-and MLflow's engines alike); other databases are left alone. It imports SQLAlchemy only when called.
+and MLflow's engines alike); other databases are left alone.
 """
 
 from __future__ import annotations
+
+import sqlite3
+
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
 
 _installed = False
 
@@ -27,11 +32,6 @@ def install() -> None:
     global _installed
     if _installed:
         return
-    import sqlite3
-
-    from sqlalchemy import event
-    from sqlalchemy.engine import Engine
-
     def on_connect(connection, _record) -> None:
         if not isinstance(connection, sqlite3.Connection):
             return

@@ -15,13 +15,18 @@ import time
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import pandas as pd
+from tqdm import tqdm
 
-from octft.data.labels import Labels
-from octft.data.layout import CLASSES, DEVICES, SPLITS
-from octft.data.locator import Located, OctFile
+from octft.data.labels import Labels, LabelsError, load_labels
+from octft.data.layout import CLASSES, DEVICES, LABELS_KEY, SPLITS
+from octft.data.locator import Located, OctFile, locate
+from octft.data.readers import read_volume
+from octft.data.storage import open_storage
+from octft.data.volume import OctReadError
 
 SAMPLE_SIZE = 5
 
@@ -86,8 +91,6 @@ def _one_per_eye(items: list[OctFile], device_order: Sequence[str]) -> dict[str,
 
 def _verify(items: list[OctFile], read: Callable[[str], Any], workers: int, progress: bool) -> None:
     """Decode each file; a failure becomes the file's problem (it is then counted as unparsed)."""
-    from octft.data.volume import OctReadError
-
     def check(item: OctFile) -> None:
         try:
             read(item.key)
@@ -97,8 +100,6 @@ def _verify(items: list[OctFile], read: Callable[[str], Any], workers: int, prog
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         iterator = pool.map(check, items)
         if progress:
-            from tqdm import tqdm
-
             iterator = tqdm(iterator, total=len(items), desc="verify", unit="file")
         for _ in iterator:
             pass
@@ -374,16 +375,10 @@ def read_labels_source(labels_uri: str, storage, data_uri: str) -> tuple[bytes, 
     if labels_uri.startswith(base):
         return storage.read_bytes(labels_uri[len(base):]), labels_uri
     if "://" in labels_uri and not labels_uri.startswith("file://"):
-        from octft.data.storage import open_storage
-
         parent, _, name = labels_uri.rpartition("/")
         return open_storage(parent).read_bytes(name), labels_uri
-    from pathlib import Path
-
     path = Path(labels_uri.removeprefix("file://"))
     if not path.is_file():
-        from octft.data.labels import LabelsError
-
         raise LabelsError(f"{labels_uri}: labels file not found; pass --labels or set data.labels")
     return path.read_bytes(), labels_uri
 
@@ -413,13 +408,7 @@ def audit_dataset(
         >>> report = audit_dataset("demo/data")            # doctest: +SKIP
         >>> report.passed, report.to_dict()["files"]       # doctest: +SKIP
     """
-    from octft.data.labels import load_labels
-    from octft.data.locator import locate
-    from octft.data.layout import LABELS_KEY
-
     if storage is None:
-        from octft.data.storage import open_storage
-
         storage = open_storage(uri, cache_dir=cache_dir)
     labels_uri = labels or uri.rstrip("/") + "/" + LABELS_KEY
     data, name = read_labels_source(labels_uri, storage, uri)
@@ -427,8 +416,6 @@ def audit_dataset(
     located = locate(storage, use_manifest=use_manifest)
     verify_read = None
     if verify:
-        from octft.data.readers import read_volume
-
         def verify_read(key: str):
             return read_volume(storage.read_bytes(key), name=f"{storage.uri.rstrip('/')}/{key}")
 

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from octft.data.preprocess import Preprocessing, preprocess
@@ -341,8 +342,6 @@ def _check_picklable(items: Sequence[tuple[str, Loader]]) -> None:
 
 
 def _limit_torch_threads(threads: int) -> None:
-    import torch
-
     # Without this every worker process would start one torch thread per core.
     torch.set_num_threads(threads)
 

@@ -12,19 +12,19 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Callable, Literal, Sequence, get_args
+from typing import Callable, Literal, Sequence, get_args
 
 import numpy as np
 import pandas as pd
+import torch
 
 from octft.data.cache import CacheReport, StorageDtype, VolumeCache
 from octft.data.pack import Pack, open_pack, write_pack
+from octft.data.prepare import GB, PrepareItem, default_workers, plan_preparation, stream_prepare, take_share
+from octft.data.storage import open_storage
 from octft.data.preprocess import Preprocessing
 from octft.data.readers import read_volume
 from octft.errors import UsageError
-
-if TYPE_CHECKING:
-    import torch
 
 PackDtype = Literal["auto", "uint8", "float16", "float32"]
 # Intensities that map every clip into [0, 1], so that uint8 can store round(x * 255).
@@ -198,12 +198,8 @@ def prepare_volumes(
     reason and left out of `volumes`. `pack_dtype` is the dtype of each split's pack (`resolve_pack_dtype`).
     The keyword arguments are `DataConfig.prepare_kwargs()`.
     """
-    from octft.data.prepare import GB, PrepareItem, default_workers, plan_preparation, stream_prepare, take_share
-
     check_pack_dtype(pack_dtype, intensity)  # before any work
     if storage is None:
-        from octft.data.storage import open_storage
-
         storage = open_storage(uri, cache_dir=download_dir)
     workers = workers or default_workers()
     cache = VolumeCache(cache_dir, Preprocessing(frames=frames, height=height, width=width, intensity=intensity),
@@ -255,8 +251,6 @@ class VolumeDataset:
 
     def gather(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(x (B, 1, T, H, W) in the pack's dtype, y (B,) long) of the rows at `indices`, in that order."""
-        import torch
-
         if self.pack is not None:
             clips = torch.from_numpy(self.pack.gather(indices))
         else:
@@ -264,8 +258,6 @@ class VolumeDataset:
         return clips.unsqueeze(1), torch.from_numpy(self.labels[list(indices)])
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        import torch
-
         if self.pack is not None:
             x, y = self.gather([index])
             return {"x": x[0], "y": y[0], "index": torch.tensor(index, dtype=torch.long)}

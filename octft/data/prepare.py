@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from octft.data.cache import CacheReport, VolumeCache, _limit_torch_threads
 from octft.data.readers import read_volume
+from octft.data.storage import LocalStorage, StorageError
 from octft.errors import OctftError
 
 GB = 1e9
@@ -185,8 +186,6 @@ def plan_preparation(
 
     `download_dir` is where a B2 storage puts its downloads (its `cache_dir`).
     """
-    from octft.data.storage import LocalStorage
-
     to_build = [item for item in items if not cache.has(item.source_id)]
     downloads = not isinstance(storage, LocalStorage)
     largest = sorted((item.size for item in to_build), reverse=True)[:workers]
@@ -293,8 +292,6 @@ def stream_prepare(
     """
     if workers < 1:
         raise ValueError(f"stream_prepare: workers must be >= 1, got {workers}")
-    from octft.data.storage import StorageError
-
     cache.remove_stale_temp_files()
     report = CacheReport()
     budget_bytes = int(budget_gb * GB)

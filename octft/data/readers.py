@@ -43,7 +43,11 @@ import zlib
 from pathlib import Path, PurePath
 from typing import Any
 
+import nibabel
 import numpy as np
+import pydicom
+from pydicom.pixels import get_decoder
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from octft.data.ids import canonical_participant_id
 from octft.data.layout import LATERALITIES
@@ -265,8 +269,6 @@ def _declared_size(head: bytes, label: str, name: str, *, complete: bool) -> int
             shape, _, dtype = read_header(header)
             declared = header.tell() + math.prod(shape) * dtype.itemsize
         elif fmt == "nifti":
-            import nibabel
-
             image_type = nibabel.Nifti1Image if _nifti_version(head) == 1 else nibabel.Nifti2Image
             header = image_type.header_class.from_fileobj(io.BytesIO(head))
             shape, dtype = header.get_data_shape(), header.get_data_dtype()
@@ -285,8 +287,6 @@ def _declared_size(head: bytes, label: str, name: str, *, complete: bool) -> int
 
 
 def _dicom_declared_size(head: bytes, label: str) -> int:
-    import pydicom
-
     position = min((p for p in (head.find(_PIXEL_DATA_TAG_LITTLE), head.find(_PIXEL_DATA_TAG_BIG)) if p >= 0),
                    default=-1)
     if position < 0:
@@ -306,9 +306,6 @@ def _dicom_declared_size(head: bytes, label: str) -> int:
 
 
 def _read_dicom(data: bytes, label: str) -> tuple[np.ndarray, dict[str, Any]]:
-    import pydicom
-    from pydicom.pixels import get_decoder
-
     if _DEFLATED_SYNTAX in data[:_FILE_META_SCAN]:
         _check_deflated_size(data, label)
     dataset = pydicom.dcmread(io.BytesIO(data), force=True)
@@ -391,8 +388,6 @@ def _check_deflated_size(data: bytes, label: str) -> None:
 
 
 def _transfer_syntax(dataset: Any) -> Any:
-    from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-
     file_meta = getattr(dataset, "file_meta", None)
     syntax = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
     if syntax:
@@ -508,8 +503,6 @@ def _nifti_version(data: bytes) -> int | None:
 
 
 def _read_nifti(data: bytes, label: str) -> tuple[np.ndarray, dict[str, Any]]:
-    import nibabel
-
     image_type = nibabel.Nifti1Image if _nifti_version(data) == 1 else nibabel.Nifti2Image
     # The header alone first: the image loader reads the data at once and would fail vaguely.
     header = image_type.header_class.from_fileobj(io.BytesIO(data))

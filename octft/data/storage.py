@@ -25,7 +25,22 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar, runtime_checkable
 from urllib.parse import unquote, urlparse
 
+import requests
+from b2sdk.v2 import B2Api, InMemoryAccountInfo, InMemoryCache, make_progress_listener
+from b2sdk.v2.exception import (
+    AccessDenied,
+    B2Error,
+    BrokenPipe,
+    ConnectionReset,
+    FileNotPresent,
+    MissingAccountData,
+    NonExistentBucket,
+    NotAllowedByAppKeyError,
+    Unauthorized,
+    v3BucketIdNotFound,
+)
 from tqdm import tqdm
+
 from octft.errors import OctftError
 from octft.io import atomic_file, is_temporary, remove_stale_temporaries, write_text_atomic
 from octft.redaction import redact_text, redact_url
@@ -302,8 +317,6 @@ class LocalStorage:
 
 
 def _is_authorized(b2_api: Any) -> bool:
-    from b2sdk.v2.exception import MissingAccountData
-
     try:
         b2_api.account_info.get_account_id()
     except MissingAccountData:
@@ -319,9 +332,6 @@ def authorize_b2(b2_api: Any = None, *, retry: Retry | None = None, realm: str =
 
     >>> api = authorize_b2()   # reads B2_APPLICATION_KEY_ID and B2_APPLICATION_KEY  # doctest: +SKIP
     """
-    from b2sdk.v2 import B2Api, InMemoryAccountInfo, InMemoryCache
-    from b2sdk.v2.exception import B2Error
-
     key_id = os.environ.get(KEY_ID_ENV, "").strip()
     key = os.environ.get(KEY_ENV, "").strip()
     missing = [name for name, value in ((KEY_ID_ENV, key_id), (KEY_ENV, key)) if not value]
@@ -383,9 +393,6 @@ def process_b2_api() -> Any:
 
 
 def _is_transient(exc: BaseException) -> bool:
-    import requests
-    from b2sdk.v2.exception import B2Error, BrokenPipe, ConnectionReset
-
     if isinstance(exc, _ContentMismatch):
         return True
     if isinstance(exc, B2Error):
@@ -397,15 +404,6 @@ def _is_transient(exc: BaseException) -> bool:
 
 def _call_with_retry(call: Callable[[], T], *, retry: Retry, what: str) -> T:
     """`call()`, again after a backoff while it fails transiently; permanent errors at once."""
-    from b2sdk.v2.exception import (
-        AccessDenied,
-        FileNotPresent,
-        NonExistentBucket,
-        NotAllowedByAppKeyError,
-        Unauthorized,
-        v3BucketIdNotFound,  # the base of every "bucket id not found", whatever the API version
-    )
-
     for attempt in range(1, retry.attempts + 1):
         try:
             return call()
@@ -567,8 +565,6 @@ class B2Storage:
         return stamp or _file_sha1(path)
 
     def _download(self, key: str, file: io.BufferedIOBase) -> None:
-        from b2sdk.v2 import make_progress_listener
-
         listener = make_progress_listener(self._where(key), quiet=not self.progress)
         downloaded = self._bucket.download_file_by_name(self._name_prefix + key, listener)
         downloaded.save(file)

@@ -11,12 +11,15 @@ on the encoder's full token sequence.
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from octft.data.batches import Batches, place_rows
 from octft.features.store import FeatureEntry, FeatureKey, FeatureKind, FeatureStore
 
 
@@ -75,12 +78,14 @@ class FrozenFeatures:
     def tags(self) -> dict[str, str]:
         return {"octft.features": self.digest, "octft.features_kind": self.train.kind}
 
+    def reused(self) -> "FrozenFeatures":
+        """These features as a later run that finds them already open sees them: reused, at no cost."""
+        return dataclasses.replace(self, built=False, seconds=0.0)
+
 
 @torch.no_grad()
 def encode_split(encoder: torch.nn.Module, dataset, *, runtime, batch_size: int, kind: FeatureKind) -> np.ndarray:
     """The encoder's eval-mode outputs for every sample of `dataset`, in order: (rows, D) or (rows, N, D)."""
-    from octft.train.loop import _Batches, place_rows
-
     encoder = runtime.to_device(encoder)  # in place: the run's model is on the device from here on, as in fit()
     was_training = encoder.training
     encoder.eval()  # a frozen encoder runs in eval mode in fit() too: no dropout or drop-path
@@ -88,7 +93,7 @@ def encode_split(encoder: torch.nn.Module, dataset, *, runtime, batch_size: int,
     pooled = None
     token_rows: list[np.ndarray] = []
     try:
-        for batch in runtime.device_loader(_Batches(dataset, batch_size, range(rows), runtime)):
+        for batch in runtime.device_loader(Batches(dataset, batch_size, range(rows), (runtime.process_index, runtime.process_count))):
             with runtime.autocast():
                 tokens = encoder.forward_features(batch["x"])
             if kind == "pooled":
@@ -120,8 +125,6 @@ def frozen_features(
 
     `encoder` must hold the weights `key.encoder` names: the run's encoder before any training.
     """
-    import time
-
     started = time.perf_counter()
     datasets = {"train": train_set, "val": val_set}
     entry, built = store.get_or_build(

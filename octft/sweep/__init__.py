@@ -1,53 +1,12 @@
-"""Optuna sweeps over experiment configs: spec, search space, collapse-aware pruner, launch, promotion, report.
+"""Optuna sweeps over experiment configs, one module per step a trial takes:
 
-    >>> from octft.sweep import launch, load_sweep, promote, render_report
-    >>> launch("sweeps/demo.yaml", workers=2)                       # doctest: +SKIP
-    >>> promote(load_sweep("sweeps/demo.yaml"))                     # doctest: +SKIP
+- `spec`, `space`: a sweep file (base experiment, fixed keys, search space, sampler, pruner) and its space;
+- `plan`: the launch plan, resolved once per launch, the only thing workers and runners read configuration from;
+- `launch`: `octft sweep launch`; `study`: a study in shared storage, its budget, dead trials and their retry;
+- `worker`: the one worker loop every trial goes through; `runners`: where trials train (warm process, fresh
+  process, in-process); `trial`: one trial as a runner runs it (exactly its replay command);
+- `records`: the typed records a study keeps; `pruners`: the collapse-aware pruner; `tracking`: the MLflow side;
+- `status`: `octft sweep status` / `show`; `warmstart`: `--enqueue-from`; `storage`: Optuna's storage and lock.
+
+This package's `__init__` imports nothing: `octft sweep status` must not import torch or MLflow.
 """
-
-import importlib
-from typing import Any
-
-# Imported on first use (PEP 562): `octft sweep status` must not import promotion's data and model stack.
-_HOMES = {
-    "promote": "promote",
-    "CollapsePruner": "pruners", "build_pruner": "pruners", "epoch_attr": "pruners", "record_epoch": "pruners",
-    "render_report": "report",
-    "CategoricalParam": "space", "FloatParam": "space", "IntParam": "space", "Param": "space",
-    "distributions": "space", "parse_space": "space", "suggest": "space",
-    "STORAGE_ENV": "spec", "SweepSpec": "spec", "build_sampler": "spec", "format_value": "spec",
-    "load_sweep": "spec", "sampler_settings": "spec",
-    "redact_url": "spec",
-    "launch": "study",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _HOMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
-
-
-__all__ = [
-    "STORAGE_ENV",
-    "CategoricalParam",
-    "CollapsePruner",
-    "FloatParam",
-    "IntParam",
-    "Param",
-    "SweepSpec",
-    "build_pruner",
-    "build_sampler",
-    "distributions",
-    "epoch_attr",
-    "format_value",
-    "launch",
-    "load_sweep",
-    "parse_space",
-    "promote",
-    "record_epoch",
-    "redact_url",
-    "render_report",
-    "sampler_settings",
-    "suggest",
-]

@@ -5,8 +5,8 @@ trial rarely recovers, so it is pruned after `patience` collapsed epochs in a ro
 unfreezes, plus `grace_epochs`, never count: the head may collapse while the encoder is frozen and recover
 once it trains. The wrapped pruner's warm-up counts from the unfreeze epoch too (`warmup_steps`): a trial
 that unfreezes at epoch 6 is not compared with the median before its encoder moved. Epochs stay the
-reported steps (Optuna refuses negative steps); each trial's warm-up is shifted instead. Collapse is judged by `octft.train.metrics.is_collapsed`, the one definition the training
-loop shares. The reporter hands over each epoch's prediction shares with `record_epoch`:
+reported steps (Optuna refuses negative steps); each trial's warm-up is shifted instead. Collapse is judged by
+`octft.train.metrics.is_collapsed`. The reporter hands over each epoch's prediction shares with `record_epoch`:
 
     >>> import optuna
     >>> study = optuna.create_study(direction="maximize", pruner=CollapsePruner(patience=2, grace_epochs=0, wrapped=None))
@@ -29,22 +29,18 @@ from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from octft.data.layout import CLASSES
+from octft.sweep.records import EpochRecord, trial_record
 from octft.sweep.spec import SweepSpec
+from octft.train.metrics import is_collapsed
 
 UNFREEZE_PARAM = "train.unfreeze_epoch"
-UNFREEZE_ATTR = "unfreeze_epoch"
-
-
-def epoch_attr(epoch: int) -> str:
-    """The trial user attr that holds one epoch's prediction shares and balanced accuracy."""
-    return f"epoch_{epoch}"
 
 
 def record_epoch(
     trial: Trial, epoch: int, value: float, pred_frac: Sequence[float], balanced_accuracy: float
 ) -> None:
-    """Report `value` at step `epoch` and store what CollapsePruner judges: the share of predictions per
-    class and balanced accuracy, as user attr `epoch_<n>` = {"pred_frac": [...], "balanced_accuracy": x}."""
+    """Report `value` at step `epoch` and store what CollapsePruner judges (an `EpochRecord`: the share of
+    predictions per class and balanced accuracy)."""
     shares = [float(share) for share in pred_frac]
     if not shares or any(not 0.0 <= share <= 1.0 for share in shares) or not math.isclose(sum(shares), 1.0, abs_tol=1e-6):
         raise ValueError(
@@ -52,15 +48,15 @@ def record_epoch(
             "summing to 1), e.g. the pred_frac_<class> values of classification_metrics"
         )
     # Stored before the report, so a pruner never sees a step without its record.
-    trial.set_user_attr(epoch_attr(epoch), {"pred_frac": shares, "balanced_accuracy": float(balanced_accuracy)})
+    trial.set_user_attr(EpochRecord.attr(epoch), {"pred_frac": shares, "balanced_accuracy": float(balanced_accuracy)})
     trial.report(value, epoch)
 
 
 class CollapsePruner(BasePruner):
     """Prune trials whose validation predictions collapsed for `patience` consecutive reported epochs.
 
-    Counting starts at the trial's unfreeze epoch (`params["train.unfreeze_epoch"]` when sampled, else user
-    attr `unfreeze_epoch`, else 0; null, a probe run that never unfreezes, is 0) plus `grace_epochs`; a healthy
+    Counting starts at the trial's unfreeze epoch (`params["train.unfreeze_epoch"]` when sampled, else its record's,
+    else 0; null, a probe run that never unfreezes, is 0) plus `grace_epochs`; a healthy
     epoch, or one with no record, resets the count. A trial that has not collapsed goes to `wrapped` (None:
     never pruned otherwise) from its unfreeze epoch plus `warmup_steps` on, and then every `interval_steps`
     epochs; give the wrapped pruner no warm-up or interval of its own (`n_warmup_steps=0, interval_steps=1`),
@@ -136,22 +132,18 @@ class CollapsePruner(BasePruner):
         return None
 
     def _collapse(self, trial: FrozenTrial, step: int) -> dict[str, Any] | None:
-        # Imported here: octft.train.metrics pulls in torch, scikit-learn and matplotlib (seconds), which
-        # loading or validating a sweep spec does not need.
-        from octft.train.metrics import is_collapsed
-
         unfreeze_epoch = unfreeze_epoch_of(trial)
         first_counted = unfreeze_epoch + self.grace_epochs
         streak: list[tuple[int, str, dict[str, Any]]] = []
         for epoch in sorted(trial.intermediate_values):
             if epoch < first_counted:
                 continue
-            record = trial.user_attrs.get(epoch_attr(epoch))
+            record = EpochRecord.of(trial, epoch)
             if record is None:  # reported without record_epoch: no evidence, so no collapse counted
                 streak = []
                 continue
             collapsed, why = is_collapsed(
-                record["pred_frac"], record["balanced_accuracy"], self.n_classes, self.max_class_share, self.chance_margin
+                record.pred_frac, record.balanced_accuracy, self.n_classes, self.max_class_share, self.chance_margin
             )
             streak = [*streak, (epoch, why, record)] if collapsed else []
         if len(streak) < self.patience or streak[-1][0] != step:
@@ -167,8 +159,8 @@ class CollapsePruner(BasePruner):
                 f"+ grace {self.grace_epochs}"
             ),
             "collapsed_epochs": epochs,
-            "pred_frac": list(record["pred_frac"]),
-            "balanced_accuracy": record["balanced_accuracy"],
+            "pred_frac": list(record.pred_frac),
+            "balanced_accuracy": record.balanced_accuracy,
         }
 
 
@@ -198,7 +190,7 @@ class HyperbandCollapsePruner(CollapsePruner, HyperbandPruner):
 
 def unfreeze_epoch_of(trial: FrozenTrial) -> int:
     """The epoch from which the trial's encoder trains; 0 for a probe run (null) or when unknown."""
-    value = trial.params.get(UNFREEZE_PARAM, trial.user_attrs.get(UNFREEZE_ATTR, 0))
+    value = trial.params[UNFREEZE_PARAM] if UNFREEZE_PARAM in trial.params else trial_record(trial).unfreeze_epoch
     return 0 if value is None else int(value)
 
 

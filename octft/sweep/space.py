@@ -20,6 +20,7 @@ from optuna.trial import Trial
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from octft.config import ConfigError, _explain
+from octft.train.devices import BatchLayoutError
 
 CategoricalChoice = Union[None, bool, int, float, str]
 
@@ -183,8 +184,6 @@ def check_batch_layouts(space: dict[str, Param], batch_size: int, accumulation_s
 
     Raises `BatchLayoutError` naming the values that fail; a trial would otherwise fail at its own start.
     """
-    from octft.train.devices import BatchLayoutError
-
     sizes = possible_values("train.batch_size", space, batch_size)
     steps = possible_values("train.accumulation_steps", space, accumulation_steps)
     if sizes is None or steps is None:

@@ -30,8 +30,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from octft.config import ConfigError, ObjectiveConfig, _explain, _Strict, load_experiment, parse_override
 from octft.sweep.space import Param, parse_space, sample_values
 from octft.redaction import normalise_url, redact_url
-
-STORAGE_ENV = "OCTFT_OPTUNA_STORAGE"
+from octft.stores import DEFAULT_STORAGE, STORAGE_ENV
 _ENTRY_FIELDS = {"type", "low", "high", "step", "log", "choices"}
 
 
@@ -193,7 +192,7 @@ class SweepSpec(_Strict):
     base: str
     study_name: str
     # May hold a database password: kept out of repr; log `storage_redacted` instead.
-    storage: str = Field("sqlite:///optuna.db", repr=False)
+    storage: str = Field(DEFAULT_STORAGE, repr=False)
     mlflow: MlflowSpec = MlflowSpec()
     # What ranks trials and promotion; passed to every trial as train.objective.* (see OBJECTIVE_KEYS).
     objective: ObjectiveConfig = ObjectiveConfig()

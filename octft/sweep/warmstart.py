@@ -23,12 +23,14 @@ import optuna
 from optuna.trial import TrialState
 
 from octft.config import parse_override
-from octft.errors import OctftError
+from octft.errors import MissingInputError, OctftError, UsageError
+from octft.sweep.records import ENQUEUED_ATTR, TRIAL_ATTR, TrialRecord
 from octft.sweep.space import CategoricalParam, FloatParam, IntParam, Param, distributions
-from octft.sweep.spec import SweepSpec, format_value
+from octft.sweep.spec import SweepSpec, format_value, load_sweep
+from octft.sweep.storage import open_existing_study
+from octft.track.mlflow_store import MlflowStore
 
 MODEL_PREFIX = "models:/"
-ENQUEUED_ATTR = "enqueued_from"
 
 
 class WarmStartError(OctftError, ValueError):
@@ -45,17 +47,11 @@ class WarmStart:
 
 def from_sweep(path: str, top: int) -> list[WarmStart]:
     """The best `top` COMPLETE trials of the study of sweep file `path`, best first."""
-    from octft.sweep.spec import load_sweep
-    from octft.sweep.study import open_storage
-
     source = load_sweep(path)
-    storage = open_storage(source.storage, heartbeat_interval=None)
     try:
-        study = optuna.load_study(study_name=source.study_name, storage=storage)
-    except KeyError:
-        raise WarmStartError(
-            f"--enqueue-from {path}: study {source.study_name!r} does not exist in {source.storage_redacted}"
-        ) from None
+        study = open_existing_study(source.study_name, source.storage)
+    except (MissingInputError, UsageError) as error:
+        raise WarmStartError(f"--enqueue-from {path}: {error}") from None
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                 if t.value is not None and not math.isnan(t.value)]
     if not complete:
@@ -65,26 +61,13 @@ def from_sweep(path: str, top: int) -> list[WarmStart]:
     return [WarmStart(f"{path} trial {t.number} ({source.objective.metric} {t.value:.4g})", dict(t.params)) for t in ranked]
 
 
-def from_model(uri: str, tracking_uri: str, space: dict[str, Param]) -> list[WarmStart]:
+def from_model(uri: str, store: MlflowStore, space: dict[str, Param]) -> list[WarmStart]:
     """The space's params as logged on the run that registered model version `uri` (MLflow params are text)."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    reference = uri.removeprefix(MODEL_PREFIX)
-    client = MlflowClient(tracking_uri)
     try:
-        if "@" in reference:
-            name, alias = reference.split("@", 1)
-            version = client.get_model_version_by_alias(name, alias)
-        elif "/" in reference:
-            name, number = reference.rsplit("/", 1)
-            version = client.get_model_version(name, number)
-        else:
-            raise WarmStartError(f"--enqueue-from {uri}: write models:/NAME@ALIAS or models:/NAME/VERSION")
-        logged = client.get_run(version.run_id).data.params
-    except MlflowException as error:
-        raise WarmStartError(f"--enqueue-from {uri}: not found in the MLflow registry at {tracking_uri} "
-                             f"({str(error).splitlines()[0]})") from None
+        version = store.model_version(uri)
+        logged = store.run(version.run_id).params
+    except (MissingInputError, UsageError) as error:
+        raise WarmStartError(f"--enqueue-from {error}") from None
     missing = sorted(set(space) - set(logged))
     if missing:
         raise WarmStartError(f"--enqueue-from {uri}: run {version.run_id} has no params {', '.join(missing)}; "
@@ -139,19 +122,20 @@ def enqueue(study: optuna.Study, starts: list[WarmStart], source: str) -> list[d
     enqueued = []
     for start in starts:
         before = len(study.get_trials(deepcopy=False))
-        study.enqueue_trial(start.params, user_attrs={ENQUEUED_ATTR: start.origin}, skip_if_exists=True)
+        study.enqueue_trial(start.params, user_attrs={TRIAL_ATTR: TrialRecord(enqueued_from=start.origin).to_dict()},
+                            skip_if_exists=True)
         if len(study.get_trials(deepcopy=False)) > before:
             enqueued.append({"source": source, **asdict(start)})
     return enqueued
 
 
-def warm_start(study: optuna.Study, spec: SweepSpec, source: str, *, top: int, tracking_uri: str,
+def warm_start(study: optuna.Study, spec: SweepSpec, source: str, *, top: int, store: MlflowStore,
                parent_run_id: str) -> list[dict[str, Any]]:
     """Read `source`, check it against `spec.space`, enqueue it and record it on the study and its parent run."""
     if top < 1:
         raise WarmStartError(f"--enqueue-top must be at least 1, got {top}")
     if source.startswith(MODEL_PREFIX):
-        starts = from_model(source, tracking_uri, spec.space)
+        starts = from_model(source, store, spec.space)
     else:
         starts = from_sweep(source, top)
     check_in_space(starts, spec.space, source)
@@ -159,9 +143,6 @@ def warm_start(study: optuna.Study, spec: SweepSpec, source: str, *, top: int, t
     if enqueued:
         history = list(study.user_attrs.get(ENQUEUED_ATTR, [])) + enqueued
         study.set_user_attr(ENQUEUED_ATTR, history)
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(tracking_uri)
-        client.set_tag(parent_run_id, "octft.enqueued_from", json.dumps(sorted({e["source"] for e in history}))[:5000])
-        client.log_dict(parent_run_id, history, "warm_start.json")
+        store.set_tag(parent_run_id, "octft.enqueued_from", json.dumps(sorted({e["source"] for e in history}))[:5000])
+        store.log_dict(parent_run_id, history, "warm_start.json")
     return enqueued

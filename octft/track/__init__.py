@@ -1,28 +1,14 @@
-"""Tracking: the small seam the training loop logs through, and its MLflow implementation.
-
-The loop is handed a `Tracker` and never imports mlflow; importing this package does not import
-mlflow either (`MlflowTracker` imports it when built).
+"""Tracking: the small seam the training loop logs through. Its MLflow implementation, and everything else octft
+does with MLflow, is `octft.track.mlflow_store`, the one module that imports mlflow; this one imports nothing heavy.
 
 >>> tracker = NullTracker()                      # tests and dry runs: logs nothing
 >>> tracker.log_metrics({"val/loss": 0.7}, step=1)
->>> tracker = MlflowTracker(experiment="octft", run_name="lr3e-4")   # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
-
-from octft.track.mlflow_tracker import (
-    END_REASON_TAG,
-    MAX_PARAM_VALUE_LENGTH,
-    MAX_TAG_VALUE_LENGTH,
-    TRUNCATION_MARKER,
-    MlflowTracker,
-    check_not_shared,
-    redact,
-    resolve_tracking_uri,
-)
 
 RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
 
@@ -94,16 +80,4 @@ class NullTracker:
         pass
 
 
-__all__ = [
-    "END_REASON_TAG",
-    "MAX_PARAM_VALUE_LENGTH",
-    "MAX_TAG_VALUE_LENGTH",
-    "TRUNCATION_MARKER",
-    "MlflowTracker",
-    "NullTracker",
-    "RunStatus",
-    "Tracker",
-    "check_not_shared",
-    "redact",
-    "resolve_tracking_uri",
-]
+__all__ = ["NullTracker", "RunStatus", "Tracker"]

@@ -1,17 +1,11 @@
-"""Metrics that cannot lie: a confusion matrix counted on the device, every score derived on the host.
+"""Metrics that cannot lie: every score derived on the host from the logits of one evaluation, in numpy.
 
-The device side is one pure function, `confusion_update`, that adds a batch to a running (C, C) confusion
-matrix with fixed shapes and no host reads, so it runs inside the compiled XLA step. Padding rows of a
-fixed-shape last batch carry weight 0 and are not counted. Everything else takes numpy arrays after the one
-host read at the end of an evaluation:
+The loop fetches a validation split's logits once per epoch; the confusion matrix is counted from their argmax
+here (`confusion_matrix`), and every score comes from it:
 
->>> import torch
->>> confusion = torch.zeros(2, 2)
->>> logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [0.0, 3.0], [5.0, 0.0]])
->>> targets = torch.tensor([0, 0, 1, 1])
->>> weights = torch.tensor([1.0, 1.0, 1.0, 0.0])  # the last row pads the batch to a fixed shape
->>> confusion = confusion_update(confusion, logits, targets, weights)
->>> classification_metrics(confusion.numpy(), class_names=["healthy", "insulin"])["balanced_accuracy"]
+>>> logits = np.array([[2.0, 0.0], [0.0, 1.0], [0.0, 3.0]])
+>>> confusion = confusion_matrix(np.array([0, 0, 1]), logits.argmax(axis=1), 2)
+>>> classification_metrics(confusion, class_names=["healthy", "insulin"])["balanced_accuracy"]
 0.75
 
 Conventions follow scikit-learn: rows are the true class, columns the predicted class, and every score
@@ -27,45 +21,9 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import numpy as np
-import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 # MLflow accepts these characters in metric keys; class names become part of the keys.
 _KEY_SAFE = re.compile(r"^[A-Za-z0-9_.\-/ ]+$")
-
-
-def confusion_update(
-    confusion: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor
-) -> torch.Tensor:
-    """`confusion` plus this batch's counts: rows are true classes, columns predicted (argmax) classes.
-
-    Pure and fixed-shape: one-hot matmul instead of `bincount` (which XLA runs on the host), no `.item()`
-    and no branch on values. Rows with weight 0 (padding) add nothing. A target outside 0..C-1 matches
-    no class and is not counted; `classification_metrics(..., targets=...)` catches that on the host.
-
-    >>> confusion_update(torch.zeros(2, 2), torch.tensor([[0.0, 3.0]]), torch.tensor([0]), torch.ones(1))
-    tensor([[0., 1.],
-            [0., 0.]])
-    """
-    num_classes = logits.shape[-1]
-    if confusion.shape != (num_classes, num_classes) or not confusion.is_floating_point():
-        raise ValueError(
-            f"confusion must be a floating-point ({num_classes}, {num_classes}) tensor to match logits "
-            f"{tuple(logits.shape)}, got {confusion.dtype} {tuple(confusion.shape)}; start from "
-            f"torch.zeros({num_classes}, {num_classes})"
-        )
-    if logits.ndim != 2 or targets.shape != logits.shape[:1] or weights.shape != logits.shape[:1]:
-        raise ValueError(
-            f"expected logits (B, C), targets (B,) and weights (B,), got {tuple(logits.shape)}, "
-            f"{tuple(targets.shape)} and {tuple(weights.shape)}"
-        )
-    classes = torch.arange(num_classes, device=logits.device)
-    true_one_hot = (targets[:, None] == classes).to(confusion.dtype)
-    predicted_one_hot = (logits.argmax(dim=1)[:, None] == classes).to(confusion.dtype)
-    # 0/1 operands are exact even in a reduced-precision matmul pass, and the sum of whole numbers stays
-    # exact in float32 up to 2**24 counts, so the counts are exact on TPU as well.
-    return confusion + true_one_hot.T @ (predicted_one_hot * weights.to(confusion.dtype)[:, None])
 
 
 def confusion_matrix(targets: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
@@ -96,7 +54,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return exp / exp.sum(axis=-1, keepdims=True)
 
 
-def _checked_confusion(confusion: np.ndarray, class_names: Sequence[str]) -> np.ndarray:
+def checked_confusion(confusion: np.ndarray, class_names: Sequence[str]) -> np.ndarray:
     confusion = np.asarray(confusion, dtype=np.float64)
     num_classes = len(class_names)
     if confusion.shape != (num_classes, num_classes):
@@ -115,7 +73,7 @@ def _checked_confusion(confusion: np.ndarray, class_names: Sequence[str]) -> np.
     return confusion
 
 
-def _safe_divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+def safe_divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
     """numerator / denominator, 0 where the denominator is 0 (scikit-learn's zero_division=0)."""
     return np.divide(numerator, denominator, out=np.zeros_like(numerator), where=denominator > 0)
 
@@ -185,15 +143,15 @@ def classification_metrics(
     """
     if (probs is None) != (targets is None):
         raise ValueError("pass probs and targets together (for auc_macro), or neither")
-    confusion = _checked_confusion(confusion, class_names)
+    confusion = checked_confusion(confusion, class_names)
     true_positives = np.diag(confusion)
     support = confusion.sum(axis=1)
     predicted = confusion.sum(axis=0)
     total = confusion.sum()
 
-    precision = _safe_divide(true_positives, predicted)
-    recall = _safe_divide(true_positives, support)
-    f1 = _safe_divide(2 * true_positives, support + predicted)
+    precision = safe_divide(true_positives, predicted)
+    recall = safe_divide(true_positives, support)
+    f1 = safe_divide(2 * true_positives, support + predicted)
     present = support > 0
     if not present.all():
         absent = [name for name, here in zip(class_names, present) if not here]
@@ -268,37 +226,6 @@ def aggregate_by_participant(
             f"({conflicting.size} participant(s) conflict)"
         )
     return unique_ids.tolist(), sums / counts[:, None], lowest
-
-
-def confusion_matrix_figure(confusion: np.ndarray, class_names: Sequence[str], title: str) -> Figure:
-    """A matplotlib figure of the confusion matrix: counts annotated, colour = share of the true class.
-
-    Built without pyplot (an Agg canvas, no global figure state), ready for `mlflow.log_figure`.
-    """
-    counts = _checked_confusion(confusion, class_names)
-    num_classes = len(class_names)
-    row_share = _safe_divide(counts, counts.sum(axis=1, keepdims=True).repeat(num_classes, axis=1))
-    figure = Figure(figsize=(2.0 + 1.3 * num_classes, 1.5 + 1.2 * num_classes), layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    axes.imshow(row_share, cmap="Blues", vmin=0.0, vmax=1.0)
-    for true_index in range(num_classes):
-        for predicted_index in range(num_classes):
-            share = row_share[true_index, predicted_index]
-            axes.text(
-                predicted_index,
-                true_index,
-                f"{int(counts[true_index, predicted_index])}\n{share:.0%}",
-                ha="center",
-                va="center",
-                color="white" if share > 0.5 else "black",
-            )
-    axes.set_xticks(range(num_classes), labels=list(class_names), rotation=30, ha="right")
-    axes.set_yticks(range(num_classes), labels=list(class_names))
-    axes.set_xlabel("predicted")
-    axes.set_ylabel("true")
-    axes.set_title(title)
-    return figure
 
 
 class BootstrapInterval(NamedTuple):

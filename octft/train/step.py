@@ -1,15 +1,15 @@
 """Pure train and eval steps: no `.item()`, no Python branch on tensor values, fixed shapes.
 
-A batch is a dict of device tensors: `x` (B, C, T, H, W), `y` (B,) class indices and `w` (B,)
-sample weights, 1 for real rows and 0 for the padding that keeps the last batch full-sized; the training
-loop's micro-batches also carry `scale` (B,), each row's weight over its whole optimizer step.
-Steps return device tensors; the loop reads them on the host inside `runtime.step_closure`.
+A batch is a dict of device tensors: `x` (B, C, T, H, W), `y` (B,) class indices and `w` (B,) sample weights,
+1 for real rows and 0 for the padding that keeps the last batch full-sized; a training micro-batch also carries
+`scale` (B,), each row's weight over its whole optimizer step. An optimizer step is `backward_step` on each of
+its micro-batches, then `optimizer_step`. Steps return device tensors; the loop reads them on the host once per
+epoch.
 
 Example:
-    >>> out = train_step(model, batch, loss_fn=torch.nn.CrossEntropyLoss(reduction="none"),
-    ...                  optimizer=optimizer, accumulation_steps=2, clip_norm=1.0, runtime=runtime)
-    >>> runtime.step_closure(lambda loss_sum, weight_sum: print(runtime.to_host(loss_sum / weight_sum)),
-    ...                      out["loss_sum"], out["weight_sum"])
+    >>> for micro_batch in step_micro_batches:                                            # doctest: +SKIP
+    ...     out = backward_step(model, micro_batch, loss_fn=loss_fn, runtime=runtime)
+    >>> optimizer_step(model, optimizer, clip_norm=1.0)                                   # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import contextlib
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from octft.train.runtime import Runtime
 
@@ -73,61 +72,15 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, 
     return grad_norm.detach()
 
 
-def train_step(
-    model: torch.nn.Module,
-    batch: dict[str, torch.Tensor],
-    *,
-    loss_fn: LossFn,
-    optimizer: torch.optim.Optimizer,
-    accumulation_steps: int = 1,
-    clip_norm: float | None = None,
-    runtime: Runtime,
-) -> dict[str, torch.Tensor]:
-    """One optimizer step on a whole batch held at once, split into `accumulation_steps` micro-batches.
-
-    `loss_fn(logits, y)` returns one loss per row (reduction="none"). The objective is
-    sum(w * loss) / sum(w) over the whole batch, so accumulating k micro-batches gives the same
-    gradient as one pass over the batch, and padded rows (w=0) change nothing.
-    Returns device tensors `loss_sum` (sum of w * loss), `weight_sum` (sum of w) and
-    `grad_norm` (global gradient norm before clipping; 0 when `clip_norm` is None).
-    The model's train/eval mode is the caller's choice (e.g. a frozen encoder kept in eval).
-    The training loop feeds its micro-batches one by one instead (`backward_step`, then `optimizer_step`
-    after a step's last), so that its graphs do not depend on the accumulation count.
-    """
-    rows = batch["x"].shape[0]
-    if accumulation_steps < 1 or rows % (accumulation_steps * runtime.num_devices):
-        raise ValueError(
-            f"batch of {rows} rows cannot be split into accumulation_steps={accumulation_steps} micro-batches "
-            f"over {runtime.num_devices} devices: make the batch size a multiple of "
-            f"accumulation_steps * num_devices = {max(accumulation_steps, 1) * runtime.num_devices}"
-        )
-    w = batch["w"]
-    # Guards the all-padding batch: its numerator is 0 too, so the objective is 0, not NaN.
-    scale = w / w.sum().clamp_min(torch.finfo(w.dtype).tiny)
-    parts = {key: _micro_batches(batch[key], accumulation_steps) for key in ("x", "y", "w")}
-    parts["scale"] = _micro_batches(scale, accumulation_steps)
-    loss_sum = torch.zeros((), device=w.device)
-    for index in range(accumulation_steps):
-        out = backward_step(model, {key: value[index] for key, value in parts.items()}, loss_fn=loss_fn, runtime=runtime)
-        loss_sum = loss_sum + out["loss_sum"]
-    grad_norm = optimizer_step(model, optimizer, clip_norm=clip_norm)
-    return {"loss_sum": loss_sum, "weight_sum": w.sum(), "grad_norm": grad_norm}
-
-
 @torch.no_grad()
 def eval_step(
     model: torch.nn.Module,
     batch: dict[str, torch.Tensor],
     *,
-    num_classes: int,
     runtime: Runtime | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Logits and this batch's confusion counts, in eval mode, without gradients.
-
-    Returns `logits` (B, num_classes) float32, for every row including padding (the caller drops
-    rows with w=0), and `confusion` (num_classes, num_classes) float32 with rows = true class,
-    columns = predicted class, counting each row with its weight w.
-    """
+    """`logits` (B, classes) float32 in eval mode, without gradients, for every row including padding (the caller
+    drops rows with w=0)."""
     # Restore each submodule's own mode afterwards: a frozen encoder may be kept in eval mode.
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
@@ -135,23 +88,7 @@ def eval_step(
         logits = model(batch["x"]).float()
     for module, training in modes:
         module.training = training
-    w = batch["w"].float()
-    y = torch.where(w > 0, batch["y"], torch.zeros_like(batch["y"]))
-    # One-hot products instead of bincount: bincount's output size depends on the data.
-    truth = F.one_hot(y, num_classes).float()
-    predicted = F.one_hot(logits.argmax(dim=1), num_classes).float()
-    confusion = truth.transpose(0, 1) @ (predicted * w[:, None])
-    return {"logits": logits, "confusion": confusion}
-
-
-def _micro_batches(tensor: torch.Tensor, steps: int) -> torch.Tensor:
-    """(B, ...) -> (steps, B // steps, ...), micro-batch k holding rows k, k + steps, k + 2 * steps, ...
-
-    Strided, not contiguous: each device's contiguous shard of the batch then feeds every
-    micro-batch equally, so the micro-batch dim stays sharded over "data" and no rows move
-    between devices.
-    """
-    return tensor.reshape(tensor.shape[0] // steps, steps, *tensor.shape[1:]).transpose(0, 1)
+    return {"logits": logits}
 
 
 def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:

@@ -1,4 +1,5 @@
-"""What `octft sweep status` and `octft sweep show` print: a table of trials, the best one, a replay command.
+"""What `octft sweep status` and `octft sweep show` print: a table of trials, the best one, a replay command, read
+from the trials' records.
 
     >>> print(format_status(study))                                     # doctest: +SKIP
     trial  state     best val/balanced_accuracy  epoch  epochs  pruned    params
@@ -13,26 +14,28 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from octft.sweep.spec import SweepSpec, format_value
 from octft.errors import UsageError
+from octft.sweep.records import trial_record
+from octft.sweep.spec import format_value
 
 
 def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
-    """One dict per trial: number, state, params, best value and epoch, epochs run, prune/fail reason."""
+    """One dict per trial: number, state, params, best value and epoch, epochs run, prune/fail reason, origin."""
     rows = []
     for trial in study.get_trials(deepcopy=False):
-        attrs = trial.user_attrs
+        record = trial_record(trial)
+        outcome = record.outcome
         rows.append({
             "number": trial.number,
             "state": trial.state.name,
             "value": trial.value,
-            "best_epoch": attrs.get("best_epoch"),
-            "epochs_run": attrs.get("epochs_run"),
-            "prune_reason": attrs.get("prune_reason"),
-            "fail_reason": attrs.get("fail_reason"),
-            "retry_of": trial.system_attrs.get("failed_trial"),
+            "best_epoch": outcome.best_epoch if outcome else None,
+            "epochs_run": outcome.epochs_run if outcome else None,
+            "prune_reason": outcome.prune_reason if outcome else None,
+            "fail_reason": record.fail_reason,
+            "retry_of": record.retry_of,
             "params": dict(trial.params),
-            "mlflow_run_id": attrs.get("mlflow_run_id"),
+            "mlflow_run_id": record.mlflow_run_id,
         })
     return rows
 
@@ -75,23 +78,19 @@ def format_status(study: optuna.Study, metric: str = "val/balanced_accuracy") ->
     if best is None:
         lines.append("best: none completed yet")
     else:
-        lines.append(f"best: trial {best.number}, {metric} {best.value:.4f} at epoch {best.user_attrs.get('best_epoch')}, "
-                     f"MLflow run {best.user_attrs.get('mlflow_run_id')}")
+        record = trial_record(best)
+        lines.append(f"best: trial {best.number}, {metric} {best.value:.4f} at epoch "
+                     f"{record.outcome.best_epoch if record.outcome else '?'}, MLflow run {record.mlflow_run_id}")
     return "\n".join(lines)
 
 
-def replay_command(study: optuna.Study, number: int, spec: SweepSpec | None = None) -> str:
-    """The `octft train ...` command that reruns trial `number`: base, the trial's overrides, the CLI overrides."""
+def replay_command(study: optuna.Study, number: int) -> str:
+    """The `octft train ...` command that reruns trial `number`: exactly what its runner ran."""
     trials = [trial for trial in study.get_trials(deepcopy=False) if trial.number == number]
     if not trials:
-        raise UsageError(
-            f"study {study.study_name!r} has no trial {number}; it has trials 0..{len(study.trials) - 1} "
-            "(see octft sweep status)"
-        )
-    trial = trials[0]
-    if trial.user_attrs.get("replay"):
-        return str(trial.user_attrs["replay"])
-    # A trial whose process never started (waiting, or its worker died first): rebuild from its params.
-    if spec is None or set(trial.params) != set(spec.space):
-        raise UsageError(f"trial {number} of study {study.study_name!r} has no sampled params yet; nothing to replay")
-    return spec.replay_command(trial.params, extra=study.user_attrs.get("cli_overrides", []))
+        raise UsageError(f"study {study.study_name!r} has no trial {number}; it has trials 0..{len(study.trials) - 1} "
+                         "(see octft sweep status)")
+    replay = trial_record(trials[0]).replay
+    if not replay:  # waiting, or its worker died before it started
+        raise UsageError(f"trial {number} of study {study.study_name!r} has not started yet; nothing to replay")
+    return replay

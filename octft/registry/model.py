@@ -13,8 +13,6 @@ one unreadable volume never fails the batch.
     >>> import mlflow, pandas as pd                                                     # doctest: +SKIP
     >>> model = mlflow.pyfunc.load_model("models:/octft-demo@champion")                   # doctest: +SKIP
     >>> model.predict(pd.DataFrame({"path": ["scan.dcm"]}))[["predicted_class", "error"]]  # doctest: +SKIP
-
-This module imports mlflow; `octft.track` does not import it.
 """
 
 from __future__ import annotations
@@ -24,37 +22,34 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import mlflow.pyfunc
 import pandas as pd
 
 from octft.data.layout import CLASS_SHORT_NAMES
+from octft.registry.inference import (
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    ERROR_COLUMN,
+    PARTICIPANT_COLUMN,
+    PATH_COLUMN,
+    PREDICTED_COLUMN,
+    PROBABILITY_PREFIX,
+    classify_paths,
+    load_checkpoint_folder,
+)
+from octft.track.mlflow_store import PythonModel, save_pyfunc, table_signature
 
 MODEL_ARTIFACT = "model"  # where the MLflow Model sits in the trial run's artifacts
 CHECKPOINT_KEY = "checkpoint"  # the model's artifact: the run's checkpoint folder
-PATH_COLUMN = "path"
-PARTICIPANT_COLUMN = "participant_id"
-PREDICTED_COLUMN = "predicted_class"
-ERROR_COLUMN = "error"
-PROBABILITY_PREFIX = "prob_"
+MLMODEL_FILE = "MLmodel"  # marks an MLflow Model folder
 
 
-def output_columns(class_names: Sequence[str] = CLASS_SHORT_NAMES) -> list[str]:
-    """The columns of a prediction table, in order."""
-    return [PATH_COLUMN, PARTICIPANT_COLUMN, *(f"{PROBABILITY_PREFIX}{name}" for name in class_names),
-            PREDICTED_COLUMN, ERROR_COLUMN]
-
-
-class OctVolumeClassifier(mlflow.pyfunc.PythonModel):
+class OctVolumeClassifier(PythonModel):
     """The pyfunc wrapper: loads the checkpoint folder on the CPU once, then classifies tables of paths."""
 
     def load_context(self, context) -> None:
-        from octft.predict import load_checkpoint_folder
-
         self.loaded = load_checkpoint_folder(Path(context.artifacts[CHECKPOINT_KEY]), source="mlflow pyfunc")
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        from octft.predict import classify_paths
-
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         if PATH_COLUMN not in frame.columns:
             raise ValueError(
@@ -65,24 +60,19 @@ class OctVolumeClassifier(mlflow.pyfunc.PythonModel):
 
 
 def model_signature(class_names: Sequence[str] = CLASS_SHORT_NAMES):
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
-
-    inputs = Schema([ColSpec("string", PATH_COLUMN)])
-    outputs = Schema([
-        ColSpec("string", PATH_COLUMN), ColSpec("string", PARTICIPANT_COLUMN),
-        *(ColSpec("double", f"{PROBABILITY_PREFIX}{name}") for name in class_names),
-        ColSpec("string", PREDICTED_COLUMN), ColSpec("string", ERROR_COLUMN),
-    ])
-    return ModelSignature(inputs=inputs, outputs=outputs)
+    return table_signature(
+        [("string", PATH_COLUMN)],
+        [("string", PATH_COLUMN), ("string", PARTICIPANT_COLUMN),
+         *(("double", f"{PROBABILITY_PREFIX}{name}") for name in class_names),
+         ("string", PREDICTED_COLUMN), ("string", ERROR_COLUMN)],
+    )
 
 
 def _requirements() -> list[str]:
     # Written for the record: the model's code is octft's own, so it loads where octft is installed
     # (`--env-manager local`); octft is not on PyPI, so MLflow cannot rebuild its environment from these.
-    names = ("mlflow", "torch", "numpy", "pandas", "pydicom", "nibabel", "octft")
     found = []
-    for name in names:
+    for name in ("mlflow", "torch", "numpy", "pandas", "pydicom", "nibabel", "octft"):
         try:
             found.append(f"{name}=={importlib.metadata.version(name)}")
         except importlib.metadata.PackageNotFoundError:
@@ -98,16 +88,10 @@ def save_pyfunc_model(checkpoint_dir: str | Path, path: str | Path, *, metadata:
     elsewhere answers it with one row whose `error` says the file is missing.
     """
     checkpoint_dir = Path(checkpoint_dir)
-    missing = [name for name in ("best.pt", "config.yaml") if not (checkpoint_dir / name).is_file()]
+    missing = [name for name in (CHECKPOINT_FILE, CONFIG_FILE) if not (checkpoint_dir / name).is_file()]
     if missing:
         raise FileNotFoundError(f"checkpoint folder {checkpoint_dir} lacks {', '.join(missing)}; cannot build its model")
-    mlflow.pyfunc.save_model(
-        path=str(path),
-        python_model=OctVolumeClassifier(),
-        artifacts={CHECKPOINT_KEY: str(checkpoint_dir)},
-        signature=model_signature(class_names),
-        input_example=pd.DataFrame({PATH_COLUMN: ["/data/1001/1001_oct_l.dcm"]}),
-        pip_requirements=_requirements(),
-        metadata={"octft.classes": list(class_names), **(metadata or {})},
-    )
-    return Path(path)
+    return save_pyfunc(path, OctVolumeClassifier(), artifacts={CHECKPOINT_KEY: str(checkpoint_dir)},
+                       signature=model_signature(class_names),
+                       input_example=pd.DataFrame({PATH_COLUMN: ["/data/1001/1001_oct_l.dcm"]}),
+                       pip_requirements=_requirements(), metadata={"octft.classes": list(class_names), **(metadata or {})})

@@ -9,7 +9,7 @@ The sweep never touches the test split; this is the one place that does, visibly
    and the registered version; a trial whose scores are recorded is not evaluated again, and once one trial
    has been scored, scoring another needs `allow_test_reuse` (its version is tagged `octft.test_reuse=true`),
    because choosing among trials by their test scores makes the test split a second validation split;
-3. log the checkpoint as an MLflow `pyfunc` Model (`octft.track.pyfunc_model`) to the trial's run, register
+3. log the checkpoint as an MLflow `pyfunc` Model (`octft.registry.model`) to the trial's run, register
    it under `promote.model_name` and point the alias `champion` at it; registering the same run again reuses
    its version. Nothing here reopens the trial's run: its status, start and end time stay as training left them.
 
@@ -34,49 +34,28 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from octft.data.dataset import prepare_volumes
 from octft.data.layout import CLASS_SHORT_NAMES
 from octft.errors import MissingInputError, UsageError
-from octft.sweep.spec import SweepSpec, redact_url
+from octft.registry.inference import predict_logits
+from octft.registry.model import MODEL_ARTIFACT, MLMODEL_FILE, save_pyfunc_model
+from octft.registry.predict import load_model
+from octft.stores import check_not_shared, resolve_tracking_uri
+from octft.sweep.records import CHAMPION_ATTR, TestEvaluation, test_evaluations, trial_record
+from octft.sweep.spec import SweepSpec
+from octft.sweep.storage import open_existing_study
+from octft.sweep.tracking import parent_run_id, update_parent_note
+from octft.track.mlflow_store import MlflowStore
+from octft.train.metrics import aggregate_by_participant, bootstrap_ci, classification_metrics, confusion_matrix, softmax
+from octft.train.setup import audited_data, data_manifest_hash
 
 CHAMPION_ALIAS = "champion"
 CHECKPOINT_ARTIFACT = "checkpoint"
 TEST_PREFIX = "test/"
-# Optuna freezes a finished trial's attrs, so a trial's test scores are kept on the study, keyed by trial.
-TEST_METRICS_ATTR = "test_metrics.trial_{number}"
-# One attr per evaluation (not one list): two promotions at once cannot overwrite each other's record.
-TEST_EVALUATION_ATTR = "test_evaluation.trial_{number}"
 TEST_REUSE_TAG = "octft.test_reuse"
 TEST_EVALUATIONS_TAG = "octft.test_evaluations"
-CHAMPION_ATTR = "champion"
 # The scores that get a bootstrap interval; the rest (counts, accuracy) are reported as they are.
 CI_SCORES = ("balanced_accuracy", "macro_f1", "auc_macro", *(f"f1_{name}" for name in CLASS_SHORT_NAMES))
-
-
-@dataclass
-class EvaluationOnTest:
-    """One scoring of one trial on the test split."""
-
-    trial: int
-    time: str  # UTC, ISO 8601
-    run_id: str
-    scores: dict[str, float]
-
-    def summary(self) -> dict[str, Any]:
-        return {"trial": self.trial, "time": self.time,
-                "test/balanced_accuracy": self.scores.get(f"{TEST_PREFIX}balanced_accuracy", math.nan)}
-
-
-def evaluations_on_test(study: optuna.Study) -> list[EvaluationOnTest]:
-    """Every test evaluation recorded on the study, oldest first."""
-    attrs = study.user_attrs
-    found = []
-    for key, record in attrs.items():
-        if key.startswith(TEST_EVALUATION_ATTR.split("{", 1)[0]):
-            number = int(record["trial"])
-            scores = attrs.get(TEST_METRICS_ATTR.format(number=number), {})
-            found.append(EvaluationOnTest(number, str(record["time"]), str(record["run_id"]),
-                                        {name: float(value) for name, value in scores.items()}))
-    return sorted(found, key=lambda evaluation: (evaluation.time, evaluation.trial))
 
 
 @dataclass
@@ -91,7 +70,7 @@ class Promotion:
     test_metrics: dict[str, float]
     evaluated: bool  # False when the test scores were already recorded and reused
     skipped: list[str] = field(default_factory=list)  # better trials passed over, each with the reason
-    evaluations: list[EvaluationOnTest] = field(default_factory=list)  # every test evaluation of the study
+    evaluations: list[TestEvaluation] = field(default_factory=list)  # every test evaluation of the study
 
     @property
     def test_reuse(self) -> bool:
@@ -107,50 +86,30 @@ class Promotion:
 # The study
 
 
-def open_study(spec: SweepSpec, storage: str | None = None) -> optuna.Study:
-    """Load the study `spec.study_name` from `storage` (default: the spec's); never creates one."""
-    url = storage or spec.storage
-    if url.startswith("sqlite:///"):
-        path = Path(url.removeprefix("sqlite:///").split("?", 1)[0])
-        if not path.is_file():
-            # Optuna would create an empty database here and then say the study does not exist.
-            raise MissingInputError(f"Optuna storage {redact_url(url)}: no such database file {path}; run `octft sweep` first or pass --storage")
-    try:
-        return optuna.load_study(study_name=spec.study_name, storage=url)
-    except KeyError:
-        names = optuna.get_all_study_names(storage=url)
-        raise UsageError(
-            f"study {spec.study_name!r} is not in the Optuna storage {redact_url(url)} (studies there: "
-            f"{names or 'none'}); run `octft sweep` first, or pass the storage it used with --storage"
-        ) from None
-
-
 def unpromotable_reason(trial: FrozenTrial, min_class_f1: float) -> str | None:
     """Why `trial` cannot be promoted (pruned, failed, collapsed, untracked), or None when it can."""
     number = trial.number
-    attrs = trial.user_attrs
+    record = trial_record(trial)
+    outcome = record.outcome
     if trial.state == TrialState.PRUNED:
-        why = attrs.get("prune_reason", "no reason recorded")
-        detail = f": {attrs['prune_detail']}" if attrs.get("prune_detail") else ""
-        return f"trial {number} was pruned ({why} at epoch {attrs.get('prune_epoch', '?')}{detail})"
+        why = outcome.prune_reason if outcome and outcome.prune_reason else "no reason recorded"
+        detail = f": {outcome.prune_detail}" if outcome and outcome.prune_detail else ""
+        return f"trial {number} was pruned ({why} at epoch {outcome.prune_epoch if outcome else '?'}{detail})"
     if trial.state == TrialState.FAIL:
-        return f"trial {number} failed ({attrs.get('fail_reason', 'no reason recorded')})"
+        return f"trial {number} failed ({record.fail_reason or 'no reason recorded'})"
     if trial.state != TrialState.COMPLETE:
         return f"trial {number} is {trial.state.name.lower()}, not complete"
-    metrics = attrs.get("best_metrics") or {}
+    metrics = outcome.best_metrics if outcome else {}
     missing = [f"val/f1_{name}" for name in CLASS_SHORT_NAMES if f"val/f1_{name}" not in metrics]
     if missing:
-        return f"trial {number} has no {', '.join(missing)} in its best_metrics user attr (was it run by `octft sweep`?)"
+        return f"trial {number} has no {', '.join(missing)} in its record (was it run by `octft sweep`?)"
     low = [f"{name} {metrics[f'val/f1_{name}']:.3f}" for name in CLASS_SHORT_NAMES
            if not metrics[f"val/f1_{name}"] > min_class_f1]
     if low:
-        return (
-            f"trial {number} collapsed at its best epoch {attrs.get('best_epoch', '?')}: validation F1 of "
-            f"{', '.join(low)} is not above promote.min_class_f1={min_class_f1}"
-        )
-    absent = [key for key in ("mlflow_run_id", "run_dir") if not attrs.get(key)]
-    if absent:
-        return f"trial {number} has no {', '.join(absent)} user attr, so its checkpoint cannot be found"
+        return (f"trial {number} collapsed at its best epoch {outcome.best_epoch}: validation F1 of {', '.join(low)} "
+                f"is not above promote.min_class_f1={min_class_f1}")
+    if not record.mlflow_run_id:
+        return f"trial {number} recorded no MLflow run, so its checkpoint cannot be found"
     return None
 
 
@@ -215,8 +174,6 @@ def participant_test_scores(
     >>> scores["test/balanced_accuracy"], scores["test/balanced_accuracy_ci_low"]
     (1.0, 1.0)
     """
-    from octft.train.metrics import bootstrap_ci, classification_metrics, confusion_matrix, softmax
-
     targets = np.asarray(participant_targets, dtype=np.int64)
     probabilities = softmax(participant_logits)
     predictions = probabilities.argmax(axis=1)
@@ -263,11 +220,6 @@ def evaluate_test_split(checkpoint_dir: str | Path, *, expected_manifest_hash: s
     `expected_manifest_hash` is given (the run's `octft.data_manifest_hash` tag), data that changed since
     training are refused instead of silently scored.
     """
-    from octft.data.dataset import prepare_volumes
-    from octft.predict import load_model, predict_logits
-    from octft.train.metrics import aggregate_by_participant
-    from octft.train.recipe import audited_data, data_manifest_hash
-
     loaded = load_model(str(checkpoint_dir))
     data = loaded.config.data
     report = audited_data(data)
@@ -300,51 +252,29 @@ def evaluate_test_split(checkpoint_dir: str | Path, *, expected_manifest_hash: s
 # MLflow
 
 
-def attached_run(tracking_uri: str, run_id: str):
-    """A tracker that adds to an existing run without reopening it: status, start and end time stay."""
-    from octft.track.mlflow_tracker import MlflowTracker
-
-    return MlflowTracker(tracking_uri, run_id=run_id, reopen=False)
-
-
-def _recorded_test_metrics(study: optuna.Study, trial: FrozenTrial, client) -> dict[str, float] | None:
-    recorded = study.user_attrs.get(TEST_METRICS_ATTR.format(number=trial.number))
-    if recorded:
-        return {key: float(value) for key, value in recorded.items()}
-    metrics = client.get_run(trial.user_attrs["mlflow_run_id"]).data.metrics
-    on_run = {key: float(value) for key, value in metrics.items() if key.startswith(TEST_PREFIX)}
-    return on_run if f"{TEST_PREFIX}balanced_accuracy" in on_run else None
+def _recorded_test_scores(study: optuna.Study, trial: FrozenTrial) -> dict[str, float] | None:
+    return next((evaluation.scores for evaluation in test_evaluations(study.user_attrs)
+                 if evaluation.trial == trial.number), None)
 
 
 def _refuse_test_reuse(study: optuna.Study, trial: FrozenTrial) -> None:
-    earlier = [evaluation for evaluation in evaluations_on_test(study) if evaluation.trial != trial.number]
+    earlier = [evaluation for evaluation in test_evaluations(study.user_attrs) if evaluation.trial != trial.number]
     if earlier:
         said = ", ".join(f"trial {evaluation.trial} at {evaluation.time}" for evaluation in earlier)
         raise UsageError(
-            f"the test split of study {study.study_name!r} was already scored ({said}); scoring trial "
-            f"{trial.number} too would let test scores choose the model. Promote trial {earlier[-1].trial} "
-            f"again (`--trial {earlier[-1].trial}`), or pass --allow-test-reuse on purpose: the new model version "
-            f"is then tagged {TEST_REUSE_TAG}=true"
+            f"the test split of study {study.study_name!r} was already scored ({said}); scoring trial {trial.number} too "
+            f"would let test scores choose the model. Promote trial {earlier[-1].trial} again (`--trial "
+            f"{earlier[-1].trial}`), or pass --allow-test-reuse on purpose: the new model version is then tagged "
+            f"{TEST_REUSE_TAG}=true"
         )
 
 
-def _checkpoint_copy(client, run_id: str, into: str) -> Path:
+def _checkpoint_copy(store: MlflowStore, run_id: str, into: str) -> Path:
     """The run's logged `checkpoint` artifact, downloaded: what promotion scores and packages is what was tracked."""
-    from mlflow.exceptions import MlflowException
-
     try:
-        return Path(client.download_artifacts(run_id, CHECKPOINT_ARTIFACT, into))
-    except (MlflowException, OSError) as error:
-        raise UsageError(
-            f"MLflow run {run_id} has no readable {CHECKPOINT_ARTIFACT!r} artifact ({error}); promote a trial "
-            "whose run logged its best checkpoint"
-        ) from None
-
-
-def _has_model(client, run_id: str) -> bool:
-    from octft.track.pyfunc_model import MODEL_ARTIFACT
-
-    return any(entry.path == f"{MODEL_ARTIFACT}/MLmodel" for entry in client.list_artifacts(run_id, MODEL_ARTIFACT))
+        return store.download(run_id, CHECKPOINT_ARTIFACT, into)
+    except MissingInputError as error:
+        raise UsageError(f"{error}; promote a trial whose run logged its best checkpoint") from None
 
 
 def promote(
@@ -361,84 +291,64 @@ def promote(
 
     Scoring a second trial of the study on the test split is refused unless `allow_test_reuse`.
     """
-    from mlflow.tracking import MlflowClient
-
-    from octft.track.mlflow_tracker import check_not_shared, redact, resolve_tracking_uri
-    from octft.track.pyfunc_model import MODEL_ARTIFACT, save_pyfunc_model
-
-    tracking_uri = resolve_tracking_uri(tracking_uri or spec.mlflow.tracking_uri)
-    check_not_shared(tracking_uri, storage or spec.storage)
-    study = open_study(spec, storage)
+    store = MlflowStore(resolve_tracking_uri(tracking_uri or spec.mlflow.tracking_uri))
+    check_not_shared(store.uri, storage or spec.storage)
+    study = open_existing_study(spec.study_name, storage or spec.storage)
     trial, skipped = select_trial(study, spec.promote.min_class_f1, trial_number)
-    run_id = trial.user_attrs["mlflow_run_id"]
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    run_id = trial_record(trial).mlflow_run_id
     try:
-        run_tags = client.get_run(run_id).data.tags
-    except Exception as error:  # mlflow raises MlflowException; say which store and run
-        raise UsageError(
-            f"trial {trial.number}'s MLflow run {run_id} is not in the MLflow store at {redact(tracking_uri)} "
-            f"({type(error).__name__}); pass the store the sweep logged to with --tracking-uri"
-        ) from None
+        run_tags = store.run(run_id).tags
+    except MissingInputError as error:
+        raise UsageError(f"trial {trial.number}: {error}; pass the store the sweep logged to with --tracking-uri") from None
     manifest_hash = run_tags.get("octft.data_manifest_hash")
-    parent_run_id = study.user_attrs.get("mlflow_parent_run_id")
-    trial_run = attached_run(tracking_uri, run_id)
-
+    parent = parent_run_id(study)
     with tempfile.TemporaryDirectory(prefix="octft-promote-") as scratch:
-        test_metrics = _recorded_test_metrics(study, trial, client)
+        test_metrics = _recorded_test_scores(study, trial)
         evaluated = test_metrics is None
         checkpoint_dir = None
-        if test_metrics is None:
+        if evaluated:
             if not allow_test_reuse:
                 _refuse_test_reuse(study, trial)
-            checkpoint_dir = _checkpoint_copy(client, run_id, scratch)
+            checkpoint_dir = _checkpoint_copy(store, run_id, scratch)
             test_metrics = evaluate_test_split(checkpoint_dir, expected_manifest_hash=manifest_hash,
                                                n_resamples=n_resamples, progress=progress)
-            trial_run.log_metrics(test_metrics, step=0)
-        # Recorded on the study too, so the report (which reads storage) shows it; a no-op when already there.
-        study.set_user_attr(TEST_METRICS_ATTR.format(number=trial.number), test_metrics)
-        evaluation_key = TEST_EVALUATION_ATTR.format(number=trial.number)
-        if evaluation_key not in study.user_attrs:
-            when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-            study.set_user_attr(evaluation_key, {"trial": trial.number, "time": when, "run_id": run_id})
-        evaluations = evaluations_on_test(study)
-        evaluation_log = json.dumps([evaluation.summary() for evaluation in evaluations])
-        if parent_run_id and evaluated:
-            parent = attached_run(tracking_uri, parent_run_id)
-            parent.log_metrics(test_metrics, step=trial.number)
-            parent.set_tags({TEST_EVALUATIONS_TAG: evaluation_log, "octft.test_evaluated_trials": str(len(evaluations))})
-
-        if not _has_model(client, run_id):
-            checkpoint_dir = checkpoint_dir or _checkpoint_copy(client, run_id, scratch)
+            # Logged through the store: nothing reopens the trial's run, so its duration stays as training left it.
+            store.log_metrics(run_id, test_metrics, step=0)
+            # One attr per evaluation (not one list): two promotions at once cannot overwrite each other's record.
+            evaluation = TestEvaluation(trial.number, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), run_id,
+                                        test_metrics)
+            study.set_user_attr(evaluation.attr, {**evaluation.__dict__})
+        evaluations = test_evaluations(study.user_attrs)
+        evaluation_log = json.dumps([{"trial": item.trial, "time": item.time, "test/balanced_accuracy":
+                                      item.scores.get(f"{TEST_PREFIX}balanced_accuracy", math.nan)} for item in evaluations])
+        if parent and evaluated:
+            store.log_metrics(parent, test_metrics, step=trial.number)
+            store.set_tag(parent, TEST_EVALUATIONS_TAG, evaluation_log)
+            store.set_tag(parent, "octft.test_evaluated_trials", str(len(evaluations)))
+        if not store.has_artifact(run_id, f"{MODEL_ARTIFACT}/{MLMODEL_FILE}"):
+            checkpoint_dir = checkpoint_dir or _checkpoint_copy(store, run_id, scratch)
             model_dir = save_pyfunc_model(checkpoint_dir, Path(scratch) / MODEL_ARTIFACT, metadata={
                 "octft.study": spec.study_name, "octft.trial": trial.number, "octft.run_id": run_id,
-                "octft.data_manifest_hash": manifest_hash or "unknown",
-            })
-            # The client uploads into the run as it stands: no fluent call, nothing reopens the run.
-            client.log_artifacts(run_id, str(model_dir), MODEL_ARTIFACT)
+                "octft.data_manifest_hash": manifest_hash or "unknown"})
+            store.log_artifacts(run_id, model_dir, MODEL_ARTIFACT)
 
     test_reuse = len({evaluation.trial for evaluation in evaluations}) > 1
     tags = {
-        "octft.study": spec.study_name,
-        "octft.trial": str(trial.number),
-        "octft.params": json.dumps(trial.params, sort_keys=True),
-        "octft.val_value": str(trial.value),
+        "octft.study": spec.study_name, "octft.trial": str(trial.number),
+        "octft.params": json.dumps(trial.params, sort_keys=True), "octft.val_value": str(trial.value),
         "octft.data_manifest_hash": manifest_hash or "unknown",
         "octft.git_commit": run_tags.get("octft.git_commit", "unknown"),
         "octft.test_balanced_accuracy": _format_score(test_metrics, "balanced_accuracy"),
-        TEST_EVALUATIONS_TAG: evaluation_log,
-        TEST_REUSE_TAG: str(test_reuse).lower(),
+        TEST_EVALUATIONS_TAG: evaluation_log, TEST_REUSE_TAG: str(test_reuse).lower(),
     }
-    version = trial_run.register_model(run_id, MODEL_ARTIFACT, spec.promote.model_name, CHAMPION_ALIAS, tags)
-
+    version = store.register(run_id, MODEL_ARTIFACT, spec.promote.model_name, CHAMPION_ALIAS, tags)
     champion = {"trial": trial.number, "model_name": spec.promote.model_name, "version": version, "run_id": run_id}
     if study.user_attrs.get(CHAMPION_ATTR) != champion:
         study.set_user_attr(CHAMPION_ATTR, champion)
-        if parent_run_id:
-            attached_run(tracking_uri, parent_run_id).set_tags(
-                {"octft.champion_trial": str(trial.number), "octft.champion_version": version})
-    from octft.sweep.tracking import update_parent_note
-
-    update_parent_note(tracking_uri, study, spec)
+        if parent:
+            store.set_tag(parent, "octft.champion_trial", str(trial.number))
+            store.set_tag(parent, "octft.champion_version", version)
+    update_parent_note(store, study, spec)
     return Promotion(spec.study_name, trial.number, run_id, spec.promote.model_name, version, test_metrics,
                      evaluated, skipped, evaluations)
 

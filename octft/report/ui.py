@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -28,7 +29,13 @@ from pathlib import Path
 from urllib.parse import quote
 
 from octft.errors import MissingInputError, UsageError
+from octft.redaction import redact_url
+from octft.stores import resolve_tracking_uri, sqlite_path
+from octft.sweep.records import trial_record
 from octft.sweep.spec import SweepSpec
+from octft.sweep.storage import open_existing_study
+from octft.sweep.tracking import parent_run_id
+from octft.track.mlflow_store import MlflowStore
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5000
@@ -54,51 +61,35 @@ class StudyPages:
 
 
 def _existing_sqlite(uri: str, what: str, flag: str) -> None:
-    from octft.track.mlflow_tracker import redact, sqlite_path
-
     path = sqlite_path(uri)
     if path is not None and not path.is_file():
-        raise MissingInputError(f"{what} {redact(uri)}: no such database file {path}; pass the {flag} the sweep used")
+        raise MissingInputError(f"{what} {redact_url(uri)}: no such database file {path}; pass the {flag} the sweep used")
 
 
 def study_pages(spec: SweepSpec, *, storage: str | None = None, tracking_uri: str | None = None) -> StudyPages:
     """The study's experiment and its trials' runs, read from the Optuna storage and the MLflow store."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    from octft.sweep.promote import open_study
-    from octft.track.mlflow_tracker import redact, resolve_tracking_uri
-
     tracking_uri = resolve_tracking_uri(tracking_uri or spec.mlflow.tracking_uri)
     _existing_sqlite(tracking_uri, "MLflow store", "--tracking-uri")
-    study = open_study(spec, storage)
+    study = open_existing_study(spec.study_name, storage or spec.storage)
     trials = sorted(study.get_trials(deepcopy=False), key=lambda trial: trial.number)
-    run_ids = tuple(str(trial.user_attrs["mlflow_run_id"]) for trial in trials if trial.user_attrs.get("mlflow_run_id"))
-    client = MlflowClient(tracking_uri=tracking_uri)
-    anchor = study.user_attrs.get("mlflow_parent_run_id") or (run_ids[0] if run_ids else None)
-    try:
-        if anchor:
-            experiment_id = client.get_run(str(anchor)).info.experiment_id
-        else:
-            experiment = client.get_experiment_by_name(spec.mlflow.experiment)
-            if experiment is None:
-                raise UsageError(
-                    f"the MLflow store {redact(tracking_uri)} has no experiment {spec.mlflow.experiment!r} and study "
-                    f"{spec.study_name!r} has no runs yet; run `octft sweep launch` first, or pass --tracking-uri"
-                )
-            experiment_id = experiment.experiment_id
-    except MlflowException as error:
-        raise UsageError(
-            f"study {spec.study_name!r}'s runs are not in the MLflow store {redact(tracking_uri)} ({error.message}); "
-            "pass the store the sweep logged to with --tracking-uri"
-        ) from None
+    run_ids = tuple(run_id for run_id in (trial_record(trial).mlflow_run_id for trial in trials) if run_id)
+    store = MlflowStore(tracking_uri)
+    anchor = parent_run_id(study) or (run_ids[0] if run_ids else None)
+    if anchor:
+        try:
+            experiment_id = store.run(anchor).experiment_id
+        except MissingInputError as error:
+            raise UsageError(f"study {spec.study_name!r}'s runs are not there: {error} (--tracking-uri)") from None
+    else:
+        experiment_id = store.experiment_id(spec.mlflow.experiment)
+        if experiment_id is None:
+            raise UsageError(f"the MLflow store {store.shown} has no experiment {spec.mlflow.experiment!r} and study "
+                             f"{spec.study_name!r} has no runs yet; run `octft sweep launch` first, or pass --tracking-uri")
     return StudyPages(str(experiment_id), run_ids)
 
 
 def server_command(tracking_uri: str, host: str, port: int) -> list[str]:
     """MLflow's own tracking server on the store, with artifacts served from where the runs put them."""
-    from octft.track.mlflow_tracker import sqlite_path
-
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking_uri,
                "--host", host, "--port", str(port), "--workers", "1"]  # one user: one worker starts faster
     path = sqlite_path(tracking_uri)
@@ -149,8 +140,6 @@ def serve(
 
     Returns 0 after an interrupt stopped the server, else the server's own exit code.
     """
-    from octft.track.mlflow_tracker import resolve_tracking_uri
-
     tracking_uri = resolve_tracking_uri(tracking_uri or spec.mlflow.tracking_uri)
     pages = study_pages(spec, storage=storage, tracking_uri=tracking_uri)
     base_url = f"http://{host}:{port}"
@@ -183,8 +172,6 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 def ui_command(spec_path: str | Path, *, storage: str | None = None, tracking_uri: str | None = None,
                port: int = DEFAULT_PORT, overrides: Sequence[str] = ()) -> str:
     """The `octft ui` command line for a study (what `make demo` prints at its end)."""
-    import shlex
-
     parts = ["octft", "ui", str(spec_path), *overrides]
     if storage:
         parts += ["--storage", storage]

@@ -23,25 +23,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
+import pandas as pd
+import plotly.graph_objects as go
 import yaml
 from optuna.trial import FrozenTrial, TrialState
+from plotly.offline import get_plotlyjs
 
 from octft.config import ConfigError
 from octft.data.layout import CLASS_SHORT_NAMES
-from octft.errors import UsageError
-from octft.sweep.promote import (
-    CHAMPION_ATTR,
-    CI_SCORES,
-    TEST_METRICS_ATTR,
-    TEST_REUSE_TAG,
-    attached_run,
-    open_study,
-    select_trial,
-    evaluations_on_test,
-)
-from octft.sweep.spec import SweepSpec, redact_url
-from octft.sweep.tracking import update_parent_note
+from octft.errors import MissingInputError, UsageError
+from octft.redaction import redact_url
+from octft.registry.promote import CI_SCORES, TEST_REUSE_TAG, select_trial
+from octft.stores import resolve_tracking_uri
+from octft.sweep.records import CHAMPION_ATTR, test_evaluations, trial_record
+from octft.sweep.spec import SweepSpec
+from octft.sweep.storage import open_existing_study
+from octft.sweep.tracking import parent_run_id, update_parent_note
+from octft.track.mlflow_store import MlflowStore
+from octft.train.metrics import confusion_matrix
 
 DASHBOARDS = Path(__file__).resolve().parents[2] / "dashboards"
 DEFAULT_DEFINITION = DASHBOARDS / "study_report.yaml"
@@ -66,7 +67,7 @@ class ReportContext:
 
     study: optuna.Study
     trials: list[FrozenTrial]
-    tracking_uri: str
+    store: MlflowStore
     objective: str
     min_class_f1: float
 
@@ -99,15 +100,14 @@ def _optimization_history(context: ReportContext):
 def outcome(trial: FrozenTrial) -> str:
     """'complete', 'pruned: <reason>', 'failed' or 'running': how a trial ended, for legends and tables."""
     if trial.state == TrialState.PRUNED:
-        return f"pruned: {trial.user_attrs.get('prune_reason', 'unknown')}"
+        pruned = trial_record(trial).outcome
+        return f"pruned: {pruned.prune_reason if pruned and pruned.prune_reason else 'unknown'}"
     if trial.state == TrialState.FAIL:
         return "failed"
     return trial.state.name.lower()
 
 
 def _intermediate_values(context: ReportContext):
-    import plotly.graph_objects as go
-
     reported = [trial for trial in context.trials if trial.intermediate_values]
     if not reported:
         raise FigureUnavailable("no trial has reported an epoch yet")
@@ -125,7 +125,8 @@ def _intermediate_values(context: ReportContext):
         ))
         in_legend.add(label)
         if trial.state == TrialState.PRUNED:
-            detail = html.escape(str(trial.user_attrs.get("prune_detail", "")))
+            pruned = trial_record(trial).outcome
+            detail = html.escape(str(pruned.prune_detail or "") if pruned else "")
             figure.add_trace(go.Scatter(
                 x=[epochs[-1]], y=[values[-1]], mode="markers", legendgroup=label, showlegend=False,
                 marker={"symbol": "x", "size": 12, "color": colour},
@@ -157,15 +158,15 @@ def _parallel_coordinate(context: ReportContext):
 
 
 def _class_f1(context: ReportContext):
-    import plotly.graph_objects as go
-
-    scored = [trial for trial in context.trials if trial.user_attrs.get("best_metrics")]
+    best = {trial.number: trial_record(trial).outcome.best_metrics for trial in context.trials
+            if trial_record(trial).outcome and trial_record(trial).outcome.best_metrics}
+    scored = [trial for trial in context.trials if trial.number in best]
     if not scored:
-        raise FigureUnavailable("no trial has recorded its best epoch's metrics (user attr best_metrics) yet")
+        raise FigureUnavailable("no trial has recorded its best epoch's metrics yet")
     labels = [f"#{trial.number} ({outcome(trial)})" for trial in scored]
     figure = go.Figure()
     for name in CLASS_SHORT_NAMES:
-        values = [trial.user_attrs["best_metrics"].get(f"val/f1_{name}") for trial in scored]
+        values = [best[trial.number].get(f"val/f1_{name}") for trial in scored]
         figure.add_trace(go.Bar(x=labels, y=values, name=name))
     figure.add_hline(y=context.min_class_f1, line_dash="dot", line_color="#d62728",
                      annotation_text=f"promote.min_class_f1 = {context.min_class_f1}")
@@ -175,15 +176,10 @@ def _class_f1(context: ReportContext):
 
 
 def _best_confusion_matrix(context: ReportContext):
-    import numpy as np
-    import plotly.graph_objects as go
-
-    from octft.train.metrics import confusion_matrix
-
     trial, which = context.best_trial()
     if trial is None:
         raise FigureUnavailable(f"no confusion matrix: {which}")
-    predictions, source = _val_predictions(context.tracking_uri, trial)
+    predictions, source = _val_predictions(context.store, trial)
     if predictions is None:
         raise FigureUnavailable(f"{which} has no val_predictions.csv (looked in {source})")
     index = {name: position for position, name in enumerate(CLASS_SHORT_NAMES)}
@@ -204,30 +200,26 @@ def _best_confusion_matrix(context: ReportContext):
     return figure
 
 
-def _val_predictions(tracking_uri: str, trial: FrozenTrial):
+def _val_predictions(store: MlflowStore, trial: FrozenTrial):
     """The best epoch's val_predictions.csv: the run's MLflow artifact, else `<run_dir>/best/`."""
-    import pandas as pd
-
-    run_id = trial.user_attrs.get("mlflow_run_id")
+    record = trial_record(trial)
+    run_id = record.mlflow_run_id
     looked = []
     if run_id:
-        from mlflow.exceptions import MlflowException
-        from mlflow.tracking import MlflowClient
-
         looked.append(f"MLflow run {run_id}")
         with tempfile.TemporaryDirectory(prefix="octft-report-") as folder:
             try:
-                local = MlflowClient(tracking_uri=tracking_uri).download_artifacts(run_id, "val_predictions.csv", folder)
+                local = store.download(run_id, "val_predictions.csv", folder)
                 return pd.read_csv(local, dtype={"participant_id": str}), f"MLflow run {run_id}"
-            except (MlflowException, OSError):
+            except MissingInputError:
                 pass
-    run_dir = trial.user_attrs.get("run_dir")
+    run_dir = record.run_dir
     if run_dir:
         path = Path(run_dir) / "best" / "val_predictions.csv"
         looked.append(str(path))
         if path.is_file():
             return pd.read_csv(path, dtype={"participant_id": str}), str(path)
-    return None, " and ".join(looked) or "nowhere: the trial has no mlflow_run_id or run_dir user attr"
+    return None, " and ".join(looked) or "nowhere: the trial recorded no MLflow run or run folder"
 
 
 FIGURES: dict[str, Callable[[ReportContext], Any]] = {
@@ -276,8 +268,8 @@ def load_definition(path: str | Path = DEFAULT_DEFINITION) -> dict[str, Any]:
 
 def study_dir(study: optuna.Study) -> Path:
     """Where a study's trials wrote their run folders (their common parent); the working directory if none did."""
-    parents = [str(Path(trial.user_attrs["run_dir"]).parent) for trial in study.get_trials(deepcopy=False)
-               if trial.user_attrs.get("run_dir")]
+    parents = [str(Path(record.run_dir).parent) for record in map(trial_record, study.get_trials(deepcopy=False))
+               if record.run_dir]
     return Path(os.path.commonpath(parents)) if parents else Path.cwd()
 
 
@@ -294,8 +286,9 @@ def _summary(context: ReportContext) -> str:
     best, which = context.best_trial()
     parts.append(f"<p><b>Best trial:</b> {html.escape(which)}.</p>")
     champion = study.user_attrs.get(CHAMPION_ATTR)
+    evaluations = test_evaluations(study.user_attrs)
     if champion:
-        metrics = study.user_attrs.get(TEST_METRICS_ATTR.format(number=champion["trial"]), {})
+        metrics = next((item.scores for item in evaluations if item.trial == champion["trial"]), {})
         parts.append(
             f"<p><b>Champion:</b> trial {champion['trial']}, registered as "
             f"models:/{html.escape(str(champion['model_name']))}@champion (version {html.escape(str(champion['version']))}).</p>"
@@ -304,7 +297,6 @@ def _summary(context: ReportContext) -> str:
                 for name in CI_SCORES]
         parts.append("<p>Test split, participant level, stratified bootstrap 95% interval:</p>"
                      + _table(["score", "value", "low", "high"], rows))
-    evaluations = evaluations_on_test(study)
     scored = sorted({evaluation.trial for evaluation in evaluations})
     if not scored:
         parts.append("<p><b>Test split:</b> not scored yet (octft promote scores it).</p>")
@@ -318,10 +310,11 @@ def _summary(context: ReportContext) -> str:
                                for evaluation in evaluations]))
     rows = []
     for trial in context.trials:
-        attrs = trial.user_attrs
-        why = attrs.get("prune_detail") or attrs.get("fail_reason") or ""
+        record = trial_record(trial)
+        why = (record.outcome.prune_detail if record.outcome else None) or record.fail_reason or ""
+        best_epoch = record.outcome.best_epoch if record.outcome and record.outcome.best_epoch is not None else ""
         rows.append([trial.number, outcome(trial), "" if trial.value is None else f"{trial.value:.4f}",
-                     attrs.get("best_epoch", ""), ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                     best_epoch, ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                            for k, v in trial.params.items()), why])
     parts.append("<h2>Trials</h2>" + _table(["trial", "outcome", context.objective, "best epoch", "params", "why it ended"], rows))
     return "\n".join(parts)
@@ -329,8 +322,6 @@ def _summary(context: ReportContext) -> str:
 
 def build_report_html(context: ReportContext, definition: dict[str, Any], *, storage: str) -> str:
     """The whole page as one string: template, summary, every figure (or its note), plotly.js inlined."""
-    from plotly.offline import get_plotlyjs
-
     sections = []
     for entry in definition["figures"]:
         try:
@@ -363,12 +354,10 @@ def render_report(
     definition: str | Path = DEFAULT_DEFINITION,
 ) -> Path:
     """Write the study's report (default `<study dir>/report.html`) and log it to the study's parent run."""
-    from octft.track.mlflow_tracker import resolve_tracking_uri
-
-    tracking_uri = resolve_tracking_uri(tracking_uri or spec.mlflow.tracking_uri)
+    store = MlflowStore(resolve_tracking_uri(tracking_uri or spec.mlflow.tracking_uri))
     storage = storage or spec.storage
-    study = open_study(spec, storage)
-    context = ReportContext(study, study.get_trials(deepcopy=False), tracking_uri, spec.objective.metric,
+    study = open_existing_study(spec.study_name, storage)
+    context = ReportContext(study, study.get_trials(deepcopy=False), store, spec.objective.metric,
                             spec.promote.min_class_f1)
     page = build_report_html(context, load_definition(definition), storage=storage)
     path = Path(out) if out else study_dir(study) / REPORT_NAME
@@ -378,8 +367,8 @@ def render_report(
     except OSError as error:
         raise UsageError(f"cannot write the report to {path}: {error.strerror or error}; "
                          "give --out a path in a writable folder") from None
-    parent_run_id = study.user_attrs.get("mlflow_parent_run_id")
-    if parent_run_id:
-        attached_run(tracking_uri, parent_run_id).log_artifact(path)
-    update_parent_note(tracking_uri, study, spec)
+    parent = parent_run_id(study)
+    if parent:
+        store.log_artifacts(parent, path)
+    update_parent_note(store, study, spec)
     return path

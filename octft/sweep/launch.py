@@ -1,0 +1,150 @@
+"""`octft sweep launch SPEC`: resolve the plan once, create or resume the study, run its workers.
+
+    >>> result = launch("sweeps/demo.yaml", workers=2, overrides=["data.uri=/data/aireadi"])  # doctest: +SKIP
+
+The launch is worker 0 itself: it resolves the launch plan (`octft.sweep.plan`), creates or resumes the study and
+its MLflow parent run, fails the trials whose worker died (each retried once), enqueues a warm start, audits and
+prepares the data once, writes the plan, then runs trials in this process while workers 1.. run as processes
+(`python -m octft.sweep.worker PLAN --worker-index I`). Running the same command on every host of a pod slice adds
+that host's workers to the same study, as long as every host reaches the same storage (PostgreSQL).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import optuna
+from optuna.trial import TrialState
+
+from octft.stores import STORAGE_ENV, TRACKING_ENV
+from octft.sweep.plan import LaunchPlan, base_config, resolve_plan
+from octft.sweep.runners import InProcessRunner, Runner, WarmProcessRunner, make_runner
+from octft.sweep.storage import DEFAULT_HEARTBEAT_S, open_study_storage, study_lock
+from octft.sweep.study import create_or_load_study, reap_stale_trials
+from octft.sweep.tracking import update_parent_best, update_parent_note
+from octft.sweep.warmstart import warm_start
+from octft.sweep.worker import run_worker
+from octft.track.mlflow_store import MlflowStore
+from octft.train.setup import prepare_data
+
+
+@dataclass
+class LaunchResult:
+    study_name: str
+    study_dir: Path
+    parent_run_id: str
+    worker_exit_codes: list[int]
+    counts: dict[str, int]  # trials per state after the launch
+    reaped: list[int]  # trials found dead at launch (FAIL, retried)
+    enqueued: list[dict[str, Any]] = field(default_factory=list)  # warm-start parameter sets enqueued now
+    plan_path: Path | None = None
+
+
+def launch(
+    spec_path: str | Path,
+    *,
+    n_trials: int | None = None,
+    workers: int = 1,
+    devices_per_trial: int | None = None,
+    storage: str | None = None,
+    overrides: Sequence[str] = (),
+    heartbeat_interval: int = DEFAULT_HEARTBEAT_S,
+    grace_period: int | None = None,
+    enqueue_from: str | None = None,
+    enqueue_top: int = 3,
+    fresh_process_per_trial: bool = False,
+) -> LaunchResult:
+    """Create or resume the study of `spec_path` and run its trials until the budget is spent.
+
+    `overrides`: key=value pairs; sweep-file keys (n_trials, fixed.*, sampler.*, ...) change the spec, all others
+    the base experiment of every trial (e.g. data.uri=/data/aireadi). `enqueue_from`: an earlier sweep file or
+    `models:/NAME@champion` whose params are tried first (`octft.sweep.warmstart`). `devices_per_trial=None`: on a TPU
+    host its chips divided among the workers, elsewhere 1. `fresh_process_per_trial`: a new runner for every trial.
+    """
+    storage = storage or os.environ.get(STORAGE_ENV) or None
+    plan, spec = resolve_plan(spec_path, storage=storage, overrides=overrides, n_trials=n_trials, workers=workers,
+                              devices_per_trial=devices_per_trial, heartbeat_interval=heartbeat_interval,
+                              grace_period=grace_period, fresh_process_per_trial=fresh_process_per_trial)
+    # Worker 0's runner first: a runner process imports torch and MLflow (most of its start) while this one works.
+    secrets = {STORAGE_ENV: plan.storage_url(), TRACKING_ENV: plan.tracking_url()}  # for child processes, in memory
+    runner = make_runner(plan, 0, secrets)
+    if isinstance(runner, WarmProcessRunner):
+        runner.start()
+    try:
+        rdb = open_study_storage(plan.storage_url(), heartbeat_interval=heartbeat_interval, grace_period=grace_period)
+        study, plan = create_or_load_study(plan, rdb)
+        store = MlflowStore(plan.tracking_url())
+        store.reopen_run(plan.parent_run_id)
+        reaped = reap_stale_trials(study, rdb, store.uri)
+        if reaped:
+            print(f"trials {reaped} of study {spec.study_name!r} lost their worker: marked FAIL, retried once", flush=True)
+        enqueued = []
+        if enqueue_from:
+            with study_lock(rdb, spec.study_name):  # two hosts launching together enqueue each set once
+                enqueued = warm_start(study, spec, enqueue_from, top=enqueue_top, store=store,
+                                      parent_run_id=plan.parent_run_id)
+            print(f"warm start from {enqueue_from}: {len(enqueued)} parameter sets enqueued"
+                  + "".join(f"\n  {entry['origin']}" for entry in enqueued), flush=True)
+        prepare_study_data(plan, runner)
+        plan.write()
+    except BaseException:
+        runner.close(timeout=0) if isinstance(runner, WarmProcessRunner) else runner.close()
+        raise
+    processes = [subprocess.Popen([sys.executable, "-m", "octft.sweep.worker", str(plan.path), "--worker-index", str(index)],
+                                  env=dict(os.environ, **secrets)) for index in range(1, workers)]
+    try:
+        codes = [_run_here(plan, runner), *(process.wait() for process in processes)]
+    except KeyboardInterrupt:
+        # The workers got the same Ctrl-C (one process group); give them a moment to tell Optuna.
+        for process in processes:
+            process.wait(timeout=60)
+        # Trials still RUNNING belong to another launch (another host) that keeps the parent run open.
+        if not any(trial.state == TrialState.RUNNING for trial in study.get_trials(deepcopy=False)):
+            store.end_run(plan.parent_run_id, "KILLED", "interrupted (Ctrl-C)")
+        raise
+    return _finish(study, plan, store, codes, reaped, enqueued)
+
+
+def prepare_study_data(plan: LaunchPlan, runner: Runner) -> None:
+    """Audit and prepare the data once, before any trial starts: the preparation plan (files and bytes to fetch, the
+    prepared cache's size) is printed and a disk that cannot hold it is refused now, and every runner's own data
+    check then finds each volume prepared. (A space that samples `data.*` keys leaves it to each trial.)"""
+    spec = plan.spec()
+    if any(name.startswith("data.") for name in spec.space):
+        return
+    data = base_config(spec, plan.experiment_overrides).data
+    print(f"study {spec.study_name!r}: auditing and preparing the data once for every trial", flush=True)
+    if isinstance(runner, InProcessRunner):
+        runner.prepare(data)  # kept in the runner's cache: its first trial audits nothing again
+    else:
+        prepare_data(data, progress=True)
+
+
+def _run_here(plan: LaunchPlan, runner: Runner) -> int:
+    """Worker 0 in the launch's process: its exit code as a worker process's would be (a bug in the worker prints
+    its traceback and gives 1; the other workers go on)."""
+    try:
+        run_worker(plan, 0, runner)
+    except Exception:
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+def _finish(study: optuna.Study, plan: LaunchPlan, store: MlflowStore, codes: list[int], reaped: list[int],
+            enqueued: list) -> LaunchResult:
+    spec = plan.spec()
+    trials = study.get_trials(deepcopy=False)
+    counts = {state.name: sum(1 for trial in trials if trial.state == state) for state in TrialState}
+    update_parent_best(store, plan.parent_run_id, study, spec.objective.metric)  # the last trials' results
+    update_parent_note(store, study, spec)
+    if not counts["RUNNING"] and not counts["WAITING"]:
+        store.end_run(plan.parent_run_id, "FINISHED")
+    return LaunchResult(spec.study_name, Path(plan.study_dir), plan.parent_run_id, codes, counts, reaped, enqueued,
+                        plan.path)

@@ -1,0 +1,181 @@
+"""Runners: where a worker's trials train. One small protocol, three implementations:
+
+- `WarmProcessRunner` (the default): one long-lived process per worker (`python -m octft.sweep.runners`) that
+  imports torch and torch_xla once and keeps, from trial to trial, its compiled XLA graphs (every per-trial value
+  enters them as device data), the opened study and what its runs built (`RunCache`: the audited data, the
+  encoder, the frozen features). A runner that dies (segfault, out-of-memory kill, XLA abort) fails only the
+  trial it was running; the next trial starts a new one.
+- `FreshProcessRunner`: a new process for every trial (isolation, for debugging a runner).
+- `InProcessRunner`: the trial trains in the worker's own process: probe studies (a head on stored features is
+  milliseconds a step; a process hand-off would cost more than the trial) and tests.
+
+Each runs `octft.sweep.trial.run_trial(plan, number, cache)`, which trains exactly what the trial's replay command
+runs. A process runner (`python -m octft.sweep.trial`) is given a trial as one line `{"plan": <plan path>,
+"trial": <number>}` on its input and answers one `TrialOutcome` line on a file descriptor of its own.
+
+    >>> runner = make_runner(plan, worker_index=0)                                     # doctest: +SKIP
+    >>> outcome = runner.run(plan, 3)                                                  # doctest: +SKIP
+    >>> runner.close()                                                                 # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Protocol, TextIO
+
+from octft.redaction import redact
+from octft.sweep.plan import LaunchPlan
+from octft.sweep.records import TrialOutcome
+from octft.train.devices import trial_device_env
+
+LOG_TAIL_LINES = 20
+
+
+class Runner(Protocol):
+    """Trains trials of a plan, one at a time."""
+
+    def run(self, plan: LaunchPlan, number: int) -> TrialOutcome:
+        """Train trial `number` of `plan`'s study; never raises for a bad trial (its outcome says `failed`)."""
+
+    def close(self) -> None:
+        """Let go of the runner (a process ends after its current trial)."""
+
+
+class InProcessRunner:
+    """Trials in this process, sharing one `TrialCache` (so its data, encoder and features) from trial to trial."""
+
+    def __init__(self) -> None:
+        self.cache = None
+
+    def run(self, plan: LaunchPlan, number: int) -> TrialOutcome:
+        return self._trial().run_trial(plan, number, self.cache)
+
+    def prepare(self, data) -> None:
+        """Audit and prepare `data` (a config's data section) into the cache its trials will find it in."""
+        self._trial()
+        self.cache.run.data(data, progress=True)
+
+    def close(self) -> None:
+        self.cache = None
+
+    def _trial(self):
+        from octft.sweep import trial  # torch and the training stack: only a process that trains here imports them
+
+        if self.cache is None:
+            self.cache = trial.TrialCache()
+            # What this process made so far lives as long as it: out of the collector's sight, the collection after
+            # each trial scans only what trials make (measured: 0.19 s a trial otherwise, most of a probe trial).
+            gc.freeze()
+        return trial
+
+
+class WarmProcessRunner:
+    """The worker's handle on its warm runner process, started on first use (or by `start`, to overlap its imports
+    with the worker's own start). `env`: the process environment (its devices, the stores' passwords)."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.env = env
+        self.log_path = log_path  # the runner's own output between trials (imports, warnings)
+        self.process: subprocess.Popen | None = None
+        self._replies: TextIO | None = None
+
+    def start(self) -> None:
+        if self.process is not None:
+            return
+        read_fd, write_fd = os.pipe()
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "octft.sweep.trial", "--reply-fd", str(write_fd)], stdin=subprocess.PIPE,
+                stdout=log, stderr=subprocess.STDOUT, env=self.env, pass_fds=(write_fd,), text=True)
+        os.close(write_fd)  # the runner holds the only write end: its death reads as end of file here
+        self._replies = os.fdopen(read_fd, "r")
+
+    def run(self, plan: LaunchPlan, number: int) -> TrialOutcome:
+        self.start()
+        try:
+            self.process.stdin.write(json.dumps({"plan": str(plan.path), "trial": number}) + "\n")
+            self.process.stdin.flush()
+            line = self._replies.readline()
+        except BrokenPipeError:
+            line = ""
+        if line:
+            return TrialOutcome.from_json(line)
+        returncode = self.process.wait()
+        self._forget()
+        return TrialOutcome(status="failed", stop_reason=describe_exit(returncode, plan.trial_dir(number) / "trial.log"))
+
+    def close(self, timeout: float = 60) -> None:
+        """Close its input (it exits after its current trial); kill it if it does not."""
+        if self.process is None:
+            return
+        with contextlib.suppress(BrokenPipeError, OSError):
+            self.process.stdin.close()
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._forget()
+
+    def _forget(self) -> None:
+        if self._replies is not None:
+            self._replies.close()
+        if self.process is not None and self.process.stdin is not None:
+            with contextlib.suppress(BrokenPipeError, OSError):
+                self.process.stdin.close()
+        self.process, self._replies = None, None
+
+
+class FreshProcessRunner:
+    """A new runner process for every trial: slower (every trial imports and compiles again), for debugging."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.process_runner = WarmProcessRunner(env, log_path)
+
+    def run(self, plan: LaunchPlan, number: int) -> TrialOutcome:
+        try:
+            return self.process_runner.run(plan, number)
+        finally:
+            self.process_runner.close()
+
+    def close(self) -> None:
+        self.process_runner.close()
+
+
+def make_runner(plan: LaunchPlan, worker_index: int, secrets: dict[str, str] | None = None) -> Runner:
+    """The runner `plan` asks for, for worker `worker_index` (its own devices, its own log); a process runner gets
+    `secrets` (the stores' URLs with their passwords) in its environment."""
+    if plan.launch.runner == "in_process":
+        return InProcessRunner()
+    env = {**runner_environment(plan, worker_index), **(secrets or {})}
+    log_path = Path(plan.study_dir) / f"runner-{worker_index}.log"
+    return WarmProcessRunner(env, log_path) if plan.launch.runner == "warm" else FreshProcessRunner(env, log_path)
+
+
+def runner_environment(plan: LaunchPlan, worker_index: int) -> dict[str, str]:
+    """A runner process's environment: this one's (where the stores' passwords are, if the user gave any), and which
+    devices its trials get (`octft.train.devices.trial_device_env`)."""
+    return dict(os.environ, **trial_device_env(worker_index, plan.launch.devices_per_trial), PYTHONUNBUFFERED="1")
+
+
+def describe_exit(returncode: int, log_path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    """Why a runner process died: its exit code or signal and the last `lines` its trial wrote, redacted."""
+    if returncode < 0:
+        name = signal.Signals(-returncode).name if -returncode in signal.valid_signals() else str(-returncode)
+        hint = " (the out-of-memory killer sends SIGKILL)" if -returncode == signal.SIGKILL else ""
+        head = f"trial process killed by signal {name}{hint}"
+    else:
+        head = f"trial process exited with code {returncode}"
+    tail = log_path.read_text(errors="replace").splitlines()[-lines:] if log_path.is_file() else []
+    return str(redact(head + (":\n" + "\n".join(tail) if tail else "")))[-4000:]
+
+
+__all__ = ["FreshProcessRunner", "InProcessRunner", "Runner", "WarmProcessRunner", "describe_exit", "make_runner"]

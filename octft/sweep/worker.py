@@ -1,0 +1,183 @@
+"""A sweep worker: one loop, the same for every trial of every kind (fine-tune or probe).
+
+    ask (under the study lock, within the budget) -> sample the params -> the trial's overrides (exactly what
+    `octft sweep show` prints) -> a fresh record and MLflow run -> runner.run(plan, number) -> one TrialOutcome
+    -> the record, then Optuna's state, the MLflow run's status and the parent run's best
+
+`octft sweep launch` is worker 0 itself; workers 1.. are `python -m octft.sweep.worker PLAN --worker-index I`. While
+a trial runs, its worker writes the trial's heartbeat to the storage: if the worker dies (killed, host lost), the
+next launch or any live worker marks the trial FAIL and queues one retry (`octft.sweep.study.reap_stale_trials`).
+Runners stay in the worker's process group: kill the group, not the worker alone, or an orphaned runner trains on.
+
+    >>> run_worker(LaunchPlan.read(path), 0, InProcessRunner())                      # doctest: +SKIP
+    8
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+
+import optuna
+from optuna.storages import RDBStorage
+from optuna.trial import TrialState
+
+from octft.config import ConfigError
+from octft.errors import OctftError
+from octft.redaction import redact
+from octft.sweep.plan import LaunchPlan
+from octft.sweep.records import TrialOutcome, TrialRecord, trial_record
+from octft.sweep.runners import Runner, make_runner
+from octft.sweep.space import suggest
+from octft.sweep.storage import open_study_storage
+from octft.sweep.study import next_trial, open_worker_study, reap_stale_trials
+from octft.sweep.tracking import RUN_STATUS_OF, settle_run, start_trial_run, update_parent_best
+from octft.track.mlflow_store import MlflowStore
+
+
+def run_worker(plan: LaunchPlan, worker_index: int, runner: Runner, *, echo: Callable[[str], None] = print) -> int:
+    """Run trials of `plan`'s study on `runner` until the budget is spent or the deadline passes; return how many.
+
+    `worker_index` keeps this worker's sampler seed and devices apart from the launch's other workers'. The runner is
+    closed when the loop ends.
+    """
+    launch = plan.launch
+    try:
+        storage = open_study_storage(plan.storage_url(), heartbeat_interval=launch.heartbeat_interval,
+                                     grace_period=launch.grace_period)
+        study = open_worker_study(plan, storage, worker_index)
+        store = MlflowStore(plan.tracking_url())
+        done = 0
+        while launch.deadline is None or time.time() < launch.deadline:
+            reap_stale_trials(study, storage, store.uri)
+            trial = next_trial(study, storage, launch.n_trials)
+            if trial is None:
+                break
+            with heartbeat(storage, trial._trial_id):
+                record = start_trial(plan, study, storage, trial, worker_index)
+                echo(f"worker {worker_index}: trial {trial.number} starts ({record.run_dir})")
+                try:
+                    outcome = runner.run(plan, trial.number)
+                except KeyboardInterrupt:
+                    finish_trial(plan, study, storage, store, trial, record,
+                                 TrialOutcome(status="failed", stop_reason="interrupted (Ctrl-C)"))
+                    raise
+                state = finish_trial(plan, study, storage, store, trial, record, outcome)
+            done += 1
+            echo(f"worker {worker_index}: trial {trial.number} {describe(state, record, plan.spec().objective.metric)}")
+    finally:
+        runner.close()
+    return done
+
+
+def start_trial(plan: LaunchPlan, study: optuna.Study, storage: RDBStorage, trial: optuna.trial.Trial,
+                worker_index: int) -> TrialRecord:
+    """Sample the trial's params (here, where the sampler sees the whole study), make its MLflow run and write its
+    record; a queued trial's record (a retry, a warm start) passes on only where it came from."""
+    queued = trial_record(storage.get_trial(trial._trial_id))
+    overrides = plan.trial_overrides(suggest(trial, plan.spec().space))
+    run_dir = plan.trial_dir(trial.number)
+    record = TrialRecord(status="running", worker=worker_index, host=socket.gethostname(), run_dir=str(run_dir),
+                         overrides=overrides, replay=plan.replay_command(overrides),
+                         unfreeze_epoch=_unfreeze_epoch(plan, overrides), retry_of=queued.retry_of,
+                         enqueued_from=queued.enqueued_from)
+    record.mlflow_run_id = start_trial_run(plan, trial.number, str(run_dir))
+    record.save(storage, trial._trial_id)
+    return record
+
+
+def finish_trial(plan: LaunchPlan, study: optuna.Study, storage: RDBStorage, store: MlflowStore,
+                 trial: optuna.trial.Trial, record: TrialRecord, outcome: TrialOutcome) -> TrialState:
+    """Record the outcome, tell Optuna COMPLETE, PRUNED or FAIL, make the MLflow run's status match, update the
+    parent run's best. The record is written first: Optuna refuses attrs on a finished trial."""
+    if outcome.succeeded:
+        state = TrialState.COMPLETE
+    elif outcome.status == "pruned":
+        state = TrialState.PRUNED
+    else:
+        state = TrialState.FAIL
+        reason = outcome.stop_reason or "no reason given"
+        if outcome.status != "failed":
+            reason = f"trial ended without a usable outcome ({outcome.status}, best value {outcome.best_value})"
+        log = plan.trial_dir(trial.number) / "trial.log"
+        outcome.status, outcome.stop_reason = "failed", str(redact(reason + (f" (log {log})" if log.is_file() else "")))
+    record.status, record.outcome = outcome.status, outcome
+    record.save(storage, trial._trial_id)
+    study.tell(trial, outcome.best_value if state == TrialState.COMPLETE else None, state=state)
+    if outcome.run_status != RUN_STATUS_OF[state]:  # the runner died, or ended its run otherwise
+        settle_run(store.uri, record.mlflow_run_id, state, outcome.stop_reason)
+    update_parent_best(store, plan.parent_run_id, study, plan.spec().objective.metric)
+    return state
+
+
+def describe(state: TrialState, record: TrialRecord, metric: str) -> str:
+    """How a trial ended, in one line: `COMPLETE val/balanced_accuracy 0.7123 at epoch 5`, `PRUNED (collapse) ...`."""
+    outcome = record.outcome
+    if state == TrialState.COMPLETE:
+        return f"COMPLETE {metric} {outcome.best_value:.4f} at epoch {outcome.best_epoch}"
+    if state == TrialState.PRUNED:
+        return f"PRUNED ({outcome.prune_reason}) at epoch {outcome.prune_epoch}"
+    return f"FAIL: {(outcome.stop_reason or '').splitlines()[0] if outcome.stop_reason else 'no reason'}"
+
+
+@contextlib.contextmanager
+def heartbeat(storage: RDBStorage, trial_id: int) -> Iterator[None]:
+    """Record the trial's heartbeat every `heartbeat_interval` seconds while the block runs."""
+    interval = storage.get_heartbeat_interval()
+    if not interval:
+        yield
+        return
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            try:
+                storage.record_heartbeat(trial_id)
+            except Exception as error:  # a storage hiccup; the grace period covers a few missed beats
+                print(f"heartbeat of trial id {trial_id} failed: {redact(str(error))}", file=sys.stderr, flush=True)
+            if stop.wait(interval):
+                return
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{trial_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _unfreeze_epoch(plan: LaunchPlan, overrides: list[str]) -> int:
+    """From which epoch the trial's encoder trains (0 for a probe); a config that does not load fails in its runner,
+    with the reason."""
+    try:
+        return plan.trial_config(overrides).train.unfreeze_epoch or 0
+    except ConfigError:
+        return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m octft.sweep.worker PLAN --worker-index I`: one more worker of the launch that wrote PLAN."""
+    parser = argparse.ArgumentParser(prog="python -m octft.sweep.worker", description="one worker of a sweep launch")
+    parser.add_argument("plan", help="the launch plan (<study dir>/plans/<hash>.json)")
+    parser.add_argument("--worker-index", type=int, required=True)
+    args = parser.parse_args(argv)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        plan = LaunchPlan.read(args.plan)
+        run_worker(plan, args.worker_index, make_runner(plan, args.worker_index))
+    except OctftError as error:
+        print(f"octft: error: worker {args.worker_index}: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
