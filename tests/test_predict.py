@@ -24,11 +24,12 @@ from octft.data.layout import CLASS_SHORT_NAMES
 from octft.data.preprocess import Preprocessing, preprocess
 from octft.data.readers import read_volume
 from octft.data.synth import synthesize
-from octft.predict import participant_of, predict
-from octft.track.mlflow_tracker import MlflowTracker
+from octft.registry.predict import participant_of, predict
+from octft.track.mlflow_store import MlflowTracker
 from octft.track.pyfunc_model import MODEL_ARTIFACT, output_columns, save_pyfunc_model
 from octft.train.metrics import softmax
-from octft.train.recipe import build_model, train
+from octft.train.recipe import train
+from octft.train.setup import build_model
 from octft.train.runtime import load_state
 
 MODEL_NAME = "octft-predict-test"

@@ -560,7 +560,7 @@ class B2Storage:
         info = self.info(key)
         if info.sha1 is not None:
             return info.sha1
-        path = self.local_path(key)
+        path = self._local_copy(key)
         stamp = _read_stamp(self._stamp_path(key), path)
         return stamp or _file_sha1(path)
 
@@ -601,6 +601,15 @@ class B2Storage:
         return self.cache_dir / _STAMP_DIR / self.bucket_name / (self._name_prefix + key)
 
     def local_path(self, key: str) -> Path:
+        """The verified local copy of `key`, downloaded when absent; in use (never evicted) until `release_download`."""
+        self._kept.hold(key)
+        try:
+            return self._local_copy(key)
+        except BaseException:
+            self._kept.let_go(key)
+            raise
+
+    def _local_copy(self, key: str) -> Path:
         path = self.cache_path(key)
         info = self.info(key)
         if self._cache_entry_ok(key, path, info):
@@ -624,6 +633,7 @@ class B2Storage:
         """Done with `local_path(key)`'s copy: delete it, or with `keep` leave it for next time while
         the kept downloads of this storage fit in `budget_bytes`, evicting the least recently used."""
         path = self.cache_path(key)
+        self._kept.let_go(key)
         if not keep:
             self._forget(key)
             return
@@ -668,13 +678,27 @@ class _KeptDownloads:
 
     Use is recorded as the file's access time, set explicitly (mounts with noatime or relatime do
     not keep it), so the order survives the process; the modification time, which the
-    verification stamp checks, is left alone.
+    verification stamp checks, is left alone. A download handed out and not yet released is in use
+    (`hold`): it is never evicted, even when the folder scan that builds the index finds it.
     """
 
     def __init__(self, root: Path):
         self.root = root
         self._lock = threading.Lock()
         self._files: dict[str, tuple[int, int]] | None = None  # key -> (last use in ns, size)
+        self._in_use: dict[str, int] = {}  # key -> how many holders
+
+    def hold(self, key: str) -> None:
+        with self._lock:
+            self._in_use[key] = self._in_use.get(key, 0) + 1
+
+    def let_go(self, key: str) -> None:
+        with self._lock:
+            left = self._in_use.get(key, 0) - 1
+            if left > 0:
+                self._in_use[key] = left
+            else:
+                self._in_use.pop(key, None)
 
     def _index(self) -> dict[str, tuple[int, int]]:
         if self._files is None:
@@ -714,6 +738,8 @@ class _KeptDownloads:
             for old_key, (_, size) in sorted(files.items(), key=lambda item: item[1][0]):
                 if total <= budget_bytes:
                     break
+                if old_key in self._in_use:  # being read (decoded in another thread or process) right now
+                    continue
                 evicted.append(old_key)
                 total -= size
             for old_key in evicted:

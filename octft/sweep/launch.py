@@ -23,7 +23,7 @@ import optuna
 from optuna.trial import TrialState
 
 from octft.stores import STORAGE_ENV, TRACKING_ENV
-from octft.sweep.plan import LaunchPlan, base_config, resolve_plan
+from octft.sweep.plan import LaunchPlan, RunnerKind, base_config, resolve_plan
 from octft.sweep.runners import InProcessRunner, Runner, WarmProcessRunner, make_runner
 from octft.sweep.storage import DEFAULT_HEARTBEAT_S, open_study_storage, study_lock
 from octft.sweep.study import create_or_load_study, reap_stale_trials
@@ -59,6 +59,7 @@ def launch(
     enqueue_from: str | None = None,
     enqueue_top: int = 3,
     fresh_process_per_trial: bool = False,
+    runner: RunnerKind | None = None,
 ) -> LaunchResult:
     """Create or resume the study of `spec_path` and run its trials until the budget is spent.
 
@@ -66,11 +67,14 @@ def launch(
     the base experiment of every trial (e.g. data.uri=/data/aireadi). `enqueue_from`: an earlier sweep file or
     `models:/NAME@champion` whose params are tried first (`octft.sweep.warmstart`). `devices_per_trial=None`: on a TPU
     host its chips divided among the workers, elsewhere 1. `fresh_process_per_trial`: a new runner for every trial.
+    `runner`: where trials train, when not the study's default (`octft.sweep.plan.resolve_plan`; tests run them
+    in-process).
     """
     storage = storage or os.environ.get(STORAGE_ENV) or None
     plan, spec = resolve_plan(spec_path, storage=storage, overrides=overrides, n_trials=n_trials, workers=workers,
                               devices_per_trial=devices_per_trial, heartbeat_interval=heartbeat_interval,
-                              grace_period=grace_period, fresh_process_per_trial=fresh_process_per_trial)
+                              grace_period=grace_period, fresh_process_per_trial=fresh_process_per_trial,
+                              runner=runner)
     # Worker 0's runner first: a runner process imports torch and MLflow (most of its start) while this one works.
     secrets = {STORAGE_ENV: plan.storage_url(), TRACKING_ENV: plan.tracking_url()}  # for child processes, in memory
     runner = make_runner(plan, 0, secrets)

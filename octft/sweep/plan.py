@@ -76,6 +76,7 @@ class LaunchPlan(_Strict):
     tracking_uri: str  # MLflow's store, password hidden
     parent_run_id: str = ""
     head_from: dict[str, Any] | None = None  # LP-FT: the probe study's best run this study's heads start from
+    probe: bool = False  # no trial ever unfreezes its encoder: every trial is a head on stored features
     launch: LaunchSettings = LaunchSettings()
     _spec: SweepSpec | None = PrivateAttr(None)
     _path: Path | None = PrivateAttr(None)
@@ -108,7 +109,8 @@ class LaunchPlan(_Strict):
         return Path(self.study_dir) / f"trial-{number}"
 
     def is_probe(self) -> bool:
-        return self.launch.runner == "in_process"
+        """Whether no trial ever unfreezes its encoder (every trial a head on stored features)."""
+        return self.probe
 
     # -- the stores, with their passwords from where the user gave them
 
@@ -222,11 +224,13 @@ def resolve_plan(
     heartbeat_interval: int = DEFAULT_HEARTBEAT_S,
     grace_period: int | None = None,
     fresh_process_per_trial: bool = False,
+    runner: RunnerKind | None = None,
 ) -> tuple[LaunchPlan, SweepSpec]:
     """The plan of launching `spec_path` with these settings, and the spec (whose storage keeps its password).
 
-    Nothing is created here: the study and its MLflow parent run are made by the launch, which then fills in
-    `parent_run_id` and `launch.index`.
+    `runner`: where trials train (`octft.sweep.runners`); default: in-process for a probe study, else a warm
+    process per worker (a fresh one per trial with `fresh_process_per_trial`). Nothing is created here: the study
+    and its MLflow parent run are made by the launch, which then fills in `parent_run_id` and `launch.index`.
     """
     if devices_per_trial is None:
         devices_per_trial = default_devices_per_trial(workers)
@@ -261,10 +265,12 @@ def resolve_plan(
         sweep=spec.model_dump(mode="json", exclude_unset=True, exclude={"storage"}),
         base=str(Path(spec.base).resolve()), experiment_overrides=experiment_overrides,
         storage=remember_password(spec.storage), tracking_uri=remember_password(tracking_uri), head_from=head_from,
+        probe=probe,
         launch=LaunchSettings(
             workers=workers, devices_per_trial=devices_per_trial, n_trials=spec.n_trials,
             deadline=time.time() + spec.timeout_s if spec.timeout_s else None, heartbeat_interval=heartbeat_interval,
-            grace_period=grace_period, runner="in_process" if probe else "fresh" if fresh_process_per_trial else "warm",
+            grace_period=grace_period,
+            runner=runner or ("in_process" if probe else "fresh" if fresh_process_per_trial else "warm"),
         ),
     )
     return plan, spec

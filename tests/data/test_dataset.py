@@ -129,7 +129,7 @@ def test_a_run_from_a_uint8_pack_matches_one_from_a_float32_pack_and_converts_on
     from octft.data.layout import CLASS_SHORT_NAMES
     from octft.track import NullTracker
     from octft.train.loop import fit
-    from octft.train.recipe import build_model
+    from octft.train.setup import build_model
     from octft.train.runtime import make_runtime
 
     synthesize(tmp_path / "data", participants=32, seed=0, frames=4, height=32, width=32)

@@ -18,14 +18,16 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/steps.py: a whole batch as one step
+from steps import train_step  # noqa: E402
 
 
 def train_and_evaluate(dtype: str) -> dict:
     from octft.config import load_experiment
     from octft.train.loop import make_optimizer, set_lr
-    from octft.train.recipe import build_model
+    from octft.train.setup import build_model
     from octft.train.runtime import make_runtime
-    from octft.train.step import eval_step, train_step
+    from octft.train.step import eval_step
 
     runtime = make_runtime("xla")
     cfg = load_experiment(REPO / "experiments" / "demo.yaml", [
@@ -41,7 +43,7 @@ def train_and_evaluate(dtype: str) -> dict:
         set_lr(optimizer, 1.0, runtime.device)
         out = train_step(model, device_batch, loss_fn=torch.nn.CrossEntropyLoss(reduction="none"), optimizer=optimizer,
                          accumulation_steps=2, clip_norm=1.0, runtime=runtime)
-        logits = eval_step(model, device_batch, num_classes=4, runtime=runtime)["logits"]
+        logits = eval_step(model, device_batch, runtime=runtime)["logits"]
         figures += [float(runtime.to_host(out["loss_sum"])), *runtime.to_host(logits).ravel().tolist()]
     return {"figures": figures, "dtypes": dtypes, "devices": runtime.num_devices}
 

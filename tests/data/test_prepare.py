@@ -142,49 +142,32 @@ def test_a_run_trains_from_a_bucket_to_a_finished_mlflow_run(bucket, tmp_path):
     assert raw_files(tmp_path / "downloads") == []
 
 
-def test_a_sweep_trial_trains_from_a_bucket(bucket, tmp_path, monkeypatch):
-    """One trial of the demo sweep, run by `run_trial` as a warm trial runner runs it, but in this process:
-    a runner subprocess could not reach this process's simulated bucket (a real bucket it reaches with
-    the key in its environment)."""
-    import optuna
-    from mlflow.tracking import MlflowClient
+def test_a_sweep_trial_trains_from_a_bucket(bucket, tmp_path):
+    """One trial of the demo sweep through the whole launch, its runner in this process: a runner process could not
+    reach this process's simulated bucket (a real bucket it reaches with the key in its environment)."""
+    from optuna.trial import TrialState
 
-    from octft.sweep.space import suggest
-    from octft.sweep.spec import STORAGE_ENV
-    from octft.sweep.study import (
-        LaunchRecord, create_or_load_study, load_launch_spec, open_storage, sweep_tracking_uri,
-    )
-    from octft.sweep.trial import _WarmState, run_trial
-    from octft.sweep.workers import settle_run, tell_outcome, trial_request
+    from octft.sweep.launch import launch
+    from octft.sweep.records import trial_record
+    from octft.sweep.storage import open_existing_study
+    from octft.track.mlflow_store import MlflowStore
 
-    overrides = [f"storage=sqlite:///{tmp_path / 'optuna.db'}", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-                 "study_name=from-b2", "fixed.train.epochs=2", "space.train.unfreeze_epoch.high=1",  # below the epochs
+    storage, tracking_uri = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overrides = [f"mlflow.tracking_uri={tracking_uri}", "study_name=from-b2", "fixed.train.epochs=2",
+                 "space.train.unfreeze_epoch.high=1",  # below the epochs
                  f"data.uri={URI}", f"data.cache_dir={tmp_path / 'cache'}",
                  f"data.download.dir={tmp_path / 'downloads'}", "data.download.workers=1", *SMALL,
                  "runtime.kind=cpu", f"output_dir={tmp_path / 'runs'}"]
-    spec, sweep_overrides, experiment_overrides = load_launch_spec(DEMO_SWEEP, overrides)
-    tracking_uri = sweep_tracking_uri(spec)
-    storage = open_storage(spec.storage, heartbeat_interval=None)
-    study, _ = create_or_load_study(spec, storage, spec_path=DEMO_SWEEP, sweep_overrides=sweep_overrides,
-                                    experiment_overrides=experiment_overrides, tracking_uri=tracking_uri)
-    monkeypatch.setenv(STORAGE_ENV, spec.storage)  # where a runner finds the study, as a worker tells it
-    record = LaunchRecord(
-        spec_path=str(DEMO_SWEEP), spec=spec.model_dump(mode="json", exclude_unset=True, exclude={"storage"}),
-        experiment_overrides=list(experiment_overrides), tracking_uri=tracking_uri,
-        parent_run_id=str(study.user_attrs["mlflow_parent_run_id"]), study_dir=str(tmp_path / "study"),
-    )
-    trial = study.ask()
-    params = suggest(trial, spec.space)
-    request = trial_request(record, spec, trial, params)
-    outcome = run_trial(request, _WarmState())
-    state, _ = tell_outcome(study, trial, outcome, Path(request.run_dir) / "trial.log", spec.objective.metric)
-    settle_run(tracking_uri, outcome.mlflow_run_id, state, None)
+    result = launch(DEMO_SWEEP, n_trials=1, storage=storage, overrides=overrides, runner="in_process")
 
-    assert state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED), outcome.stop_reason
-    assert outcome.epochs_run >= 1
-    run = MlflowClient(tracking_uri).get_run(outcome.mlflow_run_id)
-    assert run.info.status == "FINISHED"
-    assert run.data.tags["octft.cache_failed"] == "0"
+    assert result.worker_exit_codes == [0]
+    (trial,) = open_existing_study("from-b2", storage).trials
+    record = trial_record(trial)
+    assert trial.state in (TrialState.COMPLETE, TrialState.PRUNED), record.fail_reason
+    assert record.outcome.epochs_run >= 1
+    run = MlflowStore(tracking_uri).run(record.mlflow_run_id)
+    assert run.status == ("FINISHED" if trial.state == TrialState.COMPLETE else "KILLED")
+    assert run.tags["octft.cache_failed"] == "0"
 
 
 # ------------------------------------------------------------------------------------------ bounded disk

@@ -18,7 +18,7 @@ from octft.features.store import FeatureKey, FeatureStore
 from octft.track import NullTracker
 from octft.train.loop import fit
 from octft.train.losses import balanced_class_weights
-from octft.train.recipe import build_model
+from octft.train.setup import build_model
 from octft.train.runtime import load_state, make_runtime
 
 REPO = Path(__file__).resolve().parents[2]
@@ -155,13 +155,12 @@ def test_only_the_last_epoch_on_features_writes_last_pt_and_their_best(small, tm
         saved = load_state(tmp_path / "stored" / "checkpoint" / "best.pt")["model"]
         for name, value in stored.models[best_frozen].items():
             torch.testing.assert_close(saved[name], value, rtol=0, atol=0)
-    assert (tmp_path / "stored" / "best" / "confusion_matrix.png").is_file()
 
 
 def test_a_probe_run_writes_its_best_head_and_last_pt_once_at_the_end(small, tmp_path):
     cfg, train_set, val_set, _ = small
     result, record, _ = run(cfg, train_set, val_set, tmp_path / "probe", features_root=tmp_path / "f",
-                            unfreeze_epoch=None, confusion_figure=False)
+                            unfreeze_epoch=None)
     assert record.last_written == [False, False, False] and record.best_written == [None, None, None]
     last = load_state(tmp_path / "probe" / "last.pt")
     assert '"status": "completed"' in last["loop_state"]
@@ -170,4 +169,3 @@ def test_a_probe_run_writes_its_best_head_and_last_pt_once_at_the_end(small, tmp
     for name, value in record.models[result.best_epoch].items():  # the best epoch's head, not the last one's
         torch.testing.assert_close(best["model"][name], value, rtol=0, atol=0)
     assert (tmp_path / "probe" / "best" / "val_predictions.csv").is_file()
-    assert not (tmp_path / "probe" / "best" / "confusion_matrix.png").exists()

@@ -251,7 +251,7 @@ def test_cli_checkpoint_inspect_reports_fit_and_misfit(tmp_path, capsys):
 
     from octft.cli import main
     from octft.config import load_experiment
-    from octft.train.recipe import build_model
+    from octft.train.setup import build_model
 
     root = Path(__file__).resolve().parents[2]
     overrides = ["data.preprocess.frames=4", "data.preprocess.height=32", "data.preprocess.width=32"]

@@ -8,7 +8,7 @@ import pytest
 
 from octft.data.storage import AccessDeniedError, Retry, authorize_b2
 from octft.redaction import normalise_url, redact_text, redact_url
-from octft.track import check_not_shared
+from octft.stores import check_not_shared
 
 from .conftest import REPO, one_error_line
 from .echo_server import echo_401_server

@@ -13,7 +13,7 @@ from optuna.trial import TrialState
 from octft.sweep.spec import load_sweep
 from octft.sweep.study import create_or_load_study, open_storage
 from octft.sweep.tracking import NOTE_TAG, update_parent_note
-from octft.track.mlflow_tracker import MlflowTracker
+from octft.track.mlflow_store import MlflowTracker
 
 
 def _spec(root):

@@ -20,7 +20,8 @@ from octft.sweep.study import launch, open_storage, resolved_head_from
 from octft.sweep.spec import load_sweep
 from octft.track import NullTracker
 from octft.train.head_from import HeadFromError, load_head
-from octft.train.recipe import build_model, train
+from octft.train.recipe import train
+from octft.train.setup import build_model
 from octft.train.runtime import load_state
 
 REPO = Path(__file__).resolve().parents[2]
@@ -137,7 +138,7 @@ def test_lpft_launch_resolves_the_best_probe_once_and_replays_the_same_head(prob
 
 def test_a_probe_trial_goes_through_the_same_promotion(probe):
     from octft.errors import OctftError
-    from octft.sweep.promote import promote, unpromotable_reason
+    from octft.registry.promote import promote, unpromotable_reason
 
     spec_path, storage, tracking, _, study, _, _ = probe
     spec = load_sweep(spec_path, ["promote.min_class_f1=0.0"])

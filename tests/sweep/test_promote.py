@@ -23,7 +23,7 @@ from octft.config import load_experiment, save_resolved
 from octft.data.layout import CLASS_SHORT_NAMES
 from octft.data.synth import synthesize
 from octft.sweep.pruners import record_epoch
-from octft.sweep.promote import (
+from octft.registry.promote import (
     TEST_METRICS_ATTR,
     participant_test_scores,
     promote,
@@ -31,9 +31,9 @@ from octft.sweep.promote import (
     evaluations_on_test,
     unpromotable_reason,
 )
-from octft.sweep.report import render_report
+from octft.report.study import render_report
 from octft.sweep.spec import load_sweep
-from octft.track.mlflow_tracker import MlflowTracker
+from octft.track.mlflow_store import MlflowTracker
 from octft.train.recipe import train
 from octft.train.metrics import softmax
 

@@ -20,9 +20,9 @@ from octft.config import ConfigError, load_experiment, save_resolved
 from octft.data.layout import CLASS_SHORT_NAMES
 from octft.sweep.pruners import record_epoch
 from octft.errors import UsageError
-from octft.sweep.report import FIGURES, load_definition, render_report
+from octft.report.study import FIGURES, load_definition, render_report
 from octft.sweep.spec import load_sweep
-from octft.track.mlflow_tracker import MlflowTracker
+from octft.track.mlflow_store import MlflowTracker
 from octft.train.loop import write_best_artifacts
 
 DISTRIBUTIONS = {

@@ -314,7 +314,7 @@ def journal_mode(path: Path) -> str:
 def test_sqlite_stores_opened_by_octft_commit_to_a_write_ahead_log(tmp_path):
     """Every later SQLite connection of the process, Optuna's and MLflow's, in WAL mode with synchronous=NORMAL;
     the mode stays with the file, so other processes (the MLflow UI, a plain Optuna script) read it as usual."""
-    from octft.track import MlflowTracker
+    from octft.track.mlflow_store import MlflowTracker
 
     storage = open_storage(f"sqlite:///{tmp_path / 'optuna.db'}", heartbeat_interval=None)
     optuna.create_study(storage=storage, study_name="s").optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)

@@ -19,8 +19,8 @@ from mlflow.tracking import MlflowClient
 
 from octft.cli import main
 from octft.sweep.spec import load_sweep
-from octft.sweep.ui import StudyPages, study_pages, ui_command
-from octft.track.mlflow_tracker import MlflowTracker
+from octft.report.ui import StudyPages, study_pages, ui_command
+from octft.track.mlflow_store import MlflowTracker
 
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",

@@ -13,7 +13,7 @@ from optuna.trial import TrialState, create_trial
 from octft.config import load_experiment
 from octft.sweep.spec import load_sweep
 from octft.sweep.warmstart import ENQUEUED_ATTR, WarmStartError, warm_start
-from octft.track import MlflowTracker
+from octft.track.mlflow_store import MlflowTracker
 
 REPO = Path(__file__).resolve().parents[2]
 SPACE = {

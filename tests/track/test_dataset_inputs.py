@@ -7,8 +7,9 @@ import json
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from octft.track.mlflow_tracker import MlflowTracker
-from octft.train.recipe import data_manifest_hash, log_data_inputs
+from octft.track.mlflow_store import MlflowTracker
+from octft.train.recipe import log_data_inputs
+from octft.train.setup import data_manifest_hash
 
 
 def _volumes(labels: dict[str, tuple[int, str]]) -> pd.DataFrame:

@@ -11,17 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from octft.track import (
-    END_REASON_TAG,
-    MAX_PARAM_VALUE_LENGTH,
-    TRUNCATION_MARKER,
-    MlflowTracker,
-    NullTracker,
-    Tracker,
-    check_not_shared,
-    redact,
-    resolve_tracking_uri,
-)
+from octft.redaction import redact
+from octft.stores import check_not_shared, resolve_tracking_uri
+from octft.track import NullTracker, Tracker
+from octft.track.mlflow_store import END_REASON_TAG, MAX_PARAM_VALUE_LENGTH, TRUNCATION_MARKER, MlflowStore, MlflowTracker
 
 SECRET = "Zq8sEcReT-v4lue"
 
@@ -299,12 +292,12 @@ def test_register_model_once_per_run_and_alias_resolves(store, tmp_path, monkeyp
     checkpoint = tmp_path / "best.pt"
     checkpoint.write_bytes(b"weights-of-trial-1")
     trial = make_tracker(store, "trial-best")
-    artifact_path = trial.log_model_checkpoint(checkpoint)
+    trial.log_artifact(checkpoint, "checkpoint")
     trial.finish("FINISHED")
 
-    study = make_tracker(store, "study-registry")
-    first = study.register_model(trial.run_id, artifact_path, "octft-dm4", alias="champion", tags={"val.f1": "0.71"})
-    again = study.register_model(trial.run_id, artifact_path, "octft-dm4", alias="champion")
+    registry = MlflowStore(store["uri"])
+    first = registry.register(trial.run_id, "checkpoint", "octft-dm4", alias="champion", tags={"val.f1": "0.71"})
+    again = registry.register(trial.run_id, "checkpoint", "octft-dm4", alias="champion")
     assert first == again == "1"
 
     client = store["client"]
@@ -321,12 +314,12 @@ def test_register_model_once_per_run_and_alias_resolves(store, tmp_path, monkeyp
     # A better trial later: a new version, and the alias moves to it.
     checkpoint.write_bytes(b"weights-of-trial-2")
     better = make_tracker(store, "trial-better")
-    better.log_model_checkpoint(checkpoint)
-    assert study.register_model(better.run_id, "checkpoint", "octft-dm4") == "2"
+    better.log_artifact(checkpoint, "checkpoint")
+    assert registry.register(better.run_id, "checkpoint", "octft-dm4") == "2"
     assert str(client.get_model_version_by_alias("octft-dm4", "champion").version) == "2"
 
-    with pytest.raises(FileNotFoundError, match="no artifact 'weights'.*log_model_checkpoint"):
-        study.register_model(trial.run_id, "weights", "octft-dm4")
+    with pytest.raises(FileNotFoundError, match="no artifact 'weights'.*log it before registering"):
+        registry.register(trial.run_id, "weights", "octft-dm4")
 
 
 def test_both_trackers_fit_the_seam(store):

@@ -7,8 +7,8 @@ import time
 
 from mlflow.tracking import MlflowClient
 
-from octft.track.mlflow_tracker import MlflowTracker
-from octft.track.system_metrics import start_system_metrics, tpu_monitor
+from octft.track.mlflow_store import MlflowTracker
+from octft.track.mlflow_store import start_system_metrics, tpu_monitor
 
 
 def test_a_run_logs_cpu_and_memory_until_it_finishes(tmp_path):

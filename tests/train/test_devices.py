@@ -118,7 +118,7 @@ def test_compile_cache_is_on_for_tpu_only():
 
 def test_devices_module_imports_without_torch():
     script = (
-        "import json, sys; import octft.train.devices, octft.sweep.workers; "
+        "import json, sys; import octft.train.devices, octft.sweep.worker; "
         "print(json.dumps(sorted(m for m in ('torch', 'torch_xla') if m in sys.modules)))"
     )
     found = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,

@@ -25,9 +25,9 @@ from octft.data.audit import audit_dataset
 from octft.data.dataset import prepare_volumes
 from octft.data.layout import CLASS_SHORT_NAMES
 from octft.data.synth import synthesize
-from octft.train.loop import TrainingError, fit
+from octft.train.loop import TrainingError, ended_state, fit
 from octft.train.losses import balanced_class_weights
-from octft.train.recipe import build_model
+from octft.train.setup import build_model
 from octft.train.runtime import load_state, make_runtime
 from octft.track import NullTracker
 
@@ -213,10 +213,8 @@ def test_resume_of_an_ended_run_reports_its_outcome_and_trains_nothing(small_dat
     assert "already ended (early_stopped" in capsys.readouterr().out
     assert ((tmp_path / "run" / "last.pt").stat().st_mtime_ns,
             (tmp_path / "run" / "checkpoint" / "best.pt").stat().st_mtime_ns) == modified
-    from octft.train.recipe import ended_run
-
-    assert ended_run(tmp_path / "run").status == "early_stopped"
-    assert ended_run(tmp_path / "nothing-here") is None
+    assert ended_state(tmp_path / "run").status == "early_stopped"
+    assert ended_state(tmp_path / "nothing-here") is None
 
 
 # ---------------------------------------------------------------------------------------------- subprocesses

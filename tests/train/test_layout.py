@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from octft.data.synth import synthesize
-from octft.train.loop import padded_batches, place_rows
+from octft.data.batches import padded_batches, place_rows
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "experiments" / "demo.yaml"

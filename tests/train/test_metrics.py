@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import doctest
 import math
-import os
 import warnings
 
 import numpy as np
@@ -21,13 +20,12 @@ from sklearn.metrics import confusion_matrix as sklearn_confusion_matrix
 
 from octft.data.layout import CLASS_SHORT_NAMES
 from octft.train import metrics
+from octft.train.figures import confusion_matrix_figure
 from octft.train.metrics import (
     aggregate_by_participant,
     bootstrap_ci,
     classification_metrics,
     confusion_matrix,
-    confusion_matrix_figure,
-    confusion_update,
     is_collapsed,
     softmax,
 )
@@ -45,24 +43,6 @@ def _predictions(seed: int, n: int = 120, never_predicted: int | None = None, ab
     choices = [c for c in LABELS if c != absent_target]
     targets = rng.choice(choices, size=n)
     return logits, targets
-
-
-def _device_confusion(logits: np.ndarray, targets: np.ndarray, batch_size: int, device="cpu") -> torch.Tensor:
-    """Run confusion_update over fixed-shape batches, padding the last one with rows that must not count."""
-    confusion = torch.zeros(len(NAMES), len(NAMES), device=device)
-    for start in range(0, len(targets), batch_size):
-        batch_logits = torch.from_numpy(logits[start : start + batch_size])
-        batch_targets = torch.from_numpy(targets[start : start + batch_size]).long()
-        real = len(batch_targets)
-        pad = batch_size - real
-        # Padding that would be counted as "insulin predicted healthy" if the weights were ignored.
-        padded_logits = torch.cat([batch_logits, torch.tensor([[9.0, 0.0, 0.0, 0.0]]).repeat(pad, 1)])
-        padded_targets = torch.cat([batch_targets, torch.full((pad,), 3)])
-        weights = torch.cat([torch.ones(real), torch.zeros(pad)])
-        confusion = confusion_update(
-            confusion, padded_logits.to(device), padded_targets.to(device), weights.to(device)
-        )
-    return confusion
 
 
 def _sklearn_scores(targets: np.ndarray, predictions: np.ndarray) -> dict[str, float]:
@@ -92,24 +72,6 @@ def test_docstring_examples_hold():
     assert doctest.testmod(metrics).failed == 0
 
 
-def test_confusion_update_equals_sklearn_and_ignores_padding():
-    logits, targets = _predictions(seed=0, n=50)
-    confusion = _device_confusion(logits, targets, batch_size=16)  # 50 = 3 full batches + 2 real rows
-    expected = sklearn_confusion_matrix(targets, logits.argmax(axis=1), labels=LABELS)
-    np.testing.assert_array_equal(confusion.numpy(), expected)
-    assert confusion.sum().item() == 50
-
-
-def test_confusion_update_rejects_an_integer_or_misshapen_confusion():
-    logits, targets, weights = torch.zeros(2, 4), torch.zeros(2, dtype=torch.long), torch.ones(2)
-    with pytest.raises(ValueError, match="floating-point"):
-        confusion_update(torch.zeros(4, 4, dtype=torch.long), logits, targets, weights)
-    with pytest.raises(ValueError, match=r"\(4, 4\)"):
-        confusion_update(torch.zeros(3, 3), logits, targets, weights)
-    with pytest.raises(ValueError, match="weights"):
-        confusion_update(torch.zeros(4, 4), logits, targets, torch.ones(3))
-
-
 def test_host_confusion_matrix_equals_sklearn_and_rejects_unknown_classes():
     logits, targets = _predictions(seed=1)
     predictions = logits.argmax(axis=1)
@@ -125,7 +87,7 @@ def test_metrics_equal_sklearn_with_a_class_never_predicted():
     predictions = logits.argmax(axis=1)
     assert 2 not in predictions and 2 in targets
     probs = softmax(logits)
-    confusion = _device_confusion(logits, targets, batch_size=32).numpy()
+    confusion = confusion_matrix(targets, predictions, len(NAMES))
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every class is a target: nothing to warn about
@@ -301,22 +263,3 @@ def test_bootstrap_ci_passes_resampled_probs_and_counts_undefined_resamples():
         warnings.simplefilter("error")
         stratified = bootstrap_ci(y_true, y_pred, probs, auc, n_resamples=200, stratify=True)
     assert stratified.resamples == 200 and stratified.low <= stratified.high
-
-
-@pytest.mark.integration
-def test_confusion_update_on_xla_equals_cpu_without_aten_fallback():
-    os.environ.setdefault("PJRT_DEVICE", "CPU")
-    os.environ.setdefault("CPU_NUM_DEVICES", "4")
-    torch_xla = pytest.importorskip("torch_xla")
-    import torch_xla.debug.metrics as xla_metrics
-
-    logits, targets = _predictions(seed=8, n=50)
-    cpu_confusion = _device_confusion(logits, targets, batch_size=16)
-    xla_metrics.clear_all()
-    xla_confusion = _device_confusion(logits, targets, batch_size=16, device=torch_xla.device())
-    torch_xla.sync()
-    fallbacks = xla_metrics.executed_fallback_ops()
-    aten_counters = [name for name in xla_metrics.counter_names() if name.startswith("aten::")]
-
-    np.testing.assert_array_equal(xla_confusion.cpu().numpy(), cpu_confusion.numpy())
-    assert fallbacks == [] and aten_counters == []

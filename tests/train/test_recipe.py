@@ -20,7 +20,7 @@ from octft.cli import EXIT_USAGE, main
 from octft.data.layout import CLASS_SHORT_NAMES
 from octft.data.synth import synthesize
 from octft.models import build_encoder
-from octft.track import END_REASON_TAG
+from octft.track.mlflow_store import END_REASON_TAG
 from octft.train.runtime import load_state
 
 REPO = Path(__file__).resolve().parents[2]
