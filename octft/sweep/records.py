@@ -89,6 +89,7 @@ class TrialRecord:
     overrides: list[str] = field(default_factory=list)
     replay: str | None = None
     mlflow_run_id: str | None = None
+    runner_pid: int | None = None  # the process that trains it (the worker's own, for an in-process runner)
     unfreeze_epoch: int = 0  # from which epoch the encoder trains: stop rules count from it (0 for a probe)
     retry_of: int | None = None  # the trial whose dead attempt this one replaces
     enqueued_from: str | None = None  # the warm-start source of its params

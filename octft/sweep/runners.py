@@ -41,6 +41,10 @@ LOG_TAIL_LINES = 20
 class Runner(Protocol):
     """Trains trials of a plan, one at a time."""
 
+    @property
+    def pid(self) -> int:
+        """The process its next trial trains in (a process runner starts it now if it has none)."""
+
     def run(self, plan: LaunchPlan, number: int) -> TrialOutcome:
         """Train trial `number` of `plan`'s study; never raises for a bad trial (its outcome says `failed`)."""
 
@@ -53,6 +57,10 @@ class InProcessRunner:
 
     def __init__(self) -> None:
         self.cache = None
+
+    @property
+    def pid(self) -> int:
+        return os.getpid()
 
     def run(self, plan: LaunchPlan, number: int) -> TrialOutcome:
         return self._trial().run_trial(plan, number, self.cache)
@@ -85,6 +93,11 @@ class WarmProcessRunner:
         self.log_path = log_path  # the runner's own output between trials (imports, warnings)
         self.process: subprocess.Popen | None = None
         self._replies: TextIO | None = None
+
+    @property
+    def pid(self) -> int:
+        self.start()
+        return self.process.pid
 
     def start(self) -> None:
         if self.process is not None:
@@ -139,6 +152,10 @@ class FreshProcessRunner:
 
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
         self.process_runner = WarmProcessRunner(env, log_path)
+
+    @property
+    def pid(self) -> int:
+        return self.process_runner.pid
 
     def run(self, plan: LaunchPlan, number: int) -> TrialOutcome:
         try:

@@ -21,6 +21,7 @@ import socket
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 
 import optuna
@@ -59,7 +60,7 @@ def run_worker(plan: LaunchPlan, worker_index: int, runner: Runner, *, echo: Cal
             if trial is None:
                 break
             with heartbeat(storage, trial._trial_id):
-                record = start_trial(plan, study, storage, trial, worker_index)
+                record = start_trial(plan, study, storage, trial, worker_index, runner_pid=runner.pid)
                 echo(f"worker {worker_index}: trial {trial.number} starts ({record.run_dir})")
                 try:
                     outcome = runner.run(plan, trial.number)
@@ -76,14 +77,14 @@ def run_worker(plan: LaunchPlan, worker_index: int, runner: Runner, *, echo: Cal
 
 
 def start_trial(plan: LaunchPlan, study: optuna.Study, storage: RDBStorage, trial: optuna.trial.Trial,
-                worker_index: int) -> TrialRecord:
+                worker_index: int, *, runner_pid: int | None = None) -> TrialRecord:
     """Sample the trial's params (here, where the sampler sees the whole study), make its MLflow run and write its
     record; a queued trial's record (a retry, a warm start) passes on only where it came from."""
     queued = trial_record(storage.get_trial(trial._trial_id))
     overrides = plan.trial_overrides(suggest(trial, plan.spec().space))
     run_dir = plan.trial_dir(trial.number)
     record = TrialRecord(status="running", worker=worker_index, host=socket.gethostname(), run_dir=str(run_dir),
-                         overrides=overrides, replay=plan.replay_command(overrides),
+                         overrides=overrides, replay=plan.replay_command(overrides), runner_pid=runner_pid,
                          unfreeze_epoch=_unfreeze_epoch(plan, overrides), retry_of=queued.retry_of,
                          enqueued_from=queued.enqueued_from)
     record.mlflow_run_id = start_trial_run(plan, trial.number, str(run_dir))
@@ -108,7 +109,10 @@ def finish_trial(plan: LaunchPlan, study: optuna.Study, storage: RDBStorage, sto
         outcome.status, outcome.stop_reason = "failed", str(redact(reason + (f" (log {log})" if log.is_file() else "")))
     record.status, record.outcome = outcome.status, outcome
     record.save(storage, trial._trial_id)
-    study.tell(trial, outcome.best_value if state == TrialState.COMPLETE else None, state=state)
+    with warnings.catch_warnings():
+        # Optuna warns that heartbeats are meant for Study.optimize; this loop beats for its trials itself.
+        warnings.filterwarnings("ignore", message="Heartbeat of storage")
+        study.tell(trial, outcome.best_value if state == TrialState.COMPLETE else None, state=state)
     if outcome.run_status != RUN_STATUS_OF[state]:  # the runner died, or ended its run otherwise
         settle_run(store.uri, record.mlflow_run_id, state, outcome.stop_reason)
     update_parent_best(store, plan.parent_run_id, study, plan.spec().objective.metric)

@@ -7,22 +7,30 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import os
+import subprocess
+import sys
+
 import optuna
 import pytest
 import torch
 import yaml
-from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from octft.config import load_experiment
 from octft.data.layout import CLASS_SHORT_NAMES
-from octft.sweep.study import launch, open_storage, resolved_head_from
+from octft.registry.promote import promote, unpromotable_reason
+from octft.errors import OctftError
+from octft.sweep.launch import launch
+from octft.sweep.plan import resolve_plan
+from octft.sweep.records import HEAD_FROM_ATTR, TRIAL_ATTR, TrialRecord, trial_record
 from octft.sweep.spec import load_sweep
 from octft.track import NullTracker
+from octft.track.mlflow_store import MlflowStore
 from octft.train.head_from import HeadFromError, load_head
-from octft.train.recipe import train
-from octft.train.setup import build_model
+from octft.train.recipe import head_state, train
 from octft.train.runtime import load_state
+from octft.train.setup import build_model
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -56,30 +64,33 @@ def test_probe_trials_run_in_process_each_with_its_own_child_run(probe):
     trials = study.get_trials()
     assert len(trials) == 6 and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
     assert {t.params["model.head"] for t in trials} <= {"linear", "mlp"}
-    client = MlflowClient(tracking)
+    store = MlflowStore(tracking)
     for trial in trials:
-        run = client.get_run(trial.user_attrs["mlflow_run_id"])
-        assert run.data.tags["mlflow.parentRunId"] == result.parent_run_id
-        assert run.data.tags["octft.kind"] == "probe"
-        assert run.info.status == ("FINISHED" if trial.state == TrialState.COMPLETE else "KILLED")
-        history = client.get_metric_history(run.info.run_id, "val/balanced_accuracy")
-        assert sorted(m.step for m in history) == list(range(trial.user_attrs["epochs_run"]))  # every epoch logged
-        assert all(m.value == 0.0 for m in client.get_metric_history(run.info.run_id, "train/encoder_trainable"))
-        assert [m.value for m in client.get_metric_history(run.info.run_id, "features/built")] == [
-            1.0 if trial.number == 0 else 0.0]
-        assert not (Path(trial.user_attrs["run_dir"]) / "trial.log").exists()  # no trial process
-    # One store entry for the whole study.
+        record = trial_record(trial)
+        run = store.run(record.mlflow_run_id)
+        assert run.tags["mlflow.parentRunId"] == result.parent_run_id and run.tags["octft.kind"] == "probe"
+        assert run.status == ("FINISHED" if trial.state == TrialState.COMPLETE else "KILLED")
+        history = store.metric_history(record.mlflow_run_id, "val/balanced_accuracy")
+        assert [step for step, _ in history] == list(range(record.outcome.epochs_run))  # every epoch logged
+        assert all(value == 0.0 for _, value in store.metric_history(record.mlflow_run_id, "train/encoder_trainable"))
+        assert record.runner_pid == os.getpid()  # in the launch's own process
+        assert not (Path(record.run_dir) / "trial.log").exists()  # no runner process
+        # A head on stored features: no confusion-matrix image, whose drawing cost a fifth of a probe trial.
+        assert not (Path(record.run_dir) / "best" / "confusion_matrix.png").exists()
+    # One store entry for the whole study, built by its first trial's runner.
     assert len([p for p in (out / "features").iterdir() if not p.name.startswith(".")]) == 1
+    reused = [store.metric_history(trial_record(t).mlflow_run_id, "features/reused")[0][1] for t in trials]
+    assert reused[1:] == [1.0] * 5
 
 
 def test_a_probe_trial_replays_exactly_with_octft_train(probe, tmp_path):
     _, _, _, overrides, study, _, _ = probe
-    best = study.best_trial
-    cfg = load_experiment(REPO / "experiments" / "demo.yaml", [*best.user_attrs["overrides"], *overrides])
+    best = trial_record(study.best_trial)
+    cfg = load_experiment(REPO / "experiments" / "demo.yaml", best.overrides)
     replayed = train(cfg, run_dir=tmp_path / "replay", tracker=NullTracker(), progress=False)
-    assert replayed.best_value == pytest.approx(best.value, abs=1e-9)
-    assert replayed.best_epoch == best.user_attrs["best_epoch"]
-    probe_head = load_state(Path(best.user_attrs["run_dir"]) / "checkpoint" / "best.pt")["model"]
+    assert replayed.best_value == pytest.approx(study.best_value, abs=1e-9)
+    assert replayed.best_epoch == best.outcome.best_epoch
+    probe_head = load_state(Path(best.run_dir) / "checkpoint" / "best.pt")["model"]
     replay_head = load_state(tmp_path / "replay" / "checkpoint" / "best.pt")["model"]
     for name, value in probe_head.items():
         torch.testing.assert_close(replay_head[name], value, rtol=1e-5, atol=1e-6)
@@ -87,20 +98,20 @@ def test_a_probe_trial_replays_exactly_with_octft_train(probe, tmp_path):
 
 def test_head_from_loads_the_probe_head_and_refuses_a_different_head(probe):
     _, _, tracking, overrides, study, _, _ = probe
-    best = study.best_trial
-    cfg = load_experiment(REPO / "experiments" / "demo.yaml", [*best.user_attrs["overrides"], *overrides])
+    best = trial_record(study.best_trial)
+    cfg = load_experiment(REPO / "experiments" / "demo.yaml", best.overrides)
     model = build_model(cfg, len(CLASS_SHORT_NAMES))[0]
-    assert load_head(model, f"runs:/{best.user_attrs['mlflow_run_id']}", tracking) == best.user_attrs["mlflow_run_id"]
-    saved = load_state(Path(best.user_attrs["run_dir"]) / "checkpoint" / "best.pt")["model"]
+    uri = f"runs:/{best.mlflow_run_id}"
+    load_head(model, head_state(uri, MlflowStore(tracking)), uri)
+    saved = load_state(Path(best.run_dir) / "checkpoint" / "best.pt")["model"]
     for name, value in model.head.state_dict().items():
         assert torch.equal(value, saved[f"head.{name}"])
     other = "linear" if cfg.model.head == "mlp" else "mlp"
     wrong = build_model(load_experiment(REPO / "experiments" / "demo.yaml", [*overrides, f"model.head={other}"]), 4)[0]
     with pytest.raises(HeadFromError, match="does not fit"):
-        load_head(wrong, f"runs:/{best.user_attrs['mlflow_run_id']}", tracking)
+        load_head(wrong, head_state(uri, MlflowStore(tracking)), uri)
 
 
-@pytest.mark.integration  # a worker and a trial process
 def test_lpft_launch_resolves_the_best_probe_once_and_replays_the_same_head(probe, tmp_path):
     spec_path, storage, tracking, overrides, study, _, out = probe
     tree = yaml.safe_load((REPO / "sweeps" / "demo_lpft.yaml").read_text())
@@ -111,58 +122,48 @@ def test_lpft_launch_resolves_the_best_probe_once_and_replays_the_same_head(prob
     lpft = tmp_path / "sweeps" / "lpft.yaml"
     lpft.parent.mkdir()
     lpft.write_text(yaml.safe_dump(tree))
-    best = study.best_trial
-    expected = f"runs:/{best.user_attrs['mlflow_run_id']}"
+    best = trial_record(study.best_trial)
+    expected = f"runs:/{best.mlflow_run_id}"
 
-    launch(lpft, storage=storage, overrides=overrides, workers=1)
+    launch(lpft, storage=storage, overrides=overrides, runner="in_process")
     lpft_study = optuna.load_study(study_name="lpft-test", storage=storage)
-    recorded = lpft_study.user_attrs["head_from"]
-    assert recorded["run"] == expected and recorded["head"]["model.head"] == best.params["model.head"]
-    trial = lpft_study.trials[0]
-    assert trial.state == TrialState.COMPLETE, trial.user_attrs.get("fail_reason")
-    assert f"init.head_from={expected}" in trial.user_attrs["replay"]
-    assert f"model.head={best.params['model.head']}" in trial.user_attrs["replay"]
-    run = MlflowClient(tracking).get_run(trial.user_attrs["mlflow_run_id"])
-    assert run.data.tags["octft.head_from"] == best.user_attrs["mlflow_run_id"]
+    recorded = lpft_study.user_attrs[HEAD_FROM_ATTR]
+    assert recorded["run"] == expected and recorded["head"]["model.head"] == study.best_trial.params["model.head"]
+    (trial,) = lpft_study.trials
+    record = trial_record(trial)
+    assert trial.state == TrialState.COMPLETE, record.fail_reason
+    # In `fixed`, where the sweep file names the probe: the replay names its run, never the sweep file.
+    assert f"init.head_from={expected}" in record.replay and str(spec_path) not in record.replay
+    assert f"model.head={study.best_trial.params['model.head']}" in record.replay
+    assert MlflowStore(tracking).run(record.mlflow_run_id).tags["octft.head_from"] == best.mlflow_run_id
 
     # The probe study goes on and finds another best: this study keeps the head it started with.
     probe_study = optuna.load_study(study_name="demo-probe", storage=storage)
-    probe_study.set_user_attr("unused", 1)
-    fake = optuna.trial.create_trial(params={}, distributions={}, value=2.0,
-                                     user_attrs={"mlflow_run_id": "0" * 32})
-    probe_study.add_trial(fake)
-    spec = load_sweep(lpft)
-    again = resolved_head_from(spec, open_storage(storage, heartbeat_interval=None), overrides, spec_path=lpft)
-    assert again["run"] == expected
+    probe_study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=2.0, user_attrs={
+        TRIAL_ATTR: TrialRecord(mlflow_run_id="0" * 32).to_dict()}))
+    again, _ = resolve_plan(lpft, storage=storage, overrides=overrides)
+    assert again.head_from["run"] == expected and again.spec().fixed["init.head_from"] == expected
 
 
 def test_a_probe_trial_goes_through_the_same_promotion(probe):
-    from octft.errors import OctftError
-    from octft.registry.promote import promote, unpromotable_reason
-
     spec_path, storage, tracking, _, study, _, _ = probe
     spec = load_sweep(spec_path, ["promote.min_class_f1=0.0"])
-    healthy = [t for t in study.get_trials() if unpromotable_reason(t, 0.0) is None]
+    healthy = [t for t in study.get_trials() if t.state == TrialState.COMPLETE and unpromotable_reason(t, 0.0) is None]
     if not healthy:  # the same refusal as for any fine-tune trial
         with pytest.raises(OctftError, match="can be promoted"):
             promote(spec, storage=storage, tracking_uri=tracking, n_resamples=50)
         return
     chosen = max(healthy, key=lambda t: t.value)
     promotion = promote(spec, trial_number=chosen.number, storage=storage, tracking_uri=tracking, n_resamples=50)
-    assert promotion.evaluated and promotion.run_id == chosen.user_attrs["mlflow_run_id"]
+    assert promotion.evaluated and promotion.run_id == trial_record(chosen).mlflow_run_id
     assert 0.0 <= promotion.test_metrics["test/balanced_accuracy"] <= 1.0
-    version = MlflowClient(tracking).get_model_version_by_alias(spec.promote.model_name, "champion")
-    assert version.run_id == promotion.run_id
+    assert MlflowStore(tracking).model_version(f"models:/{spec.promote.model_name}@champion").run_id == promotion.run_id
 
 
-@pytest.mark.integration  # probe processes
+@pytest.mark.integration  # probe worker processes
 def test_more_probe_processes_share_one_study_and_one_store(probe, tmp_path):
     """`--workers 2`: the launch and one more process run trials of one study, reading the one feature store;
-    `python -m octft.sweep.probe` takes its launch record's path on its input, as a sweep worker does."""
-    import os
-    import subprocess
-    import sys
-
+    `python -m octft.sweep.worker PLAN --worker-index 1` is that process, given the plan's path and nothing else."""
     spec_path, _, tracking, overrides, _, _, out = probe
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     moved = [o for o in overrides if not o.startswith("output_dir=")] + [f"output_dir={tmp_path / 'runs'}"]
@@ -171,22 +172,21 @@ def test_more_probe_processes_share_one_study_and_one_store(probe, tmp_path):
     study = optuna.load_study(study_name="demo-probe", storage=storage)
     assert len(study.trials) == 3  # the budget is the study's, not each process's
     assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials)
-    assert {t.user_attrs["worker"] for t in study.trials} <= {0, 1}
+    assert {trial_record(t).worker for t in study.trials} <= {0, 1}
 
     # The second process on its own, deterministically: it takes the study's next trials up to the budget.
-    record = next(Path(result.study_dir).glob("launch-*.json"))
+    plan = result.plan_path.read_text().replace('"n_trials": 3', '"n_trials": 5')
+    (tmp_path / "larger.json").write_text(plan)
     env = dict(os.environ, OCTFT_OPTUNA_STORAGE=storage, PYTHONPATH=str(REPO))
-    done = subprocess.run([sys.executable, "-m", "octft.sweep.probe", "--worker-index", "1", "--n-trials", "5"],
-                          input=f"{record}\n", env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-m", "octft.sweep.worker", str(tmp_path / "larger.json"), "--worker-index", "1"],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     study = optuna.load_study(study_name="demo-probe", storage=storage)
-    added = [t for t in study.trials if t.number >= 3]
-    assert len(added) == 2 and all(t.user_attrs["worker"] == 1 for t in added)
-    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in added), [t.user_attrs for t in added]
-    client = MlflowClient(tracking)
-    for trial in added:
-        run = client.get_run(trial.user_attrs["mlflow_run_id"])
-        assert run.data.tags["mlflow.parentRunId"] == result.parent_run_id
+    added = [trial_record(t) for t in study.trials if t.number >= 3]
+    assert len(added) == 2 and all(record.worker == 1 for record in added)
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials[3:]), [r.fail_reason for r in added]
+    for record in added:
+        assert MlflowStore(tracking).run(record.mlflow_run_id).tags["mlflow.parentRunId"] == result.parent_run_id
+        assert record.runner_pid != os.getpid()
     # Both processes read the fixture's store: no second entry was built.
     assert len([p for p in (out / "features").iterdir() if not p.name.startswith(".")]) == 1

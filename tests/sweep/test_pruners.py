@@ -7,7 +7,9 @@ import pytest
 from optuna.pruners import HyperbandPruner, MedianPruner, PercentilePruner, SuccessiveHalvingPruner
 from optuna.trial import TrialState
 
-from octft.sweep import CollapsePruner, SweepSpec, build_pruner, epoch_attr, record_epoch
+from octft.sweep.pruners import CollapsePruner, build_pruner, record_epoch
+from octft.sweep.records import TRIAL_ATTR, EpochRecord, TrialRecord
+from octft.sweep.spec import SweepSpec
 from octft.sweep.spec import load_sweep
 
 HEALTHY = ([0.30, 0.25, 0.25, 0.20], 0.62)
@@ -25,7 +27,7 @@ def decisions(study, epochs, *, unfreeze_param=None, unfreeze_attr=None, value=0
     if unfreeze_param is not None:
         trial.suggest_int("train.unfreeze_epoch", unfreeze_param, unfreeze_param)
     if unfreeze_attr is not None:
-        trial.set_user_attr("unfreeze_epoch", unfreeze_attr)
+        trial.set_user_attr(TRIAL_ATTR, TrialRecord(unfreeze_epoch=unfreeze_attr).to_dict())  # as a worker writes it
     answers = []
     for epoch, (pred_frac, balanced_accuracy) in enumerate(epochs):
         record_epoch(trial, epoch, value, pred_frac, balanced_accuracy)
@@ -160,7 +162,7 @@ def test_record_epoch_stores_the_record_and_rejects_shares_that_are_not_shares()
     record_epoch(trial, 4, 0.5, [0.5, 0.5, 0.0, 0.0], 0.5)
     frozen = study.get_trials()[0]
     assert frozen.intermediate_values == {4: 0.5}
-    assert frozen.user_attrs[epoch_attr(4)] == {"pred_frac": [0.5, 0.5, 0.0, 0.0], "balanced_accuracy": 0.5}
+    assert frozen.user_attrs[EpochRecord.attr(4)] == {"pred_frac": [0.5, 0.5, 0.0, 0.0], "balanced_accuracy": 0.5}
     with pytest.raises(ValueError, match="epoch 5"):
         record_epoch(trial, 5, 0.5, [120, 30, 0, 0], 0.5)  # counts, not shares
 
@@ -225,7 +227,7 @@ def test_the_median_warm_up_counts_from_each_trials_unfreeze_epoch():
     assert decisions(study, [HEALTHY] * 8, unfreeze_param=0, value=0.3)[1] == [False, False] + [True] * 6
     assert decisions(study, [HEALTHY] * 8, unfreeze_param=4, value=0.3)[1] == [False] * 6 + [True] * 2
     probe = study.ask()
-    probe.set_user_attr("unfreeze_epoch", None)  # what the reporter records for train.unfreeze_epoch=null
+    probe.set_user_attr(TRIAL_ATTR, TrialRecord(unfreeze_epoch=0).to_dict())  # a worker's for unfreeze_epoch=null
     answers = []
     for epoch in range(4):
         record_epoch(probe, epoch, 0.3, *HEALTHY)

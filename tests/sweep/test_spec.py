@@ -10,17 +10,10 @@ import pytest
 import yaml
 
 from octft.config import ConfigError, load_experiment, parse_override
-from octft.sweep import (
-    STORAGE_ENV,
-    build_sampler,
-    distributions,
-    format_value,
-    load_sweep,
-    parse_space,
-    redact_url,
-    sampler_settings,
-    suggest,
-)
+from octft.redaction import redact_url
+from octft.stores import STORAGE_ENV
+from octft.sweep.space import distributions, parse_space, suggest
+from octft.sweep.spec import build_sampler, format_value, load_sweep, sampler_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -6,14 +6,15 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from mlflow.tracking import MlflowClient
 from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
 from octft.config import load_experiment
+from octft.sweep.records import ENQUEUED_ATTR, trial_record
+from octft.sweep.space import suggest
 from octft.sweep.spec import load_sweep
-from octft.sweep.warmstart import ENQUEUED_ATTR, WarmStartError, warm_start
-from octft.track.mlflow_store import MlflowTracker
+from octft.sweep.warmstart import WarmStartError, warm_start
+from octft.track.mlflow_store import MlflowStore, MlflowTracker
 
 REPO = Path(__file__).resolve().parents[2]
 SPACE = {
@@ -48,9 +49,8 @@ def source_study(root: Path, values_and_params) -> Path:
 def new_study(tmp_path):
     spec = load_sweep(write_spec(tmp_path, "newer", SPACE))
     study = optuna.create_study(study_name="newer", storage=spec.storage, direction="maximize")
-    tracking_uri = spec.mlflow.tracking_uri
-    parent = MlflowTracker(tracking_uri, "warm", "study")
-    return spec, study, tracking_uri, parent.run_id
+    parent = MlflowTracker(spec.mlflow.tracking_uri, "warm", "study")
+    return spec, study, MlflowStore(spec.mlflow.tracking_uri), parent.run_id
 
 
 def waiting_params(study):
@@ -59,14 +59,14 @@ def waiting_params(study):
 
 
 def test_the_best_trials_of_an_earlier_sweep_are_enqueued_best_first(tmp_path, new_study):
-    spec, study, tracking_uri, parent_run_id = new_study
+    spec, study, store, parent_run_id = new_study
     source = str(source_study(tmp_path, [
         (0.4, {"optim.lr_head": 1e-3, "train.unfreeze_epoch": 1}),
         (0.7, {"optim.lr_head": 2e-3, "train.unfreeze_epoch": 2}),
         (0.6, {"optim.lr_head": 3e-3, "train.unfreeze_epoch": 0}),
     ]))
 
-    enqueued = warm_start(study, spec, source, top=2, tracking_uri=tracking_uri, parent_run_id=parent_run_id)
+    enqueued = warm_start(study, spec, source, top=2, store=store, parent_run_id=parent_run_id)
 
     assert waiting_params(study) == [{"optim.lr_head": 2e-3, "train.unfreeze_epoch": 2},
                                      {"optim.lr_head": 3e-3, "train.unfreeze_epoch": 0}]
@@ -74,57 +74,54 @@ def test_the_best_trials_of_an_earlier_sweep_are_enqueued_best_first(tmp_path, n
                                                f"{source} trial 2 (val/balanced_accuracy 0.6)"]
     # Recorded on the study, on each trial and on the parent run.
     assert [e["origin"] for e in study.user_attrs[ENQUEUED_ATTR]] == [e["origin"] for e in enqueued]
-    assert study.get_trials()[0].user_attrs[ENQUEUED_ATTR] == enqueued[0]["origin"]
-    run = MlflowClient(tracking_uri).get_run(parent_run_id)
-    assert json.loads(run.data.tags["octft.enqueued_from"]) == [source]
+    assert trial_record(study.get_trials()[0]).enqueued_from == enqueued[0]["origin"]
+    assert json.loads(store.run(parent_run_id).tags["octft.enqueued_from"]) == [source]
     # A relaunch with the same source enqueues nothing twice.
-    assert warm_start(study, spec, source, top=2, tracking_uri=tracking_uri, parent_run_id=parent_run_id) == []
+    assert warm_start(study, spec, source, top=2, store=store, parent_run_id=parent_run_id) == []
     assert len(study.get_trials()) == 2
 
     # The enqueued params are what the worker's suggest() returns for the next trial.
-    from octft.sweep.space import suggest
-
     assert suggest(study.ask(), spec.space) == {"optim.lr_head": 2e-3, "train.unfreeze_epoch": 2}
 
 
 def test_parameters_outside_the_new_space_are_refused_by_name(tmp_path, new_study):
-    spec, study, tracking_uri, parent_run_id = new_study
+    spec, study, store, parent_run_id = new_study
     narrow = load_sweep(write_spec(tmp_path, "narrow", {"optim.lr_head": {"type": "float", "low": 1e-4, "high": 1e-2,
                                                                           "log": True}}))
     source = str(source_study(tmp_path, [(0.7, {"optim.lr_head": 5e-2, "train.unfreeze_epoch": 2})]))
     with pytest.raises(WarmStartError) as error:
-        warm_start(study, narrow, source, top=1, tracking_uri=tracking_uri, parent_run_id=parent_run_id)
+        warm_start(study, narrow, source, top=1, store=store, parent_run_id=parent_run_id)
     message = str(error.value)
     assert "train.unfreeze_epoch not in the space" in message and "optim.lr_head=0.05 outside 0.0001..0.01" in message
     assert study.get_trials() == []  # nothing enqueued
 
 
 def test_a_missing_study_or_one_without_completed_trials_is_named(tmp_path, new_study):
-    spec, study, tracking_uri, parent_run_id = new_study
-    with pytest.raises(WarmStartError, match="'ghost' does not exist"):
-        warm_start(study, spec, str(write_spec(tmp_path, "ghost", SPACE)), top=3, tracking_uri=tracking_uri,
+    spec, study, store, parent_run_id = new_study
+    with pytest.raises(WarmStartError, match="study 'ghost' is not in the Optuna storage"):
+        warm_start(study, spec, str(write_spec(tmp_path, "ghost", SPACE)), top=3, store=store,
                    parent_run_id=parent_run_id)
     with pytest.raises(WarmStartError, match="no completed trial"):
-        warm_start(study, spec, str(source_study(tmp_path, [])), top=3, tracking_uri=tracking_uri,
+        warm_start(study, spec, str(source_study(tmp_path, [])), top=3, store=store,
                    parent_run_id=parent_run_id)
 
 
 def test_the_champions_training_params_are_enqueued(tmp_path, new_study):
-    spec, study, tracking_uri, parent_run_id = new_study
+    spec, study, store, parent_run_id = new_study
     cfg = load_experiment(REPO / "experiments" / "demo.yaml", ["optim.lr_head=0.0042", "train.unfreeze_epoch=2"])
-    trained = MlflowTracker(tracking_uri, "warm", "trial-7")
+    trained = MlflowTracker(store.uri, "warm", "trial-7")
     trained.log_params(cfg.flat())
     (tmp_path / "checkpoint").mkdir()
     (tmp_path / "checkpoint" / "best.pt").write_bytes(b"weights")
     trained.log_artifact(tmp_path / "checkpoint", "checkpoint")
     trained.finish("FINISHED")
-    trained.register_model(trained.run_id, "checkpoint", "warm-model", alias="champion")
+    store.register(trained.run_id, "checkpoint", "warm-model", alias="champion")
 
-    enqueued = warm_start(study, spec, "models:/warm-model@champion", top=3, tracking_uri=tracking_uri,
+    enqueued = warm_start(study, spec, "models:/warm-model@champion", top=3, store=store,
                           parent_run_id=parent_run_id)
 
     assert waiting_params(study) == [{"optim.lr_head": 0.0042, "train.unfreeze_epoch": 2}]
     assert enqueued[0]["origin"] == f"models:/warm-model version 1 (run {trained.run_id})"
     with pytest.raises(WarmStartError, match="not found in the MLflow registry"):
-        warm_start(study, spec, "models:/no-such-model@champion", top=1, tracking_uri=tracking_uri,
+        warm_start(study, spec, "models:/no-such-model@champion", top=1, store=store,
                    parent_run_id=parent_run_id)

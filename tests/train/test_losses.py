@@ -20,8 +20,7 @@ from octft.train import losses
 from octft.train.loop import evaluate_logits
 from octft.train.losses import balanced_class_weights, mean_loss, row_losses
 from octft.train.runtime import make_runtime
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/steps.py: a whole batch as one step
-from steps import train_step  # noqa: E402
+from steps import train_step
 
 NUM_CLASSES = 4
 

@@ -15,12 +15,12 @@ import optuna
 import pytest
 import yaml
 from optuna.distributions import FloatDistribution
-from mlflow.tracking import MlflowClient
 
 from octft.cli import main
-from octft.sweep.spec import load_sweep
 from octft.report.ui import StudyPages, study_pages, ui_command
-from octft.track.mlflow_store import MlflowTracker
+from octft.sweep.records import PLAN_ATTR, TRIAL_ATTR, TrialRecord
+from octft.sweep.spec import load_sweep
+from octft.track.mlflow_store import MlflowStore, MlflowTracker
 
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -35,7 +35,7 @@ def _study(root, trials: int = 3):
     storage = f"sqlite:///{root / 'optuna.db'}"
     parent = MlflowTracker(tracking_uri, "ui-test", "study-ui-test", tags={"optuna.study": "ui-test"})
     study = optuna.create_study(study_name="ui-test", storage=storage, direction="maximize")
-    study.set_user_attr("mlflow_parent_run_id", parent.run_id)
+    study.set_user_attr(PLAN_ATTR, {"parent_run_id": parent.run_id})
     run_ids = []
     for number in range(trials):
         trial = study.ask({"optim.lr_head": FloatDistribution(1e-4, 1e-1, log=True)})
@@ -44,7 +44,7 @@ def _study(root, trials: int = 3):
             run.log_params({"optim.lr_head": trial.params["optim.lr_head"]})
             for epoch in range(2):
                 run.log_metrics({"val/balanced_accuracy": 0.3 + 0.1 * number + 0.05 * epoch}, step=epoch)
-        trial.set_user_attr("mlflow_run_id", run.run_id)
+        trial.set_user_attr(TRIAL_ATTR, TrialRecord(mlflow_run_id=run.run_id).to_dict())
         run_ids.append(run.run_id)
         study.tell(trial, 0.35 + 0.1 * number)
     study.ask()  # a trial still waiting for its run: nothing to compare yet
@@ -149,4 +149,4 @@ def test_octft_ui_serves_the_compare_page_of_every_trial_and_stops_on_ctrl_c(tmp
     assert process.returncode == 0, out[-2000:]
     assert "stopped MLflow's server" in out
     assert not _port_open(port)  # the server and its workers are gone
-    assert MlflowClient(load_sweep(spec_path).mlflow.tracking_uri).get_run(parent_run_id).info.status == "FINISHED"
+    assert MlflowStore(load_sweep(spec_path).mlflow.tracking_uri).run(parent_run_id).status == "FINISHED"

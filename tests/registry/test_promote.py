@@ -1,8 +1,8 @@
 """Promotion: the best healthy trial, tested once on the test split, registered once as the champion.
 
-The study is built here the way the sweep runner leaves one (sqlite Optuna storage, trials told through
-ask/tell with the runner's user attrs, MLflow runs in a sqlite store); the checkpoint comes from one real
-training run of the recipe on a tiny synthetic release.
+The study is built here the way a sweep's workers leave one (sqlite Optuna storage, trials told through ask/tell
+with their records, MLflow runs in a sqlite store); the checkpoint comes from one real training run of the recipe on
+a tiny synthetic release.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import numpy as np
 import optuna
 import pytest
 import yaml
-from mlflow.tracking import MlflowClient
 from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
@@ -22,18 +21,12 @@ from octft.cli import main
 from octft.config import load_experiment, save_resolved
 from octft.data.layout import CLASS_SHORT_NAMES
 from octft.data.synth import synthesize
-from octft.sweep.pruners import record_epoch
-from octft.registry.promote import (
-    TEST_METRICS_ATTR,
-    participant_test_scores,
-    promote,
-    select_trial,
-    evaluations_on_test,
-    unpromotable_reason,
-)
+from octft.registry.promote import participant_test_scores, promote, select_trial, unpromotable_reason
 from octft.report.study import render_report
+from octft.sweep.pruners import record_epoch
+from octft.sweep.records import PLAN_ATTR, TRIAL_ATTR, TrialOutcome, TrialRecord, test_evaluations
 from octft.sweep.spec import load_sweep
-from octft.track.mlflow_store import MlflowTracker
+from octft.track.mlflow_store import MlflowStore, MlflowTracker
 from octft.train.recipe import train
 from octft.train.metrics import softmax
 
@@ -49,18 +42,14 @@ def _best_metrics(f1: list[float], balanced_accuracy: float) -> dict[str, float]
     return metrics
 
 
-def _add_trial(study, state, value, *, f1=(0.6, 0.5, 0.5, 0.6), run_id=None, run_dir=None, **attrs):
+def _add_trial(study, state, value, *, f1=(0.6, 0.5, 0.5, 0.6), run_id=None, run_dir=None, **outcome):
     trial = study.ask(DISTRIBUTIONS)
     for epoch, epoch_value in enumerate([value * 0.8, value]):
         record_epoch(trial, epoch, epoch_value, pred_frac=[0.25] * 4, balanced_accuracy=epoch_value)
-    trial.set_user_attr("best_metrics", _best_metrics(list(f1), value))
-    trial.set_user_attr("best_epoch", 1)
-    trial.set_user_attr("epochs_run", 2)
-    if run_id:
-        trial.set_user_attr("mlflow_run_id", run_id)
-        trial.set_user_attr("run_dir", str(run_dir))
-    for key, attr in attrs.items():
-        trial.set_user_attr(key, attr)
+    status = {TrialState.COMPLETE: "completed", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}[state]
+    record = TrialRecord(status=status, mlflow_run_id=run_id, run_dir=str(run_dir) if run_dir else None, outcome=TrialOutcome(
+        status, best_value=value, best_epoch=1, epochs_run=2, best_metrics=_best_metrics(list(f1), value), **outcome))
+    trial.set_user_attr(TRIAL_ATTR, record.to_dict())
     if state == TrialState.COMPLETE:
         study.tell(trial, value)
     else:
@@ -89,7 +78,7 @@ def sweep(tmp_path_factory):
     def copy_of_the_trained_run(name):
         copy = MlflowTracker(tracking_uri, "promote-test", name, parent_run_id=parent.run_id)
         copy.log_artifact(trained.run_dir / "checkpoint", "checkpoint")
-        copy.set_tags({key: value for key, value in MlflowClient(tracking_uri).get_run(trained.run_id).data.tags.items()
+        copy.set_tags({key: value for key, value in MlflowStore(tracking_uri).run(trained.run_id).tags.items()
                        if key.startswith("octft.")})
         copy.finish("FINISHED")
         return copy.run_id
@@ -100,13 +89,13 @@ def sweep(tmp_path_factory):
 
     storage = f"sqlite:///{root / 'optuna.db'}"
     study = optuna.create_study(study_name="promote-test", storage=storage, direction="maximize")
-    study.set_user_attr("mlflow_parent_run_id", parent.run_id)
+    study.set_user_attr(PLAN_ATTR, {"parent_run_id": parent.run_id})
     _add_trial(study, TrialState.COMPLETE, 0.9, f1=(0.9, 0.0, 0.8, 0.9), run_id=collapsed_run, run_dir=trained.run_dir)
     _add_trial(study, TrialState.COMPLETE, 0.6, run_id=trained.run_id, run_dir=trained.run_dir)
     _add_trial(study, TrialState.COMPLETE, 0.5, run_id=third_run, run_dir=trained.run_dir)
     _add_trial(study, TrialState.PRUNED, 0.3, prune_reason="collapse", prune_epoch=1,
                prune_detail="collapsed: class 3 takes 97.0% of predictions")
-    _add_trial(study, TrialState.FAIL, 0.0, fail_reason="TrainingError: training loss is nan at epoch 1")
+    _add_trial(study, TrialState.FAIL, 0.0, stop_reason="TrainingError: training loss is nan at epoch 1")
 
     spec_path = root / "sweep.yaml"
     spec_path.write_text(yaml.safe_dump({
@@ -121,7 +110,7 @@ def sweep(tmp_path_factory):
 
 def test_the_best_trial_that_did_not_collapse_is_promoted_once(sweep, capsys):
     spec_path, trained, data, tracking_uri = sweep
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    client = MlflowStore(tracking_uri).client
     trained_run = client.get_run(trained.run_id).info
 
     assert main(["promote", str(spec_path)]) == 0
@@ -142,7 +131,8 @@ def test_the_best_trial_that_did_not_collapse_is_promoted_once(sweep, capsys):
     assert json.loads(tags["octft.params"]) == study.trials[1].params
 
     # Test scores: on the study, on the trial's run and on the parent run; each interval holds its point.
-    metrics = study.user_attrs[TEST_METRICS_ATTR.format(number=1)]
+    (evaluation,) = test_evaluations(study.user_attrs)
+    metrics = evaluation.scores
     test_participants = sum(data.split_class_counts["test"].values())
     assert metrics["test/participants"] == test_participants
     for name in ("balanced_accuracy", "macro_f1", *(f"f1_{c}" for c in CLASS_SHORT_NAMES)):
@@ -155,7 +145,7 @@ def test_the_best_trial_that_did_not_collapse_is_promoted_once(sweep, capsys):
     assert tags["octft.test_reuse"] == "false"
     assert [entry["trial"] for entry in json.loads(tags["octft.test_evaluations"])] == [1]
     assert "test split scored for 1 trial(s) of this study: 1" in out
-    parent = client.get_run(study.user_attrs["mlflow_parent_run_id"])
+    parent = client.get_run(study.user_attrs[PLAN_ATTR]["parent_run_id"])
     assert parent.data.metrics["test/balanced_accuracy_ci_high"] == pytest.approx(metrics["test/balanced_accuracy_ci_high"])
     assert parent.data.tags["octft.champion_trial"] == "1"
     assert [entry["trial"] for entry in json.loads(parent.data.tags["octft.test_evaluations"])] == [1]
@@ -172,12 +162,12 @@ def test_the_best_trial_that_did_not_collapse_is_promoted_once(sweep, capsys):
 
 def test_scoring_a_second_trial_on_test_needs_allow_test_reuse_and_is_tagged(sweep, capsys, tmp_path):
     spec_path, trained, _, tracking_uri = sweep
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    client = MlflowStore(tracking_uri).client
     if not client.search_model_versions(f"name='{MODEL_NAME}'"):
         assert main(["promote", str(spec_path)]) == 0  # trial 1 scored first (when run alone)
     capsys.readouterr()
     study = optuna.load_study(study_name="promote-test", storage=load_sweep(spec_path).storage)
-    third_run = study.trials[2].user_attrs["mlflow_run_id"]
+    third_run = study.trials[2].user_attrs[TRIAL_ATTR]["mlflow_run_id"]
     third_before = client.get_run(third_run).info
 
     assert main(["promote", str(spec_path), "--trial", "2"]) == 2
@@ -192,9 +182,10 @@ def test_scoring_a_second_trial_on_test_needs_allow_test_reuse_and_is_tagged(swe
     assert [entry["trial"] for entry in json.loads(version.tags["octft.test_evaluations"])] == [1, 2]
     third = client.get_run(third_run).info
     assert (third.status, third.start_time, third.end_time) == ("FINISHED", third_before.start_time, third_before.end_time)
-    parent = client.get_run(study.user_attrs["mlflow_parent_run_id"])
+    parent = client.get_run(study.user_attrs[PLAN_ATTR]["parent_run_id"])
     assert parent.data.tags["octft.test_evaluated_trials"] == "2"
-    evaluations = evaluations_on_test(optuna.load_study(study_name="promote-test", storage=load_sweep(spec_path).storage))
+    evaluations = test_evaluations(
+        optuna.load_study(study_name="promote-test", storage=load_sweep(spec_path).storage).user_attrs)
     assert [(evaluation.trial, evaluation.run_id) for evaluation in evaluations] == [(1, trained.run_id), (2, third_run)]
 
     # Trial 1 again: its recorded scores, no new evaluation, and the version says the test split was reused.
@@ -205,7 +196,7 @@ def test_scoring_a_second_trial_on_test_needs_allow_test_reuse_and_is_tagged(swe
     # The report and the parent run's description say how often the test split was used.
     page = render_report(load_sweep(spec_path), out=tmp_path / "report.html").read_text()
     assert "<b>Test split:</b> scored for 2 trial(s) (1, 2)." in page and "octft.test_reuse=true" in page
-    note = client.get_run(study.user_attrs["mlflow_parent_run_id"]).data.tags["mlflow.note.content"]
+    note = client.get_run(study.user_attrs[PLAN_ATTR]["parent_run_id"]).data.tags["mlflow.note.content"]
     assert "**Champion:** trial 1, `models:/octft-promote-test@champion`" in note
     assert "test split scored for 2 trial(s): [1, 2]" in note and "**Report:** artifact `report.html`" in note
 
@@ -219,10 +210,10 @@ def test_scoring_a_second_trial_on_test_needs_allow_test_reuse_and_is_tagged(swe
 )
 def test_a_trial_asked_for_that_cannot_be_promoted_is_refused_with_the_reason(sweep, capsys, trial_number, reason):
     spec_path, _, _, tracking_uri = sweep
-    versions_before = MlflowClient(tracking_uri, tracking_uri).search_model_versions(f"name='{MODEL_NAME}'")
+    versions_before = MlflowStore(tracking_uri).client.search_model_versions(f"name='{MODEL_NAME}'")
     assert main(["promote", str(spec_path), "--trial", str(trial_number)]) == 2
     assert reason in capsys.readouterr().err
-    assert MlflowClient(tracking_uri, tracking_uri).search_model_versions(f"name='{MODEL_NAME}'") == versions_before
+    assert MlflowStore(tracking_uri).client.search_model_versions(f"name='{MODEL_NAME}'") == versions_before
 
 
 def test_a_study_with_no_promotable_trial_says_why_for_each(tmp_path):
@@ -234,7 +225,7 @@ def test_a_study_with_no_promotable_trial_says_why_for_each(tmp_path):
     message = str(error.value)
     assert "no trial of study 'none' can be promoted (2 complete)" in message
     assert "trial 0 collapsed" in message and "healthy 0.000" in message
-    assert "trial 1 has no mlflow_run_id, run_dir user attr" in message
+    assert "trial 1 recorded no MLflow run" in message
 
 
 def test_collapse_is_judged_on_every_class_against_min_class_f1(tmp_path):

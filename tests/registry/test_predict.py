@@ -24,9 +24,10 @@ from octft.data.layout import CLASS_SHORT_NAMES
 from octft.data.preprocess import Preprocessing, preprocess
 from octft.data.readers import read_volume
 from octft.data.synth import synthesize
-from octft.registry.predict import participant_of, predict
-from octft.track.mlflow_store import MlflowTracker
-from octft.track.pyfunc_model import MODEL_ARTIFACT, output_columns, save_pyfunc_model
+from octft.registry.inference import output_columns, participant_of
+from octft.registry.model import MODEL_ARTIFACT, save_pyfunc_model
+from octft.registry.predict import predict
+from octft.track.mlflow_store import MlflowStore
 from octft.train.metrics import softmax
 from octft.train.recipe import train
 from octft.train.setup import build_model
@@ -51,8 +52,7 @@ def champion(tmp_path_factory):
     # What promotion does after scoring: the checkpoint as an MLflow pyfunc Model, logged and registered.
     save_pyfunc_model(trained.run_dir / "checkpoint", root / "model")
     MlflowClient(tracking_uri).log_artifacts(trained.run_id, str(root / "model"), MODEL_ARTIFACT)
-    MlflowTracker(tracking_uri, run_id=trained.run_id, reopen=False).register_model(
-        trained.run_id, MODEL_ARTIFACT, MODEL_NAME, "champion")
+    MlflowStore(tracking_uri).register(trained.run_id, MODEL_ARTIFACT, MODEL_NAME, "champion")
     return root, trained, tracking_uri
 
 

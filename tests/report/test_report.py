@@ -11,18 +11,18 @@ import numpy as np
 import optuna
 import pytest
 import yaml
-from mlflow.tracking import MlflowClient
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
 from octft.cli import main
 from octft.config import ConfigError, load_experiment, save_resolved
 from octft.data.layout import CLASS_SHORT_NAMES
-from octft.sweep.pruners import record_epoch
 from octft.errors import UsageError
 from octft.report.study import FIGURES, load_definition, render_report
+from octft.sweep.pruners import record_epoch
+from octft.sweep.records import PLAN_ATTR, TRIAL_ATTR, TrialOutcome, TrialRecord
 from octft.sweep.spec import load_sweep
-from octft.track.mlflow_store import MlflowTracker
+from octft.track.mlflow_store import MlflowStore, MlflowTracker
 from octft.train.loop import write_best_artifacts
 
 DISTRIBUTIONS = {
@@ -39,14 +39,14 @@ CHROMIUM_FLAGS = [
 
 
 def _study(root, *, trials: list[tuple[TrialState, float, dict]]):
-    """A study as the sweep runner leaves it, a parent MLflow run, and a spec file pointing at both."""
+    """A study as a sweep's workers leave it, a parent MLflow run, and a spec file pointing at both."""
     tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
     storage = f"sqlite:///{root / 'optuna.db'}"
     parent = MlflowTracker(tracking_uri, "report-test", "study")
     parent.finish("FINISHED")
     study = optuna.create_study(study_name="report-test", storage=storage, direction="maximize",
                                 sampler=optuna.samplers.RandomSampler(seed=0))
-    study.set_user_attr("mlflow_parent_run_id", parent.run_id)
+    study.set_user_attr(PLAN_ATTR, {"parent_run_id": parent.run_id})
     for state, value, attrs in trials:
         trial = study.ask(DISTRIBUTIONS)
         epochs = attrs.pop("epochs", 3)
@@ -54,11 +54,15 @@ def _study(root, *, trials: list[tuple[TrialState, float, dict]]):
             step_value = value * (epoch + 1) / epochs
             record_epoch(trial, epoch, step_value, pred_frac=[0.25] * 4, balanced_accuracy=step_value)
         f1 = attrs.pop("f1", (0.5, 0.4, 0.45, 0.6))
-        trial.set_user_attr("best_metrics", {f"val/f1_{n}": f for n, f in zip(CLASS_SHORT_NAMES, f1)})
-        trial.set_user_attr("best_epoch", epochs - 1)
-        trial.set_user_attr("run_dir", str(root / "runs" / f"trial-{trial.number}"))
-        for key, attr in attrs.items():
-            trial.set_user_attr(key, attr)
+        status = {TrialState.COMPLETE: "completed", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}[state]
+        outcome = TrialOutcome(status, best_value=value, best_epoch=epochs - 1, epochs_run=epochs,
+                               best_metrics={f"val/f1_{n}": f for n, f in zip(CLASS_SHORT_NAMES, f1)},
+                               prune_reason=attrs.pop("prune_reason", None), prune_epoch=attrs.pop("prune_epoch", None),
+                               prune_detail=attrs.pop("prune_detail", None), stop_reason=attrs.pop("fail_reason", None))
+        record = TrialRecord(status=status, run_dir=str(root / "runs" / f"trial-{trial.number}"), outcome=outcome,
+                             mlflow_run_id=attrs.pop("mlflow_run_id", None))
+        assert not attrs, attrs
+        trial.set_user_attr(TRIAL_ATTR, record.to_dict())
         study.tell(trial, value) if state == TrialState.COMPLETE else study.tell(trial, state=state)
 
     experiment = root / "base.yaml"
@@ -117,9 +121,9 @@ def test_every_figure_renders_in_headless_chromium_without_console_errors(tmp_pa
     counts = np.bincount(targets * 4 + predictions, minlength=16).reshape(4, 4)
     assert '"text":' + json.dumps(counts.astype(str).tolist()).replace(" ", "") in page.replace(" ", "")
     # Logged to the study's parent run, whose status stays as it was.
-    client = MlflowClient(tracking_uri)
-    assert "report.html" in [entry.path for entry in client.list_artifacts(parent_run_id)]
-    assert client.get_run(parent_run_id).info.status == "FINISHED"
+    store = MlflowStore(tracking_uri)
+    assert store.has_artifact(parent_run_id, "report.html")
+    assert store.run(parent_run_id).status == "FINISHED"
 
     done = subprocess.run([browser, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", out.as_uri()],
                           capture_output=True, text=True, timeout=120)
