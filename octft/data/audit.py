@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -38,11 +38,59 @@ class Guard:
     detail: str
 
 
+@dataclass(frozen=True)
+class FileCounts:
+    """Every file found, in exactly one bucket: found = matched + unlabeled + unparsed + excluded."""
+
+    found: int
+    matched: int
+    unlabeled: int
+    unparsed: int
+    excluded: int
+    by_device: dict[str, int]
+    by_extension: dict[str, int]
+
+
+@dataclass(frozen=True)
+class ParticipantCounts:
+    """Participants on both sides: with OCT files, with labels, with both (and who is on one side only)."""
+
+    with_oct: int
+    with_labels: int
+    matched: int
+    labels_without_oct: list[str]
+    oct_without_labels: list[str]
+
+
 @dataclass
 class AuditReport:
-    summary: dict[str, Any]
+    """What `audit` found: every file accounted for, the participants on both sides, the split x class counts, what
+    went wrong (with keys and reasons), the guards, and the matched volumes (`volumes`, the table training uses)."""
+
+    data: str
+    labels: str
+    manifest_used: bool
+    split_source: str
+    selection: dict[str, Any]
+    files: FileCounts
+    participants: ParticipantCounts
+    match_rate: float
+    splits: dict[str, dict[str, int]]  # split -> class -> participants
+    volumes_per_split: dict[str, dict[str, int]]  # split -> class -> volumes
+    samples: dict[str, list[str]]  # a few IDs from each side, to see an ID format mismatch at a glance
+    unparsed: list[dict[str, Any]]
+    unlabeled: list[dict[str, Any]]
+    excluded: list[dict[str, Any]]
+    duplicates: list[list[str]]
+    id_mismatches: list[Any]
+    manifest_missing: list[dict[str, Any]]
+    manifest_invalid: list[Any]
+    labels_invalid: list[dict[str, Any]]
+    labels_conflicting: list[dict[str, Any]]
+    labels_duplicate_rows_merged: int
     volumes: pd.DataFrame  # the matched volumes: key, participant_id, label, class_name, split, device, ...
     guards: list[Guard] = field(default_factory=list)
+    seconds: float | None = None
 
     @property
     def passed(self) -> bool:
@@ -52,11 +100,11 @@ class AuditReport:
         return [g for g in self.guards if not g.passed and g.name not in set(allowed)]
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            **self.summary,
-            "guards": [{"name": g.name, "passed": g.passed, "detail": g.detail} for g in self.guards],
-            "passed": self.passed,
-        }
+        """The report as JSON types (`octft data audit --json`), the volume table left out."""
+        out = {item.name: getattr(self, item.name) for item in fields(self) if item.name not in ("volumes", "guards")}
+        out["files"], out["participants"] = asdict(self.files), asdict(self.participants)
+        out["match_rate"] = round(self.match_rate, 4)
+        return {**out, "guards": [asdict(guard) for guard in self.guards], "passed": self.passed}
 
 
 def selection_rule(
@@ -123,22 +171,64 @@ def audit(
 ) -> AuditReport:
     """Account for every located file against the labels and check the guards.
 
-    `verify_read(key)`, when given, decodes each file that would be used (a truncated DICOM is only
-    found this way); files that fail it are counted as unparsed with the reader's reason.
+    `verify_read(key)`, when given, decodes each file that would be used (a truncated DICOM is only found this
+    way); files that fail it are counted as unparsed with the reader's reason.
     """
     started = time.perf_counter()
     label_of = labels.by_participant()
     files = located.files
+    # Unparsed: the path or manifest already says what is wrong. Unlabeled: a participant the labels lack.
+    unlabeled = [item for item in files if item.problem is None and item.participant_id not in label_of]
+    candidates = [item for item in files if item.problem is None and item.participant_id in label_of]
+    selected, excluded = _select(candidates, located.duplicates, regions=regions, devices=devices,
+                                 lateralities=lateralities, per_participant=per_participant)
+    if verify_read is not None:
+        _verify(selected, verify_read, verify_workers, progress)
+        selected = [item for item in selected if item.problem is None]
+    unparsed = [item for item in files if item.problem is not None]
+    assert len(files) == len(selected) + len(unlabeled) + len(unparsed) + len(excluded), "a file fell out of the accounting"
 
-    # Bucket 1: unparsed (problem already known from the path or manifest).
-    unlabeled: list[OctFile] = []
-    candidates: list[OctFile] = []
-    for item in files:
-        if item.problem is not None:
-            continue
-        (candidates if item.participant_id in label_of else unlabeled).append(item)
+    with_oct = {item.participant_id for item in files if item.participant_id is not None and item.problem is None}
+    with_labels = set(label_of)
+    matched = with_oct & with_labels
+    match_rate = len(matched) / len(with_labels) if with_labels else 0.0
+    volumes = _volume_table(selected, label_of)
+    splits = participants_per_class(volumes)
+    report = AuditReport(
+        data=data_uri, labels=labels.source, manifest_used=located.manifest_used, split_source=labels.split_source,
+        selection={"regions": list(regions) if regions is not None else None,
+                   "devices": list(devices) if devices is not None else None,
+                   "lateralities": list(lateralities) if lateralities is not None else None,
+                   "per_participant": per_participant, "verified": verify_read is not None},
+        files=FileCounts(len(files), len(selected), len(unlabeled), len(unparsed), len(excluded),
+                         dict(sorted(Counter(item.device or "(none)" for item in files).items())),
+                         dict(sorted(Counter(item.extension for item in files).items()))),
+        participants=ParticipantCounts(len(with_oct), len(with_labels), len(matched),
+                                       sorted(with_labels - with_oct, key=_id_order),
+                                       sorted(with_oct - with_labels, key=_id_order)),
+        match_rate=match_rate, splits=splits, volumes_per_split=_volumes_per_split(volumes),
+        samples={"label_ids": sorted(with_labels, key=_id_order)[:SAMPLE_SIZE],
+                 "file_participant_folders": sorted({item.folder for item in files if item.folder})[:SAMPLE_SIZE],
+                 "file_participant_ids": sorted(with_oct, key=_id_order)[:SAMPLE_SIZE]},
+        unparsed=[{"key": item.key, "reason": item.problem} for item in unparsed],
+        unlabeled=[{"key": item.key, "participant_id": item.participant_id} for item in unlabeled],
+        excluded=excluded, duplicates=located.duplicates, id_mismatches=located.id_mismatches,
+        manifest_missing=located.manifest_missing, manifest_invalid=located.manifest_invalid,
+        labels_invalid=[{"row": r, "id": i, "reason": why} for r, i, why in labels.invalid],
+        labels_conflicting=[{"participant_id": c.participant_id,
+                             "rows": [{"row": n, "id": i, "class": k, "split": s} for n, i, k, s in c.rows]}
+                            for c in labels.conflicts],
+        labels_duplicate_rows_merged=labels.duplicate_rows, volumes=volumes,
+    )
+    report.guards = _guards(report, labels, located, min_match_rate=min_match_rate, min_per_class=min_per_class,
+                            max_duplicate_files=max_duplicate_files)
+    report.seconds = round(time.perf_counter() - started, 3)
+    return report
 
-    # Bucket 3: excluded by the selection rule, then duplicates, then one-per-eye.
+
+def _select(candidates: list[OctFile], duplicates: list[list[str]], *, regions, devices, lateralities,
+            per_participant: str) -> tuple[list[OctFile], list[dict]]:
+    """(selected files, excluded rows with their rule): the selection rule, then duplicates, then one-per-eye."""
     excluded: list[dict] = []
     selected: list[OctFile] = []
     for item in candidates:
@@ -147,140 +237,55 @@ def audit(
             selected.append(item)
         else:
             excluded.append({"key": item.key, "rule": rule})
-    duplicate_of = {key: group[0] for group in located.duplicates for key in group[1:]}
-    kept = []
-    for item in selected:
-        if item.key in duplicate_of:
-            excluded.append({"key": item.key, "rule": f"duplicate of {duplicate_of[item.key]}"})
-        else:
-            kept.append(item)
-    selected = kept
+    duplicate_of = {key: group[0] for group in duplicates for key in group[1:]}
+    excluded += [{"key": item.key, "rule": f"duplicate of {duplicate_of[item.key]}"} for item in selected
+                 if item.key in duplicate_of]
+    selected = [item for item in selected if item.key not in duplicate_of]
     if per_participant == "one_per_eye":
         dropped = _one_per_eye(selected, list(devices or DEVICES))
-        excluded.extend({"key": k, "rule": f"one_per_eye: kept {v}"} for k, v in sorted(dropped.items()))
+        excluded.extend({"key": key, "rule": f"one_per_eye: kept {kept}"} for key, kept in sorted(dropped.items()))
         selected = [item for item in selected if item.key not in dropped]
+    return selected, excluded
 
-    if verify_read is not None:
-        _verify(selected, verify_read, verify_workers, progress)
-        selected = [item for item in selected if item.problem is None]
-    unparsed = [item for item in files if item.problem is not None]
 
-    # Participants on both sides.
-    with_oct = {item.participant_id for item in files if item.participant_id is not None and item.problem is None}
-    with_labels = set(label_of)
-    matched_participants = with_oct & with_labels
-    match_rate = len(matched_participants) / len(with_labels) if with_labels else 0.0
+VOLUME_COLUMNS = ["key", "participant_id", "label", "class_name", "split", "device", "laterality", "region", "size",
+                  "sha1", "version"]
 
-    volumes = pd.DataFrame(
-        [
-            {
-                "key": item.key,
-                "participant_id": item.participant_id,
-                "label": label_of[item.participant_id][0],
-                "class_name": CLASSES[label_of[item.participant_id][0]],
-                "split": label_of[item.participant_id][1],
-                "device": item.device,
-                "laterality": item.laterality,
-                "region": item.region,
-                "size": item.size,
-                "sha1": item.sha1,
-                "version": item.version,
-            }
-            for item in selected
-        ],
-        columns=["key", "participant_id", "label", "class_name", "split", "device", "laterality", "region", "size", "sha1", "version"],
-    )
-    splits = participants_per_class(volumes)
-    split_volumes = {split: {name: 0 for name in CLASSES} for split in SPLITS}
+
+def _volume_table(selected: list[OctFile], label_of: dict) -> pd.DataFrame:
+    rows = [{"key": item.key, "participant_id": item.participant_id, "label": label_of[item.participant_id][0],
+             "class_name": CLASSES[label_of[item.participant_id][0]], "split": label_of[item.participant_id][1],
+             "device": item.device, "laterality": item.laterality, "region": item.region, "size": item.size,
+             "sha1": item.sha1, "version": item.version} for item in selected]
+    return pd.DataFrame(rows, columns=VOLUME_COLUMNS)
+
+
+def _volumes_per_split(volumes: pd.DataFrame) -> dict[str, dict[str, int]]:
+    counts = {split: {name: 0 for name in CLASSES} for split in SPLITS}
     if len(volumes):
         for (split, name), count in volumes.groupby(["split", "class_name"]).size().items():
-            split_volumes[split][name] = int(count)
+            counts[split][name] = int(count)
+    return counts
 
-    found = len(files)
-    summary: dict[str, Any] = {
-        "data": data_uri,
-        "labels": labels.source,
-        "manifest_used": located.manifest_used,
-        "split_source": labels.split_source,
-        "selection": {
-            "regions": list(regions) if regions is not None else None,
-            "devices": list(devices) if devices is not None else None,
-            "lateralities": list(lateralities) if lateralities is not None else None,
-            "per_participant": per_participant,
-            "verified": verify_read is not None,
-        },
-        "files": {
-            "found": found,
-            "matched": len(selected),
-            "unlabeled": len(unlabeled),
-            "unparsed": len(unparsed),
-            "excluded": len(excluded),
-            "by_device": dict(sorted(Counter(item.device or "(none)" for item in files).items())),
-            "by_extension": dict(sorted(Counter(item.extension for item in files).items())),
-        },
-        "participants": {
-            "with_oct": len(with_oct),
-            "with_labels": len(with_labels),
-            "matched": len(matched_participants),
-            "labels_without_oct": sorted(with_labels - with_oct, key=_id_order),
-            "oct_without_labels": sorted(with_oct - with_labels, key=_id_order),
-        },
-        "match_rate": round(match_rate, 4),
-        "splits": splits,
-        "volumes_per_split": split_volumes,
-        "samples": {
-            "label_ids": sorted(with_labels, key=_id_order)[:SAMPLE_SIZE],
-            "file_participant_folders": sorted({item.folder for item in files if item.folder})[:SAMPLE_SIZE],
-            "file_participant_ids": sorted(with_oct, key=_id_order)[:SAMPLE_SIZE],
-        },
-        "unparsed": [{"key": item.key, "reason": item.problem} for item in unparsed],
-        "unlabeled": [{"key": item.key, "participant_id": item.participant_id} for item in unlabeled],
-        "excluded": excluded,
-        "duplicates": located.duplicates,
-        "id_mismatches": located.id_mismatches,
-        "manifest_missing": located.manifest_missing,
-        "manifest_invalid": located.manifest_invalid,
-        "labels_invalid": [{"row": r, "id": i, "reason": why} for r, i, why in labels.invalid],
-        "labels_conflicting": [
-            {"participant_id": c.participant_id, "rows": [{"row": n, "id": i, "class": k, "split": s} for n, i, k, s in c.rows]}
-            for c in labels.conflicts
-        ],
-        "labels_duplicate_rows_merged": labels.duplicate_rows,
-        "seconds": None,
-    }
-    assert found == len(selected) + len(unlabeled) + len(unparsed) + len(excluded), "a file fell out of the accounting"
 
-    guards = [
-        Guard(
-            "match_rate",
-            match_rate >= min_match_rate,
-            f"{len(matched_participants)} of {len(with_labels)} labelled participants have OCT files "
-            f"({match_rate:.1%}; minimum {min_match_rate:.0%})",
-        ),
-    ]
-    guards += split_class_guards(splits, min_per_class)
-    conflict_ids = [c.participant_id for c in labels.conflicts]
-    guards.append(
-        Guard(
-            "conflicting_labels",
-            not labels.conflicts,
-            f"every participant has one class and one split ({labels.duplicate_rows} identical duplicate rows merged)"
-            if not labels.conflicts
-            else f"{len(conflict_ids)} participants with rows of different classes or splits, left out: "
-            f"{', '.join(conflict_ids[:10])}{' ...' if len(conflict_ids) > 10 else ''}",
-        )
-    )
-    n_duplicate_files = sum(len(group) - 1 for group in located.duplicates)
-    guards.append(
-        Guard(
-            "duplicate_files",
-            n_duplicate_files <= max_duplicate_files,
-            f"{n_duplicate_files} duplicate files (maximum {max_duplicate_files})"
-            + (f": {located.duplicates[:5]}" if located.duplicates else ""),
-        )
-    )
-    summary["seconds"] = round(time.perf_counter() - started, 3)
-    return AuditReport(summary=summary, volumes=volumes, guards=guards)
+def _guards(report: AuditReport, labels: Labels, located: Located, *, min_match_rate: float, min_per_class: int,
+            max_duplicate_files: int) -> list[Guard]:
+    people = report.participants
+    guards = [Guard("match_rate", report.match_rate >= min_match_rate,
+                    f"{people.matched} of {people.with_labels} labelled participants have OCT files "
+                    f"({report.match_rate:.1%}; minimum {min_match_rate:.0%})")]
+    guards += split_class_guards(report.splits, min_per_class)
+    conflicts = [c.participant_id for c in labels.conflicts]
+    guards.append(Guard(
+        "conflicting_labels", not conflicts,
+        f"every participant has one class and one split ({labels.duplicate_rows} identical duplicate rows merged)"
+        if not conflicts else f"{len(conflicts)} participants with rows of different classes or splits, left out: "
+        f"{', '.join(conflicts[:10])}{' ...' if len(conflicts) > 10 else ''}"))
+    duplicates = sum(len(group) - 1 for group in located.duplicates)
+    guards.append(Guard("duplicate_files", duplicates <= max_duplicate_files,
+                        f"{duplicates} duplicate files (maximum {max_duplicate_files})"
+                        + (f": {located.duplicates[:5]}" if located.duplicates else "")))
+    return guards
 
 
 def participants_per_class(volumes: pd.DataFrame) -> dict[str, dict[str, int]]:

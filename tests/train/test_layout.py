@@ -101,7 +101,7 @@ def eval_on_xla(folder: Path) -> dict:
         logits = torch.zeros(len(dataset), 4, device=runtime.device)
         batches = assembled_batches(dataset, layout.eval_batch_size, range(len(dataset)), host_count)
         for batch in runtime.device_loader(batches):
-            out = eval_step(model, batch, num_classes=4, runtime=runtime)
+            out = eval_step(model, batch, runtime=runtime)
             logits = logits + place_rows(out["logits"], batch["row"], batch["w"], len(dataset))
         np.save(folder / f"logits_{host_count}.npy", runtime.to_host(logits))
     np.save(folder / "reference.npy", reference)
