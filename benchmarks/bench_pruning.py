@@ -8,7 +8,7 @@ same order, in three studies that differ only in their pruner:
   median           pruner.collapse.enabled=false: MedianPruner alone
   none             pruner.collapse.enabled=false pruner.wrapped.type=none: nothing is pruned
 
-Each study runs through `octft.sweep.launch` with one worker, its own Optuna and MLflow sqlite files, and
+Each study runs through `octft.sweep.launch.launch` with one worker, its own Optuna and MLflow sqlite files, and
 synthetic data (and preprocessing cache) shared by all three. The sweep and experiment YAMLs are copied
 first: every trial process rereads them, so an edit of the repo's files mid-run would change the settings. Training is seeded (train.seed), so a
 trial's epochs are the same in every setting until it is pruned. Per setting it prints trials by state,
@@ -126,7 +126,8 @@ def run_setting(name: str, root: Path, spec_path: Path, params: list[dict[str, A
     import optuna
     from optuna.trial import TrialState
 
-    from octft.sweep.study import launch
+    from octft.sweep.launch import launch
+    from octft.sweep.records import trial_record
 
     directory = root / name.replace("+", "_")
     directory.mkdir(parents=True)
@@ -157,11 +158,11 @@ def run_setting(name: str, root: Path, spec_path: Path, params: list[dict[str, A
     prune_reasons: Counter = Counter()
     outcomes = {}
     for trial in trials:
-        attrs = trial.user_attrs
-        epochs_run = attrs.get("epochs_run")
+        outcome = trial_record(trial).outcome
+        epochs_run = outcome.epochs_run if outcome else None
         if trial.state == TrialState.PRUNED:
-            prune_reasons[f"{attrs.get('prune_reason', '?')}@{attrs.get('prune_epoch', '?')}"] += 1
-            outcomes[trial.number] = f"P {attrs.get('prune_reason', '?')} ({epochs_run})"
+            prune_reasons[f"{outcome.prune_reason}@{outcome.prune_epoch}"] += 1
+            outcomes[trial.number] = f"P {outcome.prune_reason} ({epochs_run})"
         elif trial.state == TrialState.COMPLETE:
             outcomes[trial.number] = f"{trial.value:.3f} ({epochs_run})"
         else:
@@ -171,7 +172,8 @@ def run_setting(name: str, root: Path, spec_path: Path, params: list[dict[str, A
         # Optuna stores naive local datetimes, which .timestamp() reads as local time.
         best_after = best.datetime_complete.timestamp() - started
     return SettingResult(
-        name=name, counts=counts, epochs=sum(int(t.user_attrs.get("epochs_run") or 0) for t in trials), wall_s=wall,
+        name=name, counts=counts, wall_s=wall,
+        epochs=sum(record.outcome.epochs_run or 0 for record in map(trial_record, trials) if record.outcome),
         best_value=None if best is None else best.value, best_trial=None if best is None else best.number,
         best_after_s=best_after, prune_reasons=prune_reasons, outcomes=outcomes,
         load=(load_before, os.getloadavg()[0]),

@@ -50,6 +50,7 @@ from typing import Any
 
 from bench_pruning import copy_specs, draw_params, prepare
 
+from octft.sweep.records import TrialOutcome, trial_record
 from octft.train.devices import trial_device_env as device_env
 
 NO_PRUNING = ["pruner.collapse.enabled=false", "pruner.wrapped.type=none"]
@@ -152,12 +153,12 @@ def run_octft(name: str, root: Path, spec_path: Path, params: list[dict[str, Any
         raise SystemExit(f"{name}: octft sweep launch exited with {code}; see {directory / 'launch.log'}")
     rows = []
     for trial in optuna.load_study(study_name=study_name, storage=storage).get_trials(deepcopy=False):
-        attrs = trial.user_attrs
-        rss = attrs.get("runner_rss_bytes")
+        record = trial_record(trial)
+        outcome = record.outcome or TrialOutcome(status="failed")
+        rss = outcome.runner_rss_bytes
         rows.append(TrialRow(
-            number=trial.number, worker=int(attrs.get("worker", 0)), pid=attrs.get("pid"),
-            runner_trials=attrs.get("runner_trials"), compiles=attrs.get("xla_compiles"),
-            epoch_s=float(attrs.get("epoch_seconds") or 0.0),
+            number=trial.number, worker=int(record.worker or 0), pid=record.runner_pid,
+            runner_trials=outcome.runner_trials, compiles=outcome.compiles, epoch_s=outcome.epoch_seconds,
             # Optuna stores naive local datetimes, which .timestamp() reads as local time.
             started=trial.datetime_start.timestamp() - started, rss_mb=None if rss is None else rss / 2**20,
             ended=None if trial.datetime_complete is None else trial.datetime_complete.timestamp() - started,
@@ -201,7 +202,7 @@ def run_peer(root: Path, spec_path: Path, params: list[dict[str, Any]], args, da
     (directory / "job.json").write_text(json.dumps(job))
     children = []
     for index in range(processes):
-        # The devices one octft worker's trials get (`octft.sweep.workers.device_env`), so both train alike.
+        # The devices one octft worker's trials get (`octft.sweep.runners.runner_environment`), so both train alike.
         env = dict(os.environ, **device_env(index, args.devices_per_trial))
         with open(directory / f"peer-{index}.log", "w") as log:
             children.append(subprocess.Popen(
@@ -323,8 +324,8 @@ def print_report(results: list[ModeResult], args, seconds: float) -> None:
 
 
 # What every mode imports: compiled to bytecode once, before any mode is timed.
-WARM_IMPORTS = ("octft.cli", "octft.sweep.study", "octft.sweep.workers", "octft.sweep.trial", "octft.train.recipe",
-                "octft.train.loop", "octft.data.dataset", "octft.data.audit", "octft.track.mlflow_tracker",
+WARM_IMPORTS = ("octft.cli", "octft.sweep.launch", "octft.sweep.worker", "octft.sweep.trial", "octft.train.recipe",
+                "octft.train.loop", "octft.data.dataset", "octft.data.audit", "octft.track.mlflow_store",
                 "mlflow.tracking", "mlflow.store.tracking.sqlalchemy_store", "optuna")
 
 

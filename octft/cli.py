@@ -280,7 +280,12 @@ def cmd_demo(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="octft", description="Sweeps of V-JEPA 2 OCT encoder fine-tunes.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_demo_and_data_commands, _train_commands, _sweep_commands, _champion_commands, _study_view_commands):
+        add(commands)
+    return parser
 
+
+def _demo_and_data_commands(commands) -> None:
     demo = commands.add_parser("demo", help="the whole job on synthetic AI-READI data (README's first command)")
     demo.add_argument("--dir", default="demo", help="where the demo writes everything (default: demo)")
     demo.add_argument("--participants", type=int, default=128)
@@ -327,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--share", metavar="I/N",
                        help="prepare only share I of N (0-based): hosts filling one shared cache together")
     cache.set_defaults(func=cmd_data_cache)
+
+
+def _train_commands(commands) -> None:
     train = commands.add_parser("train", help="one fine-tune: octft train CONFIG [key=value ...]")
     train.add_argument("config", help="an experiment YAML, e.g. experiments/demo.yaml")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr_head=1e-3")
@@ -357,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     smoke.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of experiments/smoke.yaml")
     smoke.set_defaults(func=cmd_smoke)
 
+
+def _sweep_commands(commands) -> None:
     sweep = commands.add_parser("sweep", help="Optuna sweeps: launch workers, see the trials, replay one")
     sweep_commands = sweep.add_subparsers(dest="sweep_command", required=True, metavar="SWEEP_COMMAND")
 
@@ -395,6 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--trial", type=int, required=True, help="the trial number (see octft sweep status)")
     show.set_defaults(func=cmd_sweep_show)
 
+
+def _champion_commands(commands) -> None:
     promote = commands.add_parser("promote", help="test the best healthy trial once and register it as the champion")
     promote.add_argument("spec", help="the sweep YAML, e.g. sweeps/demo.yaml")
     promote.add_argument("overrides", nargs="*", metavar="key=value", help="sweep overrides, e.g. promote.min_class_f1=0.1")
@@ -413,6 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--json", action="store_true", help="print the predictions as JSON")
     predict.set_defaults(func=cmd_predict)
 
+
+def _study_view_commands(commands) -> None:
     ui = commands.add_parser("ui", help="serve the study's MLflow store and print its runs and compare pages")
     ui.add_argument("spec", help="the sweep YAML, e.g. sweeps/demo.yaml")
     ui.add_argument("overrides", nargs="*", metavar="key=value", help="sweep overrides")
@@ -429,7 +443,6 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--storage", help="Optuna storage URL (default: the spec's storage)")
     report.add_argument("--tracking-uri", help="MLflow tracking URI (default: the spec's mlflow.tracking_uri)")
     report.set_defaults(func=cmd_report)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,7 +13,6 @@ drawn yet (too few trials, say) becomes a note saying why, never a crash.
 from __future__ import annotations
 
 import html
-import os
 import string
 import tempfile
 import time
@@ -37,7 +36,7 @@ from octft.errors import MissingInputError, UsageError
 from octft.redaction import redact_url
 from octft.registry.promote import CI_SCORES, TEST_REUSE_TAG, select_trial
 from octft.stores import resolve_tracking_uri
-from octft.sweep.records import CHAMPION_ATTR, test_evaluations, trial_record
+from octft.sweep.records import CHAMPION_ATTR, study_folder, test_evaluations, trial_record
 from octft.sweep.spec import SweepSpec
 from octft.sweep.storage import open_existing_study
 from octft.sweep.tracking import parent_run_id, update_parent_note
@@ -266,13 +265,6 @@ def load_definition(path: str | Path = DEFAULT_DEFINITION) -> dict[str, Any]:
     return {"template": template, "figures": figures}
 
 
-def study_dir(study: optuna.Study) -> Path:
-    """Where a study's trials wrote their run folders (their common parent); the working directory if none did."""
-    parents = [str(Path(record.run_dir).parent) for record in map(trial_record, study.get_trials(deepcopy=False))
-               if record.run_dir]
-    return Path(os.path.commonpath(parents)) if parents else Path.cwd()
-
-
 def _table(header: list[str], rows: list[list[Any]]) -> str:
     head = "".join(f"<th>{html.escape(str(cell))}</th>" for cell in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(cell))}</td>" for cell in row) + "</tr>" for row in rows)
@@ -360,7 +352,7 @@ def render_report(
     context = ReportContext(study, study.get_trials(deepcopy=False), store, spec.objective.metric,
                             spec.promote.min_class_f1)
     page = build_report_html(context, load_definition(definition), storage=storage)
-    path = Path(out) if out else study_dir(study) / REPORT_NAME
+    path = Path(out) if out else Path(study_folder(study.user_attrs) or Path.cwd()) / REPORT_NAME
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(page, encoding="utf-8")

@@ -139,6 +139,11 @@ class EpochRecord:
         return None if data is None else cls(list(data["pred_frac"]), float(data["balanced_accuracy"]))
 
 
+def study_folder(user_attrs: dict[str, Any]) -> str | None:
+    """Where the study's first launch put its trial folders and plans (`<output_dir>/sweeps/<study name>`)."""
+    return (user_attrs.get(PLAN_ATTR) or {}).get("study_dir")
+
+
 def launched_before_plans(user_attrs: dict[str, Any]) -> bool:
     """Whether a study was launched by an octft from before launch plans (its records are not these)."""
     return PLAN_ATTR not in user_attrs and any(name in user_attrs for name in PRE_PLAN_ATTRS)

@@ -61,6 +61,7 @@ def create_or_load_study(plan: LaunchPlan, storage: RDBStorage) -> tuple[optuna.
         recorded = attrs.get(PLAN_ATTR)
         if recorded is None:
             recorded = {"format": PLAN_FORMAT, "config": plan.config_digest(), "fixed": spec.fixed,
+                        "study_dir": plan.study_dir,
                         "experiment_overrides": plan.experiment_overrides,
                         "parent_run_id": ensure_parent_run(plan, spec), "launches": 0,
                         "sampler": sampler_settings(spec), "objective": spec.objective.model_dump()}

@@ -27,7 +27,6 @@ from typing import Protocol, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from octft.data.batches import Batches, place_rows
 from octft.train.losses import mean_loss, row_losses

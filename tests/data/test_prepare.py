@@ -9,7 +9,6 @@ is reached as a real bucket would be; decoding runs wherever `stream_prepare` pu
 from __future__ import annotations
 
 import json
-import os
 import threading
 from pathlib import Path
 

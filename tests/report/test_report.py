@@ -46,7 +46,7 @@ def _study(root, *, trials: list[tuple[TrialState, float, dict]]):
     parent.finish("FINISHED")
     study = optuna.create_study(study_name="report-test", storage=storage, direction="maximize",
                                 sampler=optuna.samplers.RandomSampler(seed=0))
-    study.set_user_attr(PLAN_ATTR, {"parent_run_id": parent.run_id})
+    study.set_user_attr(PLAN_ATTR, {"parent_run_id": parent.run_id, "study_dir": str(root / "runs")})
     for state, value, attrs in trials:
         trial = study.ask(DISTRIBUTIONS)
         epochs = attrs.pop("epochs", 3)
@@ -111,7 +111,7 @@ def test_every_figure_renders_in_headless_chromium_without_console_errors(tmp_pa
     ])
 
     assert main(["report", str(spec)]) == 0
-    out = tmp_path / "runs" / "report.html"  # the study dir: where the trials' run folders are
+    out = tmp_path / "runs" / "report.html"  # the study's folder: where its trials' run folders are
     page = out.read_text()
     assert not re.search(r"<script[^>]+src=|<link[^>]+href=|@import", page), "the report must not fetch anything"
     assert "pruned: collapse" in page and "pruned: median" in page and "TrainingError: loss is nan" in page
