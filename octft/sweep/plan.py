@@ -124,7 +124,7 @@ class LaunchPlan(_Strict):
 
     def config_digest(self) -> str:
         """What every trial's config shares, whatever it samples: a relaunch must keep it."""
-        shared = [self.base, sorted(self.spec().fixed.items()), self.experiment_overrides, self.spec().objective.model_dump()]
+        shared = [sorted(self.spec().fixed.items()), self.experiment_overrides, self.spec().objective.model_dump()]
         return hashlib.sha256(json.dumps(shared, default=str).encode()).hexdigest()[:16]
 
     @property
@@ -263,7 +263,7 @@ def resolve_plan(
         study_dir=str((Path(base.output_dir) / "sweeps" / spec.study_name).resolve()),
         # Only what the file and overrides set: defaults of another sampler type would not validate again.
         sweep=spec.model_dump(mode="json", exclude_unset=True, exclude={"storage"}),
-        base=str(Path(spec.base).resolve()), experiment_overrides=experiment_overrides,
+        base=spec.base, experiment_overrides=experiment_overrides,
         storage=remember_password(spec.storage), tracking_uri=remember_password(tracking_uri), head_from=head_from,
         probe=probe,
         launch=LaunchSettings(
