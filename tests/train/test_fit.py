@@ -227,13 +227,19 @@ def cli_command(data_dir: Path, cache_dir: Path, run_dir: Path, db: Path, *overr
             *overrides, "--run-dir", str(run_dir), "--tracking-uri", f"sqlite:///{db}"]
 
 
-def run_cli(command: list[str], *, devices: int | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+def start_cli(command: list[str], *, devices: int | None = None) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     if devices is not None:
         env.update(PJRT_DEVICE="CPU", CPU_NUM_DEVICES=str(devices))
-    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    return completed
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+
+
+def run_cli(command: list[str] | subprocess.Popen, *, devices: int | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `command` (or wait for one started with `start_cli`); it must succeed."""
+    process = command if isinstance(command, subprocess.Popen) else start_cli(command, devices=devices)
+    stdout, stderr = process.communicate(timeout=timeout)
+    assert process.returncode == 0, stderr[-3000:]
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def metric_history(db: Path, run_dir: Path, key: str) -> list[float]:
@@ -253,19 +259,28 @@ XLA_RUN = ("runtime.kind=xla", "train.epochs=6", "train.unfreeze_epoch=1", "trai
 
 
 @pytest.fixture(scope="module")
-def spmd_run(small_data, tmp_path_factory) -> tuple[Path, Path]:
-    """The demo model for 6 epochs on XLA:CPU SPMD over 4 devices: (run dir, MLflow db)."""
-    root = tmp_path_factory.mktemp("spmd4")
-    run_cli(cli_command(*small_data, root / "run", root / "mlflow.db", *XLA_RUN), devices=4)
-    return root / "run", root / "mlflow.db"
+def spmd_runs(small_data, tmp_path_factory) -> dict[int, tuple[Path, Path]]:
+    """The demo model for 6 epochs on XLA:CPU SPMD over 4 devices and on 1 device, trained at once:
+    {devices: (run dir, MLflow db)}."""
+    root = tmp_path_factory.mktemp("spmd")
+    runs = {devices: (root / f"run-{devices}", root / f"mlflow-{devices}.db") for devices in (4, 1)}
+    started = [start_cli(cli_command(*small_data, run_dir, db, *XLA_RUN), devices=devices)
+               for devices, (run_dir, db) in runs.items()]
+    for process in started:
+        run_cli(process)
+    return runs
+
+
+@pytest.fixture(scope="module")
+def spmd_run(spmd_runs) -> tuple[Path, Path]:
+    return spmd_runs[4]
 
 
 @pytest.mark.integration
-def test_spmd_over_four_devices_matches_one_device(small_data, spmd_run, tmp_path):
-    run_cli(cli_command(*small_data, tmp_path / "run", tmp_path / "mlflow.db", *XLA_RUN), devices=1)
-
+def test_spmd_over_four_devices_matches_one_device(spmd_runs):
+    spmd_run, (one_dir, one_db) = spmd_runs[4], spmd_runs[1]
     four = metric_history(spmd_run[1], spmd_run[0], "train/loss")
-    one = metric_history(tmp_path / "mlflow.db", tmp_path / "run", "train/loss")
+    one = metric_history(one_db, one_dir, "train/loss")
     assert len(four) == len(one) == 6
     # Only the order of the gradient all-reduce differs. Measured: epoch losses agree to ~1e-7
     # (relative) and weights to ~7e-6 after 6 epochs of AdamW, which divides by sqrt(v) and so
@@ -273,10 +288,10 @@ def test_spmd_over_four_devices_matches_one_device(small_data, spmd_run, tmp_pat
     np.testing.assert_allclose(four, one, rtol=1e-6, atol=0)
     assert four[0] != four[-1]  # it trained: the losses are not one repeated number
     val_four = metric_history(spmd_run[1], spmd_run[0], "val/loss")
-    val_one = metric_history(tmp_path / "mlflow.db", tmp_path / "run", "val/loss")
+    val_one = metric_history(one_db, one_dir, "val/loss")
     np.testing.assert_allclose(val_four, val_one, rtol=1e-6, atol=0)
     weights_four = load_state(spmd_run[0] / "last.pt")["model"]
-    weights_one = load_state(tmp_path / "run" / "last.pt")["model"]
+    weights_one = load_state(one_dir / "last.pt")["model"]
     for name, value in weights_four.items():
         np.testing.assert_allclose(value.numpy(), weights_one[name].numpy(), rtol=0, atol=1e-4, err_msg=name)
 
@@ -296,7 +311,7 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(small_data, tmp_path):
     # Unfrozen at 1: epoch 0, on stored features, is the frozen phase's last, so it writes last.pt.
     epochs = ("train.epochs=5", "train.unfreeze_epoch=1", "runtime.kind=cpu")
     straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
-    run_cli(cli_command(*small_data, straight_dir, tmp_path / "straight.db", *epochs))
+    straight = start_cli(cli_command(*small_data, straight_dir, tmp_path / "straight.db", *epochs))  # meanwhile
 
     command = cli_command(*small_data, resumed_dir, tmp_path / "resumed.db", *epochs)
     with open(tmp_path / "stderr.txt", "w") as stderr:
@@ -313,6 +328,7 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(small_data, tmp_path):
 
     resumed = run_cli(command + ["--resume"])
     assert f"after epoch {interrupted['epoch']}" in resumed.stdout
+    run_cli(straight)
 
     straight_state, resumed_state = load_state(straight_dir / "last.pt"), load_state(resumed_dir / "last.pt")
     straight_loop, resumed_loop = json.loads(straight_state["loop_state"]), json.loads(resumed_state["loop_state"])

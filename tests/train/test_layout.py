@@ -143,14 +143,20 @@ SCENARIO_A = ("runtime.kind=xla", "train.epochs=2", "train.unfreeze_epoch=0", "t
               "train.early_stopping_patience=null")
 
 
-def train_cli(small_data, run_dir: Path, devices: int, *overrides: str) -> subprocess.CompletedProcess:
+def start_train(small_data, run_dir: Path, devices: int, *overrides: str) -> subprocess.Popen:
+    """`octft train` on `devices` XLA:CPU devices, started (its own process: XLA's device count is per process)."""
     data_dir, cache_dir = small_data
     sizes = [f"data.preprocess.{key}={value}" for key, value in SMALL.items()]
     command = [sys.executable, "-m", "octft.cli", "train", str(DEMO), f"data.uri={data_dir}",
                f"data.cache_dir={cache_dir}", *sizes, f"output_dir={run_dir.parent}", *overrides,
                "--run-dir", str(run_dir), "--tracking-uri", f"sqlite:///{run_dir.parent / 'mlflow.db'}"]
     env = dict(os.environ, PJRT_DEVICE="CPU", CPU_NUM_DEVICES=str(devices), OMP_NUM_THREADS="1")
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+
+
+def finished(process: subprocess.Popen) -> subprocess.CompletedProcess:
+    stdout, stderr = process.communicate(timeout=900)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def run_record(run_dir: Path):
@@ -167,8 +173,12 @@ def run_record(run_dir: Path):
 def test_scenario_a_trains_the_same_on_one_eight_and_sixteen_devices(small_data, tmp_path):
     runs = {}
     # "8x1": 8 devices with the micro-batch a sweep may fix (runtime.micro_batch_rows=1): 2 micro-batches per step.
-    for name, devices, extra in ((1, 1, ()), (8, 8, ()), (16, 16, ()), ("8x1", 8, ("runtime.micro_batch_rows=1",))):
-        completed = train_cli(small_data, tmp_path / f"d{name}" / "run", devices, *SCENARIO_A, *extra)
+    # The four runs train at once (each compiles and imports on one thread most of the time).
+    started = {name: start_train(small_data, tmp_path / f"d{name}" / "run", devices, *SCENARIO_A, *extra)
+               for name, devices, extra in ((1, 1, ()), (8, 8, ()), (16, 16, ()),
+                                            ("8x1", 8, ("runtime.micro_batch_rows=1",)))}
+    for name, process in started.items():
+        completed = finished(process)
         assert completed.returncode == 0, completed.stderr[-3000:]
         runs[name] = run_record(tmp_path / f"d{name}" / "run")
     expected = {1: ("4", "4"), 8: ("2", "1"), 16: ("1", "1"), "8x1": ("1", "2")}
@@ -185,7 +195,7 @@ def test_scenario_a_trains_the_same_on_one_eight_and_sixteen_devices(small_data,
 @pytest.mark.integration
 def test_an_effective_batch_the_devices_cannot_share_is_refused_before_training(small_data, tmp_path):
     run_dir = tmp_path / "run"
-    completed = train_cli(small_data, run_dir, 8, *SCENARIO_A, "train.accumulation_steps=1")
+    completed = finished(start_train(small_data, run_dir, 8, *SCENARIO_A, "train.accumulation_steps=1"))
     assert completed.returncode == 2
     message = completed.stderr.strip().splitlines()[-1]
     assert message.startswith("octft: error: effective batch 4") and "over 8 devices" in message
