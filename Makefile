@@ -51,11 +51,14 @@ browser:
 demo: install
 	$(VENV)/bin/octft demo
 
+# The suite on both cores of a 2-core machine (pytest-xdist; one test file per worker at a time, so a file's
+# module fixtures are made once). TEST_WORKERS=1 runs it in one process.
+TEST_WORKERS ?= 2
 test: install browser
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: install
-	$(VENV)/bin/pytest -m "not integration"
+	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadfile -m "not integration"
 
 bench: install
 	$(PY) benchmarks/bench_audit.py
