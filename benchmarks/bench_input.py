@@ -26,7 +26,8 @@ import numpy as np
 import pandas as pd
 
 from octft.data.cache import VolumeCache
-from octft.data.dataset import VolumeDataset, volume_pack
+from octft.data.dataset import volume_pack
+from octft.data.samples import VolumeDataset
 from octft.data.preprocess import Preprocessing
 from octft.models.encoder import input_as_float
 from octft.train.devices import TPU_CHIPS

@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from octft.data.preprocess import Preprocessing, preprocess
@@ -342,7 +341,10 @@ def _check_picklable(items: Sequence[tuple[str, Loader]]) -> None:
 
 
 def _limit_torch_threads(threads: int) -> None:
-    # Without this every worker process would start one torch thread per core.
+    # Without this every worker process would start one torch thread per core. Imported here, in the pool's
+    # processes: the module itself is read by a launch that prepares data without torch.
+    import torch
+
     torch.set_num_threads(threads)
 
 

@@ -1,30 +1,36 @@
-"""From an audit's volume table to training samples, through the preprocessing cache.
+"""The data a config names, audited and prepared: from an audit's volume table to each split's pack.
 
 Every trial of a sweep reads prepared arrays from the cache instead of decoding DICOM again. A
 volume that fails to decode is counted and reported by `prepare_volumes`, and the dataset is built only
 from the volumes that have a cache entry. Each split is read from a pack (`volume_pack`) whose dtype is
 `data.pack_dtype` (`resolve_pack_dtype`); batches leave the host in that dtype and the model converts
-them to float32 on the device (`octft.models.encoder.input_as_float`).
+them to float32 on the device (`octft.models.encoder.input_as_float`). `prepare_data` does it all for a
+config's `data` section, refusing data whose audit failed. No torch here: the samples are
+`octft.data.samples`, and a launch prepares the data without importing it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import asdict, dataclass, field
 from functools import partial
-from typing import Callable, Literal, Sequence, get_args
+from typing import TYPE_CHECKING, Callable, Literal, Sequence, get_args
 
 import numpy as np
 import pandas as pd
-import torch
 
+from octft.data.audit import AuditReport, audit_dataset, participants_per_class, split_class_guards
 from octft.data.cache import CacheReport, StorageDtype, VolumeCache
 from octft.data.pack import Pack, open_pack, write_pack
 from octft.data.prepare import GB, PrepareItem, default_workers, plan_preparation, stream_prepare, take_share
 from octft.data.storage import open_storage
 from octft.data.preprocess import Preprocessing
 from octft.data.readers import read_volume
-from octft.errors import UsageError
+from octft.errors import OctftError, UsageError
+
+if TYPE_CHECKING:
+    from octft.data.samples import VolumeDataset
 
 PackDtype = Literal["auto", "uint8", "float16", "float32"]
 # Intensities that map every clip into [0, 1], so that uint8 can store round(x * 255).
@@ -80,7 +86,7 @@ class PreparedVolumes:
     keep_downloads: bool = False  # `data.download.keep`: a rebuild keeps its raw copy within the budget
     download_budget_bytes: int = 0
 
-    def dataset(self, split: str) -> "VolumeDataset":
+    def dataset(self, split: str) -> VolumeDataset:
         """The samples of one split (`train`, `val` or `test`), read from the split's pack.
 
         The pack (one memory-mapped array of the split's clips, see `octft.data.pack`) is opened, its
@@ -92,6 +98,9 @@ class PreparedVolumes:
                 if self.storage is not None else None)
         if split not in self.packs:
             self.packs[split] = volume_pack(self.cache, volumes, load, pack_dtype=self.pack_dtype)
+        # torch comes with the samples, not with the preparation: a launch prepares data without it.
+        from octft.data.samples import VolumeDataset
+
         return VolumeDataset(volumes, self.cache, load=load, pack=self.packs[split])
 
 
@@ -225,55 +234,69 @@ def prepare_volumes(
                            keep_downloads=keep, download_budget_bytes=int(budget_gb * GB) if keep else 0)
 
 
-class VolumeDataset:
-    """A map-style dataset (what `torch.utils.data` takes): samples `{"x": (1, T, H, W), "y": class index, "index": row}` read from a pack, else the cache.
+class AuditFailedError(OctftError, RuntimeError):
+    """Training refuses data whose audit failed, unless the failed guards are allowed by name."""
 
-    `x` comes in the pack's dtype (uint8 holding round(x * 255), float16 or float32; float32 without a
-    pack) and is converted to float32 on the device, by the model (`octft.models.encoder.input_as_float`),
-    so a uint8 batch crosses to the device in a quarter of float32's bytes.
-    `index` points back into `volumes` (participant, key) so evaluation can aggregate by participant.
-    `load(key)` reads a source volume again when its cache entry went missing or bad after the build.
-    `gather(indices)` reads a whole batch from the pack at once.
-    torch is imported where samples are made, not with the module: a sweep's launch audits and prepares
-    the data without it while its trial runners import it.
+
+@dataclass
+class DataSetup:
+    """A run's audited data and prepared cache, for one set of data settings."""
+
+    report: AuditReport
+    prepared: PreparedVolumes
+
+
+def audited_data(data):
+    """Audit the data a config's `data` section names; refuse it when a guard failed that it does not allow."""
+    report = audit_dataset(**data.audit_kwargs())
+    failed = report.failed_guards(data.allow_failed_guards)
+    if failed:
+        names = ", ".join(guard.name for guard in failed)
+        raise AuditFailedError(
+            f"data audit of {data.uri} failed ({'; '.join(f'{g.name}: {g.detail}' for g in failed)}); run `octft "
+            f"data audit --data {data.uri}` for the full report, or override on purpose with "
+            f"data.allow_failed_guards=[{names}]"
+        )
+    return report
+
+
+def prepare_data(data, *, progress: bool) -> DataSetup:
+    """Audit the data a config names (refusing failed guards) and make sure its cache is complete."""
+    report = audited_data(data)
+    prepared = prepare_volumes(volumes=report.volumes, progress=progress, **data.prepare_kwargs())
+    if prepared.report.failed:
+        print(f"{len(prepared.report.failed)} volumes could not be read and are left out:")
+        for source, reason in prepared.report.failed:
+            print(f"  {source}: {reason}")
+        check_after_cache(data, prepared)
+    return DataSetup(report, prepared)
+
+
+def check_after_cache(data, prepared) -> None:
+    """The audit's split guards again, on the volumes that survived the cache.
+
+    A volume that failed to decode at cache time can empty a class of a split the audit saw full; validation
+    would then average over fewer classes without saying so. Refused like the audit refuses, naming the files.
     """
+    guards = split_class_guards(participants_per_class(prepared.volumes), data.audit_kwargs()["min_per_class"])
+    failed = [guard for guard in guards if not guard.passed and guard.name not in set(data.allow_failed_guards)]
+    if not failed:
+        return
+    reasons = dict(prepared.report.failed)
+    lost = prepared.failed_volumes
+    lost = lost[lost.split.isin([guard.name.removeprefix("classes_in_") for guard in failed])]
+    files = [f"{row.key} ({row.split}, {row.class_name}): {reasons[row.source_id]}" for row in lost.itertuples(index=False)]
+    names = ", ".join(guard.name for guard in failed)
+    raise AuditFailedError(
+        f"after the cache, {'; '.join(guard.detail for guard in failed)}: volumes that failed to decode left the split "
+        f"short ({'; '.join(files[:10])}{' ...' if len(files) > 10 else ''}); fix or replace those files, or override "
+        f"on purpose with data.allow_failed_guards=[{names}]"
+    )
 
-    def __init__(self, volumes: pd.DataFrame, cache: VolumeCache, *, load: Callable[[str], object] | None = None,
-                 pack: Pack | None = None):
-        self.volumes = volumes.reset_index(drop=True)
-        self.cache = cache
-        self.load = load
-        self.pack = pack
-        self.labels = self.volumes.label.to_numpy(dtype=np.int64)
 
-    def __len__(self) -> int:
-        return len(self.volumes)
-
-    def gather(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x (B, 1, T, H, W) in the pack's dtype, y (B,) long) of the rows at `indices`, in that order."""
-        if self.pack is not None:
-            clips = torch.from_numpy(self.pack.gather(indices))
-        else:
-            clips = torch.stack([self[index]["x"][0] for index in indices])
-        return clips.unsqueeze(1), torch.from_numpy(self.labels[list(indices)])
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        if self.pack is not None:
-            x, y = self.gather([index])
-            return {"x": x[0], "y": y[0], "index": torch.tensor(index, dtype=torch.long)}
-        sid = self.volumes.source_id.iloc[index]
-        if self.load is not None:
-            # An entry removed or corrupted since the build is detected by the cache and rebuilt here.
-            clip = self.cache.get_or_build(sid, partial(self.load, self.volumes.key.iloc[index]))
-        else:
-            clip = self.cache.get(sid)
-            if clip is None:
-                raise FileNotFoundError(f"no valid cache entry for {sid}: run `octft data cache` again")
-        return {
-            "x": torch.from_numpy(np.ascontiguousarray(clip, dtype=np.float32)).unsqueeze(0),
-            "y": torch.tensor(self.labels[index], dtype=torch.long),
-            "index": torch.tensor(index, dtype=torch.long),
-        }
-
-    def participant_ids(self, indices: Sequence[int]) -> list[str]:
-        return self.volumes.participant_id.iloc[list(indices)].tolist()
+def data_manifest_hash(volumes) -> str:
+    """A hash of exactly what a run trains and validates on: keys, content identity, label and split."""
+    digest = hashlib.sha256()
+    for row in volumes.sort_values("key").itertuples(index=False):
+        digest.update(f"{row.key}|{row.source_id}|{row.label}|{row.split}\n".encode())
+    return digest.hexdigest()[:16]

@@ -12,8 +12,6 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 Intensity = Literal["zscore", "minmax", "percentile"]
 
@@ -102,6 +100,10 @@ def preprocess(array: np.ndarray, spec: Preprocessing) -> np.ndarray:
         # into noise that normalisation then stretches to [0, 1].
         return np.zeros((spec.frames, spec.height, spec.width), np.float32)
     if clip.shape[1:] != (spec.height, spec.width):
+        # torch only here, where a volume is resized: a launch that finds its cache complete prepares without it.
+        import torch
+        import torch.nn.functional as F
+
         with torch.no_grad():
             resized = F.interpolate(
                 torch.from_numpy(clip).unsqueeze(1),  # B-scans as a batch of 1-channel images

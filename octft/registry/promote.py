@@ -46,7 +46,7 @@ from octft.sweep.storage import open_existing_study
 from octft.sweep.tracking import parent_run_id, update_parent_note
 from octft.track.mlflow_store import MlflowStore
 from octft.train.metrics import aggregate_by_participant, bootstrap_ci, classification_metrics, confusion_matrix, softmax
-from octft.train.setup import audited_data, data_manifest_hash
+from octft.data.dataset import audited_data, data_manifest_hash
 
 CHAMPION_ALIAS = "champion"
 CHECKPOINT_ARTIFACT = "checkpoint"

@@ -2,8 +2,8 @@
 
     >>> result = launch("sweeps/demo.yaml", workers=2, overrides=["data.uri=/data/aireadi"])  # doctest: +SKIP
 
-The launch is worker 0 itself: it resolves the launch plan (`octft.sweep.plan`), creates or resumes the study and
-its MLflow parent run, fails the trials whose worker died (each retried once), enqueues a warm start, audits and
+The launch is worker 0 itself: it resolves the launch plan (`octft.sweep.plan`), starts its runner (`make_runner`:
+a warm runner's imports overlap the rest), creates or resumes the study and its MLflow parent run, fails the trials whose worker died (each retried once), enqueues a warm start, audits and
 prepares the data once, writes the plan, then runs trials in this process while workers 1.. run as processes
 (`python -m octft.sweep.worker PLAN --worker-index I`). Running the same command on every host of a pod slice adds
 that host's workers to the same study, as long as every host reaches the same storage (PostgreSQL).
@@ -22,7 +22,6 @@ from typing import Any, Sequence
 import optuna
 from optuna.trial import TrialState
 
-from octft.stores import STORAGE_ENV, TRACKING_ENV
 from octft.sweep.plan import LaunchPlan, RunnerKind, base_config, resolve_plan
 from octft.sweep.runners import InProcessRunner, Runner, WarmProcessRunner, make_runner
 from octft.sweep.storage import DEFAULT_HEARTBEAT_S, open_study_storage, study_lock
@@ -31,7 +30,7 @@ from octft.sweep.tracking import update_parent_best, update_parent_note
 from octft.sweep.warmstart import warm_start
 from octft.sweep.worker import run_worker
 from octft.track.mlflow_store import MlflowStore
-from octft.train.setup import prepare_data
+from octft.data.dataset import prepare_data
 
 
 @dataclass
@@ -70,18 +69,20 @@ def launch(
     `runner`: where trials train, when not the study's default (`octft.sweep.plan.resolve_plan`; tests run them
     in-process).
     """
-    storage = storage or os.environ.get(STORAGE_ENV) or None
-    plan, spec = resolve_plan(spec_path, storage=storage, overrides=overrides, n_trials=n_trials, workers=workers,
-                              devices_per_trial=devices_per_trial, heartbeat_interval=heartbeat_interval,
-                              grace_period=grace_period, fresh_process_per_trial=fresh_process_per_trial,
-                              runner=runner)
-    # Worker 0's runner first: a runner process imports torch and MLflow (most of its start) while this one works.
-    secrets = {STORAGE_ENV: plan.storage_url(), TRACKING_ENV: plan.tracking_url()}  # for child processes, in memory
-    runner = make_runner(plan, 0, secrets)
-    if isinstance(runner, WarmProcessRunner):
-        runner.start()
+    plan, _ = resolve_plan(spec_path, storage=storage, overrides=overrides,
+                           n_trials=n_trials, workers=workers, devices_per_trial=devices_per_trial,
+                           heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                           fresh_process_per_trial=fresh_process_per_trial, runner=runner)
+    return run_launch(plan, make_runner(plan, 0), enqueue_from=enqueue_from, enqueue_top=enqueue_top)
+
+
+def run_launch(plan: LaunchPlan, runner: Runner, *, enqueue_from: str | None = None, enqueue_top: int = 3) -> LaunchResult:
+    """The launch of a resolved `plan`, worker 0's `runner` made (and a warm one started) first: its start overlaps
+    this. `octft sweep launch` makes the runner before it imports this module."""
+    spec, settings = plan.spec(), plan.launch
     try:
-        rdb = open_study_storage(plan.storage_url(), heartbeat_interval=heartbeat_interval, grace_period=grace_period)
+        rdb = open_study_storage(plan.storage_url(), heartbeat_interval=settings.heartbeat_interval,
+                                 grace_period=settings.grace_period)
         study, plan = create_or_load_study(plan, rdb)
         store = MlflowStore(plan.tracking_url())
         store.reopen_run(plan.parent_run_id)
@@ -101,7 +102,8 @@ def launch(
         runner.close(timeout=0) if isinstance(runner, WarmProcessRunner) else runner.close()
         raise
     processes = [subprocess.Popen([sys.executable, "-m", "octft.sweep.worker", str(plan.path), "--worker-index", str(index)],
-                                  env=dict(os.environ, **secrets)) for index in range(1, workers)]
+                                  env=dict(os.environ, **plan.store_environment()))
+                 for index in range(1, settings.workers)]
     try:
         codes = [_run_here(plan, runner), *(process.wait() for process in processes)]
     except KeyboardInterrupt:

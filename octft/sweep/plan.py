@@ -36,7 +36,6 @@ from octft.sweep.records import HEAD_FROM_ATTR, trial_record
 from octft.sweep.space import check_batch_layouts, shared_micro_batch_rows
 from octft.sweep.spec import OBJECTIVE_KEYS, SweepSpec, format_value, load_sweep
 from octft.sweep.storage import DEFAULT_HEARTBEAT_S, open_study_storage
-from octft.track.mlflow_store import MlflowStore
 from octft.train.devices import default_devices_per_trial, platform
 from octft.train.head_from import HeadFromError, head_settings, is_run_uri
 
@@ -119,6 +118,10 @@ class LaunchPlan(_Strict):
 
     def tracking_url(self) -> str:
         return with_password(self.tracking_uri, TRACKING_ENV)
+
+    def store_environment(self) -> dict[str, str]:
+        """The stores' URLs with their passwords, for a child process's environment: in memory, never on disk."""
+        return {STORAGE_ENV: self.storage_url(), TRACKING_ENV: self.tracking_url()}
 
     # -- on disk
 
@@ -316,6 +319,10 @@ def lpft_head(spec: SweepSpec, base: ExperimentConfig, spec_path: str | Path, tr
         # Relative to where octft runs, else to the sweep file's repo root (as `base` is).
         path = value if Path(value).is_file() else str(Path(spec_path).resolve().parent.parent / value)
         run = best_probe_run(path, spec.storage)
+        # MLflow only here, for an LP-FT study's first launch: a launch resolves its plan and starts its first runner
+        # before it imports MLflow (octft.sweep.launch).
+        from octft.track.mlflow_store import MlflowStore
+
         recorded = {"from": value, "run": run, "head": head_settings(run, MlflowStore(tracking_uri))}
         print(f"init.head_from={value} -> {run} (its best trial; head {recorded['head']}), fixed for this study",
               flush=True)

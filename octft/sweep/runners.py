@@ -1,6 +1,6 @@
 """Runners: where a worker's trials train. One small protocol, three implementations:
 
-- `WarmProcessRunner` (the default): one long-lived process per worker (`python -m octft.sweep.runners`) that
+- `WarmProcessRunner` (the default): one long-lived process per worker (`python -m octft.sweep.trial`) that
   imports torch and torch_xla once and keeps, from trial to trial, its compiled XLA graphs (every per-trial value
   enters them as device data), the opened study and what its runs built (`RunCache`: the audited data, the
   encoder, the frozen features). A runner that dies (segfault, out-of-memory kill, XLA abort) fails only the
@@ -85,8 +85,8 @@ class InProcessRunner:
 
 
 class WarmProcessRunner:
-    """The worker's handle on its warm runner process, started on first use (or by `start`, to overlap its imports
-    with the worker's own start). `env`: the process environment (its devices, the stores' passwords)."""
+    """The worker's handle on its warm runner process, started by `start` (`make_runner` starts it at once) or on
+    first use. `env`: the process environment (its devices, the stores' passwords)."""
 
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
         self.env = env
@@ -167,14 +167,19 @@ class FreshProcessRunner:
         self.process_runner.close()
 
 
-def make_runner(plan: LaunchPlan, worker_index: int, secrets: dict[str, str] | None = None) -> Runner:
-    """The runner `plan` asks for, for worker `worker_index` (its own devices, its own log); a process runner gets
-    `secrets` (the stores' URLs with their passwords) in its environment."""
+def make_runner(plan: LaunchPlan, worker_index: int) -> Runner:
+    """The runner `plan` asks for, for worker `worker_index` (its own devices, its own log). A warm runner's process
+    starts now: its start (torch, MLflow: 3-4 s) is the longest step before a worker's first trial, so a caller makes
+    its runner first and opens the study meanwhile."""
     if plan.launch.runner == "in_process":
         return InProcessRunner()
-    env = {**runner_environment(plan, worker_index), **(secrets or {})}
+    env = {**runner_environment(plan, worker_index), **plan.store_environment()}
     log_path = Path(plan.study_dir) / f"runner-{worker_index}.log"
-    return WarmProcessRunner(env, log_path) if plan.launch.runner == "warm" else FreshProcessRunner(env, log_path)
+    if plan.launch.runner == "fresh":
+        return FreshProcessRunner(env, log_path)
+    runner = WarmProcessRunner(env, log_path)
+    runner.start()
+    return runner
 
 
 def runner_environment(plan: LaunchPlan, worker_index: int) -> dict[str, str]:

@@ -12,8 +12,12 @@ weights.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from octft.errors import MissingInputError, OctftError
-from octft.track.mlflow_store import MlflowStore
+
+if TYPE_CHECKING:
+    from octft.track.mlflow_store import MlflowStore
 
 RUNS_PREFIX = "runs:/"
 # The settings that shape a head: a warm start needs the same ones, so a sweep takes them from the run.

@@ -26,7 +26,8 @@ from octft.errors import MissingInputError
 from octft.train.head_from import HeadFromError, load_head, run_id_of
 from octft.train.loop import FitResult, LoopState, ended_state, fit
 from octft.train.runtime import load_state, make_runtime
-from octft.train.setup import RunCache, class_weights_for, data_manifest_hash
+from octft.data.dataset import data_manifest_hash
+from octft.train.setup import RunCache, class_weights_for
 
 # The audited volume table's columns a run's dataset inputs show (what each volume is, not where it is cached).
 DATASET_COLUMNS = ("key", "participant_id", "label", "class_name", "split", "device", "laterality", "region", "source_id")

@@ -15,92 +15,21 @@ from __future__ import annotations
 
 import copy
 import functools
-import hashlib
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from octft.config import ExperimentConfig
-from octft.data.audit import audit_dataset, participants_per_class, split_class_guards
-from octft.data.dataset import prepare_volumes
+from octft.data.dataset import DataSetup, prepare_data
 from octft.data.layout import CLASS_SHORT_NAMES
-from octft.errors import OctftError
 from octft.features.frozen import FrozenFeatures, frozen_features
 from octft.features.store import STORAGE_DTYPE, FeatureKey, FeaturePlan, FeatureStore, checkpoint_identity
 from octft.models import Classifier, build_encoder, build_head
 from octft.models.checkpoint import load_encoder_checkpoint
 from octft.train.losses import balanced_class_weights
-
-class AuditFailedError(OctftError, RuntimeError):
-    """Training refuses data whose audit failed, unless the failed guards are allowed by name."""
-
-
-@dataclass
-class DataSetup:
-    """A run's audited data and prepared cache, for one set of data settings."""
-
-    report: object  # octft.data.audit's report
-    prepared: object  # octft.data.dataset.PreparedVolumes
-
-
-def audited_data(data):
-    """Audit the data a config's `data` section names; refuse it when a guard failed that it does not allow."""
-    report = audit_dataset(**data.audit_kwargs())
-    failed = report.failed_guards(data.allow_failed_guards)
-    if failed:
-        names = ", ".join(guard.name for guard in failed)
-        raise AuditFailedError(
-            f"data audit of {data.uri} failed ({'; '.join(f'{g.name}: {g.detail}' for g in failed)}); run `octft "
-            f"data audit --data {data.uri}` for the full report, or override on purpose with "
-            f"data.allow_failed_guards=[{names}]"
-        )
-    return report
-
-
-def prepare_data(data, *, progress: bool) -> DataSetup:
-    """Audit the data a config names (refusing failed guards) and make sure its cache is complete."""
-    report = audited_data(data)
-    prepared = prepare_volumes(volumes=report.volumes, progress=progress, **data.prepare_kwargs())
-    if prepared.report.failed:
-        print(f"{len(prepared.report.failed)} volumes could not be read and are left out:")
-        for source, reason in prepared.report.failed:
-            print(f"  {source}: {reason}")
-        check_after_cache(data, prepared)
-    return DataSetup(report, prepared)
-
-
-def check_after_cache(data, prepared) -> None:
-    """The audit's split guards again, on the volumes that survived the cache.
-
-    A volume that failed to decode at cache time can empty a class of a split the audit saw full; validation
-    would then average over fewer classes without saying so. Refused like the audit refuses, naming the files.
-    """
-    guards = split_class_guards(participants_per_class(prepared.volumes), data.audit_kwargs()["min_per_class"])
-    failed = [guard for guard in guards if not guard.passed and guard.name not in set(data.allow_failed_guards)]
-    if not failed:
-        return
-    reasons = dict(prepared.report.failed)
-    lost = prepared.failed_volumes
-    lost = lost[lost.split.isin([guard.name.removeprefix("classes_in_") for guard in failed])]
-    files = [f"{row.key} ({row.split}, {row.class_name}): {reasons[row.source_id]}" for row in lost.itertuples(index=False)]
-    names = ", ".join(guard.name for guard in failed)
-    raise AuditFailedError(
-        f"after the cache, {'; '.join(guard.detail for guard in failed)}: volumes that failed to decode left the split "
-        f"short ({'; '.join(files[:10])}{' ...' if len(files) > 10 else ''}); fix or replace those files, or override "
-        f"on purpose with data.allow_failed_guards=[{names}]"
-    )
-
-
-def data_manifest_hash(volumes) -> str:
-    """A hash of exactly what a run trains and validates on: keys, content identity, label and split."""
-    digest = hashlib.sha256()
-    for row in volumes.sort_values("key").itertuples(index=False):
-        digest.update(f"{row.key}|{row.source_id}|{row.label}|{row.split}\n".encode())
-    return digest.hexdigest()[:16]
 
 
 def class_weights_for(cfg: ExperimentConfig, train_set) -> torch.Tensor | None:

@@ -11,7 +11,8 @@ import torch
 from octft.config import ConfigError, load_experiment_dict
 from octft.data.audit import audit_dataset
 from octft.data.cache import VolumeCache
-from octft.data.dataset import VolumeDataset, prepare_volumes, resolve_pack_dtype
+from octft.data.dataset import prepare_volumes, resolve_pack_dtype
+from octft.data.samples import VolumeDataset
 from octft.data.preprocess import Preprocessing
 from octft.data.synth import synthesize
 from octft.errors import UsageError

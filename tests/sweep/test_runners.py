@@ -20,7 +20,7 @@ from octft.sweep.launch import launch
 from octft.sweep.records import TrialOutcome
 from octft.sweep.runners import describe_exit, runner_environment
 from octft.sweep.plan import LaunchPlan, LaunchSettings
-from octft.train.setup import AuditFailedError
+from octft.data.dataset import AuditFailedError
 from sweeps import LR_HEAD, NO_PRUNING, REPO, experiment_overrides, load, records, run_status, running_record, \
     wait_for, write_spec
 

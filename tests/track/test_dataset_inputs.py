@@ -9,7 +9,7 @@ from mlflow.tracking import MlflowClient
 
 from octft.track.mlflow_store import MlflowTracker
 from octft.train.recipe import log_data_inputs
-from octft.train.setup import data_manifest_hash
+from octft.data.dataset import data_manifest_hash
 
 
 def _volumes(labels: dict[str, tuple[int, str]]) -> pd.DataFrame:
