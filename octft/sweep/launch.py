@@ -3,14 +3,17 @@
     >>> result = launch("sweeps/demo.yaml", workers=2, overrides=["data.uri=/data/aireadi"])  # doctest: +SKIP
 
 The launch is worker 0 itself: it resolves the launch plan (`octft.sweep.plan`), starts its runner (`make_runner`:
-a warm runner's imports overlap the rest), creates or resumes the study and its MLflow parent run, fails the trials whose worker died (each retried once), enqueues a warm start, audits and
-prepares the data once, writes the plan, then runs trials in this process while workers 1.. run as processes
-(`python -m octft.sweep.worker PLAN --worker-index I`). Running the same command on every host of a pod slice adds
-that host's workers to the same study, as long as every host reaches the same storage (PostgreSQL).
+a warm runner's imports overlap the rest), creates or resumes the study and its MLflow parent run, writes the plan,
+starts workers 1.. as processes (`python -m octft.sweep.worker PLAN --worker-index I --wait-for-launch`: they start
+their runners meanwhile), fails the trials whose worker died (each retried once), enqueues a warm start, audits and
+prepares the data once, tells the workers to go, then runs trials in this process. Running the same command on
+every host of a pod slice adds that host's workers to the same study, as long as every host reaches the same
+storage (PostgreSQL).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -23,7 +26,7 @@ import optuna
 from optuna.trial import TrialState
 
 from octft.sweep.plan import LaunchPlan, RunnerKind, base_config, resolve_plan
-from octft.sweep.runners import InProcessRunner, Runner, WarmProcessRunner, make_runner
+from octft.sweep.runners import InProcessRunner, Runner, make_runner
 from octft.sweep.storage import DEFAULT_HEARTBEAT_S, open_study_storage, study_lock
 from octft.sweep.study import create_or_load_study, reap_stale_trials
 from octft.sweep.tracking import update_parent_best, update_parent_note
@@ -80,10 +83,13 @@ def run_launch(plan: LaunchPlan, runner: Runner, *, enqueue_from: str | None = N
     """The launch of a resolved `plan`, worker 0's `runner` made (and a warm one started) first: its start overlaps
     this. `octft sweep launch` makes the runner before it imports this module."""
     spec, settings = plan.spec(), plan.launch
+    workers: list[subprocess.Popen] = []
     try:
         rdb = open_study_storage(plan.storage_url(), heartbeat_interval=settings.heartbeat_interval,
                                  grace_period=settings.grace_period)
         study, plan = create_or_load_study(plan, rdb)
+        plan.write()
+        workers = [_start_worker(plan, index) for index in range(1, settings.workers)]
         store = MlflowStore(plan.tracking_url())
         store.reopen_run(plan.parent_run_id)
         reaped = reap_stale_trials(study, rdb, store.uri)
@@ -97,24 +103,47 @@ def run_launch(plan: LaunchPlan, runner: Runner, *, enqueue_from: str | None = N
             print(f"warm start from {enqueue_from}: {len(enqueued)} parameter sets enqueued"
                   + "".join(f"\n  {entry['origin']}" for entry in enqueued), flush=True)
         prepare_study_data(plan, runner)
-        plan.write()
     except BaseException:
-        runner.close(timeout=0) if isinstance(runner, WarmProcessRunner) else runner.close()
+        for worker in workers:
+            _release(worker, go=False)  # it closes its runner and exits without taking a trial
+        runner.close(timeout=0)
+        for worker in workers:
+            _wait_or_kill(worker, timeout=60)
         raise
-    processes = [subprocess.Popen([sys.executable, "-m", "octft.sweep.worker", str(plan.path), "--worker-index", str(index)],
-                                  env=dict(os.environ, **plan.store_environment()))
-                 for index in range(1, settings.workers)]
+    for worker in workers:
+        _release(worker, go=True)
     try:
-        codes = [_run_here(plan, runner), *(process.wait() for process in processes)]
+        codes = [_run_here(plan, runner), *(worker.wait() for worker in workers)]
     except KeyboardInterrupt:
         # The workers got the same Ctrl-C (one process group); give them a moment to tell Optuna.
-        for process in processes:
-            process.wait(timeout=60)
+        for worker in workers:
+            worker.wait(timeout=60)
         # Trials still RUNNING belong to another launch (another host) that keeps the parent run open.
         if not any(trial.state == TrialState.RUNNING for trial in study.get_trials(deepcopy=False)):
             store.end_run(plan.parent_run_id, "KILLED", "interrupted (Ctrl-C)")
         raise
     return _finish(study, plan, store, codes, reaped, enqueued)
+
+
+def _start_worker(plan: LaunchPlan, index: int) -> subprocess.Popen:
+    """Worker `index` as a process: it starts its runner now and takes trials once `_release` says go."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "octft.sweep.worker", str(plan.path), "--worker-index", str(index), "--wait-for-launch"],
+        env=dict(os.environ, **plan.store_environment()), stdin=subprocess.PIPE, text=True)
+
+
+def _release(worker: subprocess.Popen, *, go: bool) -> None:
+    with contextlib.suppress(BrokenPipeError, OSError):  # a worker that died already says so by its exit code
+        worker.stdin.write("go\n" if go else "")
+        worker.stdin.close()
+
+
+def _wait_or_kill(worker: subprocess.Popen, timeout: float) -> None:
+    try:
+        worker.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+        worker.wait()
 
 
 def prepare_study_data(plan: LaunchPlan, runner: Runner) -> None:

@@ -45,11 +45,14 @@ class Runner(Protocol):
     def pid(self) -> int:
         """The process its next trial trains in (a process runner starts it now if it has none)."""
 
+    def start(self) -> None:
+        """Get ready for a first trial (a warm runner's process imports torch and MLflow), without waiting for it."""
+
     def run(self, plan: LaunchPlan, number: int) -> TrialOutcome:
         """Train trial `number` of `plan`'s study; never raises for a bad trial (its outcome says `failed`)."""
 
-    def close(self) -> None:
-        """Let go of the runner (a process ends after its current trial)."""
+    def close(self, timeout: float = 60) -> None:
+        """Let go of the runner: a process ends after its current trial, or is killed after `timeout` seconds."""
 
 
 class InProcessRunner:
@@ -62,15 +65,20 @@ class InProcessRunner:
     def pid(self) -> int:
         return os.getpid()
 
+    def start(self) -> None:
+        self._trial()
+
     def run(self, plan: LaunchPlan, number: int) -> TrialOutcome:
-        return self._trial().run_trial(plan, number, self.cache)
+        trial = self._trial()
+        with trial.output_to(plan.trial_dir(number) / "trial.log"):  # where a process runner's trial writes too
+            return trial.run_trial(plan, number, self.cache)
 
     def prepare(self, data) -> None:
         """Audit and prepare `data` (a config's data section) into the cache its trials will find it in."""
         self._trial()
         self.cache.run.data(data, progress=True)
 
-    def close(self) -> None:
+    def close(self, timeout: float = 60) -> None:
         self.cache = None
 
     def _trial(self):
@@ -157,27 +165,29 @@ class FreshProcessRunner:
     def pid(self) -> int:
         return self.process_runner.pid
 
+    def start(self) -> None:
+        self.process_runner.start()
+
     def run(self, plan: LaunchPlan, number: int) -> TrialOutcome:
         try:
             return self.process_runner.run(plan, number)
         finally:
             self.process_runner.close()
 
-    def close(self) -> None:
-        self.process_runner.close()
+    def close(self, timeout: float = 60) -> None:
+        self.process_runner.close(timeout)
 
 
 def make_runner(plan: LaunchPlan, worker_index: int) -> Runner:
-    """The runner `plan` asks for, for worker `worker_index` (its own devices, its own log). A warm runner's process
-    starts now: its start (torch, MLflow: 3-4 s) is the longest step before a worker's first trial, so a caller makes
-    its runner first and opens the study meanwhile."""
+    """The runner `plan` asks for, for worker `worker_index` (its own devices, its own log). A process runner's
+    process starts now: its imports (torch, MLflow: 3-4 s) are the longest step before a worker's first trial, so a
+    caller makes its runner first and opens the study meanwhile. An in-process runner imports them when it is
+    started or first used: in the caller's own process they overlap nothing."""
     if plan.launch.runner == "in_process":
         return InProcessRunner()
     env = {**runner_environment(plan, worker_index), **plan.store_environment()}
     log_path = Path(plan.study_dir) / f"runner-{worker_index}.log"
-    if plan.launch.runner == "fresh":
-        return FreshProcessRunner(env, log_path)
-    runner = WarmProcessRunner(env, log_path)
+    runner = (WarmProcessRunner if plan.launch.runner == "warm" else FreshProcessRunner)(env, log_path)
     runner.start()
     return runner
 

@@ -134,16 +134,18 @@ def run_trial(plan: LaunchPlan, number: int, cache: TrialCache) -> TrialOutcome:
 
 @contextlib.contextmanager
 def output_to(log_path: Path) -> Iterator[None]:
-    """Send file descriptors 1 and 2 (Python's and native code's output) to `log_path` while the block runs."""
+    """Send this process's output to `log_path` while the block runs: file descriptors 1 and 2 (native code's, and
+    Python's in a plain process) and `sys.stdout` / `sys.stderr` (wherever they were pointed, e.g. by a test)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
-    with open(log_path, "ab") as log:
+    with open(log_path, "ab") as log, open(log_path, "a", buffering=1) as text:
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
         try:
-            yield
+            with contextlib.redirect_stdout(text), contextlib.redirect_stderr(text):
+                yield
         finally:
             sys.stdout.flush()
             sys.stderr.flush()

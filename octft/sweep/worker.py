@@ -4,7 +4,9 @@
     `octft sweep show` prints) -> a fresh record and MLflow run -> runner.run(plan, number) -> one TrialOutcome
     -> the record, then Optuna's state, the MLflow run's status and the parent run's best
 
-`octft sweep launch` is worker 0 itself; workers 1.. are `python -m octft.sweep.worker PLAN --worker-index I`. While
+`octft sweep launch` is worker 0 itself; workers 1.. are `python -m octft.sweep.worker PLAN --worker-index I
+--wait-for-launch`, started as soon as the plan is written, so that their imports and runners' starts overlap the
+launch's data preparation; they take trials once the launch sends `go` (the data is ready). While
 a trial runs, its worker writes the trial's heartbeat to the storage: if the worker dies (killed, host lost), the
 next launch or any live worker marks the trial FAIL and queues one retry (`octft.sweep.study.reap_stale_trials`).
 Runners stay in the worker's process group: kill the group, not the worker alone, or an orphaned runner trains on.
@@ -95,7 +97,7 @@ def start_trial(plan: LaunchPlan, study: optuna.Study, storage: RDBStorage, tria
 def finish_trial(plan: LaunchPlan, study: optuna.Study, storage: RDBStorage, store: MlflowStore,
                  trial: optuna.trial.Trial, record: TrialRecord, outcome: TrialOutcome) -> TrialState:
     """Record the outcome, tell Optuna COMPLETE, PRUNED or FAIL, make the MLflow run's status match, update the
-    parent run's best. The record is written first: Optuna refuses attrs on a finished trial."""
+    parent run's best when this trial is it. The record is written first: Optuna refuses attrs on a finished trial."""
     if outcome.succeeded:
         state = TrialState.COMPLETE
     elif outcome.status == "pruned":
@@ -115,7 +117,8 @@ def finish_trial(plan: LaunchPlan, study: optuna.Study, storage: RDBStorage, sto
         study.tell(trial, outcome.best_value if state == TrialState.COMPLETE else None, state=state)
     if outcome.run_status != RUN_STATUS_OF[state]:  # the runner died, or ended its run otherwise
         settle_run(store.uri, record.mlflow_run_id, state, outcome.stop_reason)
-    update_parent_best(store, plan.parent_run_id, study, plan.spec().objective.metric)
+    if state == TrialState.COMPLETE and study.best_trial.number == trial.number:  # the parent's best changed
+        update_parent_best(store, plan.parent_run_id, study, plan.spec().objective.metric)
     return state
 
 
@@ -170,11 +173,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m octft.sweep.worker", description="one worker of a sweep launch")
     parser.add_argument("plan", help="the launch plan (<study dir>/plans/<hash>.json)")
     parser.add_argument("--worker-index", type=int, required=True)
+    parser.add_argument("--wait-for-launch", action="store_true",
+                        help="start the runner, then take no trial before the line 'go' on standard input (the launch "
+                             "sends it once the data is prepared; end of input without it: exit, the launch failed)")
     args = parser.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         plan = LaunchPlan.read(args.plan)
-        run_worker(plan, args.worker_index, make_runner(plan, args.worker_index))
+        runner = make_runner(plan, args.worker_index)
+        if args.wait_for_launch:
+            runner.start()  # an in-process runner imports the training stack while the launch prepares the data
+            if sys.stdin.readline().strip() != "go":  # the launch failed before its trials
+                runner.close(timeout=0)
+                return 0
+        run_worker(plan, args.worker_index, runner)
     except OctftError as error:
         print(f"octft: error: worker {args.worker_index}: {' '.join(str(error).split())}", file=sys.stderr)
         return 2

@@ -7,10 +7,24 @@ does with MLflow, is `octft.track.mlflow_store`, the one module that imports mlf
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
 RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
+
+
+@dataclass(frozen=True)
+class RunDataset:
+    """Data a run used: `table` (a pandas DataFrame) identified by `digest`, used for `context` ("training")."""
+
+    table: Any
+    name: str
+    source: str
+    digest: str
+    context: str
+    tags: dict[str, str] = field(default_factory=dict)
 
 
 @runtime_checkable
@@ -39,9 +53,8 @@ class Tracker(Protocol):
 
     def set_tags(self, tags: dict[str, str]) -> None: ...
 
-    def log_dataset(self, table: Any, *, name: str, source: str, digest: str, context: str,
-                    tags: dict[str, str] | None = None) -> None:
-        """The data the run used (a pandas DataFrame), identified by `digest`, used for `context`."""
+    def log_datasets(self, datasets: Sequence[RunDataset]) -> None:
+        """The data the run used, all at once."""
         ...
 
     def finish(self, status: RunStatus, reason: str | None = None) -> None:
@@ -72,12 +85,11 @@ class NullTracker:
     def set_tags(self, tags: dict[str, str]) -> None:
         pass
 
-    def log_dataset(self, table: Any, *, name: str, source: str, digest: str, context: str,
-                    tags: dict[str, str] | None = None) -> None:
+    def log_datasets(self, datasets: Sequence[RunDataset]) -> None:
         pass
 
     def finish(self, status: RunStatus, reason: str | None = None) -> None:
         pass
 
 
-__all__ = ["NullTracker", "RunStatus", "Tracker"]
+__all__ = ["NullTracker", "RunDataset", "RunStatus", "Tracker"]

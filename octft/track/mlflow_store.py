@@ -45,6 +45,7 @@ from octft import sqlite_wal
 from octft.errors import MissingInputError, UsageError
 from octft.redaction import redact, redact_url
 from octft.stores import artifact_location, resolve_tracking_uri
+from octft.track import RunDataset
 
 logger = logging.getLogger(__name__)
 
@@ -344,10 +345,11 @@ class MlflowTracker:
                 if END_REASON_TAG in run.data.tags:  # the run is live again: its previous end reason no longer holds
                     self.store.client.delete_tag(run_id, END_REASON_TAG)
                 self.store.reopen_run(run_id)
-            if run_name:
+            if run_name and run_name != run.info.run_name:
                 self.store.client.update_run(run_id, name=run_name)
-            if run_tags:
-                self.set_tags(run_tags)
+            changed = {key: value for key, value in _tag_values(run_tags).items() if run.data.tags.get(key) != value}
+            if changed:  # a run made by a sweep's worker has them already: no write
+                self.set_tags(changed)
         self._system_metrics = start_system_metrics(self.run_id, self.store.uri) if (
             log_system_metrics and not self._finished) else None
 
@@ -435,18 +437,21 @@ class MlflowTracker:
         for chunk in _chunks(entries, _MAX_PARAMS_TAGS_PER_BATCH):
             self.store.client.log_batch(self.run_id, tags=chunk)
 
-    def log_dataset(self, table: Any, *, name: str, source: str, digest: str, context: str,
-                    tags: dict[str, str] | None = None) -> None:
-        """`table` (a pandas DataFrame) as a dataset input of the run, shown in the UI's Dataset column: `digest`
-        identifies the data, `context` says what the run did with it ("training"), `tags` go on the input."""
-        with warnings.catch_warnings():
-            # MLflow warns when it guesses a source's kind from the URI and when a schema has integer columns (a
-            # hint for model inputs); neither concerns a record of what a run trained on.
-            warnings.simplefilter("ignore")
-            dataset = mlflow.data.from_pandas(table, source=redact(source), name=name, digest=digest)._to_mlflow_entity()
-        input_tags = [InputTag("mlflow.data.context", context)]
-        input_tags += [InputTag(key, value) for key, value in _tag_values(tags or {}).items()]
-        inputs = [DatasetInput(dataset, tags=input_tags)]
+    def log_datasets(self, datasets: Sequence[RunDataset]) -> None:
+        """Each dataset (its table a pandas DataFrame) as an input of the run, shown in the UI's Dataset column, in one
+        write: `digest` identifies the data, `context` says what the run did with it ("training"), `tags` go on the
+        input."""
+        inputs = []
+        for data in datasets:
+            with warnings.catch_warnings():
+                # MLflow warns when it guesses a source's kind from the URI and when a schema has integer columns (a
+                # hint for model inputs); neither concerns a record of what a run trained on.
+                warnings.simplefilter("ignore")
+                entity = mlflow.data.from_pandas(data.table, source=redact(data.source), name=data.name,
+                                                 digest=data.digest)._to_mlflow_entity()
+            tags = [InputTag("mlflow.data.context", data.context)]
+            inputs.append(DatasetInput(entity, tags=tags + [InputTag(key, value)
+                                                            for key, value in _tag_values(data.tags).items()]))
         try:
             self.store.client.log_inputs(self.run_id, datasets=inputs)
         except MlflowException as error:

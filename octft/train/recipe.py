@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from octft.config import ExperimentConfig, save_resolved
 from octft.data.layout import CLASS_SHORT_NAMES
-from octft.track import NullTracker
+from octft.track import NullTracker, RunDataset
 from octft.track.mlflow_store import MlflowStore, MlflowTracker
 from octft.errors import MissingInputError
 from octft.train.head_from import HeadFromError, load_head, run_id_of
@@ -154,7 +155,7 @@ def _record_start(tracker, cfg: ExperimentConfig, run_dir: Path, runtime, layout
     together are the model), params, tags, dataset inputs and audit summary."""
     (run_dir / "checkpoint").mkdir(exist_ok=True)
     save_resolved(cfg, run_dir / "config.yaml")
-    save_resolved(cfg, run_dir / "checkpoint" / "config.yaml")
+    shutil.copyfile(run_dir / "config.yaml", run_dir / "checkpoint" / "config.yaml")
     if fresh:
         tracker.log_params({**cfg.flat(), **layout.params()})
     volumes, report = setup.prepared.volumes, setup.report
@@ -195,15 +196,17 @@ def log_data_inputs(tracker, volumes, uri: str) -> None:
     """The training and validation volumes as the run's MLflow dataset inputs: the audited table of each split, its
     manifest hash as digest, its counts per class as a tag, the data URI as source."""
     name = Path(uri.rstrip("/")).name or uri
+    datasets = []
     for split, context in (("train", "training"), ("val", "validation")):
         rows = volumes[volumes.split == split]
         counts = rows.groupby("class_name").participant_id.nunique() if "class_name" in rows else {}
-        tracker.log_dataset(
+        datasets.append(RunDataset(
             rows[[column for column in DATASET_COLUMNS if column in rows.columns]].reset_index(drop=True),
             name=f"{name}/{split}", source=uri, digest=data_manifest_hash(rows), context=context,
             tags={"octft.volumes": str(len(rows)),
                   "octft.participants_per_class": ", ".join(f"{label}={count}" for label, count in dict(counts).items())},
-        )
+        ))
+    tracker.log_datasets(datasets)
 
 
 def _recorded_run_id(run_dir: Path) -> str | None:

@@ -30,11 +30,14 @@ class ScriptedRunner:
         self.closed = False
         self.pid = 4242
 
+    def start(self):
+        pass
+
     def run(self, plan, number):
         self.ran.append(number)
         return self.script(number)
 
-    def close(self):
+    def close(self, timeout=60):
         self.closed = True
 
 
