@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 
+from octft.sweep.launch import LaunchResult, launch
 from octft.sweep.records import TrialRecord, trial_record
 from octft.sweep.storage import open_existing_study
 from octft.track.mlflow_store import MlflowStore
@@ -85,3 +87,26 @@ def running_record(storage: str, study_name: str, number: int) -> TrialRecord | 
         record = trial_record(trials[number])
         return record if record.status == "running" else None
     return None
+
+
+class Launching:
+    """`launch(*args, **kwargs)` in a thread, so that a test can act on the trials while they run."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self._outcome: dict = {}
+        self._thread = threading.Thread(target=self._run, args=args, kwargs=kwargs)
+        self._thread.start()
+
+    def _run(self, *args, **kwargs) -> None:
+        try:
+            self._outcome["result"] = launch(*args, **kwargs)
+        except BaseException as error:  # raised again by `result`, in the test's thread
+            self._outcome["error"] = error
+
+    def result(self, timeout: float) -> LaunchResult:
+        """The launch's result once it ends (its error, raised here); fails the test after `timeout` seconds."""
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), f"the launch did not end within {timeout} s"
+        if "error" in self._outcome:
+            raise self._outcome["error"]
+        return self._outcome["result"]

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import optuna
@@ -21,8 +20,8 @@ from octft.sweep.records import TrialOutcome
 from octft.sweep.runners import describe_exit, runner_environment
 from octft.sweep.plan import LaunchPlan, LaunchSettings
 from octft.data.dataset import AuditFailedError
-from sweeps import LR_HEAD, NO_PRUNING, REPO, experiment_overrides, load, records, run_status, running_record, \
-    wait_for, write_spec
+from sweeps import LR_HEAD, NO_PRUNING, REPO, Launching, experiment_overrides, load, records, run_status, \
+    running_record, wait_for, write_spec
 
 # A trial that is to be killed while it runs is made long enough that no poll can miss it running (a warm trial of 2
 # epochs takes about a second): all its epochs run.
@@ -135,15 +134,11 @@ def test_a_trial_that_raises_or_segfaults_fails_alone_and_the_worker_goes_on(tmp
     # Trial 0 raises: the checkpoint does not exist. Trial 1 is killed with SIGSEGV while it runs its long epochs.
     study.enqueue_trial({"model.checkpoint": str(missing), "train.epochs": 2})
     study.enqueue_trial({"model.checkpoint": None, "train.epochs": LONG_EPOCHS})
-    outcome = {}
-    launcher = threading.Thread(target=lambda: outcome.update(result=launch(
-        spec, overrides=experiment_overrides(data_dir, tmp_path), heartbeat_interval=1)))
-    launcher.start()
+    launching = Launching(spec, overrides=experiment_overrides(data_dir, tmp_path), heartbeat_interval=1)
     record = wait_for(lambda: running_record(storage, "crash", 1), 240, "trial 1 to start")
     wait_for(lambda: load(storage, "crash").trials[1].intermediate_values, 240, "trial 1's first epoch")
     os.kill(record.runner_pid, signal.SIGSEGV)
-    launcher.join(timeout=240)
-    assert outcome["result"].worker_exit_codes == [0]
+    assert launching.result(timeout=240).worker_exit_codes == [0]
     raised, segfaulted = records(storage, "crash")
     assert [trial.state for trial in load(storage, "crash").trials] == [TrialState.FAIL, TrialState.FAIL]
     assert str(missing) in raised.fail_reason and "trial.log" in raised.fail_reason
@@ -158,7 +153,8 @@ def test_a_trial_that_raises_or_segfaults_fails_alone_and_the_worker_goes_on(tmp
 def test_a_launch_whose_data_is_refused_takes_no_trial_and_leaves_no_process(tmp_path, data_dir, subprocess_env):
     spec, storage, _ = write_spec(tmp_path, study_name="refused", n_trials=2, space=LR_HEAD)
     before = {child.pid for child in psutil.Process().children(recursive=True)}
-    # Worker 0's runner starts before the audit, which refuses the data: it must end, and no worker start.
+    # Worker 0's runner and worker 1 (with its runner) start before the audit, which refuses the data: worker 1 is
+    # told not to go, and every one of them must end.
     with pytest.raises(AuditFailedError, match="min_per_class|classes_in"):
         launch(spec, workers=2, overrides=[*experiment_overrides(data_dir, tmp_path), "data.guards.min_per_class=1000"])
     assert load(storage, "refused").trials == []
@@ -172,16 +168,12 @@ def test_trials_reuse_their_runner_until_it_is_killed_then_a_new_one_takes_over(
     study = optuna.create_study(study_name="warm", storage=storage, direction="maximize")
     for number, lr_head in enumerate((1e-3, 2e-3, 3e-3, 4e-3, 5e-3)):  # trial 2 is killed during its long epochs
         study.enqueue_trial({"optim.lr_head": lr_head, "train.epochs": LONG_EPOCHS if number == 2 else 2})
-    outcome = {}
-    launcher = threading.Thread(target=lambda: outcome.update(result=launch(
-        spec, overrides=experiment_overrides(data_dir, tmp_path), heartbeat_interval=1)))
-    launcher.start()
+    launching = Launching(spec, overrides=experiment_overrides(data_dir, tmp_path), heartbeat_interval=1)
     # Generous bounds: the runner's first trial pays imports, audit and cache check on a possibly busy machine.
     killed = wait_for(lambda: running_record(storage, "warm", 2), 900, "trial 2 to start")
     wait_for(lambda: load(storage, "warm").trials[2].intermediate_values, 900, "trial 2's first epoch")
     os.kill(killed.runner_pid, signal.SIGKILL)  # what the out-of-memory killer does
-    launcher.join(timeout=900)
-    assert outcome["result"].worker_exit_codes == [0]
+    assert launching.result(timeout=900).worker_exit_codes == [0]
     trials = load(storage, "warm").trials
     assert [trial.state for trial in trials] == [TrialState.COMPLETE] * 2 + [TrialState.FAIL] + [TrialState.COMPLETE] * 2
     before, (dead,), after = records(storage, "warm")[:2], records(storage, "warm")[2:3], records(storage, "warm")[3:]
