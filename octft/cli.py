@@ -256,6 +256,10 @@ def cmd_sweep_launch(args) -> int:
     counts = ", ".join(f"{count} {state.lower()}" for state, count in result.counts.items() if count)
     print(f"study {result.study_name}: {counts}; trial folders under {result.study_dir}; "
           f"MLflow parent run {result.parent_run_id}")
+    if result.counts["FAIL"] and not (result.counts["COMPLETE"] or result.counts["PRUNED"]):
+        print(f"octft: error: every trial of study {result.study_name} failed; `octft sweep status {args.spec}` gives "
+              "each one's reason, its trial.log the details", file=sys.stderr)
+        return 1
     return 0 if all(code == 0 for code in result.worker_exit_codes) else 1
 
 
@@ -421,7 +425,8 @@ def _champion_commands(commands) -> None:
     promote.add_argument("--storage", help="Optuna storage URL (default: the spec's storage)")
     promote.add_argument("--tracking-uri", help="MLflow tracking URI (default: the spec's mlflow.tracking_uri)")
     promote.add_argument("--allow-test-reuse", action="store_true",
-                         help="score this trial on the test split although another trial of the study was (tags the version octft.test_reuse=true)")
+                         help="score this trial on the test split although the split was scored for another model, of this study or any "
+                              "other (tags the version octft.test_reuse=true)")
     promote.set_defaults(func=cmd_promote)
 
     predict = commands.add_parser("predict", help="classify OCT files with a registered model or a checkpoint folder")
@@ -469,6 +474,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Only octft's own errors are the user's to fix; anything else is a bug and keeps its traceback.
     except OctftError as error:
         print(f"octft: error: {_one_line(error)}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as error:  # a full disk is the user's to fix too, whichever library's write found it
+        from octft.io import disk_full_message
+
+        message = disk_full_message(error)
+        if message is None:
+            raise
+        print(f"octft: error: {_one_line(message)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("octft: interrupted", file=sys.stderr)

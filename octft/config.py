@@ -2,15 +2,19 @@
 
 Only this module and the CLI see config objects; components take flat, typed arguments whose names
 equal the config keys. Unknown or misspelled keys are errors that name the key and the valid ones.
+Every YAML a user hands octft (experiments, sweeps, the report's definition, override values) is parsed by
+`read_yaml` / `parse_yaml`, which refuse anchors and aliases before anything is expanded.
 
-    >>> cfg = load_experiment_dict({"data": {"uri": "/data/aireadi"}}, overrides=["train.epochs=3"])
+    >>> cfg = load_experiment_dict({"data": {"uri": "/data/aireadi"}}, overrides=["train.epochs=5"])
     >>> cfg.train.epochs, cfg.data.labels_uri
-    (3, '/data/aireadi/participants.tsv')
+    (5, '/data/aireadi/participants.tsv')
 """
 
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -18,12 +22,85 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from octft.data.layout import LABELS_KEY
+from octft.io import file_kind
 from octft.errors import OctftError
 from octft.redaction import redact_text
 
 
 class ConfigError(OctftError, ValueError):
     """A configuration that cannot be used; the message names the file, key and valid choices."""
+
+
+# User YAML (experiments, sweeps, the report's definition) is a few KB; a larger file is not one of them.
+MAX_YAML_BYTES = 1 << 20
+# NumPy's and torch's generators take seeds in [0, 2**32); a seed outside fails only once training starts.
+SEED_LIMIT = 2**32
+class _AliasFound(Exception):
+    def __init__(self, event) -> None:
+        sign = "*" if isinstance(event, yaml.AliasEvent) else "&"
+        super().__init__(f"line {event.start_mark.line + 1}: the YAML {'alias' if sign == '*' else 'anchor'} "
+                         f"{sign}{event.anchor}")
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """Safe YAML without anchors and aliases: nested aliases (a "billion laughs" file) would expand a 1 KB file
+    to gigabytes in any plain-types copy of the tree; octft's YAML never needs them, so they are refused while
+    parsing, before anything is expanded."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise _AliasFound(event)
+        return super().compose_node(parent, index)
+
+
+def parse_yaml(text: str, *, source: str) -> Any:
+    """YAML text -> plain values (dicts, lists, scalars); anchors and aliases refused, `source` named in errors.
+
+    >>> parse_yaml("train: {epochs: 3}", source="<example>")
+    {'train': {'epochs': 3}}
+    """
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)
+    except _AliasFound as found:
+        raise ConfigError(f"{source}: {found}: octft does not expand YAML anchors and aliases (nested ones grow a "
+                          "small file to gigabytes); write the values out in full") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{source}: not valid YAML ({' '.join(str(error).split())})") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: YAML nested too deeply to be a config; flatten it") from None
+
+
+def read_yaml(path: str | Path, *, what: str) -> Any:
+    """The plain values of the YAML file `path` (a `what`, e.g. "experiment file", for the messages).
+
+    Every user YAML octft reads comes through here: a missing file, a FIFO, device or folder, a file over
+    `MAX_YAML_BYTES`, text that is not UTF-8, invalid YAML and anchors/aliases are each one `ConfigError`.
+    """
+    path = Path(path)
+    try:
+        # O_NONBLOCK: opening a FIFO would otherwise wait for a writer; its kind is refused below.
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such {what}") from None
+    except (OSError, ValueError) as error:  # unreadable, or a NUL byte in the name
+        raise ConfigError(f"{path}: cannot open the {what} ({getattr(error, 'strerror', None) or error})") from None
+    mode = os.fstat(descriptor).st_mode  # checked on the opened file, not the name: nothing can be swapped in
+    if not stat.S_ISREG(mode):
+        os.close(descriptor)
+        raise ConfigError(f"{path}: is {file_kind(mode)}, not a regular file; give the path of the {what}")
+    with os.fdopen(descriptor, "rb") as file:
+        try:
+            data = file.read(MAX_YAML_BYTES + 1)
+        except OSError as error:
+            raise ConfigError(f"{path}: cannot read the {what} ({error.strerror or error})") from None
+    if len(data) > MAX_YAML_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_YAML_BYTES} bytes, too large for a {what}; is it the right file?")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: cannot read it as YAML text (not UTF-8); give the {what}") from None
+    return parse_yaml(text, source=str(path))
 
 
 class _Strict(BaseModel):
@@ -41,6 +118,18 @@ def _refuse_bool(value: Any) -> Any:
 Int = Annotated[int, BeforeValidator(_refuse_bool)]
 Float = Annotated[float, BeforeValidator(_refuse_bool)]
 Beta = Annotated[float, BeforeValidator(_refuse_bool), Field(ge=0, lt=1)]
+
+
+def _check_seed(value: Any) -> Any:
+    value = _refuse_bool(value)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int) and not 0 <= value < SEED_LIMIT:
+        raise ValueError(f"a seed is an integer from 0 to {SEED_LIMIT - 1} (2**32 - 1)")
+    return value
+
+
+Seed = Annotated[int, BeforeValidator(_check_seed)]
 
 
 class SelectionConfig(_Strict):
@@ -67,7 +156,7 @@ class SplitConfig(_Strict):
 
     val_fraction: Float = Field(0.15, gt=0, lt=1)
     test_fraction: Float = Field(0.15, gt=0, lt=1)
-    seed: Int = 0
+    seed: Seed = 0
 
     @model_validator(mode="after")
     def _leaves_train(self) -> "SplitConfig":
@@ -110,6 +199,10 @@ class DataConfig(_Strict):
     # How each split's pack stores clips (octft.data.dataset.resolve_pack_dtype): auto is uint8 when every
     # source decoded to 8 bits and the intensity is percentile or minmax, else cache_dtype.
     pack_dtype: Literal["auto", "uint8", "float16", "float32"] = "auto"
+    # Validate on an inner split of the training participants (this fraction of each class, seeded by data.split.seed)
+    # instead of the validation split, which the run then never reads: a probe study that picks LP-FT's head this
+    # way leaves the validation split to the LP-FT study's selection alone (README, "Validation used once").
+    inner_val_fraction: float | None = Field(None, gt=0, lt=1)
     download: DownloadConfig = DownloadConfig()
     allow_failed_guards: list[str] = []  # guard names a user overrides on purpose
 
@@ -209,7 +302,7 @@ class TrainConfig(_Strict):
     # Counted only over epochs with a trainable encoder; null: no early stopping.
     early_stopping_patience: Int | None = Field(5, ge=1)
     objective: ObjectiveConfig = ObjectiveConfig()
-    seed: Int = 0
+    seed: Seed = 0
     # Background threads that gather batches from the pack ahead of the step; 0: gathered when the step
     # asks for them. Threads, not processes: a pack's memory-map copies release the GIL.
     num_workers: Int = Field(1, ge=0)
@@ -286,6 +379,16 @@ class ExperimentConfig(_Strict):
     init: InitConfig = InitConfig()
     output_dir: str = "runs"
 
+    @model_validator(mode="after")
+    def _warms_up_within_the_run(self) -> "ExperimentConfig":
+        if self.optim.warmup_epochs > self.train.epochs:
+            raise ValueError(
+                f"optim.warmup_epochs ({self.optim.warmup_epochs:g}) is longer than the run, train.epochs "
+                f"({self.train.epochs}): the learning rate would never reach its peak; lower optim.warmup_epochs "
+                "or raise train.epochs"
+            )
+        return self
+
     def flat(self) -> dict[str, Any]:
         """Every resolved value under its dotted path, e.g. {'optim.lr_head': 0.003, ...}."""
         return flatten(self.model_dump(mode="json"))
@@ -310,7 +413,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not key:
         raise ConfigError(f"override {text!r} has an empty key")
-    value = yaml.safe_load(raw) if raw.strip() else None
+    value = parse_yaml(raw, source=f"override {text!r}") if raw.strip() else None
     # YAML reads "1e-3" as a string (no dot in the mantissa); numbers are what people mean.
     if isinstance(value, str):
         try:
@@ -374,24 +477,21 @@ def load_experiment_dict(tree: dict[str, Any], overrides: list[str] | None = Non
 
 def load_experiment(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
     """Read an experiment YAML and apply dotted `key=value` overrides."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such experiment file")
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML ({error})") from None
-    except (OSError, UnicodeDecodeError) as error:  # unreadable, or not a text file at all
-        raise ConfigError(f"{path}: cannot read it as YAML text ({getattr(error, 'strerror', None) or error})") from None
+    tree = read_yaml(path, what="experiment file") or {}
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: expected a mapping of sections (data, model, train, ...), got {type(tree).__name__}")
     return load_experiment_dict(tree, overrides, source=str(path))
 
 
+def resolved_record(config: ExperimentConfig) -> str:
+    """The resolved config as JSON text, every URL's password hidden: what a checkpoint carries to rebuild its model
+    (`load_experiment_dict(json.loads(text))` reads it back)."""
+    return json.dumps(json.loads(json.dumps(config.model_dump(mode="json")), object_hook=_hide_passwords))
+
+
 def save_resolved(config: ExperimentConfig, path: str | Path) -> None:
     """The resolved config as YAML, every URL's password hidden (a run folder and its artifacts carry no secret)."""
-    tree = json.loads(json.dumps(config.model_dump(mode="json")), object_hook=_hide_passwords)
-    Path(path).write_text(yaml.safe_dump(tree, sort_keys=False))
+    Path(path).write_text(yaml.safe_dump(json.loads(resolved_record(config)), sort_keys=False))
 
 
 def _hide_passwords(section: dict[str, Any]) -> dict[str, Any]:

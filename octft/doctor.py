@@ -2,8 +2,10 @@
 
 Runs before anything else on a new VM (and on every host of a pod slice). It reads, never writes: a
 sqlite store that does not exist yet is reported as "will be created", and nothing is created. Every
-failed check says what to do; any failed check makes the command exit non-zero. Network stores get a
-few seconds each, so an unreachable database fails fast instead of hanging.
+failed check says what to do; any failed check makes the command exit non-zero. Network stores get
+$OCTFT_STORE_TIMEOUT_S seconds each, so an unreachable database fails fast instead of hanging. A store
+"answers" only when it opens as octft will open it: with the SQL driver that is installed (the one the
+sweep's processes will use), MLflow's through the checks `MlflowStore` makes.
 
     >>> report = diagnose(storage="sqlite:////tmp/none/optuna.db", tracking_uri=None, data=None)  # doctest: +SKIP
     >>> report.ok, report.runtime.platform                                                     # doctest: +SKIP
@@ -16,8 +18,6 @@ import importlib.metadata
 import importlib.util
 import os
 import sqlite3
-import urllib.error
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,12 +25,14 @@ import sqlalchemy
 import torch
 
 from octft.data.storage import open_storage
+from octft.errors import OctftError
 from octft.redaction import redact
-from octft.stores import DEFAULT_STORAGE, STORAGE_ENV, dialect, resolve_tracking_uri, sqlalchemy_url, sqlite_path
+from octft.stores import (DEFAULT_STORAGE, STORAGE_ENV, dialect, missing_driver, resolve_tracking_uri, sqlalchemy_url,
+                          sqlite_path, store_timeout_s)
+from octft.track.mlflow_store import check_store
 from octft.train import devices
 from octft.train.runtime import xla_device_facts
 
-CONNECT_TIMEOUT_S = 5
 B2_KEY_ENV = ("B2_APPLICATION_KEY_ID", "B2_APPLICATION_KEY")
 
 
@@ -138,15 +140,18 @@ def check_database(name: str, url: str, *, env_hint: str) -> Check:
                 return Check(name, False, f"{shown}: {path} does not exist and {folder} is not writable; {env_hint}")
             return Check(name, True, f"{shown}: does not exist yet, will be created")
         try:
-            with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=CONNECT_TIMEOUT_S) as connection:
+            with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=store_timeout_s()) as connection:
                 tables = connection.execute("select count(*) from sqlite_master where type='table'").fetchone()[0]
         except sqlite3.Error as error:
             return Check(name, False, f"{shown}: cannot be read ({error}); {env_hint}")
         return Check(name, True, f"{shown}: answers ({tables} tables)")
     if kind in ("postgresql", "postgres", "mysql", "mariadb"):
+        problem = missing_driver(url)
+        if problem:
+            return Check(name, False, problem)
         driver_url = sqlalchemy_url(url)
         try:
-            engine = sqlalchemy.create_engine(driver_url, connect_args={"connect_timeout": CONNECT_TIMEOUT_S})
+            engine = sqlalchemy.create_engine(driver_url, connect_args={"connect_timeout": store_timeout_s()})
             with engine.connect() as connection:
                 connection.execute(sqlalchemy.text("select 1"))
             engine.dispose()
@@ -158,15 +163,15 @@ def check_database(name: str, url: str, *, env_hint: str) -> Check:
 
 
 def check_tracking(uri: str) -> Check:
+    """Does the MLflow store at `uri` open as `MlflowStore` opens it? A sqlite file that does not exist yet is fine."""
     hint = "or pass another with --tracking-uri / $MLFLOW_TRACKING_URI"
-    if uri.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=CONNECT_TIMEOUT_S) as response:
-                return Check("mlflow", True, f"{redact(uri)}: answers (HTTP {response.status})")
-        except (urllib.error.URLError, OSError) as error:
-            return Check("mlflow", False, f"{redact(uri)}: does not answer ({error}); start the server, {hint}")
+    if dialect(uri) == "sqlite" and not (sqlite_path(uri) or Path(":memory:")).exists():
+        return check_database("mlflow", uri, env_hint=hint)  # "will be created", or its folder is not writable
     if "://" in uri and not uri.startswith("file:"):
-        return check_database("mlflow", uri, env_hint=hint)
+        try:
+            return Check("mlflow", True, f"{redact(uri)}: {check_store(uri)}")
+        except OctftError as error:
+            return Check("mlflow", False, str(error))
     path = Path(uri.removeprefix("file://").removeprefix("file:"))
     if path.is_dir():
         return Check("mlflow", True, f"{uri}: a folder that exists")

@@ -1,9 +1,10 @@
 """The two stores a sweep writes to, Optuna's storage and MLflow's tracking store: their URLs, defaults and rules.
 
 One parser for SQLite URLs (`sqlite_path`), the defaults (`./optuna.db`, `./mlflow.db`, or what the environment
-names), the rule that the two stores never share a database (`check_not_shared`), and how a URL shown without
-its password gets it back in a process that needs it (`with_password`): only from the environment variable the
-user set, never from a file octft wrote. This module imports nothing heavy.
+names), the rule that the two stores never share a database (`check_not_shared`), the SQL driver a URL gets
+(`sqlalchemy_url`, `missing_driver`), how long a network store may take to answer (`store_timeout_s`), and how a
+URL shown without its password gets it back in a process that needs it (`with_password`): only from the
+environment variable the user set, never from a file octft wrote. This module imports nothing heavy.
 
     >>> sqlite_path("sqlite:////tmp/runs.db"), sqlite_path("postgresql://db/x")
     (PosixPath('/tmp/runs.db'), None)
@@ -15,18 +16,31 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 from octft.errors import UsageError
 from octft.redaction import REDACTED, normalise_url, redact_url
 
 STORAGE_ENV = "OCTFT_OPTUNA_STORAGE"
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
+TIMEOUT_ENV = "OCTFT_STORE_TIMEOUT_S"
 DEFAULT_STORAGE = "sqlite:///optuna.db"
 DEFAULT_TRACKING_DB = "mlflow.db"
 ARTIFACTS_FOLDER = "mlartifacts"  # beside a SQLite tracking store, as MLflow's own server keeps them
+# Long enough for a database or server across a data centre, short enough that a wrong host fails before anyone
+# wonders whether octft hangs.
+DEFAULT_STORE_TIMEOUT_S = 10
 
 _SQL_DIALECTS = ("postgresql", "postgres", "mysql", "mariadb", "mssql")
+# Each SQL dialect's drivers, SQLAlchemy's default first: (driver, the module it imports, the package installing it).
+_DRIVERS = {
+    "postgresql": (("psycopg", "psycopg", "psycopg[binary]"), ("psycopg2", "psycopg2", "psycopg2-binary"),
+                   ("pg8000", "pg8000", "pg8000")),
+    "mysql": (("mysqldb", "MySQLdb", "mysqlclient"), ("pymysql", "pymysql", "PyMySQL"),
+              ("mysqlconnector", "mysql.connector", "mysql-connector-python")),
+    "mariadb": (("mysqldb", "MySQLdb", "mysqlclient"), ("pymysql", "pymysql", "PyMySQL")),
+    "mssql": (("pyodbc", "pyodbc", "pyodbc"), ("pymssql", "pymssql", "pymssql")),
+}
 
 
 def sqlite_path(url: str) -> Path | None:
@@ -100,15 +114,81 @@ def check_not_shared(tracking_uri: str, storage_url: str | None) -> None:
         )
 
 
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # `mysql.connector` without `mysql`
+        return False
+
+
 def sqlalchemy_url(url: str) -> str:
-    """`postgresql://` with the driver that is installed: SQLAlchemy 2.1 defaults to psycopg (3), octft ships
-    psycopg2. Other URLs come back unchanged."""
+    """A SQL URL with a driver that is installed: `postgresql://` (SQLAlchemy 2.1 would pick psycopg 3, octft ships
+    psycopg2) becomes `postgresql+psycopg2://`, `mysql://` without mysqlclient `mysql+pymysql://` where PyMySQL is
+    installed, `postgres://` (which SQLAlchemy no longer reads) `postgresql://`. A URL naming its driver, one whose
+    default driver is installed or none is, and other URLs come back unchanged.
+
+    >>> sqlalchemy_url("postgres://octft@db/optuna").split("://")[0] in ("postgresql", "postgresql+psycopg2")
+    True
+    """
     scheme, _, rest = url.partition("://")
-    if "+" in scheme or dialect(url) not in ("postgresql", "postgres"):
+    kind = "postgresql" if dialect(url) == "postgres" else dialect(url)
+    if "+" in scheme or kind not in _DRIVERS:
         return url
-    if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is not None:
-        return f"postgresql+psycopg2://{rest}"
-    return url
+    drivers = _DRIVERS[kind]
+    usable = next((driver for driver, module, _ in drivers if _installed(module)), drivers[0][0])
+    return f"{kind}://{rest}" if usable == drivers[0][0] else f"{kind}+{usable}://{rest}"
+
+
+def missing_driver(url: str) -> str | None:
+    """What to install when the SQL driver `url` needs (after `sqlalchemy_url`) is absent; None when it is there or
+    `url` is no SQL URL octft knows the drivers of.
+
+    >>> missing_driver("mysql+nosuchdriver://db/x") is None
+    True
+    """
+    scheme = sqlalchemy_url(url).split("://", 1)[0].lower()
+    kind, _, driver = scheme.partition("+")
+    drivers = _DRIVERS.get(kind, ())
+    wanted = next(((name, module, package) for name, module, package in drivers if name == (driver or drivers[0][0])),
+                  None)
+    if wanted is None or _installed(wanted[1]):
+        return None
+    name, module, package = wanted
+    others = [f"{package} ({kind}+{other}://)" for other, _, package in drivers if other != name]
+    return (f"{redact_url(url)} needs the Python package {package} (module {module}, SQLAlchemy's {name} driver), which "
+            f"is not installed: pip install {package}" + (f", or install {' or '.join(others)}" if others else ""))
+
+
+def store_timeout_s() -> int:
+    """Seconds a network store (an MLflow server, PostgreSQL, MySQL) gets to answer a connection: ${TIMEOUT_ENV},
+    else 10."""
+    text = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not text:
+        return DEFAULT_STORE_TIMEOUT_S
+    try:
+        seconds = int(text)
+    except ValueError:
+        seconds = 0
+    if seconds < 1:
+        raise UsageError(f"${TIMEOUT_ENV}={text!r} is not a whole number of seconds of at least 1; set it to e.g. "
+                         f"{DEFAULT_STORE_TIMEOUT_S}, or unset it")
+    return seconds
+
+
+def http_credentials(url: str) -> tuple[str, str | None, str | None]:
+    """(`url` without its credentials, user, password) of `http(s)://user:password@host/...`, the password
+    percent-decoded; (url, None, None) for a URL without a password or of another scheme.
+
+    >>> http_credentials("http://alice:p%40ss@mlflow:5000")
+    ('http://mlflow:5000', 'alice', 'p@ss')
+    """
+    shown = redact_url(url)
+    if dialect(url) not in ("http", "https") or shown == url:
+        return url, None, None
+    head, rest = shown.split(f":{REDACTED}@", 1)  # a user holds no ':', so this is the credentials' end
+    scheme, user = head.split("://", 1)
+    password = url[len(head) + 1 : len(url) - len(rest) - 1]
+    return f"{scheme}://{rest}", unquote(user), unquote(password)
 
 
 # The URLs with passwords this process was given (a launch's --storage, say), by how they are shown: only in memory.

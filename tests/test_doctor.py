@@ -49,6 +49,32 @@ def test_tracking_store_checks(tmp_path):
     assert not refused.ok and "does not answer" in refused.detail and "--tracking-uri" in refused.detail
 
 
+def test_a_store_answers_only_when_octft_can_open_it(tmp_path):
+    """With the driver the sweep's processes will use, MLflow's store as `MlflowStore` opens it; reading only."""
+    for check in (check_tracking("mysql://mlflow:s3cretpw@127.0.0.1/octft"),
+                  check_database("optuna", "mysql://optuna:s3cretpw@127.0.0.1/studies", env_hint="")):
+        assert not check.ok and "pip install mysqlclient" in check.detail and "s3cretpw" not in check.detail
+    half = tmp_path / "mlflow.db"  # what a full disk left while MLflow migrated a new store in place
+    with sqlite3.connect(half) as connection:
+        connection.execute("create table experiments (experiment_id integer)")
+        connection.execute("create table _alembic_tmp_params (key text)")
+        connection.execute("create table alembic_version (version_num text)")
+    before = half.read_bytes()
+    check = check_tracking(f"sqlite:///{half}")
+    assert not check.ok and "half-created" in check.detail and "move it away" in check.detail, check
+    assert half.read_bytes() == before  # read, not migrated
+
+
+def test_a_postgresql_mlflow_store_answers_with_the_installed_driver():
+    url = "postgresql://postgres@127.0.0.1:5432/test"  # MLflow's own default driver (psycopg 3) is not installed
+    if not check_database("optuna", url, env_hint="").ok:
+        if os.environ.get("OCTFT_REQUIRE_POSTGRES") == "1":
+            pytest.fail(f"OCTFT_REQUIRE_POSTGRES=1 but no PostgreSQL answers at {url}")
+        pytest.skip(f"no PostgreSQL at {url}")
+    check = check_tracking(url)
+    assert check.ok and check.detail.endswith("answers"), check
+
+
 def test_data_checks_list_and_keep_b2_keys_secret(tmp_path, monkeypatch):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "participants.tsv").write_text("participant_id\n1001\n")

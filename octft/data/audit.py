@@ -4,7 +4,9 @@ Every file found under the OCT prefix lands in exactly one bucket:
 
     found = matched + unlabeled + unparsed + excluded
 
-`unparsed` carries a reason per file, `excluded` the selection rule that removed it. Guards turn the
+`unparsed` carries a reason per file, `excluded` the selection rule that removed it. What the storage refused
+to list (a link out of the data root, a broken link, a FIFO) is not a file found: it is counted as `refused`,
+each entry with its reason. Guards turn the
 numbers into a pass/fail with thresholds from config; training refuses a failed audit unless the
 failed guard is overridden by name.
 """
@@ -21,6 +23,7 @@ from typing import Any, Callable, Sequence
 import pandas as pd
 from tqdm import tqdm
 
+from octft.io import file_kind
 from octft.data.labels import Labels, LabelsError, load_labels
 from octft.data.layout import CLASSES, DEVICES, LABELS_KEY, SPLITS
 from octft.data.locator import Located, OctFile, locate
@@ -49,6 +52,7 @@ class FileCounts:
     excluded: int
     by_device: dict[str, int]
     by_extension: dict[str, int]
+    refused: int = 0  # entries not listed at all (links out of the data root, FIFOs): not among `found`
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,7 @@ class AuditReport:
     volumes_per_split: dict[str, dict[str, int]]  # split -> class -> volumes
     samples: dict[str, list[str]]  # a few IDs from each side, to see an ID format mismatch at a glance
     unparsed: list[dict[str, Any]]
+    refused: list[dict[str, Any]]
     unlabeled: list[dict[str, Any]]
     excluded: list[dict[str, Any]]
     duplicates: list[list[str]]
@@ -202,7 +207,7 @@ def audit(
                    "per_participant": per_participant, "verified": verify_read is not None},
         files=FileCounts(len(files), len(selected), len(unlabeled), len(unparsed), len(excluded),
                          dict(sorted(Counter(item.device or "(none)" for item in files).items())),
-                         dict(sorted(Counter(item.extension for item in files).items()))),
+                         dict(sorted(Counter(item.extension for item in files).items())), len(located.refused)),
         participants=ParticipantCounts(len(with_oct), len(with_labels), len(matched),
                                        sorted(with_labels - with_oct, key=_id_order),
                                        sorted(with_oct - with_labels, key=_id_order)),
@@ -210,7 +215,7 @@ def audit(
         samples={"label_ids": sorted(with_labels, key=_id_order)[:SAMPLE_SIZE],
                  "file_participant_folders": sorted({item.folder for item in files if item.folder})[:SAMPLE_SIZE],
                  "file_participant_ids": sorted(with_oct, key=_id_order)[:SAMPLE_SIZE]},
-        unparsed=[{"key": item.key, "reason": item.problem} for item in unparsed],
+        unparsed=[{"key": item.key, "reason": item.problem} for item in unparsed], refused=located.refused,
         unlabeled=[{"key": item.key, "participant_id": item.participant_id} for item in unlabeled],
         excluded=excluded, duplicates=located.duplicates, id_mismatches=located.id_mismatches,
         manifest_missing=located.manifest_missing, manifest_invalid=located.manifest_invalid,
@@ -327,7 +332,8 @@ def format_report(report: AuditReport) -> str:
     lines = [
         f"data: {d['data']}   labels: {d['labels']}   manifest: {'yes' if d['manifest_used'] else 'no'}   split: {d['split_source']}",
         f"files found {files['found']} = matched {files['matched']} + unlabeled {files['unlabeled']} "
-        f"+ unparsed {files['unparsed']} + excluded {files['excluded']}",
+        f"+ unparsed {files['unparsed']} + excluded {files['excluded']}"
+        + (f"   (and {files['refused']} refused, not read: see below)" if files["refused"] else ""),
         "  by device: " + ", ".join(f"{k}={v}" for k, v in files["by_device"].items()),
         "  by extension: " + ", ".join(f"{k}={v}" for k, v in files["by_extension"].items()),
         f"participants: with OCT {people['with_oct']}, with labels {people['with_labels']}, matched {people['matched']} "
@@ -347,6 +353,7 @@ def format_report(report: AuditReport) -> str:
         )
     for title, rows, fmt in (
         ("unparsed", d["unparsed"], lambda r: f"{r['key']}: {r['reason']}"),
+        ("refused", d["refused"], lambda r: f"{r['key']}: {r['reason']}"),
         ("manifest rows without a file", d["manifest_missing"], lambda r: f"row {r['row']}: {r['filepath']}"),
         ("ID mismatches", d["id_mismatches"], lambda r: str(r)),
         ("unusable label rows", d["labels_invalid"], lambda r: f"row {r['row']}: {r['reason']}"),
@@ -383,8 +390,11 @@ def read_labels_source(labels_uri: str, storage, data_uri: str) -> tuple[bytes, 
         parent, _, name = labels_uri.rpartition("/")
         return open_storage(parent).read_bytes(name), labels_uri
     path = Path(labels_uri.removeprefix("file://"))
-    if not path.is_file():
+    if not path.exists():
         raise LabelsError(f"{labels_uri}: labels file not found; pass --labels or set data.labels")
+    if not path.is_file():  # a FIFO would block the read; a folder is no table
+        raise LabelsError(f"{labels_uri}: is {file_kind(path.stat().st_mode)}, not a regular file; pass --labels "
+                          "with the participants table")
     return path.read_bytes(), labels_uri
 
 

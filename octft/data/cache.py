@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from octft.data.preprocess import Preprocessing, preprocess
 from octft.data.volume import OctReadError, Volume
-from octft.io import atomic_file, remove_stale_temporaries, write_text_atomic
+from octft.io import DiskFullError, atomic_file, remove_stale_temporaries, write_text_atomic
 
 # Bump when the entry layout or the preprocessing code changes what a key's bytes mean.
 CACHE_FORMAT = 1
@@ -224,9 +224,12 @@ class VolumeCache:
             record["source_dtype"] = source_dtype
         # No fsync: a crash can leave a committed record over lost data, and the checksum
         # turns that into a miss instead of a wrong array.
-        with atomic_file(data_path) as temp, open(temp, "wb") as handle:
-            np.save(handle, stored, allow_pickle=False)
-        write_text_atomic(record_path, json.dumps(record))
+        try:
+            with atomic_file(data_path, needed_bytes=stored.nbytes) as temp, open(temp, "wb") as handle:
+                np.save(handle, stored, allow_pickle=False)
+            write_text_atomic(record_path, json.dumps(record))
+        except DiskFullError as error:  # every later entry would fail alike: one line, naming the setting
+            raise DiskFullError(f"{error} (the folder: data.cache_dir={self.root})") from None
         return stored.astype(np.float32)
 
     def get_or_build(self, source_id: str, load: Loader) -> np.ndarray:

@@ -93,15 +93,48 @@ class PreparedVolumes:
         checksums verified once, or written from the cache entries when there is none or it is damaged;
         an entry that went missing or bad since the build is rebuilt from the source on the way.
         """
-        volumes = self.volumes[self.volumes.split == split].reset_index(drop=True)
+        return self._dataset(split, self.volumes[self.volumes.split == split])
+
+    def run_datasets(self, inner_val_fraction: float | None = None, seed: int = 0) -> tuple[VolumeDataset, VolumeDataset]:
+        """The (training, validation) samples of a run: the train and val splits, or with `inner_val_fraction` the
+        training participants cut in two (`inner_validation`), the val split then not read at all."""
+        if not inner_val_fraction:
+            return self.dataset("train"), self.dataset("val")
+        train = self.volumes[self.volumes.split == "train"]
+        held_out = train.participant_id.isin(inner_validation(train, inner_val_fraction, seed))
+        return self._dataset("train-inner", train[~held_out]), self._dataset("val-inner", train[held_out])
+
+    def _dataset(self, name: str, volumes: pd.DataFrame) -> VolumeDataset:
+        volumes = volumes.reset_index(drop=True)
         load = (partial(_load, self.storage, self.keep_downloads, self.download_budget_bytes)
                 if self.storage is not None else None)
-        if split not in self.packs:
-            self.packs[split] = volume_pack(self.cache, volumes, load, pack_dtype=self.pack_dtype)
+        if name not in self.packs:
+            self.packs[name] = volume_pack(self.cache, volumes, load, pack_dtype=self.pack_dtype)
         # torch comes with the samples, not with the preparation: a launch prepares data without it.
         from octft.data.samples import VolumeDataset
 
-        return VolumeDataset(volumes, self.cache, load=load, pack=self.packs[split])
+        return VolumeDataset(volumes, self.cache, load=load, pack=self.packs[name])
+
+
+def inner_validation(train: pd.DataFrame, fraction: float, seed: int) -> set[str]:
+    """The training participants held out as an inner validation split: `fraction` of each class (at least one),
+    drawn with `seed`; participant-level (all of a participant's volumes go together) and stratified by class.
+
+    >>> table = pd.DataFrame({"participant_id": list("abcdefgh"), "label": [0, 0, 0, 0, 1, 1, 1, 1]})
+    >>> sorted(inner_validation(table, 0.25, seed=0))
+    ['c', 'h']
+    """
+    rng = np.random.default_rng(seed)
+    held_out: set[str] = set()
+    participants = train.drop_duplicates("participant_id")
+    for label, members in participants.groupby("label"):
+        ids = sorted(members.participant_id.astype(str))
+        if len(ids) < 2:
+            raise UsageError(f"data.inner_val_fraction: class {label} has {len(ids)} training participant(s); an inner "
+                             "validation split needs at least 2 of each class (one to train on, one to validate)")
+        rng.shuffle(ids)
+        held_out.update(ids[:min(len(ids) - 1, max(1, round(len(ids) * fraction)))])
+    return held_out
 
 
 def resolve_pack_dtype(pack_dtype: PackDtype, cache: VolumeCache, source_ids: Sequence[str]) -> str:

@@ -6,7 +6,8 @@ Without it, the participant comes from the participant folder, never from a patt
 key (the old pipeline's regex `\\b(1[0-9]{3})\\b` matched one site of three and lost 66% of the data).
 
 Every object found under the OCT prefix comes back as an `OctFile`; one that cannot be used carries
-the reason in `problem`, so callers count it instead of dropping it.
+the reason in `problem`, so callers count it instead of dropping it. What the storage refuses to list (a link
+out of the data root, a FIFO) is never a file found: it comes back in `Located.refused`, with the reason.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class Located:
     manifest_invalid: list[dict] = field(default_factory=list)  # manifest rows that name no usable participant
     id_mismatches: list[dict] = field(default_factory=list)  # file name or manifest disagrees with the folder
     duplicates: list[list[str]] = field(default_factory=list)  # groups of keys with identical content
+    refused: list[dict] = field(default_factory=list)  # entries the storage would not list: key, reason
 
 
 def file_extension(name: str) -> str:
@@ -177,10 +179,12 @@ def find_duplicates(files: Iterable[OctFile], sha1_of) -> list[list[str]]:
 
 def locate(storage, *, use_manifest: bool = True) -> Located:
     """Every object under the OCT prefix of `storage`, attributed to a participant or given a problem."""
-    listing = [info for info in storage.list(OCT_PREFIX + "/")]
+    refused: list[tuple[str, str]] = []
+    listing = [info for info in storage.list(OCT_PREFIX + "/", refused=refused)]
     manifest_used = use_manifest and storage.exists(MANIFEST_KEY)
     files = [parse_key(info.key, info.size, info.sha1, info.version) for info in listing]
-    located = Located(files=files, manifest_used=manifest_used)
+    located = Located(files=files, manifest_used=manifest_used,
+                      refused=[{"key": key, "reason": reason} for key, reason in refused])
 
     for item in files:
         if item.problem is None and item.name_id is not None and item.name_id != item.participant_id:

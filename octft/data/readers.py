@@ -29,7 +29,8 @@ whole is None when nothing is known) and ``source``; DICOM adds ``transfer_synta
 UID), ``photometric_interpretation`` and ``modality``.
 
 Every failure is an `OctReadError` naming the file and the reason; no other exception
-type leaves `read_volume`.
+type leaves `read_volume`. A volume larger than `MAX_DECLARED_BYTES` is refused from its
+header, before anything is inflated or allocated (see there for why that bound).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ import pydicom
 from pydicom.pixels import get_decoder
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from octft.io import file_kind
 from octft.data.ids import canonical_participant_id
 from octft.data.layout import LATERALITIES
 from octft.data.volume import OctReadError, Volume
@@ -69,11 +71,17 @@ _GZIP_SNIFF_BYTES = 1 << 20
 # Deflated Explicit VR Little Endian: the data set after the file meta is one deflate stream (a bomb's carrier).
 _DEFLATED_SYNTAX = b"1.2.840.10008.1.2.1.99"
 _FILE_META_SCAN = 4096
-# More than any OCT volume holds (a 128 x 1024 x 1024 float32 volume is 0.5 GiB): a header declaring more
-# is refused before anything is allocated or inflated.
-MAX_DECLARED_BYTES = 4 << 30
-_FILE_KINDS = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFCHR: "a character device",
-               stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
+# The most a volume may hold: a header declaring more is refused before anything is allocated or inflated, so a
+# small file declaring gigabytes (a gzip or zip bomb, a forged DICOM or NIfTI header) never reaches memory.
+# Why this figure and not one derived from the clip size (data.preprocess frames x height x width): the clip is
+# made by picking B-scans and resizing them, so its size says nothing about the source's; a 4 x 32 x 32 smoke clip
+# is rightly made from a 128 x 1024 x 512 Cirrus cube. What bounds the pipeline is the sources it must read: the
+# densest cube OCT scanners write is 256 B-scans of 1024 x 1024 (Triton 3D wide: 256 x 992 x 512; an AI-READI
+# volume is at most ~130 MB), 1 GiB as 32-bit values. Decoding holds about three copies of it (inflated bytes,
+# array, contiguous copy), so reading one volume needs at most ~3 GiB.
+MAX_DECLARED_BYTES = 1 << 30
+# A file may carry this much beside its pixels (DICOM metadata, private tags, NIfTI extensions).
+_MAX_OTHER_BYTES = 64 << 20
 
 
 def read_volume(source: str | Path | bytes, *, name: str | None = None) -> Volume:
@@ -87,13 +95,13 @@ def read_volume(source: str | Path | bytes, *, name: str | None = None) -> Volum
     ((97, 496, 512), 'L')
     >>> read_volume(blob, name="b2://bucket/1001_oct_l.dcm")        # doctest: +SKIP
     """
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        label = name or "<bytes>"
-        data = bytes(source)
-    else:
-        label = name or str(source)
-        data = _read_file(Path(source), label)
-    return _read_bytes(data, label, name_for_format=label)
+    label = name or ("<bytes>" if isinstance(source, (bytes, bytearray, memoryview)) else str(source))
+    try:
+        data = bytes(source) if isinstance(source, (bytes, bytearray, memoryview)) else _read_file(Path(source), label)
+        return _read_bytes(data, label, name_for_format=label)
+    except MemoryError:
+        # Every header is bounded by MAX_DECLARED_BYTES; this is a machine with less memory than that takes.
+        raise OctReadError(label, "not enough memory to decode it (the machine ran out of memory)") from None
 
 
 def describe_volume(volume: Volume) -> dict[str, Any]:
@@ -135,13 +143,17 @@ def _read_file(path: Path, label: str) -> bytes:
     except (TypeError, ValueError) as exc:  # e.g. a NUL byte in the path
         raise OctReadError(label, f"cannot open: {_one_line(exc)}") from None
     # Checked on the opened file, not the name: nothing can be swapped in between.
-    mode = os.fstat(descriptor).st_mode
+    file_stat = os.fstat(descriptor)
+    mode = file_stat.st_mode
     if not stat.S_ISREG(mode):
         os.close(descriptor)
         if stat.S_ISDIR(mode):
             raise OctReadError(label, "is a directory, not a file")
-        kind = _FILE_KINDS.get(stat.S_IFMT(mode), "not a regular file")
-        raise OctReadError(label, f"is {kind}, not a regular file: copy the volume into a file first")
+        raise OctReadError(label, f"is {file_kind(mode)}, not a regular file: copy the volume into a file first")
+    if file_stat.st_size > MAX_DECLARED_BYTES + _MAX_OTHER_BYTES:
+        os.close(descriptor)
+        raise OctReadError(label, f"the file holds {file_stat.st_size} bytes, more than any OCT volume "
+                                  f"({MAX_DECLARED_BYTES} bytes of pixels at most)")
     with os.fdopen(descriptor, "rb") as file:
         try:
             return file.read()
@@ -281,9 +293,15 @@ def _declared_size(head: bytes, label: str, name: str, *, complete: bool) -> int
         raise
     except Exception as exc:  # noqa: BLE001 - numpy and nibabel raise several types on a broken header
         raise OctReadError(label, f"cannot read the {fmt} header inside gzip: {_one_line(exc)}") from None
-    if declared > MAX_DECLARED_BYTES:
-        raise OctReadError(label, f"its header declares {declared} bytes, more than any OCT volume holds")
+    if fmt != "dicom":  # a DICOM's pixels are checked on their own: its declared size allows for metadata
+        _check_declared(declared, label)
     return max(declared, len(head))
+
+
+def _check_declared(declared: int, label: str) -> None:
+    if declared > MAX_DECLARED_BYTES:
+        raise OctReadError(label, f"its header declares {declared} bytes of pixels, more than any OCT volume holds "
+                                  f"({MAX_DECLARED_BYTES} at most): refused before reading them")
 
 
 def _dicom_declared_size(head: bytes, label: str) -> int:
@@ -298,6 +316,7 @@ def _dicom_declared_size(head: bytes, label: str) -> int:
         bits = int(dataset.get("BitsAllocated") or 64)
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on a broken header
         raise OctReadError(label, f"DICOM inside gzip: unreadable header ({_one_line(exc)})") from None
+    _check_declared(math.ceil(values * bits / 8), label)
     # Compressed pixel data is smaller than native; allow for fragment items and trailing elements.
     return position + math.ceil(values * bits / 8) * 11 // 10 + (1 << 20)
 
@@ -331,6 +350,8 @@ def _read_dicom(data: bytes, label: str) -> tuple[np.ndarray, dict[str, Any]]:
         )
     if photometric == "PALETTE COLOR":
         raise OctReadError(label, "PALETTE COLOR images are not supported: convert to MONOCHROME2 or RGB")
+    # Before decoding: a compressed frame declaring gigapixels would otherwise be allocated by the decoder.
+    _check_declared(rows * columns * frames * samples * max(int(dataset.get("BitsAllocated") or 8), 8) // 8, label)
     if not syntax.is_compressed:
         _check_native_length(dataset, rows, columns, frames, samples, photometric, label)
 
@@ -509,6 +530,7 @@ def _read_nifti(data: bytes, label: str) -> tuple[np.ndarray, dict[str, Any]]:
     shape = tuple(int(size) for size in header.get_data_shape())
     offset = int(header.get_data_offset())
     expected = math.prod(shape) * header.get_data_dtype().itemsize
+    _check_declared(expected, label)
     held = max(len(data) - offset, 0)
     if held < expected:
         raise OctReadError(label, f"truncated: image data holds {held} of {expected} bytes")
@@ -553,6 +575,10 @@ def _read_npz(data: bytes, label: str) -> tuple[np.ndarray, dict[str, Any]]:
             raise OctReadError(
                 label, f".npz holds arrays {keys}: expected one array, or one named 'volume' or 'array'"
             )
+        # The zip directory's size bounds what the member inflates to (zipfile reads no further): a zip bomb
+        # is refused here, before it is inflated.
+        member = key if key in archive.zip.namelist() else f"{key}.npy"  # as numpy names its members
+        _check_declared(archive.zip.getinfo(member).file_size, label)
         return _as_frames(archive[key], label), {}
 
 

@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -41,6 +42,7 @@ from b2sdk.v2.exception import (
 )
 from tqdm import tqdm
 
+from octft.io import file_kind
 from octft.errors import OctftError
 from octft.io import atomic_file, is_temporary, remove_stale_temporaries, write_text_atomic
 from octft.redaction import redact_text, redact_url
@@ -84,8 +86,12 @@ class Storage(Protocol):
 
     uri: str  # display form; never contains secrets
 
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        """Every object whose key starts with `prefix`, recursively, sorted by key."""
+    def list(self, prefix: str = "", *, refused: list[tuple[str, str]] | None = None) -> Iterator[ObjectInfo]:
+        """Every object whose key starts with `prefix`, recursively, sorted by key.
+
+        Entries under `prefix` that are not listed (a link out of the root, a FIFO) are appended to `refused`
+        as (key, reason), so a caller can count them; without `refused` they are logged as warnings.
+        """
         ...
 
     def read_bytes(self, key: str) -> bytes: ...
@@ -214,8 +220,12 @@ def _file_sha1(path: Path) -> str:
 class LocalStorage:
     """A release in a local (or mounted) folder.
 
-    Keys are paths relative to `root` with '/'; symlinked files and folders are followed;
-    our own ``*.partial`` temporaries are not listed.
+    Keys are paths relative to `root` with '/'; symlinked files and folders are followed while they stay
+    inside `root` (after resolving every link). A link out of the root, a broken link, a link back to a folder
+    above it and anything that is not a regular file or folder (a FIFO, a device) are refused: never listed, read
+    or hashed, and reported with their reason (`list(refused=...)`). A link out of the root would otherwise put
+    any file the user can read into a release's listing, its hashes and its cache. Our own ``*.partial``
+    temporaries are not listed.
 
     >>> storage = LocalStorage("/data/aireadi")                          # doctest: +SKIP
     >>> next(storage.list("retinal_oct/structural_oct/"))                # doctest: +SKIP
@@ -235,24 +245,50 @@ class LocalStorage:
         if not os.access(root, os.R_OK | os.X_OK):
             raise AccessDeniedError(f"storage root {root} is not readable by this user; check its permissions")
         self.root = root
+        self.real_root = Path(os.path.realpath(root))  # where links must lead to be followed
         self.uri = root.as_uri()
         self.progress = progress
 
     def __repr__(self) -> str:
         return f"LocalStorage({self.uri!r})"
 
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+    def list(self, prefix: str = "", *, refused: list[tuple[str, str]] | None = None) -> Iterator[ObjectInfo]:
         # Only the folder named by the prefix is walked, not the whole tree.
         folder = prefix.rpartition("/")[0]
         start = self.root / _check_key(folder, self.uri) if folder else self.root
         if not start.is_dir():
             return
-        stat = start.stat()
-        walk = self._walk(start, folder + "/" if folder else "", prefix, {(stat.st_dev, stat.st_ino)})
+        if not self._inside(start):  # the prefix's own folder is a link out of the root
+            self._refuse(refused, folder + "/", self._refusal(start) or "outside the data root: not followed")
+            return
+        start_stat = start.stat()
+        walk = self._walk(start, folder + "/" if folder else "", prefix, {(start_stat.st_dev, start_stat.st_ino)},
+                          refused)
         yield from tqdm(walk, desc=f"listing {self.uri}", unit=" files", disable=not self.progress)
 
+    def _inside(self, path: str | Path) -> bool:
+        """Whether `path`, every link resolved, lies inside the root."""
+        return Path(os.path.realpath(path)).is_relative_to(self.real_root)
+
+    def _refuse(self, refused: list[tuple[str, str]] | None, key: str, reason: str) -> None:
+        if refused is None:
+            logger.warning("not listing %s in %s: %s", key, self.uri, reason)
+        else:
+            refused.append((key, reason))
+
+    def _refusal(self, path: str | Path) -> str | None:
+        """Why the link `path` is not followed, or None when it leads somewhere inside the root."""
+        if not os.path.exists(path):
+            return f"a broken link (to {os.readlink(path)}, which does not exist)"
+        target = os.path.realpath(path)
+        if not Path(target).is_relative_to(self.real_root):
+            return (f"a link to {target}, outside the data root {self.real_root}: not followed; copy the file into "
+                    "the release (or link only within it)")
+        return None
+
     def _walk(
-        self, folder: Path, relative: str, prefix: str, ancestors: set[tuple[int, int]]
+        self, folder: Path, relative: str, prefix: str, ancestors: set[tuple[int, int]],
+        refused: list[tuple[str, str]] | None,
     ) -> Iterator[ObjectInfo]:
         try:
             with os.scandir(folder) as scan:
@@ -265,34 +301,45 @@ class LocalStorage:
         # names would put folder "a" first.
         entries.sort(key=lambda item: item[0].name + "/" if item[1] else item[0].name)
         for entry, is_dir in entries:
-            key = relative + entry.name
-            if is_dir:
-                folder_key = key + "/"
-                if not (folder_key.startswith(prefix) or prefix.startswith(folder_key)):
-                    continue
-                stat = entry.stat()
-                identity = (stat.st_dev, stat.st_ino)
+            key = relative + entry.name + ("/" if is_dir else "")
+            if not (key.startswith(prefix) or (is_dir and prefix.startswith(key))):
+                continue
+            if entry.is_symlink() and (reason := self._refusal(entry.path)) is not None:
+                self._refuse(refused, key, reason)
+            elif is_dir:
+                entry_stat = entry.stat()
+                identity = (entry_stat.st_dev, entry_stat.st_ino)
                 if identity in ancestors:
-                    logger.warning("not following %s: symlink loop back to a parent folder", entry.path)
+                    self._refuse(refused, key, "a link back to a folder above it (a loop): not followed")
                     continue
-                yield from self._walk(Path(entry.path), folder_key, prefix, ancestors | {identity})
+                yield from self._walk(Path(entry.path), key, prefix, ancestors | {identity}, refused)
             elif entry.is_file():
-                if is_temporary(entry.name) or not key.startswith(prefix):  # our own writes in progress
+                if is_temporary(entry.name):  # our own writes in progress
                     continue
-                stat = entry.stat()
-                yield ObjectInfo(key=key, size=stat.st_size, version=str(stat.st_mtime_ns))
-            elif entry.is_symlink():
-                logger.warning("skipping broken symlink %s", entry.path)
+                entry_stat = entry.stat()
+                yield ObjectInfo(key=key, size=entry_stat.st_size, version=str(entry_stat.st_mtime_ns))
+            else:
+                self._refuse(refused, key, f"{file_kind(entry.stat().st_mode)}, not a regular file: not read")
 
     def info(self, key: str) -> ObjectInfo:
         """What a listing would say about `key`."""
-        stat = self.local_path(key).stat()
-        return ObjectInfo(key=key, size=stat.st_size, version=str(stat.st_mtime_ns))
+        path_stat = self.local_path(key).stat()
+        return ObjectInfo(key=key, size=path_stat.st_size, version=str(path_stat.st_mtime_ns))
 
     def local_path(self, key: str) -> Path:
+        """The file of `key`: a regular file inside the root, every link resolved (what `list` lists)."""
         path = self.root / _check_key(key, self.uri)
-        if not path.is_file():
-            raise MissingObjectError(f"no object {key!r} in {self.uri} (looked for {path})")
+        try:
+            mode = path.stat().st_mode
+        except FileNotFoundError:
+            raise MissingObjectError(f"no object {key!r} in {self.uri} (looked for {path})") from None
+        except OSError as error:
+            raise StorageError(f"cannot read {path}: {error.strerror or error}; check its permissions") from None
+        if not stat.S_ISREG(mode):
+            raise StorageError(f"{path} ({key!r} in {self.uri}) is {file_kind(mode)}, not a regular file")
+        if not self._inside(path):
+            raise AccessDeniedError(f"{path} ({key!r} in {self.uri}) is a link to {os.path.realpath(path)}, outside "
+                                    "the data root: refused; copy the file into the release")
         return path
 
     def read_bytes(self, key: str) -> bytes:
@@ -525,7 +572,8 @@ class B2Storage:
             self._known[info.key] = info
             yield info
 
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+    def list(self, prefix: str = "", *, refused: list[tuple[str, str]] | None = None) -> Iterator[ObjectInfo]:
+        # `refused` stays empty: a bucket holds objects only, no links or special files.
         listing = self._list(prefix)
         yield from tqdm(listing, desc=f"listing {self.uri}", unit=" files", disable=not self.progress)
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -53,12 +54,28 @@ FeatureKind = Literal["pooled", "tokens"]
 STORAGE_DTYPE: dict[str, str] = {"pooled": "float32", "tokens": "float16"}
 
 
+# The modules whose code turns a volume into its stored features: an edit to either is another key.
+FEATURE_CODE = (Path(__file__).with_name("frozen.py"), Path(__file__).parents[1] / "models" / "encoder.py")
+
+
+@functools.cache
+def feature_code_version() -> str:
+    """A content hash of the code that computes features (`FEATURE_CODE`): features stored by other code are never
+    served to this code, whatever version string it carries."""
+    digest = hashlib.sha256()
+    for path in FEATURE_CODE:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 @dataclass(frozen=True)
 class FeatureKey:
     """Everything that decides a frozen encoder's outputs for a run's volumes.
 
     `encoder` is `sha256:<hex>` of the checkpoint file, or `scratch:seed=<n>` for an encoder initialised
-    from a seed; `model` the encoder's config values; `sources` each split's source ids in dataset order.
+    from a seed; `model` the encoder's config values; `preprocessing` how volumes became clips (with the dtypes the
+    prepared cache and pack store them in); `sources` each split's source ids in dataset order; `code` the version
+    of the feature code (`feature_code_version`). The features' own storage dtype (`STORAGE_DTYPE`) is in the record.
     """
 
     encoder: str
@@ -67,13 +84,14 @@ class FeatureKey:
     preprocessing: Mapping[str, object]
     kind: FeatureKind
     sources: Mapping[str, Sequence[str]]
+    code: str = field(default_factory=feature_code_version)
 
     def as_record(self) -> dict:
         """Plain JSON types, as stored in (and compared with) the commit record."""
         return json.loads(json.dumps({
             "format": STORE_FORMAT, "encoder": self.encoder, "model": dict(self.model), "precision": self.precision,
-            "preprocessing": dict(self.preprocessing), "kind": self.kind,
-            "sources": {split: list(ids) for split, ids in self.sources.items()},
+            "preprocessing": dict(self.preprocessing), "kind": self.kind, "storage_dtype": STORAGE_DTYPE[self.kind],
+            "code": self.code, "sources": {split: list(ids) for split, ids in self.sources.items()},
         }, sort_keys=True))
 
     def digest(self) -> str:

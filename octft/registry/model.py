@@ -1,14 +1,16 @@
 """The champion as an MLflow Model: a `pyfunc` that reads OCT files, preprocesses them as training did, classifies.
 
-A promoted checkpoint folder (`best.pt` beside the `config.yaml` that built it) travels inside the model as its
-one artifact, so the model carries its preprocessing (frame picking, resize, intensity: the config's
-`data.preprocess`) and everything else it was trained with. Its input is a table with a column `path` (a
-DICOM, NIfTI or NumPy file readable where the model runs); its output has one row per input row:
+A promoted checkpoint folder (`best.pt`, which holds the config that built it, beside a readable `config.yaml`)
+travels inside the model as its one artifact, so the model carries its preprocessing (frame picking, resize,
+intensity: the config's `data.preprocess`) and everything else it was trained with. Its input is a table with a
+column `path` (a DICOM, NIfTI or NumPy file readable where the model runs: under `$OCTFT_PREDICT_ROOT` when that
+is set); its output has one row per input row:
 
     path, participant_id, prob_<class> for each class, predicted_class, error
 
-`error` is empty when the volume was read and says why when it was not (its probabilities are then NaN), so
-one unreadable volume never fails the batch.
+`error` is empty when the volume was read; its probabilities are NaN otherwise, so one unusable volume never fails
+the batch. A path the model cannot open gets one answer whatever the cause (`octft.registry.inference.serve_paths`),
+so a client learns nothing of the server's files; a constant or tiny volume is flagged, not classified.
 
     >>> import mlflow, pandas as pd                                                     # doctest: +SKIP
     >>> model = mlflow.pyfunc.load_model("models:/octft-demo@champion")                   # doctest: +SKIP
@@ -33,8 +35,8 @@ from octft.registry.inference import (
     PATH_COLUMN,
     PREDICTED_COLUMN,
     PROBABILITY_PREFIX,
-    classify_paths,
     load_checkpoint_folder,
+    serve_paths,
 )
 from octft.track.mlflow_store import PythonModel, save_pyfunc, table_signature
 
@@ -56,7 +58,8 @@ class OctVolumeClassifier(PythonModel):
                 f"the input has columns {list(frame.columns)}; give a column {PATH_COLUMN!r} of DICOM / NIfTI / "
                 "NumPy file paths, e.g. {\"dataframe_records\": [{\"path\": \"/data/scan.dcm\"}]}"
             )
-        return classify_paths(self.loaded, [str(path) for path in frame[PATH_COLUMN]])
+        # Paths from a client: confined to $OCTFT_PREDICT_ROOT, one answer for any it cannot use (octft.registry.inference).
+        return serve_paths(self.loaded, frame[PATH_COLUMN].tolist())
 
 
 def model_signature(class_names: Sequence[str] = CLASS_SHORT_NAMES):
@@ -85,7 +88,7 @@ def save_pyfunc_model(checkpoint_dir: str | Path, path: str | Path, *, metadata:
     """Write the MLflow Model of `checkpoint_dir` (best.pt + config.yaml) to the new folder `path`.
 
     The input example names a file that exists nowhere: it shows the request's shape, and a model served
-    elsewhere answers it with one row whose `error` says the file is missing.
+    elsewhere answers it with one row whose `error` says the path cannot be read.
     """
     checkpoint_dir = Path(checkpoint_dir)
     missing = [name for name in (CHECKPOINT_FILE, CONFIG_FILE) if not (checkpoint_dir / name).is_file()]

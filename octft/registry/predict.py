@@ -1,11 +1,12 @@
 """`octft predict`: a promoted model (or any checkpoint folder) on new OCT files, per volume and per participant.
 
 A model is the champion `octft promote` registers, an MLflow `pyfunc` Model (`octft.registry.model`)
-holding the folder a training run logs as its `checkpoint` artifact: `best.pt` (the best epoch's weights) beside
-`config.yaml` (the resolved experiment config that built them, preprocessing included). `predict` takes a
-registry URI `models:/<name>@<alias>` / `models:/<name>/<version>`, an MLflow Model folder or a bare checkpoint
-folder; an MLflow Model is run through its own pyfunc, so `octft predict`, `mlflow.pyfunc.load_model` and
-`mlflow models serve` give the same per-volume rows.
+holding the folder a training run logs as its `checkpoint` artifact: `best.pt` (the best epoch's weights and the
+resolved experiment config that built them, preprocessing included). `predict` takes a registry URI
+`models:/<name>@<alias>` / `models:/<name>/<version>`, an MLflow Model folder or a bare checkpoint folder. It
+reads the checkpoint as data and runs octft's own code on it (`classify_paths`, the code the Model's pyfunc runs),
+so `octft predict`, `mlflow.pyfunc.load_model` and `mlflow models serve` give the same per-volume rows while no
+pickle or code inside a model artifact is ever loaded by octft.
 
     >>> result = predict("models:/octft-demo@champion", ["scans/"], tracking_uri="sqlite:///mlflow.db")  # doctest: +SKIP
     >>> print(format_prediction(result))                                                              # doctest: +SKIP
@@ -24,13 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
-from octft.data.layout import CLASS_SHORT_NAMES
 from octft.data.volume import OctReadError
 from octft.errors import MissingInputError
+from octft.io import file_kind
 from octft.models.checkpoint import CheckpointError
-from octft.redaction import redact_url
 from octft.registry.inference import (
     ERROR_COLUMN,
     PARTICIPANT_COLUMN,
@@ -40,9 +39,8 @@ from octft.registry.inference import (
     classify_paths,
     load_checkpoint_folder,
 )
-from octft.registry.model import MLMODEL_FILE
-from octft.stores import resolve_tracking_uri, sqlite_path
-from octft.track.mlflow_store import MlflowStore, load_pyfunc
+from octft.registry.model import CHECKPOINT_KEY, MLMODEL_FILE
+from octft.track.mlflow_store import MlflowStore
 from octft.train.metrics import softmax
 
 # Files a folder given as input contributes; a file named on the command line is read whatever its name.
@@ -72,12 +70,7 @@ class Prediction:
 def model_store(tracking_uri: str | None) -> MlflowStore:
     """The store to read models from; a SQLite file that does not exist is refused, not created (MLflow would create
     the database on first contact and then report the model missing: a mistyped path would hide the typo)."""
-    uri = resolve_tracking_uri(tracking_uri)
-    path = sqlite_path(uri)
-    if path is not None and not path.is_file():
-        raise MissingInputError(f"MLflow store {redact_url(uri)}: no such database file {path}; pass the --tracking-uri the sweep "
-                                "logged to (e.g. sqlite:///demo/mlflow.db)")
-    return MlflowStore(uri)
+    return MlflowStore(tracking_uri, must_exist=True)
 
 
 def resolve_model_folder(model_uri: str, *, tracking_uri: str | None = None, download_to: str | Path) -> Path:
@@ -108,10 +101,25 @@ def resolve_model_folder(model_uri: str, *, tracking_uri: str | None = None, dow
                               "SPEC` registers the champion) or pass --tracking-uri") from None
 
 
-def load_model(model_uri: str, *, tracking_uri: str | None = None) -> LoadedModel:
-    """The classifier behind a `models:/` URI, an MLflow Model folder or a checkpoint folder, on the CPU.
+def checkpoint_folder(folder: Path) -> Path:
+    """The checkpoint folder of a model folder: an MLflow Model's `checkpoint` artifact, or `folder` itself.
 
-    An MLflow Model is loaded through its pyfunc, so this is the very object a served model runs.
+    octft reads a model's weights and config as data (`torch.load(weights_only=True)`, JSON): it never unpickles the
+    Model's `python_model.pkl` or runs code a model artifact holds, so a tampered registered model cannot run code
+    through `octft predict` or `octft promote`.
+    """
+    if not (folder / MLMODEL_FILE).is_file():
+        return folder
+    inside = folder / "artifacts" / CHECKPOINT_KEY
+    if not inside.is_dir() or inside.is_symlink():
+        raise CheckpointError(f"MLflow Model {folder} holds no artifacts/{CHECKPOINT_KEY}/ folder: it was not "
+                              "registered by `octft promote`; promote the trial again")
+    return inside
+
+
+def load_model(model_uri: str, *, tracking_uri: str | None = None) -> LoadedModel:
+    """The classifier behind a `models:/` URI, an MLflow Model folder or a checkpoint folder, on the CPU: the
+    checkpoint a served model loads, read without running any of the model's code (`checkpoint_folder`).
 
     >>> loaded = load_model("models:/octft-demo@champion", tracking_uri="sqlite:///mlflow.db")  # doctest: +SKIP
     >>> loaded.config.data.preprocess.frames                                                 # doctest: +SKIP
@@ -119,43 +127,40 @@ def load_model(model_uri: str, *, tracking_uri: str | None = None) -> LoadedMode
     """
     with tempfile.TemporaryDirectory(prefix="octft-model-") as download_to:
         folder = resolve_model_folder(model_uri, tracking_uri=tracking_uri, download_to=download_to)
-        if (folder / MLMODEL_FILE).is_file():
-            loaded = load_pyfunc(str(folder)).unwrap_python_model().loaded
-            loaded.source = model_uri
-            return loaded
-        return load_checkpoint_folder(folder, source=model_uri)
+        return load_checkpoint_folder(checkpoint_folder(folder), source=model_uri)
 
 
-def list_inputs(inputs: Iterable[str | Path]) -> list[Path]:
-    """Files to predict: each named file, and every OCT file (by suffix) under each named folder, sorted."""
+def list_inputs(inputs: Iterable[str | Path]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Files to predict: each named file, and every OCT file (by suffix) under each named folder, sorted; and the
+    entries of those folders that are not regular files (FIFOs, devices, broken links), each with what it is, so
+    that nothing found is skipped without a word."""
     files: list[Path] = []
+    refused: list[tuple[str, str]] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(OCT_SUFFIXES))
+            found = sorted(p for p in path.rglob("*") if p.name.lower().endswith(OCT_SUFFIXES) and not p.is_dir())
             if not found:
                 raise OctReadError(str(path), f"no OCT files ({', '.join(OCT_SUFFIXES)}) in this folder")
-            files.extend(found)
+            for entry in found:
+                if entry.is_file():
+                    files.append(entry)
+                else:
+                    refused.append((str(entry), _not_a_file(entry)))
         elif path.is_file():
             files.append(path)
         else:
-            raise OctReadError(str(path), "no such file or folder")
-    return files
+            raise OctReadError(str(path), _not_a_file(path))
+    return files, refused
 
 
-def _predict_table(model_uri: str, inputs: Sequence[str | Path], *, tracking_uri: str | None,
-                   batch_size: int) -> tuple[str, tuple[str, ...], pd.DataFrame]:
-    """The prediction table of `inputs` from the model at `model_uri`, through the model's own pyfunc when it is an
-    MLflow Model (so `octft predict` and a served champion run the same code)."""
-    with tempfile.TemporaryDirectory(prefix="octft-model-") as download_to:
-        folder = resolve_model_folder(model_uri, tracking_uri=tracking_uri, download_to=download_to)
-        files = [str(path) for path in list_inputs(inputs)]
-        if not (folder / MLMODEL_FILE).is_file():
-            loaded = load_checkpoint_folder(folder, source=model_uri)
-            return model_uri, loaded.class_names, classify_paths(loaded, files, batch_size=batch_size)
-        pyfunc = load_pyfunc(str(folder))
-    class_names = tuple(pyfunc.metadata.metadata.get("octft.classes", CLASS_SHORT_NAMES))
-    return model_uri, class_names, pyfunc.predict(pd.DataFrame({PATH_COLUMN: list(files)}))
+def _not_a_file(path: Path) -> str:
+    try:
+        return f"is {file_kind(path.stat().st_mode)}, not a regular file"
+    except FileNotFoundError:
+        return "a broken link" if path.is_symlink() else "no such file or folder"
+    except OSError as error:
+        return f"cannot be read ({error.strerror})"
 
 
 def predict(
@@ -165,14 +170,13 @@ def predict(
 
     A file that cannot be read lands in `Prediction.failed` with the reason; the rest are still predicted.
     """
-    if isinstance(model, LoadedModel):
-        files = [str(path) for path in list_inputs(inputs)]
-        source, class_names, table = model.source, model.class_names, classify_paths(model, files, batch_size=batch_size)
-    else:
-        source, class_names, table = _predict_table(model, inputs, tracking_uri=tracking_uri, batch_size=batch_size)
-    result = Prediction(source, class_names)
+    if not isinstance(model, LoadedModel):
+        model = load_model(model, tracking_uri=tracking_uri)
+    files, refused = list_inputs(inputs)
+    class_names, table = model.class_names, classify_paths(model, [str(path) for path in files], batch_size=batch_size)
+    result = Prediction(model.source, class_names)
     failed = table[ERROR_COLUMN].fillna("") != ""
-    result.failed = list(zip(table.loc[failed, PATH_COLUMN], table.loc[failed, ERROR_COLUMN]))
+    result.failed = [*refused, *zip(table.loc[failed, PATH_COLUMN], table.loc[failed, ERROR_COLUMN])]
     ok = table[~failed]
     probabilities = ok[[f"{PROBABILITY_PREFIX}{name}" for name in class_names]].to_numpy(dtype=np.float64)
     participants = ok[PARTICIPANT_COLUMN].tolist()

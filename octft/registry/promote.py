@@ -5,10 +5,12 @@ The sweep never touches the test split; this is the one place that does, visibly
 1. pick the best COMPLETE trial whose best epoch did not collapse (every class's validation F1 above
    `promote.min_class_f1`), or the trial asked for, which must be such a trial;
 2. evaluate its best checkpoint on the test split at participant level, each score with a stratified
-   bootstrap 95% interval. Every evaluation is recorded (trial, time, scores) on the study, its parent run
-   and the registered version; a trial whose scores are recorded is not evaluated again, and once one trial
-   has been scored, scoring another needs `allow_test_reuse` (its version is tagged `octft.test_reuse=true`),
-   because choosing among trials by their test scores makes the test split a second validation split;
+   bootstrap 95% interval. Every evaluation is recorded (trial, time, scores) in the test ledger of its data
+   release and test split (`octft.registry.ledger`, shared by every study that reads that split), on the
+   study, its parent run and the registered version; a trial whose scores are recorded is not evaluated again,
+   and once one model has been scored, in this study or any other, scoring another needs `allow_test_reuse` (its
+   version is tagged `octft.test_reuse=true` and lists the earlier evaluations in its description), because
+   choosing among models by their test scores makes the test split a second validation split;
 3. log the checkpoint as an MLflow `pyfunc` Model (`octft.registry.model`) to the trial's run, register
    it under `promote.model_name` and point the alias `champion` at it; registering the same run again reuses
    its version. Nothing here reopens the trial's run: its status, start and end time stay as training left them.
@@ -36,11 +38,12 @@ from optuna.trial import FrozenTrial, TrialState
 from octft.data.dataset import prepare_volumes
 from octft.data.layout import CLASS_SHORT_NAMES
 from octft.errors import MissingInputError, UsageError
-from octft.registry.inference import predict_logits
+from octft.registry.inference import LoadedModel, predict_logits
+from octft.registry.ledger import LedgerEntry, TestLedger, ledger_key
 from octft.registry.model import MODEL_ARTIFACT, MLMODEL_FILE, save_pyfunc_model
 from octft.registry.predict import load_model
 from octft.stores import check_not_shared, resolve_tracking_uri
-from octft.sweep.records import CHAMPION_ATTR, TestEvaluation, test_evaluations, trial_record
+from octft.sweep.records import CHAMPION_ATTR, TestEvaluation, test_evaluations, trial_record, unpromotable_reason
 from octft.sweep.spec import SweepSpec
 from octft.sweep.storage import open_existing_study
 from octft.sweep.tracking import parent_run_id, update_parent_note
@@ -53,6 +56,7 @@ CHECKPOINT_ARTIFACT = "checkpoint"
 TEST_PREFIX = "test/"
 TEST_REUSE_TAG = "octft.test_reuse"
 TEST_EVALUATIONS_TAG = "octft.test_evaluations"
+LEDGER_KEY_TAG = "octft.test_split_id"  # on a trial's run: the test split it was scored on (octft.registry.ledger)
 # The scores that get a bootstrap interval; the rest (counts, accuracy) are reported as they are.
 CI_SCORES = ("balanced_accuracy", "macro_f1", "auc_macro", *(f"f1_{name}" for name in CLASS_SHORT_NAMES))
 
@@ -70,11 +74,13 @@ class Promotion:
     evaluated: bool  # False when the test scores were already recorded and reused
     skipped: list[str] = field(default_factory=list)  # better trials passed over, each with the reason
     evaluations: list[TestEvaluation] = field(default_factory=list)  # every test evaluation of the study
+    others: list[LedgerEntry] = field(default_factory=list)  # every scoring of this test split for another model
+    notes: list[str] = field(default_factory=list)  # what the numbers need said beside them (see `caveats`)
 
     @property
     def test_reuse(self) -> bool:
-        """True when more than one trial of the study has been scored on the test split."""
-        return len({evaluation.trial for evaluation in self.evaluations}) > 1
+        """True when the test split was scored for another model too (any study: `octft.registry.ledger`)."""
+        return bool(self.others)
 
     @property
     def model_uri(self) -> str:
@@ -83,33 +89,6 @@ class Promotion:
 
 # ---------------------------------------------------------------------------------------------
 # The study
-
-
-def unpromotable_reason(trial: FrozenTrial, min_class_f1: float) -> str | None:
-    """Why `trial` cannot be promoted (pruned, failed, collapsed, untracked), or None when it can."""
-    number = trial.number
-    record = trial_record(trial)
-    outcome = record.outcome
-    if trial.state == TrialState.PRUNED:
-        why = outcome.prune_reason if outcome and outcome.prune_reason else "no reason recorded"
-        detail = f": {outcome.prune_detail}" if outcome and outcome.prune_detail else ""
-        return f"trial {number} was pruned ({why} at epoch {outcome.prune_epoch if outcome else '?'}{detail})"
-    if trial.state == TrialState.FAIL:
-        return f"trial {number} failed ({record.fail_reason or 'no reason recorded'})"
-    if trial.state != TrialState.COMPLETE:
-        return f"trial {number} is {trial.state.name.lower()}, not complete"
-    metrics = outcome.best_metrics if outcome else {}
-    missing = [f"val/f1_{name}" for name in CLASS_SHORT_NAMES if f"val/f1_{name}" not in metrics]
-    if missing:
-        return f"trial {number} has no {', '.join(missing)} in its record (was it run by `octft sweep`?)"
-    low = [f"{name} {metrics[f'val/f1_{name}']:.3f}" for name in CLASS_SHORT_NAMES
-           if not metrics[f"val/f1_{name}"] > min_class_f1]
-    if low:
-        return (f"trial {number} collapsed at its best epoch {outcome.best_epoch}: validation F1 of {', '.join(low)} "
-                f"is not above promote.min_class_f1={min_class_f1}")
-    if not record.mlflow_run_id:
-        return f"trial {number} recorded no MLflow run, so its checkpoint cannot be found"
-    return None
 
 
 def select_trial(
@@ -211,9 +190,26 @@ def participant_test_scores(
     return results
 
 
-def evaluate_test_split(checkpoint_dir: str | Path, *, expected_manifest_hash: str | None = None,
-                        n_resamples: int = 1000, seed: int = 0, progress: bool = False) -> dict[str, float]:
-    """Score a run's `checkpoint/` folder on the test split of the data its config names.
+@dataclass
+class TestSplit:
+    """A checkpoint's model with the test split of the data its config names, ready to be scored."""
+
+    __test__ = False  # not a pytest test class
+
+    loaded: LoadedModel
+    test_set: object
+    manifest_hash: str
+    participants: list[str]
+
+    @property
+    def key(self) -> str:
+        """Its key in the test ledger (`octft.registry.ledger`)."""
+        return ledger_key(self.manifest_hash, self.participants)
+
+
+def open_test_split(checkpoint_dir: str | Path, *, expected_manifest_hash: str | None = None,
+                    progress: bool = False) -> TestSplit:
+    """A run's `checkpoint/` folder and the test split of the data its config names, not yet scored.
 
     The data are audited and prepared exactly as training did (the preprocessing cache is reused); when
     `expected_manifest_hash` is given (the run's `octft.data_manifest_hash` tag), data that changed since
@@ -225,18 +221,22 @@ def evaluate_test_split(checkpoint_dir: str | Path, *, expected_manifest_hash: s
     # Every split, as training prepared it, so the manifest hash compares like with like (the cache makes
     # the train and validation volumes free).
     prepared = prepare_volumes(volumes=report.volumes, progress=progress, **data.prepare_kwargs())
-    if expected_manifest_hash is not None:
-        found = data_manifest_hash(prepared.volumes)
-        if found != expected_manifest_hash:
-            raise UsageError(
-                f"the data at {data.uri} changed since the trial trained (manifest hash {found}, the run's "
-                f"octft.data_manifest_hash tag says {expected_manifest_hash}); test scores would not describe "
-                "that model: restore the data, or retrain on the new data"
-            )
+    found = data_manifest_hash(prepared.volumes)
+    if expected_manifest_hash is not None and found != expected_manifest_hash:
+        raise UsageError(
+            f"the data at {data.uri} changed since the trial trained (manifest hash {found}, the run's "
+            f"octft.data_manifest_hash tag says {expected_manifest_hash}); test scores would not describe "
+            "that model: restore the data, or retrain on the new data"
+        )
     test_volumes = prepared.volumes[prepared.volumes.split == "test"]
     if test_volumes.empty:
         raise UsageError(f"the data at {data.uri} has no test volumes after the audit; check the labels' splits")
-    test_set = prepared.dataset("test")
+    return TestSplit(loaded, prepared.dataset("test"), found, sorted(set(test_volumes.participant_id.astype(str))))
+
+
+def score_test_split(split: TestSplit, *, n_resamples: int = 1000, seed: int = 0) -> dict[str, float]:
+    """The participant-level test scores of `split`'s model (`participant_test_scores`), and its volume count."""
+    test_set, loaded = split.test_set, split.loaded
     logits = predict_logits(loaded.model, lambda index: test_set[index]["x"][0].numpy(), len(test_set),
                             batch_size=loaded.config.train.batch_size)
     _, participant_logits, participant_targets = aggregate_by_participant(
@@ -245,6 +245,13 @@ def evaluate_test_split(checkpoint_dir: str | Path, *, expected_manifest_hash: s
     scores = participant_test_scores(participant_targets, participant_logits, n_resamples=n_resamples, seed=seed)
     scores[f"{TEST_PREFIX}volumes"] = float(len(test_set))
     return scores
+
+
+def evaluate_test_split(checkpoint_dir: str | Path, *, expected_manifest_hash: str | None = None,
+                        n_resamples: int = 1000, seed: int = 0, progress: bool = False) -> dict[str, float]:
+    """Score a run's `checkpoint/` folder on the test split of the data its config names (no ledger: the caller's)."""
+    split = open_test_split(checkpoint_dir, expected_manifest_hash=expected_manifest_hash, progress=progress)
+    return score_test_split(split, n_resamples=n_resamples, seed=seed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,15 +263,15 @@ def _recorded_test_scores(study: optuna.Study, trial: FrozenTrial) -> dict[str, 
                  if evaluation.trial == trial.number), None)
 
 
-def _refuse_test_reuse(study: optuna.Study, trial: FrozenTrial) -> None:
-    earlier = [evaluation for evaluation in test_evaluations(study.user_attrs) if evaluation.trial != trial.number]
+def _refuse_test_reuse(split: TestSplit, earlier: list[LedgerEntry], study: str, trial: int) -> None:
     if earlier:
-        said = ", ".join(f"trial {evaluation.trial} at {evaluation.time}" for evaluation in earlier)
+        more = f" and {len(earlier) - 1} more" if len(earlier) > 1 else ""
         raise UsageError(
-            f"the test split of study {study.study_name!r} was already scored ({said}); scoring trial {trial.number} too "
-            f"would let test scores choose the model. Promote trial {earlier[-1].trial} again (`--trial "
-            f"{earlier[-1].trial}`), or pass --allow-test-reuse on purpose: the new model version is then tagged "
-            f"{TEST_REUSE_TAG}=true"
+            f"the test split of this data release (manifest {split.manifest_hash}, {len(split.participants)} test "
+            f"participants) was already scored for {earlier[-1].describe()}{more}; scoring study {study!r} trial "
+            f"{trial} too would let test scores choose the model. Promote that model again, or pass "
+            f"--allow-test-reuse on purpose: the new model version is then tagged {TEST_REUSE_TAG}=true and lists "
+            "the earlier evaluations in its description"
         )
 
 
@@ -288,9 +295,10 @@ def promote(
 ) -> Promotion:
     """Evaluate the chosen trial on the test split (once) and register it as `promote.model_name@champion`.
 
-    Scoring a second trial of the study on the test split is refused unless `allow_test_reuse`.
+    Scoring the test split for a second model (of this study or any other: the test ledger) is refused unless
+    `allow_test_reuse`.
     """
-    store = MlflowStore(resolve_tracking_uri(tracking_uri or spec.mlflow.tracking_uri))
+    store = MlflowStore(resolve_tracking_uri(tracking_uri or spec.mlflow.tracking_uri), must_exist=True)
     check_not_shared(store.uri, storage or spec.storage)
     study = open_existing_study(spec.study_name, storage or spec.storage)
     trial, skipped = select_trial(study, spec.promote.min_class_f1, trial_number)
@@ -301,18 +309,26 @@ def promote(
         raise UsageError(f"trial {trial.number}: {error}; pass the store the sweep logged to with --tracking-uri") from None
     manifest_hash = run_tags.get("octft.data_manifest_hash")
     parent = parent_run_id(study)
+    ledger = TestLedger(store)
+    key = run_tags.get(LEDGER_KEY_TAG)  # set on the trial's run when it was scored
     with tempfile.TemporaryDirectory(prefix="octft-promote-") as scratch:
         test_metrics = _recorded_test_scores(study, trial)
-        evaluated = test_metrics is None
+        evaluated = test_metrics is None or key is None
         checkpoint_dir = None
         if evaluated:
-            if not allow_test_reuse:
-                _refuse_test_reuse(study, trial)
             checkpoint_dir = _checkpoint_copy(store, run_id, scratch)
-            test_metrics = evaluate_test_split(checkpoint_dir, expected_manifest_hash=manifest_hash,
-                                               n_resamples=n_resamples, progress=progress)
+            split = open_test_split(checkpoint_dir, expected_manifest_hash=manifest_hash, progress=progress)
+            key = split.key
+            if not allow_test_reuse:
+                others = [entry for entry in ledger.entries(key) if not entry.same_model(spec.study_name, trial.number)]
+                _refuse_test_reuse(split, others, spec.study_name, trial.number)
+            test_metrics = score_test_split(split, n_resamples=n_resamples)
             # Logged through the store: nothing reopens the trial's run, so its duration stays as training left it.
             store.log_metrics(run_id, test_metrics, step=0)
+            store.set_tag(run_id, LEDGER_KEY_TAG, key)
+            ledger.record(key, study=spec.study_name, trial=trial.number, run_id=run_id,
+                          model_name=spec.promote.model_name, balanced_accuracy=_format_score(test_metrics, "balanced_accuracy"),
+                          manifest_hash=split.manifest_hash, participants=len(split.participants))
             # One attr per evaluation (not one list): two promotions at once cannot overwrite each other's record.
             evaluation = TestEvaluation(trial.number, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), run_id,
                                         test_metrics)
@@ -331,7 +347,9 @@ def promote(
                 "octft.data_manifest_hash": manifest_hash or "unknown"})
             store.log_artifacts(run_id, model_dir, MODEL_ARTIFACT)
 
-    test_reuse = len({evaluation.trial for evaluation in evaluations}) > 1
+    # Every other model this test split has scored, in any study: with one, test scores took part in the choice.
+    others = [entry for entry in ledger.entries(key) if not entry.same_model(spec.study_name, trial.number)]
+    test_reuse = bool(others)
     tags = {
         "octft.study": spec.study_name, "octft.trial": str(trial.number),
         "octft.params": json.dumps(trial.params, sort_keys=True), "octft.val_value": str(trial.value),
@@ -339,8 +357,19 @@ def promote(
         "octft.git_commit": run_tags.get("octft.git_commit", "unknown"),
         "octft.test_balanced_accuracy": _format_score(test_metrics, "balanced_accuracy"),
         TEST_EVALUATIONS_TAG: evaluation_log, TEST_REUSE_TAG: str(test_reuse).lower(),
+        "octft.val_precision": run_tags.get("octft.precision", "unknown"), "octft.test_precision": "fp32",
+        "octft.best_epoch": str(trial_record(trial).outcome.best_epoch),
+        "octft.unfreeze_epoch": str(trial_record(trial).unfreeze_epoch),
     }
+    notes = caveats(trial, run_tags)
+    if notes:
+        tags["octft.caveats"] = "; ".join(notes)
     version = store.register(run_id, MODEL_ARTIFACT, spec.promote.model_name, CHAMPION_ALIAS, tags)
+    if others:
+        store.describe_version(spec.promote.model_name, version, "The test split of this data release was also scored "
+                               "for other models, so it is no longer an untouched test split: "
+                               + "; ".join(f"{entry.describe()}, test balanced accuracy {entry.balanced_accuracy}"
+                                           for entry in others))
     champion = {"trial": trial.number, "model_name": spec.promote.model_name, "version": version, "run_id": run_id}
     if study.user_attrs.get(CHAMPION_ATTR) != champion:
         study.set_user_attr(CHAMPION_ATTR, champion)
@@ -349,7 +378,24 @@ def promote(
             store.set_tag(parent, "octft.champion_version", version)
     update_parent_note(store, study, spec)
     return Promotion(spec.study_name, trial.number, run_id, spec.promote.model_name, version, test_metrics,
-                     evaluated, skipped, evaluations)
+                     evaluated, skipped, evaluations, others, notes)
+
+
+def caveats(trial: FrozenTrial, run_tags: dict[str, str]) -> list[str]:
+    """What a champion's numbers need said beside them: a best epoch before the encoder ever trained (the fine-tune
+    did not improve on the frozen head), and validation scored in another precision than the test (which runs in
+    float32 on the CPU)."""
+    notes = []
+    record = trial_record(trial)
+    best_epoch = record.outcome.best_epoch if record.outcome else None
+    if record.unfreeze_epoch and best_epoch is not None and best_epoch < record.unfreeze_epoch:
+        notes.append(f"the encoder's fine-tune did not improve on the frozen head: trial {trial.number}'s best epoch "
+                     f"{best_epoch} came before its encoder unfroze at epoch {record.unfreeze_epoch}")
+    precision = run_tags.get("octft.precision", "fp32")
+    if precision not in ("fp32", "float32"):
+        notes.append(f"validation ran in {precision} ({run_tags.get('octft.runtime', 'its runtime')}), the test in "
+                     f"float32 on the CPU: the two figures differ by precision as well")
+    return notes
 
 
 def _format_score(metrics: dict[str, float], name: str) -> str:
@@ -378,4 +424,8 @@ def format_promotion(promotion: Promotion) -> str:
     trials = sorted({evaluation.trial for evaluation in promotion.evaluations})
     lines.append(f"test split scored for {len(trials)} trial(s) of this study: {', '.join(map(str, trials))}"
                  + (f" ({TEST_REUSE_TAG}=true)" if promotion.test_reuse else ""))
+    lines += [f"note: {note}" for note in promotion.notes]
+    if promotion.others:
+        lines.append("the test ledger holds other scorings of this test split: "
+                     + "; ".join(entry.describe() for entry in promotion.others))
     return "\n".join(lines)

@@ -26,15 +26,14 @@ import numpy as np
 import optuna
 import pandas as pd
 import plotly.graph_objects as go
-import yaml
 from optuna.trial import FrozenTrial, TrialState
 from plotly.offline import get_plotlyjs
 
-from octft.config import ConfigError
+from octft.config import ConfigError, read_yaml
 from octft.data.layout import CLASS_SHORT_NAMES
 from octft.errors import MissingInputError, UsageError
 from octft.redaction import redact_url
-from octft.registry.promote import CI_SCORES, TEST_REUSE_TAG, select_trial
+from octft.registry.promote import CI_SCORES, TEST_REUSE_TAG, caveats, select_trial
 from octft.stores import resolve_tracking_uri
 from octft.sweep.records import CHAMPION_ATTR, study_folder, test_evaluations, trial_record
 from octft.sweep.spec import SweepSpec
@@ -135,6 +134,10 @@ def _intermediate_values(context: ReportContext):
     return figure
 
 
+# Below this many complete trials the report warns that its parameter importances are mostly noise.
+MIN_TRIALS_FOR_IMPORTANCES = 20
+
+
 def _param_importances(context: ReportContext):
     complete = context.complete
     if len(complete) < 2:
@@ -143,11 +146,18 @@ def _param_importances(context: ReportContext):
         )
     if not any(trial.params for trial in complete):
         raise FigureUnavailable("the complete trials have no searched parameters (empty space)")
-    evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)  # seeded: the same study, the same figure
+    # PED-ANOVA: Optuna's default evaluator and the one optuna-dashboard shows, so both give the same figure.
+    evaluator = optuna.importance.PedAnovaImportanceEvaluator()
     try:
-        return optuna.visualization.plot_param_importances(context.study, evaluator=evaluator, target_name=context.objective)
+        figure = optuna.visualization.plot_param_importances(context.study, evaluator=evaluator,
+                                                             target_name=context.objective)
     except (ValueError, RuntimeError) as error:
         raise FigureUnavailable(f"Optuna could not compute importances from {len(complete)} complete trials: {error}") from None
+    title = f"PED-ANOVA importances (Optuna's default evaluator, as optuna-dashboard) from {len(complete)} complete trials"
+    if len(complete) < MIN_TRIALS_FOR_IMPORTANCES:
+        title += (f"<br><b>warning: fewer than {MIN_TRIALS_FOR_IMPORTANCES} complete trials; these importances are "
+                  "mostly noise: read them as a hint, not a ranking</b>")
+    return figure.update_layout(title=title)
 
 
 def _parallel_coordinate(context: ReportContext):
@@ -238,9 +248,9 @@ FIGURES: dict[str, Callable[[ReportContext], Any]] = {
 def load_definition(path: str | Path = DEFAULT_DEFINITION) -> dict[str, Any]:
     """The report definition: {"template": Path, "figures": [{"id", "title", "caption"}, ...]}, checked."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():  # a folder or a FIFO is named as such by read_yaml
         raise ConfigError(f"{path}: no such report definition (the repo ships dashboards/study_report.yaml)")
-    tree = yaml.safe_load(path.read_text()) or {}
+    tree = read_yaml(path, what="report definition") or {}
     if not isinstance(tree, dict) or not isinstance(tree.get("figures"), list) or not tree["figures"]:
         raise ConfigError(f"{path}: expected `template: <file>` and a non-empty `figures:` list of {{id, title, caption}}")
     unknown_keys = sorted(set(tree) - {"template", "figures"})
@@ -285,6 +295,9 @@ def _summary(context: ReportContext) -> str:
             f"<p><b>Champion:</b> trial {champion['trial']}, registered as "
             f"models:/{html.escape(str(champion['model_name']))}@champion (version {html.escape(str(champion['version']))}).</p>"
         )
+        chosen = next((trial for trial in context.trials if trial.number == champion["trial"]), None)
+        for note in caveats(chosen, {}) if chosen is not None else []:
+            parts.append(f'<p class="caveat"><b>Note:</b> {html.escape(note)}.</p>')
         rows = [[f"test/{name}", *(f"{metrics.get(f'test/{name}{suffix}', float('nan')):.4f}" for suffix in ("", "_ci_low", "_ci_high"))]
                 for name in CI_SCORES]
         parts.append("<p>Test split, participant level, stratified bootstrap 95% interval:</p>"
@@ -346,7 +359,7 @@ def render_report(
     definition: str | Path = DEFAULT_DEFINITION,
 ) -> Path:
     """Write the study's report (default `<study dir>/report.html`) and log it to the study's parent run."""
-    store = MlflowStore(resolve_tracking_uri(tracking_uri or spec.mlflow.tracking_uri))
+    store = MlflowStore(resolve_tracking_uri(tracking_uri or spec.mlflow.tracking_uri), must_exist=True)
     storage = storage or spec.storage
     study = open_existing_study(spec.study_name, storage)
     context = ReportContext(study, study.get_trials(deepcopy=False), store, spec.objective.metric,

@@ -89,8 +89,10 @@ def study_pages(spec: SweepSpec, *, storage: str | None = None, tracking_uri: st
 
 
 def server_command(tracking_uri: str, host: str, port: int) -> list[str]:
-    """MLflow's own tracking server on the store, with artifacts served from where the runs put them."""
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking_uri,
+    """MLflow's own tracking server on the store, with artifacts served from where the runs put them. The store's URL
+    goes in the server's environment (`server_environment`), never on its command line, which any user of the
+    machine can read (`ps`)."""
+    command = [sys.executable, "-m", "mlflow", "server",
                "--host", host, "--port", str(port), "--workers", "1"]  # one user: one worker starts faster
     path = sqlite_path(tracking_uri)
     if path is not None:
@@ -145,7 +147,9 @@ def serve(
     base_url = f"http://{host}:{port}"
     # Its own session, so the server's workers go down with it as one group, whoever interrupts us.
     # MLflow's job runner (a dozen worker processes for GenAI jobs) serves nothing a sweep's runs need.
-    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION=os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false"))
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION=os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false"),
+               # As octft opens it (the installed database driver named), with its password if it has one.
+               MLFLOW_BACKEND_STORE_URI=MlflowStore(tracking_uri).mlflow_uri)
     process = subprocess.Popen(server_command(tracking_uri, host, port), start_new_session=True, env=env)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:

@@ -92,7 +92,7 @@ def run_launch(plan: LaunchPlan, runner: Runner, *, enqueue_from: str | None = N
         workers = [_start_worker(plan, index) for index in range(1, settings.workers)]
         store = MlflowStore(plan.tracking_url())
         store.reopen_run(plan.parent_run_id)
-        reaped = reap_stale_trials(study, rdb, store.uri)
+        reaped = reap_stale_trials(study, rdb, store)
         if reaped:
             print(f"trials {reaped} of study {spec.study_name!r} lost their worker: marked FAIL, retried once", flush=True)
         enqueued = []

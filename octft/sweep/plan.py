@@ -31,7 +31,9 @@ from pydantic import ConfigDict, Field, PrivateAttr, ValidationError
 
 from octft.config import ConfigError, ExperimentConfig, _Strict, load_experiment, parse_override
 from octft.io import write_text_atomic
+from octft.redaction import redact_url
 from octft.stores import STORAGE_ENV, TRACKING_ENV, check_not_shared, remember_password, resolve_tracking_uri, with_password
+from octft.sweep.pruners import collapsed_at_best
 from octft.sweep.records import HEAD_FROM_ATTR, trial_record
 from octft.sweep.space import check_batch_layouts, shared_micro_batch_rows
 from octft.sweep.spec import OBJECTIVE_KEYS, SweepSpec, format_value, load_sweep
@@ -265,7 +267,7 @@ def resolve_plan(
         study_name=spec.study_name,
         study_dir=str((Path(base.output_dir) / "sweeps" / spec.study_name).resolve()),
         # Only what the file and overrides set: defaults of another sampler type would not validate again.
-        sweep=spec.model_dump(mode="json", exclude_unset=True, exclude={"storage"}),
+        sweep=_hide_passwords(spec.model_dump(mode="json", exclude_unset=True, exclude={"storage"})),
         base=spec.base, experiment_overrides=experiment_overrides,
         storage=remember_password(spec.storage), tracking_uri=remember_password(tracking_uri), head_from=head_from,
         probe=probe,
@@ -277,6 +279,18 @@ def resolve_plan(
         ),
     )
     return plan, spec
+
+
+def _hide_passwords(value: Any) -> Any:
+    """`value` with the password of every URL in it hidden (its mlflow.tracking_uri, a URL in `fixed`): a plan is a
+    file, and a process that needs a password finds it where the user put it (`octft.stores.with_password`)."""
+    if isinstance(value, str):
+        return redact_url(value)
+    if isinstance(value, dict):
+        return {key: _hide_passwords(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_hide_passwords(item) for item in value]
+    return value
 
 
 def check_trial_layouts(spec: SweepSpec, base: ExperimentConfig, devices_per_trial: int) -> None:
@@ -330,7 +344,8 @@ def lpft_head(spec: SweepSpec, base: ExperimentConfig, spec_path: str | Path, tr
 
 
 def best_probe_run(sweep_file: str, storage: str) -> str:
-    """`runs:/<run id>` of the best COMPLETE trial of the study of `sweep_file` (in `storage`, beside this one)."""
+    """`runs:/<run id>` of the best COMPLETE trial of the study of `sweep_file` (in `storage`, beside this one) that
+    did not collapse at its best epoch (`collapsed_at_best`) and recorded its run."""
     if not sweep_file.endswith((".yaml", ".yml")):
         raise HeadFromError(f"init.head_from={sweep_file!r} is neither runs:/<MLflow run id> nor a sweep file "
                             "(sweeps/<name>.yaml)")
@@ -341,9 +356,14 @@ def best_probe_run(sweep_file: str, storage: str) -> str:
     except KeyError:
         raise HeadFromError(f"init.head_from={sweep_file!r}: study {probe.study_name!r} does not exist in "
                             f"{probe.storage_redacted}; run `octft sweep launch {sweep_file}` first") from None
-    if not [trial for trial in study.get_trials(deepcopy=False) if trial.state.name == "COMPLETE"]:
+    complete = [trial for trial in study.get_trials(deepcopy=False) if trial.state.name == "COMPLETE"]
+    if not complete:
         raise HeadFromError(f"init.head_from={sweep_file!r}: study {probe.study_name!r} has no COMPLETE trial yet")
-    run_id = trial_record(study.best_trial).mlflow_run_id
-    if not run_id:
-        raise HeadFromError(f"init.head_from={sweep_file!r}: best trial {study.best_trial.number} recorded no MLflow run")
-    return f"runs:/{run_id}"
+    # The best head that did not collapse (by the probe study's own collapse rule): a one-class head is no start.
+    healthy = [trial for trial in complete if collapsed_at_best(trial, probe) is None and trial_record(trial).mlflow_run_id]
+    if not healthy:
+        raise HeadFromError(f"init.head_from={sweep_file!r}: every COMPLETE trial of study {probe.study_name!r} collapsed "
+                            "at its best epoch (pruner.collapse's rule); run more probe trials, or name a run with "
+                            "runs:/<id>")
+    best = max(healthy, key=lambda trial: trial.value if study.direction.name == "MAXIMIZE" else -trial.value)
+    return f"runs:/{trial_record(best).mlflow_run_id}"

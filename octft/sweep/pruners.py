@@ -5,7 +5,9 @@ trial rarely recovers, so it is pruned after `patience` collapsed epochs in a ro
 unfreezes, plus `grace_epochs`, never count: the head may collapse while the encoder is frozen and recover
 once it trains. The wrapped pruner's warm-up counts from the unfreeze epoch too (`warmup_steps`): a trial
 that unfreezes at epoch 6 is not compared with the median before its encoder moved. Epochs stay the
-reported steps (Optuna refuses negative steps); each trial's warm-up is shifted instead. Collapse is judged by
+reported steps (Optuna refuses negative steps); each trial's warm-up is shifted instead, and successive halving
+and Hyperband see each trial's epochs counted from its unfreeze epoch, so their rungs compare trials after the
+same number of encoder-trained epochs. Collapse is judged by
 `octft.train.metrics.is_collapsed`. The reporter hands over each epoch's prediction shares with `record_epoch`:
 
     >>> import optuna
@@ -19,6 +21,7 @@ reported steps (Optuna refuses negative steps); each trial's warm-up is shifted 
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -127,7 +130,7 @@ class CollapsePruner(BasePruner):
         first_step = unfreeze_epoch_of(trial) + self.warmup_steps
         if self.wrapped is None or step < first_step or (step - first_step) % self.interval_steps:
             return None
-        if self.wrapped.prune(study, trial):
+        if self.wrapped.prune(study, _rung_view(self.wrapped, trial)):
             return _wrapped_reason(self.wrapped, study, trial, step)
         return None
 
@@ -186,6 +189,33 @@ class HyperbandCollapsePruner(CollapsePruner, HyperbandPruner):
 
     def _create_bracket_study(self, study: Study, bracket_id: int) -> Study:
         return self.wrapped._create_bracket_study(study, bracket_id)
+
+
+def _rung_view(pruner: BasePruner, trial: FrozenTrial) -> FrozenTrial:
+    """`trial` as a successive-halving or Hyperband pruner must see it: its epochs counted from its unfreeze epoch,
+    so that a rung compares trials after the same number of epochs with a trainable encoder (rung 0 of a trial that
+    unfreezes at epoch 3 is its epoch 3). Other pruners see the trial as it is (their warm-up is shifted instead)."""
+    unfreeze_epoch = unfreeze_epoch_of(trial)
+    if not unfreeze_epoch or not isinstance(pruner, (SuccessiveHalvingPruner, HyperbandPruner)):
+        return trial
+    view = copy.copy(trial)
+    view.intermediate_values = {step - unfreeze_epoch: value for step, value in trial.intermediate_values.items()
+                                if step >= unfreeze_epoch}
+    return view
+
+
+def collapsed_at_best(trial: FrozenTrial, spec: SweepSpec) -> str | None:
+    """Why `trial`'s best epoch collapsed (by the study's collapse settings: one class's share of the predictions, or
+    balanced accuracy at chance), or None when it did not; a trial with no record of its best epoch counts as
+    collapsed, since nothing shows it did not."""
+    outcome = trial_record(trial).outcome
+    record = EpochRecord.of(trial, outcome.best_epoch) if outcome and outcome.best_epoch is not None else None
+    if record is None:
+        return f"trial {trial.number} recorded no predictions of its best epoch"
+    collapse = spec.pruner.collapse
+    collapsed, why = is_collapsed(record.pred_frac, record.balanced_accuracy, len(CLASSES), collapse.max_class_share,
+                                  collapse.chance_margin)
+    return f"trial {trial.number} collapsed at its best epoch {outcome.best_epoch}: {why}" if collapsed else None
 
 
 def unfreeze_epoch_of(trial: FrozenTrial) -> int:

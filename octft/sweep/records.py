@@ -19,7 +19,9 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from optuna.trial import FrozenTrial
+from optuna.trial import FrozenTrial, TrialState
+
+from octft.data.layout import CLASS_SHORT_NAMES
 
 RECORD_FORMAT = 1
 TRIAL_ATTR = "octft.trial"
@@ -174,3 +176,31 @@ def test_evaluations(user_attrs: dict[str, Any]) -> list[TestEvaluation]:
 
 
 test_evaluations.__test__ = False  # type: ignore[attr-defined]
+
+
+def unpromotable_reason(trial: FrozenTrial, min_class_f1: float) -> str | None:
+    """Why `trial` cannot be promoted or give its head to LP-FT (pruned, failed, collapsed at its best epoch: a class's
+    validation F1 not above `min_class_f1`, untracked), or None when it can."""
+    number = trial.number
+    record = trial_record(trial)
+    outcome = record.outcome
+    if trial.state == TrialState.PRUNED:
+        why = outcome.prune_reason if outcome and outcome.prune_reason else "no reason recorded"
+        detail = f": {outcome.prune_detail}" if outcome and outcome.prune_detail else ""
+        return f"trial {number} was pruned ({why} at epoch {outcome.prune_epoch if outcome else '?'}{detail})"
+    if trial.state == TrialState.FAIL:
+        return f"trial {number} failed ({record.fail_reason or 'no reason recorded'})"
+    if trial.state != TrialState.COMPLETE:
+        return f"trial {number} is {trial.state.name.lower()}, not complete"
+    metrics = outcome.best_metrics if outcome else {}
+    missing = [f"val/f1_{name}" for name in CLASS_SHORT_NAMES if f"val/f1_{name}" not in metrics]
+    if missing:
+        return f"trial {number} has no {', '.join(missing)} in its record (was it run by `octft sweep`?)"
+    low = [f"{name} {metrics[f'val/f1_{name}']:.3f}" for name in CLASS_SHORT_NAMES
+           if not metrics[f"val/f1_{name}"] > min_class_f1]
+    if low:
+        return (f"trial {number} collapsed at its best epoch {outcome.best_epoch}: validation F1 of {', '.join(low)} "
+                f"is not above promote.min_class_f1={min_class_f1}")
+    if not record.mlflow_run_id:
+        return f"trial {number} recorded no MLflow run, so its checkpoint cannot be found"
+    return None

@@ -27,7 +27,8 @@ import optuna
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from octft.config import ConfigError, ObjectiveConfig, _explain, _Strict, load_experiment, parse_override
+from octft.config import (SEED_LIMIT, ConfigError, ObjectiveConfig, Seed, _explain, _Strict, load_experiment, parse_override,
+                          read_yaml)
 from octft.sweep.space import Param, parse_space, sample_values
 from octft.redaction import normalise_url, redact_url
 from octft.stores import DEFAULT_STORAGE, STORAGE_ENV
@@ -74,7 +75,7 @@ class SamplerSpec(_Strict):
     """
 
     type: Literal["tpe", "random", "gp", "cmaes", "qmc"] = "tpe"
-    seed: int | None = 0
+    seed: Seed | None = 0
     n_startup_trials: int | None = Field(None, ge=0)  # tpe, gp (default 10), cmaes (default 1)
     n_ei_candidates: int = Field(24, ge=1)  # tpe
     multivariate: bool = True
@@ -297,7 +298,8 @@ def sampler_settings(spec: SweepSpec, *, seed_offset: int = 0) -> dict[str, Any]
     sampler = spec.sampler
     if sampler.type == "qmc":
         seed_offset = 0
-    seed = None if sampler.seed is None else sampler.seed + seed_offset
+    # Wrapped into the generators' range: a seed near its top plus a worker's offset is still a seed.
+    seed = None if sampler.seed is None else (sampler.seed + seed_offset) % SEED_LIMIT
     settings: dict[str, Any] = {"type": sampler.type, "seed": seed}
     for name in SAMPLER_ARGUMENTS[sampler.type]:
         value = getattr(sampler, name)
@@ -340,14 +342,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepSpe
     >>> spec = load_sweep("sweeps/demo.yaml", ["n_trials=2"])                   # doctest: +SKIP
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such sweep file")
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML ({error})") from None
-    except (OSError, UnicodeDecodeError) as error:  # unreadable, or not a text file at all
-        raise ConfigError(f"{path}: cannot read it as YAML text ({getattr(error, 'strerror', None) or error})") from None
+    tree = read_yaml(path, what="sweep file") or {}
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: expected a mapping (base, study_name, space, ...), got {type(tree).__name__}")
     tree = json.loads(json.dumps(tree))  # plain types, and a copy the overrides may change

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,11 +24,10 @@ from sqlalchemy import text
 from octft import sqlite_wal
 from octft.errors import MissingInputError, OctftError, UsageError
 from octft.redaction import normalise_url, redact_text, redact_url
-from octft.stores import STORAGE_ENV, dialect, sqlalchemy_url, sqlite_path
+from octft.stores import TIMEOUT_ENV, STORAGE_ENV, dialect, missing_driver, sqlalchemy_url, sqlite_path, store_timeout_s
 
 DEFAULT_HEARTBEAT_S = 10
 SQLITE_BUSY_TIMEOUT_S = 30
-CONNECT_TIMEOUT_S = 5
 
 
 class StudyStorageError(OctftError, ValueError):
@@ -54,11 +54,18 @@ def open_study_storage(url: str, *, heartbeat_interval: int | None = DEFAULT_HEA
         if not create and not path.is_file():
             raise MissingInputError(f"Optuna storage {shown!r}: no such database file {path}; start the study with "
                                     "octft sweep launch, or pass the storage it uses with --storage")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise StudyStorageError(f"Optuna storage {shown!r}: cannot create its folder {path.parent} "
+                                    f"({error.strerror or error}); pass a storage in a folder you can write") from None
         connect_args = {"timeout": SQLITE_BUSY_TIMEOUT_S}
         sqlite_wal.install()  # commits append to a log: a sweep commits every epoch
     elif kind in ("postgresql", "postgres", "mysql", "mariadb"):
-        connect_args = {"connect_timeout": CONNECT_TIMEOUT_S}
+        problem = missing_driver(url)
+        if problem:
+            raise StudyStorageError(f"Optuna storage {problem}")
+        connect_args = {"connect_timeout": store_timeout_s()}
         url = sqlalchemy_url(url)
     else:
         raise StudyStorageError(f"Optuna storage {shown!r} is not supported: use sqlite:///path.db on one machine or "
@@ -66,16 +73,35 @@ def open_study_storage(url: str, *, heartbeat_interval: int | None = DEFAULT_HEA
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         try:
-            return RDBStorage(url, engine_kwargs={"connect_args": connect_args}, heartbeat_interval=heartbeat_interval,
-                              grace_period=grace_period, skip_table_creation=not create)
+            return _rdb_storage(url, connect_args, heartbeat_interval, grace_period, create)
         except Exception as error:  # sqlalchemy's OperationalError and friends: unreachable, refused, bad auth
             password = urlsplit(url).password
             lines = redact_text(str(error), [password, unquote(password)] if password else []).strip().splitlines()
+            check = ("its folder is writable and its disk has room" if kind == "sqlite" else "the database server is up "
+                     f"and reachable from this host within {connect_args['connect_timeout']} s (${TIMEOUT_ENV})")
             raise StudyStorageError(
                 f"cannot open the Optuna storage {shown!r}: {lines[0] if lines else type(error).__name__}. Check that "
-                f"the database server is up and reachable from this host, or pass another one with --storage / "
-                f"${STORAGE_ENV}"
+                f"{check}, or pass another one with --storage / ${STORAGE_ENV}"
             ) from None
+
+
+# Errors of two processes making a new storage's tables or its schema stamp at once (every RDBStorage, readers
+# included, stamps an unstamped database): the loser finds the winner's rows and opens the storage again.
+_SCHEMA_RACE = ("UNIQUE constraint failed", "already exists", "duplicate key value")
+SCHEMA_RACE_TRIES = 5
+
+
+def _rdb_storage(url: str, connect_args: dict, heartbeat_interval: int | None, grace_period: int | None,
+                 create: bool) -> RDBStorage:
+    for attempt in range(SCHEMA_RACE_TRIES):
+        try:
+            return RDBStorage(url, engine_kwargs={"connect_args": connect_args}, heartbeat_interval=heartbeat_interval,
+                              grace_period=grace_period, skip_table_creation=not create)
+        except Exception as error:
+            if attempt + 1 == SCHEMA_RACE_TRIES or not any(sign in str(error) for sign in _SCHEMA_RACE):
+                raise
+            time.sleep(0.1 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def open_existing_study(study_name: str, url: str, *, sampler=None, pruner=None) -> optuna.Study:

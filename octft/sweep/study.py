@@ -34,6 +34,7 @@ from octft.sweep.records import (
 from octft.sweep.spec import build_sampler, sampler_settings
 from octft.sweep.storage import study_lock
 from octft.sweep.tracking import ensure_parent_run, settle_run
+from octft.track.mlflow_store import MlflowStore
 
 DEAD_WORKER = "the worker running this trial died (no heartbeat within the grace period)"
 
@@ -129,7 +130,7 @@ def next_trial(study: optuna.Study, storage: RDBStorage, n_trials: int | None) -
 # ---------------------------------------------------------------------------------------------------- dead workers
 
 
-def reap_stale_trials(study: optuna.Study, storage: RDBStorage, tracking_uri: str) -> list[int]:
+def reap_stale_trials(study: optuna.Study, storage: RDBStorage, store: MlflowStore) -> list[int]:
     """Fail the trials whose worker died (stale heartbeat), end their MLflow runs FAILED, queue one retry of each;
     returns the numbers failed now. What `optuna.storages.fail_stale_trials` does, with the reason recorded while the
     trial still runs (Optuna refuses attrs on finished trials) and a retry that starts clean."""
@@ -147,7 +148,7 @@ def reap_stale_trials(study: optuna.Study, storage: RDBStorage, tracking_uri: st
             continue  # another worker reaped it first
         trial = storage.get_trial(trial_id)
         failed.append(trial.number)
-        settle_run(tracking_uri, record.mlflow_run_id, TrialState.FAIL, record.fail_reason)
+        settle_run(store, record.mlflow_run_id, TrialState.FAIL, record.fail_reason)
         retry(study, trial)
     return failed
 

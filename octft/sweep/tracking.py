@@ -58,12 +58,12 @@ def start_trial_run(plan, number: int, run_dir: str) -> str:
     return str(run.run_id)
 
 
-def settle_run(tracking_uri: str, run_id: str | None, state: TrialState, reason: str | None = None) -> None:
-    """Make a trial's run status match its Optuna `state`: a run its runner already ended so is left alone; one it
-    left RUNNING (the runner was killed) or ended otherwise is ended again, with `reason`."""
+def settle_run(store: MlflowStore, run_id: str | None, state: TrialState, reason: str | None = None) -> None:
+    """End a trial's run with the status of its Optuna `state`, once Optuna holds that state (a runner leaves its
+    trial's run open: a run never says FINISHED for a trial that Optuna does not have COMPLETE); a run already
+    ended so is left alone. `reason` goes to the run's `octft.end_reason` tag."""
     if not run_id or state not in RUN_STATUS_OF:
         return
-    store = MlflowStore(tracking_uri)
     if store.run(run_id).status != RUN_STATUS_OF[state]:
         store.end_run(run_id, RUN_STATUS_OF[state], reason)
 

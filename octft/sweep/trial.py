@@ -34,6 +34,7 @@ from octft.data.layout import CLASS_SHORT_NAMES
 from octft.sweep.plan import LaunchPlan
 from octft.sweep.pruners import CollapsePruner, build_pruner, record_epoch
 from octft.sweep.records import TrialOutcome, trial_record
+from octft.sweep.lifetime import watch_parent
 from octft.stores import TRACKING_ENV
 from octft.sweep.storage import open_study_storage
 from octft.track.mlflow_store import MlflowStore, MlflowTracker
@@ -42,6 +43,7 @@ from octft.train.setup import RunCache
 
 # A trial's metrics are written at most this often (and when it ends): a probe's epochs take milliseconds.
 METRICS_FLUSH_S = 2.0
+RUNNER_ORPHANED = 3  # a runner's exit code when its worker ended first
 
 
 class OptunaReporter:
@@ -102,8 +104,9 @@ def run_trial(plan: LaunchPlan, number: int, cache: TrialCache) -> TrialOutcome:
         spec = plan.spec()
         cfg.tracking.tracking_uri, cfg.tracking.experiment = plan.tracking_uri, spec.mlflow.experiment
         cfg.tracking.run_name = f"trial-{number}"
+        # Left open: its worker ends it once Optuna holds the trial's state (`octft.sweep.tracking.settle_run`).
         tracker = MlflowTracker(plan.tracking_url(), run_id=trial_record(frozen).mlflow_run_id,
-                                log_system_metrics=not plan.is_probe(), flush_interval_s=METRICS_FLUSH_S)
+                                log_system_metrics=not plan.is_probe(), flush_interval_s=METRICS_FLUSH_S, ends_run=False)
         reporter = OptunaReporter(optuna.trial.Trial(study, trial_id), study.pruner, metric=spec.objective.metric,
                                   tracker=tracker)
         result = train(cfg, run_dir=plan.trial_dir(number), reporter=reporter, tracker=tracker, progress=False,
@@ -180,6 +183,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--reply-fd", type=int, required=True, help="file descriptor the outcomes are written to")
     args = parser.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # A runner whose worker is gone stops at once, mid-trial: only the worker may tell Optuna and end the trial's run,
+    # so the run stays open until the next launch (or a live worker) fails the trial and retries it.
+    watch_parent(lambda: os._exit(RUNNER_ORPHANED))
     # The MLflow store opened before the first request arrives (its worker starts this process first thing, so the
     # imports and this overlap the worker's own start instead of delaying the first trial).
     if os.environ.get(TRACKING_ENV):

@@ -9,7 +9,9 @@
 launch's data preparation; they take trials once the launch sends `go` (the data is ready). While
 a trial runs, its worker writes the trial's heartbeat to the storage: if the worker dies (killed, host lost), the
 next launch or any live worker marks the trial FAIL and queues one retry (`octft.sweep.study.reap_stale_trials`).
-Runners stay in the worker's process group: kill the group, not the worker alone, or an orphaned runner trains on.
+A runner ends when its worker does, and a worker a launch started ends when the launch does (`watch_parent`): the
+trial then fails (with the reason, retried once), and no MLflow run of it says FINISHED, since only the worker ends a
+trial's run, after Optuna has its state.
 
     >>> run_worker(LaunchPlan.read(path), 0, InProcessRunner())                      # doctest: +SKIP
     8
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import signal
 import socket
 import sys
 import threading
@@ -35,12 +38,39 @@ from octft.errors import OctftError
 from octft.redaction import redact
 from octft.sweep.plan import LaunchPlan
 from octft.sweep.records import TrialOutcome, TrialRecord, trial_record
+from octft.sweep.lifetime import watch_parent
 from octft.sweep.runners import Runner, make_runner
 from octft.sweep.space import suggest
 from octft.sweep.storage import open_study_storage
-from octft.sweep.study import next_trial, open_worker_study, reap_stale_trials
-from octft.sweep.tracking import RUN_STATUS_OF, settle_run, start_trial_run, update_parent_best
+from octft.sweep.study import next_trial, open_worker_study, reap_stale_trials, retry
+from octft.sweep.tracking import settle_run, start_trial_run, update_parent_best
 from octft.track.mlflow_store import MlflowStore
+
+
+# A runner still running when its trial is interrupted gets this long to end (Ctrl-C reached it too) before it is killed.
+RUNNER_STOP_S = 5.0
+# Why this worker is being interrupted, when not by Ctrl-C (`stop_with_parent`).
+_interruption: list[str] = []
+
+
+def interrupted_by() -> str:
+    return _interruption[0] if _interruption else "interrupted (Ctrl-C)"
+
+
+def stop_with_parent() -> None:
+    """End this worker (as Ctrl-C would: its trial FAIL with the reason, retried once, its runner killed) when the
+    launch that started it ends: a worker never trains on for a launch that is gone."""
+
+    def interrupt_main(signum, frame) -> None:
+        raise KeyboardInterrupt
+
+    def interrupt() -> None:
+        _interruption.append("interrupted: the launch that started this worker ended")
+        # A signal to the main thread itself: it may be blocked reading its runner's reply, which only a signal ends.
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
+
+    signal.signal(signal.SIGUSR1, interrupt_main)
+    watch_parent(interrupt)
 
 
 def run_worker(plan: LaunchPlan, worker_index: int, runner: Runner, *, echo: Callable[[str], None] = print) -> int:
@@ -57,7 +87,7 @@ def run_worker(plan: LaunchPlan, worker_index: int, runner: Runner, *, echo: Cal
         store = MlflowStore(plan.tracking_url())
         done = 0
         while launch.deadline is None or time.time() < launch.deadline:
-            reap_stale_trials(study, storage, store.uri)
+            reap_stale_trials(study, storage, store)
             trial = next_trial(study, storage, launch.n_trials)
             if trial is None:
                 break
@@ -67,8 +97,11 @@ def run_worker(plan: LaunchPlan, worker_index: int, runner: Runner, *, echo: Cal
                 try:
                     outcome = runner.run(plan, trial.number)
                 except KeyboardInterrupt:
-                    finish_trial(plan, study, storage, store, trial, record,
-                                 TrialOutcome(status="failed", stop_reason="interrupted (Ctrl-C)"))
+                    # The runner goes first: nothing of this attempt may land after Optuna has its state.
+                    runner.close(timeout=RUNNER_STOP_S)
+                    again = retry(study, storage.get_trial(trial._trial_id))  # not a failure of its params
+                    reason = f"{interrupted_by()}; " + ("retried once" if again else "not retried: it was a retry")
+                    finish_trial(plan, study, storage, store, trial, record, TrialOutcome(status="failed", stop_reason=reason))
                     raise
                 state = finish_trial(plan, study, storage, store, trial, record, outcome)
             done += 1
@@ -115,8 +148,8 @@ def finish_trial(plan: LaunchPlan, study: optuna.Study, storage: RDBStorage, sto
         # Optuna warns that heartbeats are meant for Study.optimize; this loop beats for its trials itself.
         warnings.filterwarnings("ignore", message="Heartbeat of storage")
         study.tell(trial, outcome.best_value if state == TrialState.COMPLETE else None, state=state)
-    if outcome.run_status != RUN_STATUS_OF[state]:  # the runner died, or ended its run otherwise
-        settle_run(store.uri, record.mlflow_run_id, state, outcome.stop_reason)
+    # The runner left the run open (or died): it ends now that Optuna holds the trial's state.
+    settle_run(store, record.mlflow_run_id, state, outcome.stop_reason if outcome.run_status is None else None)
     if state == TrialState.COMPLETE and study.best_trial.number == trial.number:  # the parent's best changed
         update_parent_best(store, plan.parent_run_id, study, plan.spec().objective.metric)
     return state
@@ -182,6 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         plan = LaunchPlan.read(args.plan)
         runner = make_runner(plan, args.worker_index)
         if args.wait_for_launch:
+            stop_with_parent()
             runner.start()  # an in-process runner imports the training stack while the launch prepares the data
             if sys.stdin.readline().strip() != "go":  # the launch failed before its trials
                 runner.close(timeout=0)

@@ -9,6 +9,12 @@ Nothing here touches MLflow's fluent API (`mlflow.start_run` and its global acti
 parent run and its trials' runs live in one process without stepping on each other. Every SQLite store is
 opened in write-ahead-log mode (`octft.sqlite_wal`): a sweep commits every epoch.
 
+Opening a store (`MlflowStore`) checks it first, so that a wrong store is one line, not MLflow's retries and
+tracebacks: a server or database gets $OCTFT_STORE_TIMEOUT_S seconds to answer (`octft.stores.store_timeout_s`);
+a server's password goes to MLflow through its own variables (`MLFLOW_TRACKING_USERNAME`/`_PASSWORD`), so no URL
+MLflow holds, prints or records has one; a SQL URL gets the driver that is installed; a new SQLite store is made
+whole in a temporary file and linked into place, so a full disk never leaves a half-migrated one behind.
+
 >>> parent = MlflowTracker(experiment="octft-sweep", run_name="study-a")     # doctest: +SKIP
 >>> with MlflowTracker(experiment="octft-sweep", run_name="trial-3",
 ...                    parent_run_id=parent.run_id) as trial:                # doctest: +SKIP
@@ -22,8 +28,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import posixpath
 import re
+import sqlite3
 import time
 import warnings
 from collections.abc import Sequence
@@ -36,15 +44,23 @@ import mlflow.pyfunc
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
+from mlflow.store.db.utils import _get_latest_schema_revision, _initialize_tables
 from mlflow.system_metrics.metrics.base_metrics_monitor import BaseMetricsMonitor
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, Schema
+from mlflow.utils.credentials import get_default_host_creds
+from mlflow.utils.rest_utils import http_request
+from sqlalchemy import create_engine
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.pool import NullPool
 
 from octft import sqlite_wal
 from octft.errors import MissingInputError, UsageError
-from octft.redaction import redact, redact_url
-from octft.stores import artifact_location, resolve_tracking_uri
+from octft.io import DiskFullError, atomic_file
+from octft.redaction import redact, redact_text, redact_url
+from octft.stores import (TIMEOUT_ENV, TRACKING_ENV, artifact_location, dialect, http_credentials, missing_driver,
+                          resolve_tracking_uri, sqlalchemy_url, sqlite_path, store_timeout_s)
 from octft.track import RunDataset
 
 logger = logging.getLogger(__name__)
@@ -67,9 +83,151 @@ SYSTEM_METRICS_INTERVAL_S = 10.0
 PythonModel = mlflow.pyfunc.PythonModel  # the base class of a pyfunc model (octft.registry.model)
 
 
-def _client(tracking_uri: str) -> MlflowClient:
+_NETWORK_SQL = ("postgresql", "postgres", "mysql", "mariadb", "mssql")
+_STORE_HINT = f"or pass another store with --tracking-uri / ${TRACKING_ENV}"
+_checked: set[str] = set()  # network stores that answered this process: each is checked once
+
+
+def _client(mlflow_uri: str, shown: str) -> MlflowClient:
+    """A client of the store at `mlflow_uri` (from `_mlflow_uri`), opened now (MLflow opens the store at once):
+    a store MLflow cannot open is one line naming `shown`."""
     sqlite_wal.install()
-    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    # MLflow prints "View run ... at: <tracking URI>" when a run ends: octft's console says what it ran itself.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    try:
+        return MlflowClient(tracking_uri=mlflow_uri, registry_uri=mlflow_uri)
+    except (MlflowException, SQLAlchemyError, ImportError, OSError, ValueError) as error:  # a broken schema, a driver
+        line = redact_text(_first_line(error))
+        if "already exists" in line and dialect(mlflow_uri) == "sqlite":
+            raise UsageError(f"the MLflow store {shown} was left half-created ({line}): its creation stopped part-way, "
+                             "e.g. on a full disk, before octft made new stores whole; move it away and run again") from None
+        raise UsageError(f"cannot open the MLflow store {shown}: {line}; {_STORE_HINT}") from None
+
+
+def _mlflow_uri(uri: str, shown: str) -> str:
+    """What MLflow is given for the store `uri`, checked: see the module docstring."""
+    kind = dialect(uri)
+    if kind in ("http", "https"):
+        bare, user, password = http_credentials(uri)
+        if password is not None:  # set in this process only (and the processes it starts, which need them too)
+            os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = user or "", password
+        if bare not in _checked:
+            _check_server(bare, shown)
+            _checked.add(bare)
+        return bare
+    if kind == "sqlite":
+        path = sqlite_path(uri)
+        if path is not None and not path.exists():
+            _create_sqlite_store(path, shown)
+        return uri
+    if kind in _NETWORK_SQL:
+        problem = missing_driver(uri)
+        if problem:
+            raise UsageError(f"the MLflow store {problem}")
+        url = sqlalchemy_url(uri)
+        if kind != "mssql" and "connect_timeout=" not in url:  # every connection MLflow's pool makes later, too
+            url += f"{'&' if '?' in url else '?'}connect_timeout={store_timeout_s()}"
+        if url not in _checked:
+            _check_database(url, shown)
+            _checked.add(url)
+        return url
+    return uri
+
+
+def check_store(tracking_uri: str) -> str:
+    """How the MLflow store `tracking_uri` answers, for `octft doctor`: the checks `MlflowStore` makes (the server or
+    database answers in time, with the driver that is installed), creating and changing nothing; a SQLite store's
+    schema read, not migrated. Raises `UsageError` saying why octft could not open it."""
+    uri = resolve_tracking_uri(tracking_uri)
+    shown = redact_url(uri)
+    path = sqlite_path(uri)
+    if path is None:
+        _mlflow_uri(uri, shown)
+        return "answers"
+    if not path.exists():
+        return "does not exist yet, will be created"
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=store_timeout_s()) as connection:
+            tables = {name for (name,) in connection.execute("select name from sqlite_master where type='table'")}
+            versions = connection.execute("select version_num from alembic_version").fetchall() if (
+                "alembic_version" in tables) else []
+    except sqlite3.Error as error:
+        raise UsageError(f"the MLflow store {shown} cannot be read ({error}); {_STORE_HINT}") from None
+    head = _get_latest_schema_revision()
+    revision = versions[0][0] if versions else None
+    if revision is None or any(name.startswith("_alembic_tmp_") for name in tables):
+        raise UsageError(f"the MLflow store {shown} was left half-created ({len(tables)} tables, schema {revision}): its "
+                         "creation stopped part-way, e.g. on a full disk; move it away and run again")
+    if revision != head:
+        raise UsageError(f"the MLflow store {shown} has schema {revision}, this MLflow needs {head}: if an older MLflow "
+                         f"made it, back it up and run mlflow db upgrade {shown}; if its creation stopped part-way "
+                         "(a full disk), move it away")
+    return f"answers ({len(tables)} tables, schema {revision})"
+
+
+def _check_server(url: str, shown: str) -> None:
+    """One request, no retries, $OCTFT_STORE_TIMEOUT_S to answer: MLflow's own client would retry a server that
+    is not there for minutes (MLFLOW_HTTP_REQUEST_MAX_RETRIES, _BACKOFF_FACTOR), which is right for a server
+    that answered once and restarts, not for a wrong URL. Refused credentials are one line too."""
+    timeout = store_timeout_s()
+    try:
+        response = http_request(get_default_host_creds(url), "/api/2.0/mlflow/experiments/search", "GET",
+                                max_retries=0, backoff_factor=0, timeout=timeout, raise_on_status=False,
+                                params={"max_results": 1})
+    except MlflowException as error:
+        text = str(error.message).lower()
+        reason = ("it refuses connections" if "refused" in text else f"no answer within {timeout} s"
+                  if "timed out" in text or "timeout" in text else redact_text(_first_line(error)))
+        raise UsageError(f"the MLflow tracking server {shown} does not answer ({reason}); start it or check the URL, "
+                         f"{_STORE_HINT} (${TIMEOUT_ENV} sets how long it may take, now {timeout} s)") from None
+    if response.status_code in (401, 403):
+        raise UsageError(f"the MLflow tracking server {shown} refuses these credentials (HTTP {response.status_code}); "
+                         "put the right user and password in the URL, or in $MLFLOW_TRACKING_USERNAME and "
+                         "$MLFLOW_TRACKING_PASSWORD")
+    if response.status_code != 200:
+        raise UsageError(f"{shown} answers HTTP {response.status_code} to MLflow's experiment search: not an MLflow "
+                         f"tracking server (or another path); check the URL, {_STORE_HINT}")
+
+
+def _check_database(url: str, shown: str) -> None:
+    """One connection with the timeout in `url`: MLflow retries a database that refuses for minutes."""
+    engine = create_engine(url, poolclass=NullPool)
+    try:
+        with engine.connect():
+            pass
+    except Exception as error:  # sqlalchemy's OperationalError and friends: refused, timed out, bad auth, no database
+        raise UsageError(f"the MLflow store {shown} does not answer ({redact_text(_first_line(error))}); check that the "
+                         f"database server is up and reachable from this host within {store_timeout_s()} s "
+                         f"(${TIMEOUT_ENV}), {_STORE_HINT}") from None
+    finally:
+        engine.dispose()
+
+
+def _create_sqlite_store(path: Path, shown: str) -> None:
+    """Create MLflow's tables and run its migrations in a temporary file beside `path`, then link it into place:
+    a full disk or a kill part-way leaves no store at `path` (MLflow would find a half-migrated one there and fail
+    on it for good). A store another process made meanwhile is kept (`atomic_file(keep_existing=True)`)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"MLflow store {shown}: cannot create its folder {path.parent} ({error.strerror or error}); "
+                         f"pass a tracking URI in a folder you can write, {_STORE_HINT}") from None
+    try:
+        with atomic_file(path, keep_existing=True) as temp:
+            engine = create_engine(f"sqlite:///{temp}", poolclass=NullPool)
+            try:
+                _initialize_tables(engine)  # MLflow's own: its tables, then every migration to the head revision
+                with engine.connect() as connection:  # out of WAL mode: the whole store is in the file linked
+                    connection.exec_driver_sql("PRAGMA journal_mode=DELETE")
+            finally:
+                engine.dispose()
+                for suffix in ("-wal", "-shm", "-journal"):  # what a failed write leaves beside the temporary
+                    Path(f"{temp}{suffix}").unlink(missing_ok=True)
+    except DiskFullError:
+        raise
+    except Exception as error:  # sqlite3's "unable to open database file", "disk I/O error", ...
+        raise UsageError(f"cannot create the MLflow store {shown} in {path.parent}: {redact_text(_first_line(error))}; "
+                         f"check that the folder is writable and its disk has room, {_STORE_HINT}") from None
 
 
 def _error_code(error: Exception) -> str | None:
@@ -132,11 +290,18 @@ class MlflowStore:
     """One tracking store and its model registry (the same URI): the operations on runs octft does not hold open.
 
     Every method names the store redacted in its errors; a missing run or artifact is a `MissingInputError`.
+    `must_exist=True` (commands that only read) refuses a SQLite store that does not exist instead of creating it:
+    a mistyped path would otherwise open a new, empty store and report every run missing.
     """
 
-    def __init__(self, tracking_uri: str | None = None) -> None:
+    def __init__(self, tracking_uri: str | None = None, *, must_exist: bool = False) -> None:
         self.uri = resolve_tracking_uri(tracking_uri)
-        self.client = _client(self.uri)
+        path = sqlite_path(self.uri)
+        if must_exist and path is not None and not path.is_file():
+            raise MissingInputError(f"MLflow store {self.shown}: no such database file {path}; pass the --tracking-uri "
+                                    "the sweep logged to (e.g. sqlite:///demo/mlflow.db)")
+        self.mlflow_uri = _mlflow_uri(self.uri, self.shown)  # what MLflow itself is given: never a password in a URL
+        self.client = _client(self.mlflow_uri, self.shown)
 
     @property
     def shown(self) -> str:
@@ -165,6 +330,9 @@ class MlflowStore:
         self.client.set_terminated(run_id, status=status)
 
     def reopen_run(self, run_id: str) -> None:
+        """Mark an ended run RUNNING again; the reason it ended no longer holds, so its tag goes."""
+        if END_REASON_TAG in self.run(run_id).tags:
+            self.client.delete_tag(run_id, END_REASON_TAG)
         self.client.update_run(run_id, status="RUNNING")
 
     def set_tag(self, run_id: str, key: str, value: Any) -> None:
@@ -189,10 +357,16 @@ class MlflowStore:
 
     def log_artifacts(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
         """Upload a file or a folder into the run as it stands (nothing reopens the run)."""
-        if Path(path).is_dir():
-            self.client.log_artifacts(run_id, str(path), artifact_path)
-        else:
-            self.client.log_artifact(run_id, str(path), artifact_path)
+        try:
+            if Path(path).is_dir():
+                self.client.log_artifacts(run_id, str(path), artifact_path)
+            else:
+                self.client.log_artifact(run_id, str(path), artifact_path)
+        except MlflowException as error:
+            if _error_code(error) != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            raise MissingInputError(f"MLflow run {run_id} is not in the store {self.shown} ({_first_line(error)}); "
+                                    "pass the store it was logged to") from None
 
     def has_artifact(self, run_id: str, artifact_path: str) -> bool:
         parent = posixpath.dirname(artifact_path.strip("/")) or None
@@ -281,6 +455,27 @@ class MlflowStore:
             if _error_code(error) != "RESOURCE_ALREADY_EXISTS":
                 raise
 
+    def record_run(self, experiment: str, run_name: str, tags: dict[str, Any]) -> str:
+        """A finished run of `experiment` (made when absent) holding only `tags`: an entry of a ledger."""
+        run_id = self.client.create_run(self._experiment_id_or_create(experiment, None), run_name=run_name,
+                                        tags=_tag_values(tags)).info.run_id
+        self.client.set_terminated(run_id, status="FINISHED")
+        return run_id
+
+    def search_runs(self, experiment: str, tags: dict[str, str]) -> list[RunView]:
+        """The runs of `experiment` (by name) whose tags hold `tags`, oldest first; none when it does not exist."""
+        found = self.client.get_experiment_by_name(experiment)
+        if found is None:
+            return []
+        query = " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
+        runs = self.client.search_runs([found.experiment_id], filter_string=query, order_by=["attributes.start_time ASC"],
+                                       max_results=10_000)
+        return [RunView(run.info.run_id, run.info.status, run.info.experiment_id, dict(run.data.params),
+                        dict(run.data.tags), dict(run.data.metrics)) for run in runs]
+
+    def describe_version(self, name: str, version: str, description: str) -> None:
+        self.client.update_model_version(name, version, description=description)
+
     def _experiment_id_or_create(self, name: str, location: str | None) -> str:
         experiment = self.client.get_experiment_by_name(name)
         if experiment is None:
@@ -304,7 +499,8 @@ class MlflowTracker:
     is used only when this tracker creates the experiment. With `log_system_metrics`, the machine's CPU, memory,
     GPU and TPU use are sampled into the run until `finish`. `flush_interval_s` > 0 holds metrics and writes them
     in one batch at most that often (and at `finish`): trials whose epochs take milliseconds write once.
-    As a context manager the run ends FINISHED, FAILED (on an exception) or KILLED (on Ctrl-C).
+    `ends_run=False`: `finish` records how the run ended (`end_status`, the reason tag) but leaves it RUNNING for
+    its owner to end (a sweep's worker, once Optuna holds the trial's state). As a context manager the run ends FINISHED, FAILED (on an exception) or KILLED (on Ctrl-C).
     """
 
     def __init__(
@@ -320,10 +516,12 @@ class MlflowTracker:
         reopen: bool = True,
         log_system_metrics: bool = False,
         flush_interval_s: float = 0.0,
+        ends_run: bool = True,
     ) -> None:
         self.store = MlflowStore(tracking_uri)
         self.experiment = experiment
-        self.end_status: str | None = None  # what `finish` ended the run as
+        self.ends_run = ends_run
+        self.end_status: str | None = None  # what `finish` ended the run as (or, with ends_run=False, would have)
         self._finished = False
         self._pending: list[tuple[int, dict[str, float]]] = []
         self._flush_interval_s = flush_interval_s
@@ -350,7 +548,7 @@ class MlflowTracker:
             changed = {key: value for key, value in _tag_values(run_tags).items() if run.data.tags.get(key) != value}
             if changed:  # a run made by a sweep's worker has them already: no write
                 self.set_tags(changed)
-        self._system_metrics = start_system_metrics(self.run_id, self.store.uri) if (
+        self._system_metrics = start_system_metrics(self.run_id, self.store.mlflow_uri) if (
             log_system_metrics and not self._finished) else None
 
     def __repr__(self) -> str:
@@ -472,7 +670,10 @@ class MlflowTracker:
         if self._system_metrics is not None:
             self._system_metrics.finish()  # flushed while the run still runs: the monitor stops at an ended run
             self._system_metrics = None
-        self.store.end_run(self.run_id, status, reason)
+        if self.ends_run:
+            self.store.end_run(self.run_id, status, reason)
+        elif reason:
+            self.store.set_tag(self.run_id, END_REASON_TAG, reason)
         self._finished = True
         self.end_status = status
 

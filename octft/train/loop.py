@@ -23,7 +23,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ from octft.models.checkpoint import CheckpointError
 from octft.train.runtime import Runtime, load_state
 from octft.train.step import backward_step, eval_step, optimizer_step
 from octft.errors import OctftError
+from octft.io import DiskFullError
 
 
 class TrainingError(OctftError, RuntimeError):
@@ -71,8 +72,13 @@ class FitResult:
     epoch_seconds: float = 0.0  # summed over the epochs run, resumed ones included
 
 
-def lr_factor(step: int, *, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
-    """Linear warmup, then cosine decay to `min_ratio` of the base learning rate."""
+def lr_factor(step: int, *, total_steps: int, warmup_steps: int, min_ratio: float, start_step: int = 0) -> float:
+    """0 before `start_step`, then a linear warm-up over `warmup_steps`, then cosine decay to `min_ratio` of the base
+    learning rate at `total_steps`. The encoder's schedule starts at its unfreeze step: it gets its warm-up whenever
+    it starts to train, and the unfreeze epoch is what it says."""
+    if step < start_step:
+        return 0.0
+    step, total_steps = step - start_step, total_steps - start_step
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
@@ -142,8 +148,9 @@ def init_optimizer_state(optimizer, runtime) -> None:
     runtime.sync()
 
 
-def set_lr(optimizer, factor: float, device: torch.device) -> None:
-    """This step's learning rate of each group, `base_lr * factor`, and its decay `lr * decoupled_decay`.
+def set_lr(optimizer, factor: float | Mapping[str, float], device: torch.device) -> None:
+    """This step's learning rate of each group, `base_lr * factor` (one factor, or one per group name: head,
+    encoder), and its decay `lr * decoupled_decay`.
 
     Each is a one-element tensor of its own, moved to the device: torch_xla turns Python numbers and
     0-dim tensors into cached scalars, shared between equal values and baked in as constants when
@@ -151,7 +158,7 @@ def set_lr(optimizer, factor: float, device: torch.device) -> None:
     compile again. A (1,) tensor is always one more input of the same graph.
     """
     for group in optimizer.param_groups:
-        lr = group["base_lr"] * factor
+        lr = group["base_lr"] * (factor if isinstance(factor, (int, float)) else factor[group["name"]])
         group["lr"] = torch.tensor([lr], dtype=torch.float32).to(device)
         if group["decoupled_decay"] is not None:
             group["decay"] = torch.tensor([1.0 - lr * group["decoupled_decay"]], dtype=torch.float32).to(device)
@@ -248,6 +255,7 @@ def fit(
     resume: bool = False,
     frozen_features=None,
     num_workers: int = 1,
+    config_record: str = "",
 ) -> FitResult:
     """Fine-tune `model` (a `Classifier`) and return the best epoch's validation scores.
 
@@ -263,6 +271,8 @@ def fit(
     order and batches) with no encoder pass; of those epochs only the last (before unfreezing, or where the run
     ends) writes `last.pt`, and with it their best epoch's `best.pt`. `num_workers` threads gather batches
     ahead of the step. `micro_batch_rows`: rows per device per micro-batch (None: the runtime's choice).
+    `config_record`: the text that rebuilds this model (the resolved config), kept inside every `best.pt`, so a
+    checkpoint never depends on a file beside it that a later run may rewrite.
     """
     if objective_direction not in ("maximize", "minimize"):
         raise ValueError(f"objective_direction must be maximize or minimize, got {objective_direction!r}")
@@ -278,8 +288,9 @@ def fit(
     layout = runtime.batch_layout(batch_size, accumulation_steps, micro_batch_rows)
     step_rows = layout.effective_batch_size  # rows per optimizer step (global, all devices and hosts)
     steps_per_epoch = math.ceil(len(train_set) / step_rows)
-    schedule = {"total_steps": steps_per_epoch * epochs, "warmup_steps": int(round(warmup_epochs * steps_per_epoch)),
-                "min_ratio": min_lr_ratio}
+    head_schedule = {"total_steps": steps_per_epoch * epochs, "warmup_steps": int(round(warmup_epochs * steps_per_epoch)),
+                     "min_ratio": min_lr_ratio}
+    schedules = {"head": head_schedule, "encoder": {**head_schedule, "start_step": counted_from * steps_per_epoch}}
 
     compiles_before = runtime.compile_stats()  # a warm trial runner runs many fits: count only this one's
     model = runtime.to_device(model)
@@ -287,7 +298,7 @@ def fit(
     loss_fn = _loss_fn(runtime, num_classes, class_weights, label_smoothing)
     val_participants = val_set.participant_ids(range(len(val_set)))
     val_targets = np.asarray([int(val_set[i]["y"]) for i in range(len(val_set))]) if len(val_set) else np.zeros(0, int)
-    best = _BestCheckpoint(run_dir, model, runtime, val_targets, val_participants, class_names)
+    best = _BestCheckpoint(run_dir, model, runtime, val_targets, val_participants, class_names, config_record)
     state = LoopState(best_value=-math.inf if maximize else math.inf)
     if resume and (run_dir / "last.pt").is_file():
         state = _resume(run_dir, model, optimizer, objective_metric)
@@ -312,8 +323,8 @@ def fit(
 
         with runtime.small_steps() if on_features else contextlib.nullcontext():
             batches = Batches(train_rows, step_rows, order, hosts, num_workers, micro_batches=layout.accumulation_steps)
-            loss_sum, weight_sum, factor = _train_epoch(step_model, batches, optimizer, loss_fn, runtime, clip_norm,
-                                                        first_step=epoch * steps_per_epoch, schedule=schedule)
+            loss_sum, weight_sum, factors = _train_epoch(step_model, batches, optimizer, loss_fn, runtime, clip_norm,
+                                                         first_step=epoch * steps_per_epoch, schedules=schedules)
             train_seconds = time.perf_counter() - started
             val_batches = Batches(val_rows, layout.eval_batch_size, range(len(val_set)), hosts, num_workers)
             val_logits = _validation_logits(step_model, val_batches, runtime, len(val_set), num_classes)
@@ -324,14 +335,13 @@ def fit(
             _check_finite(train_loss, epoch, run_dir)
             # Inside the one-thread block too: its val/loss is torch on a few rows, which a thread pool woken for it
             # (two processes on two cores) made 30 times slower.
-            metrics = evaluate_logits(logits, val_targets, val_participants, class_names,
-                                      class_weights=class_weights, label_smoothing=label_smoothing)
+            metrics = evaluate_logits(logits, val_targets, val_participants, class_names)
         _check_objective(objective_metric, metrics)
         compiles = _compiles_since(compiles_before, runtime.compile_stats())
         metrics.update({
             "train/loss": train_loss,
-            "lr/head": lr_head * factor,
-            "lr/encoder": lr_encoder * factor,
+            "lr/head": lr_head * factors["head"],
+            "lr/encoder": lr_encoder * factors["encoder"],
             "train/encoder_trainable": float(encoder_trainable),
             "train/on_features": float(on_features),
             "perf/samples_per_second": steps_per_epoch * step_rows / max(train_seconds, 1e-9),
@@ -365,8 +375,8 @@ def fit(
         # unfreezes next): a resumed run replays the others exactly, in less time than the writes would take.
         if not on_features or state.status in ENDED or epoch + 1 == unfreeze_epoch:
             best.write_held()
-            runtime.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                          "loop_state": state.to_json()}, run_dir / "last.pt")
+            _save_checkpoint(runtime, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                       "loop_state": state.to_json()}, run_dir / "last.pt")
         if state.status in ENDED:
             break
     if state.status == "running":  # resumed after the last epoch had run but before the status was written
@@ -387,22 +397,23 @@ def _loss_fn(runtime: Runtime, num_classes: int, class_weights: torch.Tensor | N
 
 
 def _train_epoch(step_model, batches: Batches, optimizer, loss_fn, runtime: Runtime, clip_norm: float | None, *,
-                 first_step: int, schedule: dict) -> tuple[torch.Tensor, torch.Tensor, float]:
+                 first_step: int, schedules: dict[str, dict]) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
     """One epoch of optimizer steps: (summed weighted loss, summed weight) as device tensors, and the last step's
-    learning-rate factor. One micro-batch per graph execution: one graph for a step's other micro-batches
+    learning-rate factor of each group (`schedules`: head, encoder). One micro-batch per graph execution: one graph for a step's other micro-batches
     (backward only) and one for its last (backward and update), whatever the accumulation count."""
     # Sums start as zeros moved to the device (made there, each would be a graph of its own to compile).
     loss_sum, weight_sum = runtime.put([torch.zeros(()), torch.zeros(())])
-    factor = lr_factor(first_step, **schedule)
+    factors = {name: lr_factor(first_step, **schedule) for name, schedule in schedules.items()}
     for index, batch in enumerate(runtime.device_loader(batches)):
         out = backward_step(step_model, batch, loss_fn=loss_fn, runtime=runtime)
         loss_sum = loss_sum + out["loss_sum"]
         weight_sum = weight_sum + out["weight_sum"]
         if (index + 1) % batches.micro_batches == 0:
-            factor = lr_factor(first_step + index // batches.micro_batches, **schedule)
-            set_lr(optimizer, factor, runtime.device)
+            step = first_step + index // batches.micro_batches
+            factors = {name: lr_factor(step, **schedule) for name, schedule in schedules.items()}
+            set_lr(optimizer, factors, runtime.device)
             optimizer_step(step_model, optimizer, clip_norm=clip_norm)
-    return loss_sum, weight_sum, factor
+    return loss_sum, weight_sum, factors
 
 
 def _validation_logits(step_model, batches: Batches, runtime: Runtime, rows: int, num_classes: int) -> torch.Tensor:
@@ -454,8 +465,9 @@ class _BestCheckpoint:
     head's weights copied to the host) and written with the phase's last checkpoint: the encoder has not moved."""
 
     def __init__(self, run_dir: Path, model, runtime: Runtime, targets: np.ndarray, participants: list[str],
-                 class_names: Sequence[str]) -> None:
+                 class_names: Sequence[str], config_record: str) -> None:
         self.run_dir, self.model, self.runtime = run_dir, model, runtime
+        self.config_record = config_record
         self.targets, self.participants, self.class_names = targets, participants, class_names
         self.held: dict | None = None
 
@@ -477,10 +489,19 @@ class _BestCheckpoint:
         model_state = self.model.state_dict()
         if head is not None:
             model_state.update({f"head.{name}": value for name, value in head.items()})
-        self.runtime.save({"model": model_state, "epoch": epoch, "metrics": json.dumps(metrics)},
-                          self.run_dir / "checkpoint" / "best.pt")
+        _save_checkpoint(self.runtime, {"model": model_state, "epoch": epoch, "metrics": json.dumps(metrics),
+                                        "config": self.config_record},
+                         self.run_dir / "checkpoint" / "best.pt")
         if self.runtime.is_main:
             write_best_artifacts(self.run_dir, logits, self.targets, self.participants, self.class_names, metrics)
+
+
+def _save_checkpoint(runtime: Runtime, state: dict, path: Path) -> None:
+    try:
+        runtime.save(state, path)
+    except DiskFullError as error:  # the write was atomic: what `path` held before is still there
+        kept = "the previous one is kept" if path.is_file() else "none was written"
+        raise DiskFullError(f"{error} (the folder: output_dir, or --run-dir); {kept}") from None
 
 
 def _check_finite(train_loss: float, epoch: int, run_dir: Path) -> None:
@@ -515,14 +536,12 @@ def evaluate_logits(
     targets: np.ndarray,
     participant_ids: Sequence[str],
     class_names: Sequence[str],
-    *,
-    class_weights: torch.Tensor | None = None,
-    label_smoothing: float = 0.0,
 ) -> dict[str, float]:
     """Validation scores: `val/*` at participant level (the reported figures), `val_volume/*` per volume.
 
-    `val/loss` is the training loss (`octft.train.losses`, same class weights and smoothing) over the
-    participants' averaged logits, like every other `val/` figure.
+    `val/loss` is the plain cross-entropy (no class weights, no label smoothing) over the participants' averaged
+    logits, whatever the run trains with: one scale for every trial, so a study that samples the loss's weights or
+    smoothing can still rank its trials by `val/loss`. (`train/loss` is the loss the run trains with.)
     """
     metrics: dict[str, float] = {}
     with warnings.catch_warnings():
@@ -536,8 +555,7 @@ def evaluate_logits(
         participant = classification_metrics(
             participant_confusion, probs=softmax(mean_logits), targets=participant_targets, class_names=class_names
         )
-    metrics["val/loss"] = mean_loss(torch.from_numpy(mean_logits).float(), torch.from_numpy(participant_targets).long(),
-                                    class_weights=class_weights, label_smoothing=label_smoothing)
+    metrics["val/loss"] = mean_loss(torch.from_numpy(mean_logits).float(), torch.from_numpy(participant_targets).long())
     metrics.update({f"val/{k}": v for k, v in participant.items()})
     metrics["val/auc_macro"] = participant["auc_macro"]
     metrics.update({f"val_volume/{k}": v for k, v in volume.items()})

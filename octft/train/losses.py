@@ -1,4 +1,5 @@
-"""The one loss octft trains with, and reports as `train/loss` and `val/loss`.
+"""The one loss octft trains with, reported as `train/loss`; `val/loss` is the same function with no class weights
+and no smoothing (`octft.train.loop.evaluate_logits`), so that it has one scale for every trial of a study.
 
 Per row: class-weighted, label-smoothed cross-entropy (`row_losses`). Per batch: the mean over the real
 rows, `sum(w * row_losses) / sum(w)` with `w` the 0/1 padding mask (`octft.train.step.train_step`). This is
@@ -92,7 +93,7 @@ def mean_loss(
 ) -> float:
     """The training loss's value over a whole set of rows (no padding): the mean of `row_losses`.
 
-    What `val/loss` reports, over participants' averaged logits, so that it and `train/loss` are one loss.
+    With no weights and no smoothing, what `val/loss` reports over participants' averaged logits.
     """
     if len(targets) == 0:
         return float("nan")

@@ -12,6 +12,7 @@ run. Every sweep trial runs this same function, with the Optuna reporter attache
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import shutil
 import subprocess
@@ -19,16 +20,16 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from octft.config import ExperimentConfig, save_resolved
+from octft.config import ExperimentConfig, resolved_record, save_resolved
 from octft.data.layout import CLASS_SHORT_NAMES
 from octft.track import NullTracker, RunDataset
 from octft.track.mlflow_store import MlflowStore, MlflowTracker
-from octft.errors import MissingInputError
-from octft.train.head_from import HeadFromError, load_head, run_id_of
+from octft.errors import MissingInputError, UsageError
+from octft.train.head_from import HeadFromError, check_provenance, load_head, run_id_of
 from octft.train.loop import FitResult, LoopState, ended_state, fit
 from octft.train.runtime import load_state, make_runtime
 from octft.data.dataset import data_manifest_hash
-from octft.train.setup import RunCache, class_weights_for
+from octft.train.setup import RunCache, class_weights_for, encoder_identity
 
 # The audited volume table's columns a run's dataset inputs show (what each volume is, not where it is cached).
 DATASET_COLUMNS = ("key", "participant_id", "label", "class_name", "split", "device", "laterality", "region", "source_id")
@@ -79,7 +80,11 @@ def train(
     an earlier run of this process built that this one may reuse (a warm trial runner passes its own).
     """
     cache = cache or RunCache()
-    run_dir = Path(run_dir or Path(cfg.output_dir) / (cfg.tracking.run_name or cfg.name))
+    if run_dir is None:
+        run_dir = default_run_dir(Path(cfg.output_dir) / (cfg.tracking.run_name or cfg.name), resume=resume)
+    run_dir = Path(run_dir)
+    if not resume:
+        refuse_earlier_run(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     recorded_run = _recorded_run_id(run_dir) if resume else None
     ended = ended_state(run_dir) if resume else None
@@ -103,11 +108,12 @@ def train(
         (run_dir / "run.json").write_text(json.dumps({"mlflow_run_id": tracker.run_id}) + "\n")
     try:
         setup = cache.data(cfg.data, progress=progress)
-        train_set, val_set = setup.prepared.dataset("train"), setup.prepared.dataset("val")
+        train_set, val_set = setup.prepared.run_datasets(cfg.data.inner_val_fraction, cfg.data.split.seed)
         model, checkpoint_report = cache.model(cfg, trains_encoder=cfg.train.unfreeze_epoch is not None)
-        tags = {}
+        tags = {**run_provenance(cfg, setup.prepared.volumes), "octft.validation": validation_note(cfg, val_set)}
         if cfg.init.head_from:
             store = tracker.store if isinstance(tracker, MlflowTracker) else MlflowStore(cfg.tracking.tracking_uri)
+            check_provenance(cfg.init.head_from, store.run(run_id_of(cfg.init.head_from)).tags, tags)
             load_head(model, cache.head(cfg.init.head_from, lambda: head_state(cfg.init.head_from, store)),
                       cfg.init.head_from)
             tags["octft.head_from"] = run_id_of(cfg.init.head_from)
@@ -126,7 +132,7 @@ def train(
             class_weights=class_weights_for(cfg, train_set), clip_norm=cfg.train.clip_norm,
             early_stopping_patience=cfg.train.early_stopping_patience, objective_metric=cfg.train.objective.metric,
             objective_direction=cfg.train.objective.direction, seed=cfg.train.seed, run_dir=run_dir, resume=resume,
-            frozen_features=features, num_workers=cfg.train.num_workers,
+            frozen_features=features, num_workers=cfg.train.num_workers, config_record=resolved_record(cfg),
         )
         if runtime.is_main:
             _record_end(tracker, cfg, run_dir, result)
@@ -135,6 +141,54 @@ def train(
         tracker.finish("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED", f"{type(error).__name__}: {error}"[:2000])
         raise
     return TrainResult.of(run_dir, tracker.run_id, result)
+
+
+# What a run leaves in its folder: a folder holding one of these holds a run, which a fresh run must not mix with.
+RUN_MARKERS = ("run.json", "last.pt", "checkpoint/best.pt")
+
+
+def earlier_run(run_dir: Path) -> str | None:
+    """The first file in `run_dir` that shows a run was started there, or None."""
+    return next((name for name in RUN_MARKERS if (run_dir / name).exists()), None)
+
+
+def refuse_earlier_run(run_dir: Path) -> None:
+    """A fresh run never writes into a folder that holds another run: its config and best checkpoint would be mixed
+    with the earlier run's (a failed run would leave its config beside the other's weights)."""
+    found = earlier_run(run_dir)
+    if found is not None:
+        raise UsageError(f"run directory {run_dir} holds an earlier run ({found}); pass --resume to continue it, or "
+                         "another --run-dir (without --run-dir each run gets a new folder)")
+
+
+def default_run_dir(named: Path, *, resume: bool) -> Path:
+    """`named` (output_dir/run name), or for a fresh run the first of `named-2`, `named-3`, ... that holds no run."""
+    if resume or earlier_run(named) is None:
+        return named
+    number = 2
+    while earlier_run(named.with_name(f"{named.name}-{number}")) is not None:
+        number += 1
+    return named.with_name(f"{named.name}-{number}")
+
+
+def validation_note(cfg: ExperimentConfig, val_set) -> str:
+    """Which participants a run validated on, for its tags: the val split, or an inner split of train."""
+    participants = val_set.volumes.participant_id.nunique()
+    if not cfg.data.inner_val_fraction:
+        return f"val split ({participants} participants)"
+    return (f"inner split of train: {cfg.data.inner_val_fraction:g} of each class, seed {cfg.data.split.seed} "
+            f"({participants} participants); the val split was not read")
+
+
+def run_provenance(cfg: ExperimentConfig, volumes) -> dict[str, str]:
+    """What produced a run's weights (`octft.train.head_from.PROVENANCE_TAGS`): the data manifest hash (every volume,
+    label and split), the encoder checkpoint's content hash (or its seed), the class order and a hash of the
+    preprocessing."""
+    preprocessing = json.dumps({**cfg.data.preprocess.model_dump(mode="json"), "cache_dtype": cfg.data.cache_dtype},
+                               sort_keys=True)
+    return {"octft.data_manifest_hash": data_manifest_hash(volumes), "octft.encoder": encoder_identity(cfg),
+            "octft.classes": ",".join(CLASS_SHORT_NAMES),
+            "octft.preprocessing": hashlib.sha256(preprocessing.encode()).hexdigest()[:16]}
 
 
 def head_state(head_from: str, store: MlflowStore) -> dict:
@@ -162,7 +216,7 @@ def _record_start(tracker, cfg: ExperimentConfig, run_dir: Path, runtime, layout
     tracker.set_tags({
         **tags, **(features.tags() if features is not None else {}),
         "octft.git_commit": git_commit(), "octft.runtime": runtime.name, "octft.device_count": str(runtime.num_devices),
-        "octft.precision": runtime.precision, "octft.data_manifest_hash": data_manifest_hash(volumes),
+        "octft.precision": runtime.precision,
         "octft.audit_passed": str(report.passed), "octft.train_volumes": str(int((volumes.split == "train").sum())),
         "octft.val_volumes": str(int((volumes.split == "val").sum())),
         "octft.cache_failed": str(len(setup.prepared.report.failed)),

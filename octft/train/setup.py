@@ -77,8 +77,14 @@ def feature_key(cfg: ExperimentConfig, encoder_identity: str, precision: str, tr
     # The head's settings and the checkpoint's path do not change the encoder's outputs; its content does.
     encoder_config = model.model_dump(mode="json", exclude={"head", "head_hidden_features", "head_dropout", "checkpoint"})
     return FeatureKey(encoder=encoder, model=encoder_config, precision=precision,
-                      preprocessing={**cfg.data.preprocess.model_dump(mode="json"), "cache_dtype": cfg.data.cache_dtype},
+                      preprocessing={**cfg.data.preprocess.model_dump(mode="json"), "cache_dtype": cfg.data.cache_dtype,
+                                     "pack_dtype": {"train": pack_dtype(train_set), "val": pack_dtype(val_set)}},
                       kind=kind, sources={"train": list(train_set.volumes.source_id), "val": list(val_set.volumes.source_id)})
+
+
+def pack_dtype(dataset) -> str:
+    """The dtype a split's clips reach the encoder in: its pack's (data.pack_dtype resolved), or the cache's."""
+    return str(dataset.pack.rows.dtype) if dataset.pack is not None else "cache"
 
 
 def needs_features(cfg: ExperimentConfig, resume_epoch: int = -1) -> bool:

@@ -168,25 +168,37 @@ def test_local_prefix_filtering(tmp_path):
     assert keys("no_such_folder/") == []
 
 
-def test_local_follows_symlinks_and_survives_loops(tmp_path, caplog):
+def test_local_follows_links_inside_the_root_refuses_the_rest_and_survives_loops(tmp_path, caplog):
     outside = tmp_path / "outside"
     write_tree(outside, {"vol.dcm": b"volume", "sub/frame.dcm": b"frame"})
     root = tmp_path / "root"
-    write_tree(root, {"real.dcm": b"r"})
+    write_tree(root, {"real.dcm": b"r", "inner/kept.dcm": b"kept"})
     (root / "linked.dcm").symlink_to(outside / "vol.dcm")
     (root / "linked_dir").symlink_to(outside / "sub")
+    (root / "alias.dcm").symlink_to(root / "inner" / "kept.dcm")  # links within the root keep working
+    (root / "alias_dir").symlink_to(root / "inner")
     (root / "loop").symlink_to(root)
     (root / "broken.dcm").symlink_to(tmp_path / "missing.dcm")
+    os.mkfifo(root / "pipe.dcm")
+    storage = LocalStorage(root)
 
-    with caplog.at_level(logging.WARNING):
-        listed = list(LocalStorage(root).list())
+    refused: list[tuple[str, str]] = []
+    listed = list(storage.list(refused=refused))
 
     assert [(info.key, info.size) for info in listed] == [
-        ("linked.dcm", len(b"volume")),
-        ("linked_dir/frame.dcm", len(b"frame")),
-        ("real.dcm", 1),
+        ("alias.dcm", 4), ("alias_dir/kept.dcm", 4), ("inner/kept.dcm", 4), ("real.dcm", 1),
     ]
-    assert "broken.dcm" in caplog.text and "loop" in caplog.text
+    reasons = dict(refused)
+    assert sorted(reasons) == ["broken.dcm", "linked.dcm", "linked_dir/", "loop/", "pipe.dcm"]
+    assert "outside the data root" in reasons["linked.dcm"] and "outside the data root" in reasons["linked_dir/"]
+    assert "broken link" in reasons["broken.dcm"] and "loop" in reasons["loop/"] and "FIFO" in reasons["pipe.dcm"]
+    # Asked for by key, a link out of the root is refused too; without `refused`, a listing logs what it skips.
+    with pytest.raises(PermissionError, match="outside the data root"):
+        storage.read_bytes("linked.dcm")
+    assert storage.read_bytes("alias.dcm") == b"kept"
+    with caplog.at_level(logging.WARNING):
+        assert [info.key for info in storage.list()] == [info.key for info in listed]
+    assert "linked.dcm" in caplog.text and "pipe.dcm" in caplog.text
 
 
 def test_local_missing_root_names_it(tmp_path):

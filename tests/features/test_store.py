@@ -5,11 +5,27 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from octft.features.store import RECORD_NAME, TEMP_PREFIX, FeatureKey, FeaturePlan, FeatureStore, checkpoint_identity
+from octft.features.store import (
+    RECORD_NAME,
+    TEMP_PREFIX,
+    FeatureKey,
+    FeaturePlan,
+    FeatureStore,
+    checkpoint_identity,
+    feature_code_version,
+)
+from octft.config import load_experiment
+from octft.data.audit import audit_dataset
+from octft.data.dataset import prepare_volumes
+from octft.data.synth import synthesize
+from octft.train.setup import feature_key
+
+DEMO = Path(__file__).resolve().parents[2] / "experiments" / "demo.yaml"
 
 
 def make_key(**changes) -> FeatureKey:
@@ -59,6 +75,9 @@ KEY_CHANGES = {
     "precision": {"precision": "bf16"},
     "preprocessing": {"preprocessing": {"frames": 4, "height": 32, "width": 32, "intensity": "zscore"}},
     "kind": {"kind": "tokens"},
+    "pack dtype": {"preprocessing": {"frames": 4, "height": 32, "width": 32, "intensity": "percentile",
+                                     "pack_dtype": "float16"}},
+    "feature code": {"code": "another version of octft/features/frozen.py"},
     "a source changed": {"sources": {"train": ["file:///a.dcm|10|1", "file:///b.dcm|10|2", "file:///c.dcm|11|9"],
                                      "val": ["file:///d.dcm|10|4"]}},
     "sources reordered": {"sources": {"train": ["file:///b.dcm|10|2", "file:///a.dcm|10|1", "file:///c.dcm|10|3"],
@@ -73,6 +92,25 @@ def test_never_read_when_any_part_of_the_key_differs(tmp_path, change):
     other = make_key(**KEY_CHANGES[change])
     assert other.digest() != make_key().digest()
     assert store.open(other) is None
+
+
+def test_the_key_follows_the_feature_code_and_the_pack_dtype_of_a_run(tmp_path):
+    """A run's key names the dtype its packs store clips in (data.pack_dtype resolved: auto is uint8 for 8-bit
+    sources) and the code that computes features (a hash of that code)."""
+    synthesize(tmp_path / "data", participants=24, seed=0, frames=4, height=32, width=32)
+    report = audit_dataset(str(tmp_path / "data"))
+    keys = {}
+    for dtype in ("auto", "float16"):
+        prepared = prepare_volumes(str(tmp_path / "data"), report.volumes, cache_dir=str(tmp_path / "cache"),
+                                   progress=False, frames=4, height=32, width=32, pack_dtype=dtype)
+        cfg = load_experiment(DEMO, ["data.preprocess.frames=4", "data.preprocess.height=32", "data.preprocess.width=32",
+                                     f"data.pack_dtype={dtype}"])
+        keys[dtype] = feature_key(cfg, "scratch:seed=0", "fp32", prepared.dataset("train"), prepared.dataset("val"),
+                                  "pooled")
+    assert keys["auto"].preprocessing["pack_dtype"] == {"train": "uint8", "val": "uint8"}
+    assert keys["float16"].preprocessing["pack_dtype"] == {"train": "float16", "val": "float16"}
+    assert keys["auto"].digest() != keys["float16"].digest()
+    assert keys["auto"].code == feature_code_version() == feature_code_version.__wrapped__()
 
 
 def test_an_entry_whose_record_names_another_key_is_not_read(tmp_path):

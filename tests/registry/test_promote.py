@@ -21,7 +21,8 @@ from octft.cli import main
 from octft.config import load_experiment, save_resolved
 from octft.data.layout import CLASS_SHORT_NAMES
 from octft.data.synth import synthesize
-from octft.registry.promote import participant_test_scores, promote, select_trial, unpromotable_reason
+from octft.registry.promote import caveats, participant_test_scores, promote, select_trial
+from octft.sweep.records import unpromotable_reason
 from octft.report.study import render_report
 from octft.sweep.pruners import record_epoch
 from octft.sweep.records import PLAN_ATTR, TRIAL_ATTR, TrialOutcome, TrialRecord, test_evaluations
@@ -172,7 +173,8 @@ def test_scoring_a_second_trial_on_test_needs_allow_test_reuse_and_is_tagged(swe
 
     assert main(["promote", str(spec_path), "--trial", "2"]) == 2
     err = capsys.readouterr().err
-    assert "already scored (trial 1 at " in err and "--allow-test-reuse" in err and "octft.test_reuse=true" in err
+    assert f"already scored for study 'promote-test' trial 1 (run {trained.run_id}) on " in err, err
+    assert "--allow-test-reuse" in err and "octft.test_reuse=true" in err
     assert "test/balanced_accuracy" not in client.get_run(third_run).data.metrics  # refused before scoring
 
     assert main(["promote", str(spec_path), "--trial", "2", "--allow-test-reuse"]) == 0
@@ -259,3 +261,56 @@ def test_a_perfect_classifier_gets_every_f1_interval_at_one_whatever_a_resample_
     # Stratified: every resample holds every class, so every interval rests on all 500 resamples.
     assert not [key for key in scores if key.endswith("_resamples") and key != "test/bootstrap_resamples"]
     assert scores["test/bootstrap_resamples"] == 500
+
+
+def test_one_test_ledger_for_every_study_of_a_data_release(sweep, tmp_path, capsys):
+    """Two studies with other names, experiments and registered models on the same data: the second one's promotion
+    is refused, naming the first's evaluation; with --allow-test-reuse it goes through, and exactly one version
+    carries octft.test_reuse=true, listing the earlier evaluation in its description."""
+    _, trained, _, source_uri = sweep
+    tracking_uri, storage = f"sqlite:///{tmp_path / 'mlflow.db'}", f"sqlite:///{tmp_path / 'optuna.db'}"
+    specs, runs = {}, {}
+    for name in ("first", "second"):
+        run = MlflowTracker(tracking_uri, f"exp-{name}", "trial-0")
+        run.log_artifact(trained.run_dir / "checkpoint", "checkpoint")
+        run.set_tags({key: value for key, value in MlflowStore(source_uri).run(trained.run_id).tags.items()
+                      if key.startswith("octft.") and key != "octft.test_split_id"})
+        run.finish("FINISHED")
+        study = optuna.create_study(study_name=name, storage=storage, direction="maximize")
+        _add_trial(study, TrialState.COMPLETE, 0.6, run_id=run.run_id, run_dir=trained.run_dir)
+        specs[name] = tmp_path / f"{name}.yaml"
+        specs[name].write_text(yaml.safe_dump({
+            "base": str(sweep[0].parent / "base.yaml"), "study_name": name, "storage": storage,
+            "mlflow": {"tracking_uri": tracking_uri, "experiment": f"exp-{name}"},
+            "space": {"optim.lr_head": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True}},
+            "promote": {"model_name": f"model-{name}", "min_class_f1": 0.05}}))
+        runs[name] = run.run_id
+    first_run = runs["first"]
+
+    assert main(["promote", str(specs["first"])]) == 0
+    capsys.readouterr()
+    assert main(["promote", str(specs["second"])]) == 2
+    error = capsys.readouterr().err
+    assert f"was already scored for study 'first' trial 0 (run {first_run}) on " in error, error
+    assert main(["promote", str(specs["second"]), "--allow-test-reuse"]) == 0
+    assert "the test ledger holds other scorings of this test split: study 'first' trial 0" in capsys.readouterr().out
+
+    client = MlflowStore(tracking_uri).client
+    versions = [client.get_model_version(f"model-{name}", "1") for name in ("first", "second")]
+    assert [version.tags["octft.test_reuse"] for version in versions] == ["false", "true"]
+    assert f"study 'first' trial 0 (run {first_run})" in versions[1].description
+
+
+def test_a_champion_that_never_beat_its_frozen_head_or_was_validated_in_bf16_says_so():
+    study = optuna.create_study(direction="maximize")
+    number = _add_trial(study, TrialState.COMPLETE, 0.6, run_id="0" * 32)
+    trial = study.trials[number]
+    record = TrialRecord.from_dict(trial.user_attrs[TRIAL_ATTR])
+    assert caveats(trial, {"octft.precision": "fp32"}) == []  # best epoch 1, encoder trained from epoch 0
+    record.unfreeze_epoch = 3
+    late = optuna.trial.create_trial(params=trial.params, distributions=trial.distributions, value=0.6,
+                                     user_attrs={TRIAL_ATTR: record.to_dict()})
+    notes = caveats(late, {"octft.precision": "bf16", "octft.runtime": "xla"})
+    assert "the encoder's fine-tune did not improve on the frozen head" in notes[0]
+    assert "best epoch 1 came before its encoder unfroze at epoch 3" in notes[0]
+    assert notes[1].startswith("validation ran in bf16 (xla), the test in float32 on the CPU")

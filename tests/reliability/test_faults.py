@@ -14,8 +14,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from optuna.trial import TrialState
 
 from octft.data.audit import audit_dataset
+from octft.sweep.records import trial_record
+from octft.sweep.storage import open_existing_study
+from octft.track.mlflow_store import MlflowStore
 
 from .conftest import DEMO, REPO, SMALL, one_error_line, run_cli
 
@@ -118,3 +122,17 @@ def test_ctrl_c_during_a_sweep_ends_the_parent_run_killed(release, tmp_path):
     assert parent.info.status == "KILLED", parent.info.status
     assert parent.data.tags["octft.end_reason"] == "interrupted (Ctrl-C)"
     assert all(run.info.status != "RUNNING" for run in runs.values())
+    # The interrupted trial failed for no fault of its params: it is queued again with them, in its place in the budget.
+    study = open_existing_study("ctrl-c", f"sqlite:///{tmp_path / 'optuna.db'}")
+    interrupted, retried = study.trials[0], study.trials[-1]
+    assert interrupted.state == TrialState.FAIL
+    assert trial_record(interrupted).fail_reason.startswith("interrupted (Ctrl-C); retried once")
+    assert retried.state == TrialState.WAITING and retried.params == interrupted.params
+    assert trial_record(retried).retry_of == 0
+
+    # A relaunch reopens the parent run: the reason it ended no longer holds, so its state and tags agree again.
+    store = MlflowStore(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    store.reopen_run(parent.info.run_id)
+    store.end_run(parent.info.run_id, "FINISHED")
+    status, tags = store.run(parent.info.run_id).status, store.run(parent.info.run_id).tags
+    assert status == "FINISHED" and "octft.end_reason" not in tags

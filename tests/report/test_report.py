@@ -117,6 +117,9 @@ def test_every_figure_renders_in_headless_chromium_without_console_errors(tmp_pa
     assert "pruned: collapse" in page and "pruned: median" in page and "TrainingError: loss is nan" in page
     assert 'class="note"' not in page, "with 4 complete trials every figure can be drawn"
     assert "trial 1, the best complete trial that did not collapse" in page
+    # Importances by optuna-dashboard's evaluator, named, with the warning four complete trials deserve.
+    assert "PED-ANOVA importances (Optuna's default evaluator, as optuna-dashboard) from 4 complete trials" in page
+    assert "warning: fewer than 20 complete trials" in page
     # The confusion matrix counts come from the run's val_predictions.csv.
     counts = np.bincount(targets * 4 + predictions, minlength=16).reshape(4, 4)
     assert '"text":' + json.dumps(counts.astype(str).tolist()).replace(" ", "") in page.replace(" ", "")

@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import optuna
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -19,11 +20,13 @@ from optuna.trial import TrialState
 
 from octft.config import load_experiment
 from octft.data.layout import CLASS_SHORT_NAMES
-from octft.registry.promote import promote, unpromotable_reason
+from octft.registry.promote import promote
+from octft.sweep.records import unpromotable_reason
 from octft.errors import OctftError
 from octft.sweep.launch import launch
-from octft.sweep.plan import resolve_plan
-from octft.sweep.records import HEAD_FROM_ATTR, TRIAL_ATTR, TrialRecord, trial_record
+from octft.sweep.plan import best_probe_run, resolve_plan
+from octft.sweep.pruners import collapsed_at_best
+from octft.sweep.records import HEAD_FROM_ATTR, TRIAL_ATTR, EpochRecord, TrialOutcome, TrialRecord, trial_record
 from octft.sweep.spec import load_sweep
 from octft.track import NullTracker
 from octft.track.mlflow_store import MlflowStore
@@ -177,6 +180,7 @@ def test_more_probe_processes_share_one_study_and_one_store(probe, tmp_path):
     assert {trial_record(t).worker for t in study.trials} <= {0, 1}
 
     # The second process on its own, deterministically: it takes the study's next trials up to the budget.
+    entries = {p.name for p in (out / "features").iterdir() if not p.name.startswith(".")}
     plan = result.plan_path.read_text().replace('"n_trials": 3', '"n_trials": 5')
     (tmp_path / "larger.json").write_text(plan)
     env = dict(os.environ, OCTFT_OPTUNA_STORAGE=storage, PYTHONPATH=str(REPO))
@@ -190,5 +194,68 @@ def test_more_probe_processes_share_one_study_and_one_store(probe, tmp_path):
     for record in added:
         assert MlflowStore(tracking).run(record.mlflow_run_id).tags["mlflow.parentRunId"] == result.parent_run_id
         assert record.runner_pid != os.getpid()
-    # Both processes read the fixture's store: no second entry was built.
-    assert len([p for p in (out / "features").iterdir() if not p.name.startswith(".")]) == 1
+    # Both processes read the fixture's store: no entry was built.
+    assert {p.name for p in (out / "features").iterdir() if not p.name.startswith(".")} == entries
+
+
+@pytest.mark.parametrize("change, named", [
+    ("other data", "data release and split (the data manifest hash)"),
+    ("other encoder", "encoder checkpoint: octft.encoder is scratch:seed=0 there and scratch:seed=1 here"),
+])
+def test_a_head_from_other_data_or_another_encoder_is_refused(probe, tmp_path, capsys, change, named):
+    """LP-FT checks what produced the head (data manifest, split, encoder, class order, preprocessing) before it
+    trains: a head trained on another split may have seen this run's validation or test participants."""
+    from octft.cli import main
+    from octft.data.synth import synthesize
+
+    _, _, tracking, overrides, study, _, _ = probe
+    trained = next(trial for trial in study.trials if trial_record(trial).overrides)  # not a test's hand-made trial
+    head = f"runs:/{trial_record(trained).mlflow_run_id}"
+    args = [*trial_record(trained).overrides, f"init.head_from={head}", "train.epochs=2",
+            "train.unfreeze_epoch=1", f"output_dir={tmp_path}"]
+    if change == "other data":
+        synthesize(tmp_path / "other", participants=48, seed=1, frames=4, height=32, width=32)
+        args += [f"data.uri={tmp_path / 'other'}", f"data.cache_dir={tmp_path / 'cache'}"]
+    else:
+        args += ["train.seed=1"]  # a from-scratch encoder is named by its seed, a checkpoint by its content hash
+    capsys.readouterr()
+    assert main(["train", str(REPO / "experiments" / "demo.yaml"), *args, "--tracking-uri", tracking]) == 2
+    error = capsys.readouterr().err
+    assert f"init.head_from='{head}' was trained with another {named}" in error, error
+    assert not (tmp_path / "demo" / "checkpoint" / "best.pt").exists()
+
+
+def test_a_collapsed_probe_trial_never_gives_its_head(probe, tmp_path):
+    """The probe study's best value belongs to a trial that collapsed at its best epoch: LP-FT takes the best
+    healthy trial instead."""
+    spec_path, storage, _, _, _, _, _ = probe
+    copy = tmp_path / "optuna.db"
+    optuna.copy_study(from_study_name="demo-probe", from_storage=storage, to_storage=f"sqlite:///{copy}")
+    study = optuna.load_study(study_name="demo-probe", storage=f"sqlite:///{copy}")
+    probe_spec = load_sweep(spec_path)
+    healthy = max((t for t in study.trials if t.state == TrialState.COMPLETE and collapsed_at_best(t, probe_spec) is None),
+                  key=lambda t: t.value)
+    collapsed = TrialOutcome(status="completed", best_value=2.0, best_epoch=0)
+    study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=2.0, intermediate_values={0: 2.0},
+                                              user_attrs={
+        TRIAL_ATTR: TrialRecord(status="completed", mlflow_run_id="0" * 32, outcome=collapsed).to_dict(),
+        EpochRecord.attr(0): {"pred_frac": [0.97, 0.01, 0.01, 0.01], "balanced_accuracy": 0.26}}))
+    assert study.best_trial.value == 2.0
+    assert best_probe_run(str(spec_path), f"sqlite:///{copy}") == f"runs:/{trial_record(healthy).mlflow_run_id}"
+
+
+def test_probe_heads_are_picked_on_an_inner_split_of_the_training_participants(probe, data_dir):
+    """Validation used once: a probe trial validates on held-out training participants (every class), never on the
+    validation split, which the LP-FT study's selection then reads alone."""
+    _, _, tracking, _, study, _, _ = probe
+    from octft.data.audit import audit_dataset
+
+    volumes = audit_dataset(str(data_dir / "data")).volumes
+    train = set(volumes[volumes.split == "train"].participant_id.astype(str))
+    trial = next(trial for trial in study.trials if trial_record(trial).overrides and trial.state == TrialState.COMPLETE)
+    record = trial_record(trial)
+    validated = pd.read_csv(Path(record.run_dir) / "best" / "val_predictions.csv", dtype={"participant_id": str})
+    assert set(validated.participant_id) <= train and validated.true_class.nunique() == len(CLASS_SHORT_NAMES)
+    tags = MlflowStore(tracking).run(record.mlflow_run_id).tags
+    assert tags["octft.validation"].startswith("inner split of train: 0.2 of each class, seed 0")
+    assert tags["octft.validation"].endswith("the val split was not read")

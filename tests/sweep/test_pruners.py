@@ -330,6 +330,36 @@ def test_hyperband_and_successive_halving_prune_with_their_own_reason():
         assert pruned and set(pruned) == {kind}, (kind, pruned)
 
 
+@pytest.mark.parametrize("kind", [SuccessiveHalvingPruner, HyperbandPruner])
+def test_rungs_count_epochs_with_a_trainable_encoder(kind):
+    """Rung r compares trials after the same number of encoder-trained epochs: a trial that unfreezes at epoch 2 is
+    at rung 0 after its epoch 3 (against the others' epoch 1), not at rung 1 against trials trained 4 epochs."""
+    wrapped = (SuccessiveHalvingPruner(min_resource=1, reduction_factor=2) if kind is SuccessiveHalvingPruner
+               else HyperbandPruner(min_resource=1, max_resource=4, reduction_factor=2))
+    # Named: Hyperband puts a trial in a bracket by a hash of the study's name and the trial's number.
+    study = optuna.create_study(study_name="rungs", direction="maximize",
+                                pruner=CollapsePruner(enabled=False, wrapped=wrapped))
+
+    def run(unfreeze_epoch: int, values: list[float]) -> list[bool]:
+        trial = study.ask()
+        trial.suggest_int("train.unfreeze_epoch", unfreeze_epoch, unfreeze_epoch)
+        answers = []
+        for epoch, value in enumerate(values):
+            record_epoch(trial, epoch, value, *HEALTHY)
+            answers.append(trial.should_prune())
+        study.tell(trial, max(values))
+        return answers
+
+    for _ in range(8):
+        run(0, [0.3, 0.3, 0.6, 0.6])  # 0.3 after one encoder epoch, 0.6 after three
+    # 0.4 after one and two encoder epochs: better than the others at the same point of their training.
+    assert run(2, [0.1, 0.1, 0.4, 0.4]) == [False] * 4
+    # The same numbers from a trial that trained its encoder from epoch 0 are behind at its rungs. (Hyperband's
+    # next trial lands in a bracket that does not prune this early: the control is successive halving's.)
+    control = run(0, [0.1, 0.1, 0.4, 0.4])
+    assert any(control) or kind is HyperbandPruner, control
+
+
 def test_pruner_arguments_belong_to_their_type():
     for wrapped, says in (({"type": "median", "reduction_factor": 2}, "reduction_factor applies to type: hyperband"),
                           ({"type": "hyperband", "n_startup_trials": 2}, "n_startup_trials applies to type: median"),

@@ -119,7 +119,7 @@ def test_a_dead_workers_trial_fails_and_its_one_retry_starts_clean(tmp_path):
     assert not [key for key in retry.user_attrs if key.startswith("octft.epoch.")]
 
 
-def test_ctrl_c_fails_the_running_trial_with_its_reason_and_ends_its_run(tmp_path):
+def test_ctrl_c_fails_the_running_trial_with_its_reason_ends_its_run_and_retries_it(tmp_path):
     plan, storage, tracking_uri = launched(tmp_path, n_trials=3)
 
     def interrupted(number):
@@ -127,10 +127,17 @@ def test_ctrl_c_fails_the_running_trial_with_its_reason_and_ends_its_run(tmp_pat
 
     with pytest.raises(KeyboardInterrupt):
         run_worker(plan, 0, ScriptedRunner(interrupted))
-    (trial,) = load(storage, "worker").trials
-    (record,) = records(storage, "worker")
-    assert trial.state == TrialState.FAIL and record.fail_reason == "interrupted (Ctrl-C)"
+    trial, retried = load(storage, "worker").trials
+    record, retry_record = records(storage, "worker")
+    assert trial.state == TrialState.FAIL and record.fail_reason == "interrupted (Ctrl-C); retried once"
     assert run_status(tracking_uri, record.mlflow_run_id)[0] == "FAILED"
+    # Interrupted is no fault of its params: they are queued again, in its place in the budget.
+    assert retried.state == TrialState.WAITING and retried.params == trial.params and retry_record.retry_of == 0
+
+    # A retry interrupted in its turn is not queued a third time, and says so.
+    with pytest.raises(KeyboardInterrupt):
+        run_worker(plan, 0, ScriptedRunner(interrupted))
+    assert records(storage, "worker")[1].fail_reason == "interrupted (Ctrl-C); not retried: it was a retry"
 
 
 def test_a_queued_trial_keeps_where_it_came_from(tmp_path):

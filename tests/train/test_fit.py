@@ -345,3 +345,26 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(small_data, tmp_path):
 
     run_id = json.loads((resumed_dir / "run.json").read_text())["mlflow_run_id"]
     assert MlflowClient(f"sqlite:///{tmp_path / 'resumed.db'}").get_run(run_id).info.status == "FINISHED"
+
+
+def test_the_encoder_warms_up_from_its_unfreeze_epoch(small_data, tmp_path):
+    """A trial that unfreezes at epoch 2 gets the encoder's whole warm-up from there (no rate before it); the head's
+    schedule runs from the start. The rates logged are each epoch's last step's."""
+    data_dir, cache_dir = small_data
+    cfg = demo_config(data_dir, cache_dir, SMALL, "train.epochs=5", "train.unfreeze_epoch=2", "optim.warmup_epochs=2",
+                      "train.early_stopping_patience=null", "optim.lr_head=1e-3", "optim.lr_encoder=1e-4")
+    train_set, val_set = datasets(data_dir, cache_dir, **SMALL)
+    rates = []
+
+    class Rates:
+        def report(self, epoch, value, metrics):
+            rates.append((metrics["lr/head"], metrics["lr/encoder"]))
+
+    run_fit(cfg, train_set, val_set, tmp_path / "run", reporter=Rates())
+    head, encoder = (list(column) for column in zip(*rates))
+    assert encoder[:2] == [0.0, 0.0]
+    # Two warm-up epochs of k steps end at factor 1 (epoch 1 for the head, epoch 3 for the encoder); at the end
+    # of its first epoch each is half-way (k/2k).
+    assert head[0] == pytest.approx(0.5e-3) and head[1] == pytest.approx(1e-3)
+    assert encoder[2] == pytest.approx(0.5e-4) and encoder[3] == pytest.approx(1e-4)
+    assert encoder[4] < 1e-4 and head[4] < head[3] < head[2] < 1e-3  # then both decay
