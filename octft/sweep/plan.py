@@ -31,7 +31,7 @@ from pydantic import ConfigDict, Field, PrivateAttr, ValidationError
 
 from octft.config import ConfigError, ExperimentConfig, _Strict, load_experiment, parse_override
 from octft.io import write_text_atomic
-from octft.redaction import redact_url
+from octft.redaction import redact_text, redact_url
 from octft.stores import STORAGE_ENV, TRACKING_ENV, check_not_shared, remember_password, resolve_tracking_uri, with_password
 from octft.sweep.pruners import collapsed_at_best
 from octft.sweep.records import HEAD_FROM_ATTR, trial_record
@@ -268,7 +268,8 @@ def resolve_plan(
         study_dir=str((Path(base.output_dir) / "sweeps" / spec.study_name).resolve()),
         # Only what the file and overrides set: defaults of another sampler type would not validate again.
         sweep=_hide_passwords(spec.model_dump(mode="json", exclude_unset=True, exclude={"storage"})),
-        base=spec.base, experiment_overrides=experiment_overrides,
+        # A URL password on the command line too: a sweep's trials take their MLflow store from the plan.
+        base=spec.base, experiment_overrides=[redact_text(override) for override in experiment_overrides],
         storage=remember_password(spec.storage), tracking_uri=remember_password(tracking_uri), head_from=head_from,
         probe=probe,
         launch=LaunchSettings(

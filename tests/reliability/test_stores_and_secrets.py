@@ -212,7 +212,8 @@ def test_a_launch_plan_keeps_no_password_and_its_workers_get_it_from_memory(tmp_
     sweep = yaml.safe_load(spec.read_text())
     sweep["mlflow"]["tracking_uri"] = url
     spec.write_text(yaml.safe_dump(sweep))
-    plan, _ = resolve_plan(spec, overrides=[f"output_dir={tmp_path / 'runs'}"])
+    # ... and one on the command line, as a base-experiment override.
+    plan, _ = resolve_plan(spec, overrides=[f"output_dir={tmp_path / 'runs'}", f"tracking.tracking_uri={url}"])
     path = plan.write()
     assert leaks(path.read_text()) == [] and f"{USER}:***@mlflow.example" in path.read_text()
     assert plan.tracking_url() == url  # the launch remembered it, in memory
