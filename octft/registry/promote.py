@@ -247,13 +247,6 @@ def score_test_split(split: TestSplit, *, n_resamples: int = 1000, seed: int = 0
     return scores
 
 
-def evaluate_test_split(checkpoint_dir: str | Path, *, expected_manifest_hash: str | None = None,
-                        n_resamples: int = 1000, seed: int = 0, progress: bool = False) -> dict[str, float]:
-    """Score a run's `checkpoint/` folder on the test split of the data its config names (no ledger: the caller's)."""
-    split = open_test_split(checkpoint_dir, expected_manifest_hash=expected_manifest_hash, progress=progress)
-    return score_test_split(split, n_resamples=n_resamples, seed=seed)
-
-
 # ---------------------------------------------------------------------------------------------
 # MLflow
 

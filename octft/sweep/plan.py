@@ -31,7 +31,7 @@ from pydantic import ConfigDict, Field, PrivateAttr, ValidationError
 
 from octft.config import ConfigError, ExperimentConfig, _Strict, load_experiment, parse_override
 from octft.io import write_text_atomic
-from octft.redaction import redact_text, redact_url
+from octft.redaction import redact
 from octft.stores import STORAGE_ENV, TRACKING_ENV, check_not_shared, remember_password, resolve_tracking_uri, with_password
 from octft.sweep.pruners import collapsed_at_best
 from octft.sweep.records import HEAD_FROM_ATTR, trial_record
@@ -267,9 +267,9 @@ def resolve_plan(
         study_name=spec.study_name,
         study_dir=str((Path(base.output_dir) / "sweeps" / spec.study_name).resolve()),
         # Only what the file and overrides set: defaults of another sampler type would not validate again.
-        sweep=_hide_passwords(spec.model_dump(mode="json", exclude_unset=True, exclude={"storage"})),
+        sweep=redact(spec.model_dump(mode="json", exclude_unset=True, exclude={"storage"})),  # a plan is a file
         # A URL password on the command line too: a sweep's trials take their MLflow store from the plan.
-        base=spec.base, experiment_overrides=[redact_text(override) for override in experiment_overrides],
+        base=spec.base, experiment_overrides=redact(experiment_overrides),
         storage=remember_password(spec.storage), tracking_uri=remember_password(tracking_uri), head_from=head_from,
         probe=probe,
         launch=LaunchSettings(
@@ -280,18 +280,6 @@ def resolve_plan(
         ),
     )
     return plan, spec
-
-
-def _hide_passwords(value: Any) -> Any:
-    """`value` with the password of every URL in it hidden (its mlflow.tracking_uri, a URL in `fixed`): a plan is a
-    file, and a process that needs a password finds it where the user put it (`octft.stores.with_password`)."""
-    if isinstance(value, str):
-        return redact_url(value)
-    if isinstance(value, dict):
-        return {key: _hide_passwords(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_hide_passwords(item) for item in value]
-    return value
 
 
 def check_trial_layouts(spec: SweepSpec, base: ExperimentConfig, devices_per_trial: int) -> None:

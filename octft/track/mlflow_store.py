@@ -275,6 +275,12 @@ class RunView:
     tags: dict[str, str]
     metrics: dict[str, float]
 
+    @classmethod
+    def of(cls, run) -> "RunView":
+        """The view of an MLflow `Run`."""
+        return cls(run.info.run_id, run.info.status, run.info.experiment_id, dict(run.data.params),
+                   dict(run.data.tags), dict(run.data.metrics))
+
 
 @dataclass(frozen=True)
 class ModelVersion:
@@ -320,8 +326,7 @@ class MlflowStore:
         except MlflowException as error:
             raise MissingInputError(f"MLflow run {run_id} is not in the store {self.shown} ({_first_line(error)}); "
                                     "pass the store it was logged to") from None
-        return RunView(run.info.run_id, run.info.status, run.info.experiment_id, dict(run.data.params),
-                       dict(run.data.tags), dict(run.data.metrics))
+        return RunView.of(run)
 
     def end_run(self, run_id: str, status: RunStatus, reason: str | None = None) -> None:
         """End run `run_id` as `status` (again, if it ended otherwise); `reason` goes to tag `octft.end_reason`."""
@@ -391,8 +396,7 @@ class MlflowStore:
     def child_runs(self, parent_run_id: str) -> list[RunView]:
         parent = self.run(parent_run_id)
         found = self.client.search_runs([parent.experiment_id], f"tags.{PARENT_RUN_TAG} = '{parent_run_id}'")
-        return [RunView(run.info.run_id, run.info.status, run.info.experiment_id, dict(run.data.params),
-                        dict(run.data.tags), dict(run.data.metrics)) for run in found]
+        return [RunView.of(run) for run in found]
 
     # -- the registry
 
@@ -470,8 +474,7 @@ class MlflowStore:
         query = " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
         runs = self.client.search_runs([found.experiment_id], filter_string=query, order_by=["attributes.start_time ASC"],
                                        max_results=10_000)
-        return [RunView(run.info.run_id, run.info.status, run.info.experiment_id, dict(run.data.params),
-                        dict(run.data.tags), dict(run.data.metrics)) for run in runs]
+        return [RunView.of(run) for run in runs]
 
     def describe_version(self, name: str, version: str, description: str) -> None:
         self.client.update_model_version(name, version, description=description)
