@@ -35,6 +35,8 @@ class ConfigError(OctftError, ValueError):
 MAX_YAML_BYTES = 1 << 20
 # NumPy's and torch's generators take seeds in [0, 2**32); a seed outside fails only once training starts.
 SEED_LIMIT = 2**32
+
+
 class _AliasFound(Exception):
     def __init__(self, event) -> None:
         sign = "*" if isinstance(event, yaml.AliasEvent) else "&"
@@ -202,7 +204,7 @@ class DataConfig(_Strict):
     # Validate on an inner split of the training participants (this fraction of each class, seeded by data.split.seed)
     # instead of the validation split, which the run then never reads: a probe study that picks LP-FT's head this
     # way leaves the validation split to the LP-FT study's selection alone (README, "Validation used once").
-    inner_val_fraction: float | None = Field(None, gt=0, lt=1)
+    inner_val_fraction: Float | None = Field(None, gt=0, lt=1)
     download: DownloadConfig = DownloadConfig()
     allow_failed_guards: list[str] = []  # guard names a user overrides on purpose
 
