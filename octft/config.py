@@ -5,9 +5,10 @@ equal the config keys. Unknown or misspelled keys are errors that name the key a
 Every YAML a user hands octft (experiments, sweeps, the report's definition, override values) is parsed by
 `read_yaml` / `parse_yaml`, which refuse anchors and aliases before anything is expanded.
 
-    >>> cfg = load_experiment_dict({"data": {"uri": "/data/aireadi"}}, overrides=["train.epochs=5"])
-    >>> cfg.train.epochs, cfg.data.labels_uri
-    (5, '/data/aireadi/participants.tsv')
+    >>> cfg = load_experiment_dict({"data": {"uri": "/data/aireadi"}, "model": {"checkpoint": "scratch"}},
+    ...                            overrides=["train.epochs=5"])
+    >>> cfg.train.epochs, cfg.data.labels_uri, cfg.model.pretrained
+    (5, '/data/aireadi/participants.tsv', None)
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ class ConfigError(OctftError, ValueError):
 
 # User YAML (experiments, sweeps, the report's definition) is a few KB; a larger file is not one of them.
 MAX_YAML_BYTES = 1 << 20
+# model.checkpoint's word for a randomly initialised encoder: every experiment says which it trains.
+SCRATCH = "scratch"
 # NumPy's and torch's generators take seeds in [0, 2**32); a seed outside fails only once training starts.
 SEED_LIMIT = 2**32
 
@@ -270,10 +273,24 @@ class ModelConfig(_Strict):
     head: Literal["mlp", "attentive", "linear"] = "mlp"
     head_hidden_features: Int = Field(256, ge=1)
     head_dropout: Float = Field(0.1, ge=0, lt=1)
+    # The pretrained encoder's checkpoint file, or SCRATCH. Every experiment file must name one or the other
+    # (load_experiment); None, in configs built in code or from a dict, means scratch.
     checkpoint: str | None = None
     checkpoint_key: str | None = None  # default: target_encoder, falling back to encoder
     allow_missing: list[str] = []
     allow_unexpected: list[str] = []
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _path_or_scratch(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError(f"give the pretrained checkpoint's path or the word {SCRATCH!r}, not an empty string")
+        return value
+
+    @property
+    def pretrained(self) -> str | None:
+        """The checkpoint to load into the encoder, or None for a randomly initialised one."""
+        return None if self.checkpoint in (None, SCRATCH) else self.checkpoint
 
 
 class ObjectiveConfig(_Strict):
@@ -478,11 +495,22 @@ def load_experiment_dict(tree: dict[str, Any], overrides: list[str] | None = Non
 
 
 def load_experiment(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Read an experiment YAML and apply dotted `key=value` overrides."""
+    """Read an experiment YAML and apply dotted `key=value` overrides.
+
+    The file must say what the encoder starts from: a missing or null model.checkpoint once trained a randomly
+    initialised ViT-B without a word, so both are refused.
+    """
     tree = read_yaml(path, what="experiment file") or {}
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: expected a mapping of sections (data, model, train, ...), got {type(tree).__name__}")
-    return load_experiment_dict(tree, overrides, source=str(path))
+    config = load_experiment_dict(tree, overrides, source=str(path))
+    if config.model.checkpoint is None:
+        raise ConfigError(
+            f"{path}: model.checkpoint is not set (missing or null); set it to the pretrained encoder's checkpoint "
+            f"file (model.checkpoint=/path/to/vjepa2_oct_vitb.pt) or to the word {SCRATCH} to train a randomly "
+            "initialised encoder"
+        )
+    return config
 
 
 def resolved_record(config: ExperimentConfig) -> str:

@@ -85,3 +85,22 @@ def test_null_disables_what_may_be_disabled():
         "train.unfreeze_epoch=null", "train.clip_norm=null", "train.early_stopping_patience=null"])
     assert (cfg.train.unfreeze_epoch, cfg.train.clip_norm, cfg.train.early_stopping_patience) == (None, None, None)
     assert (cfg.train.objective.metric, cfg.train.objective.direction) == ("val/balanced_accuracy", "maximize")
+
+
+@pytest.mark.parametrize("line", ["", "model:\n  size: vit_micro\n", "model:\n  checkpoint: null\n", "model:\n  checkpoint: '  '\n"],
+                         ids=["no model section", "key missing", "null", "blank"])
+def test_an_experiment_file_must_name_its_checkpoint_or_say_scratch(tmp_path, line):
+    path = tmp_path / "exp.yaml"
+    path.write_text("train:\n  epochs: 6\n" + line)
+    with pytest.raises(ConfigError, match=r"exp\.yaml.*model\.checkpoint") as error:
+        load_experiment(path)
+    assert "scratch" in str(error.value)
+
+
+def test_scratch_builds_no_checkpoint_and_a_path_is_the_one_loaded(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("model:\n  checkpoint: scratch\n")
+    assert load_experiment(path).model.pretrained is None
+    assert load_experiment(path, ["model.checkpoint=/ckpt/enc.pt"]).model.pretrained == "/ckpt/enc.pt"
+    with pytest.raises(ConfigError, match="model.checkpoint is not set"):
+        load_experiment(path, ["model.checkpoint=null"])

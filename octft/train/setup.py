@@ -48,8 +48,8 @@ def build_encoder_for(cfg: ExperimentConfig):
         rope_layout=model.rope_layout, drop_path_rate=model.drop_path_rate, norm_eps=model.norm_eps,
     )
     report = None
-    if model.checkpoint:
-        report = load_encoder_checkpoint(model.checkpoint, encoder, key=model.checkpoint_key,
+    if model.pretrained:
+        report = load_encoder_checkpoint(model.pretrained, encoder, key=model.checkpoint_key,
                                          allow_missing=model.allow_missing, allow_unexpected=model.allow_unexpected)
     return encoder, report
 
@@ -72,7 +72,7 @@ def feature_key(cfg: ExperimentConfig, encoder_identity: str, precision: str, tr
     """The store key of a run's frozen-encoder features: every input that decides their numbers."""
     model = cfg.model
     encoder = encoder_identity
-    if model.checkpoint and model.allow_missing:
+    if model.pretrained and model.allow_missing:
         encoder += f"+seed={cfg.train.seed}"  # parameters the checkpoint lacks keep their seeded init
     # The head's settings and the checkpoint's path do not change the encoder's outputs; its content does.
     encoder_config = model.model_dump(mode="json", exclude={"head", "head_hidden_features", "head_dropout", "checkpoint"})
@@ -102,7 +102,7 @@ def _checkpoint_identity(path: str | None, seed: int, size: int, mtime_ns: int) 
 
 def encoder_identity(cfg: ExperimentConfig) -> str:
     """`sha256:<hex>` of the checkpoint's content (hashed once per file version in a process), or the seed."""
-    path = cfg.model.checkpoint
+    path = cfg.model.pretrained
     stat = os.stat(path) if path else None
     return _checkpoint_identity(path, cfg.train.seed, stat.st_size if stat else 0, stat.st_mtime_ns if stat else 0)
 

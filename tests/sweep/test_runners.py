@@ -129,11 +129,11 @@ def test_a_trial_that_raises_or_segfaults_fails_alone_and_the_worker_goes_on(tmp
     missing = tmp_path / "no-such-encoder.pt"
     spec, storage, tracking_uri = write_spec(
         tmp_path, study_name="crash", n_trials=2, fixed=RUN_EVERY_EPOCH, pruner=NO_PRUNING,
-        space={"model.checkpoint": {"type": "categorical", "choices": [None, str(missing)]}, **LONG_OR_SHORT})
+        space={"model.checkpoint": {"type": "categorical", "choices": ["scratch", str(missing)]}, **LONG_OR_SHORT})
     study = optuna.create_study(study_name="crash", storage=storage, direction="maximize")
     # Trial 0 raises: the checkpoint does not exist. Trial 1 is killed with SIGSEGV while it runs its long epochs.
     study.enqueue_trial({"model.checkpoint": str(missing), "train.epochs": 2})
-    study.enqueue_trial({"model.checkpoint": None, "train.epochs": LONG_EPOCHS})
+    study.enqueue_trial({"model.checkpoint": "scratch", "train.epochs": LONG_EPOCHS})
     launching = Launching(spec, overrides=experiment_overrides(data_dir, tmp_path), heartbeat_interval=1)
     record = wait_for(lambda: running_record(storage, "crash", 1), 240, "trial 1 to start")
     wait_for(lambda: load(storage, "crash").trials[1].intermediate_values, 240, "trial 1's first epoch")

@@ -35,7 +35,7 @@ def _no_storage_env(monkeypatch):
 
 def write_sweep(tmp_path, **changes):
     base = tmp_path / "tiny.yaml"
-    base.write_text(yaml.safe_dump({"name": "tiny", "train": {"epochs": 4, "batch_size": 2, "unfreeze_epoch": 1}}))
+    base.write_text(yaml.safe_dump({"name": "tiny", "model": {"checkpoint": "scratch"}, "train": {"epochs": 4, "batch_size": 2, "unfreeze_epoch": 1}}))
     tree = {"base": str(base), "study_name": "tiny", "fixed": {"train.epochs": 3}, "space": SPACE}
     tree.update(changes)
     path = tmp_path / "sweep.yaml"
