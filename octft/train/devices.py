@@ -214,7 +214,7 @@ def trial_device_env(worker_index: int, devices_per_trial: int, environ: dict[st
     environ = os.environ if environ is None else environ
     first = worker_index * devices_per_trial
     devices = ",".join(str(index) for index in range(first, first + devices_per_trial))
-    pjrt = environ.get("PJRT_DEVICE", "").upper()
+    pjrt = platform(environ)  # a TPU host without PJRT_DEVICE set is still a TPU host
     if pjrt == "CPU":
         return {"CPU_NUM_DEVICES": str(devices_per_trial)}
     if pjrt == "TPU":
