@@ -43,6 +43,10 @@ SETTINGS = {
     "median": ["pruner.collapse.enabled=false"],
     "none": ["pruner.collapse.enabled=false", "pruner.wrapped.type=none"],
 }
+# --collapse-prone: the original pipeline lost most participants of some classes to its ID regex and trained an
+# unweighted loss, so its head learnt to predict the class that dominated training.
+COLLAPSE_PRONE_SHARE = 0.7
+COLLAPSE_PRONE_OVERRIDES = ["fixed.loss.class_weights=none"]
 SHOWN_PARAMS = {"optim.lr_head": "lr_head", "optim.lr_encoder": "lr_enc", "train.unfreeze_epoch": "unfreeze"}
 
 
@@ -52,6 +56,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=None,
                         help="epochs per trial, fixed.train.epochs (default: the demo sweep's)")
     parser.add_argument("--participants", type=int, default=64, help="synthetic participants (default 64)")
+    parser.add_argument("--collapse-prone", action="store_true",
+                        help=f"data and loss that collapse the way the original pipeline did: the training split "
+                             f"{COLLAPSE_PRONE_SHARE * 100:.0f}%% one class and loss.class_weights=none")
     parser.add_argument("--seed", type=int, default=0, help="seed of the RandomSampler that draws the params (default 0)")
     parser.add_argument("--runtime", choices=["cpu", "xla"], default="cpu",
                         help="runtime.kind of every trial: cpu (eager, default) or xla (XLA:CPU, PJRT_DEVICE=CPU)")
@@ -64,7 +71,7 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def prepare(root: Path, participants: int) -> tuple[Path, Path]:
+def prepare(root: Path, participants: int, train_majority_share: float | None) -> tuple[Path, Path]:
     """Synthetic data in the demo's shape and its cache, built once so that no setting pays for it."""
     from octft.config import load_experiment
     from octft.data.audit import audit_dataset
@@ -73,7 +80,8 @@ def prepare(root: Path, participants: int) -> tuple[Path, Path]:
 
     pre = load_experiment(root / "experiments" / "demo.yaml").data.preprocess
     data_dir, cache_dir = root / "data", root / "cache"
-    synthesize(data_dir, participants=participants, seed=0, frames=pre.frames, height=pre.height, width=pre.width)
+    synthesize(data_dir, participants=participants, seed=0, frames=pre.frames, height=pre.height, width=pre.width,
+               train_majority_share=train_majority_share)
     report = audit_dataset(str(data_dir))
     prepare_volumes(str(data_dir), report.volumes, cache_dir=str(cache_dir), frames=pre.frames, height=pre.height,
                     width=pre.width, intensity=pre.intensity, progress=False)
@@ -118,6 +126,7 @@ class SettingResult:
     prune_reasons: Counter  # "collapse@3" -> count
     outcomes: dict[int, str]  # trial number -> short outcome
     load: tuple[float, float]  # 1-minute load average before and after
+    trials: list  # the study's FrozenTrials
 
 
 def run_setting(name: str, root: Path, spec_path: Path, params: list[dict[str, Any]], args: argparse.Namespace,
@@ -139,7 +148,7 @@ def run_setting(name: str, root: Path, spec_path: Path, params: list[dict[str, A
         study.enqueue_trial(trial_params)
     overrides = [
         f"study_name={study_name}", f"mlflow.tracking_uri=sqlite:///{directory / 'mlflow.db'}",
-        f"fixed.train.epochs={args.epochs}", *SETTINGS[name],
+        f"fixed.train.epochs={args.epochs}", *SETTINGS[name], *(COLLAPSE_PRONE_OVERRIDES if args.collapse_prone else []),
         f"data.uri={data_dir}", f"data.cache_dir={cache_dir}", f"runtime.kind={args.runtime}",
         f"output_dir={directory / 'runs'}",
     ]
@@ -176,7 +185,7 @@ def run_setting(name: str, root: Path, spec_path: Path, params: list[dict[str, A
         epochs=sum(record.outcome.epochs_run or 0 for record in map(trial_record, trials) if record.outcome),
         best_value=None if best is None else best.value, best_trial=None if best is None else best.number,
         best_after_s=best_after, prune_reasons=prune_reasons, outcomes=outcomes,
-        load=(load_before, os.getloadavg()[0]),
+        load=(load_before, os.getloadavg()[0]), trials=trials,
     )
 
 
@@ -184,7 +193,9 @@ def print_report(results: list[SettingResult], params: list[dict[str, Any]], arg
                  pruner: dict[str, Any]) -> None:
     print(f"\nmachine: {platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"python {platform.python_version()}; load average now {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print(f"demo sweep, {len(params)} trials x {args.epochs} epochs, {args.participants} participants, "
+    data = (f"collapse-prone data (training split {COLLAPSE_PRONE_SHARE:.0%} one class, {' '.join(COLLAPSE_PRONE_OVERRIDES)})"
+            if args.collapse_prone else "the demo's data")
+    print(f"demo sweep on {data}, {len(params)} trials x {args.epochs} epochs, {args.participants} participants, "
           f"runtime.kind={args.runtime}, 1 worker; params from RandomSampler(seed={args.seed}), the same in every setting")
     print("demo pruner: " + "; ".join(f"{section} " + ", ".join(f"{k}={v}" for k, v in values.items())
                                       for section, values in pruner.items()))
@@ -211,6 +222,45 @@ def print_report(results: list[SettingResult], params: list[dict[str, Any]], arg
     for number, trial_params in enumerate(params):
         cells = "".join(f"{_short(trial_params[key]):>10}" for key in SHOWN_PARAMS)
         print(f"{number:<6}{cells}" + "".join(f"  {r.outcomes.get(number, '-'):<18}" for r in results))
+    unpruned = next((r for r in results if r.name == "none"), None)
+    if unpruned is not None:
+        replay_collapse_rules(unpruned.trials, pruner["collapse"])
+
+
+def replay_collapse_rules(trials: list, collapse: dict[str, Any]) -> None:
+    """The collapse rule alone, at other grace and patience settings, replayed on the no-pruning trials: training is
+    seeded, so a trial's epochs are the same until it is pruned, and the replay is exact for the collapse rule (it
+    leaves out the wrapped pruner). Prints epochs spent and the best value any trial still reaches."""
+    from octft.sweep.pruners import unfreeze_epoch_of
+    from octft.sweep.records import EpochRecord, trial_record
+    from octft.train.metrics import is_collapsed
+
+    full = sum(trial_record(trial).outcome.epochs_run for trial in trials)
+    print(f"\ncollapse rule replayed on the no-pruning trials (max_class_share={collapse['max_class_share']}, "
+          f"chance_margin={collapse['chance_margin']}; the demo: grace {collapse['grace_epochs']}, patience "
+          f"{collapse['patience']}): epochs spent / best value reached")
+    print(f"{'grace':<7}" + "".join(f"{f'patience {patience}':>18}" for patience in (1, 2, 3)))
+    for grace in range(4):
+        cells = []
+        for patience in (1, 2, 3):
+            spent, best = 0, float("-inf")
+            for trial in trials:
+                first, streak = unfreeze_epoch_of(trial) + grace, 0
+                stop = trial_record(trial).outcome.epochs_run
+                for epoch in sorted(trial.intermediate_values):
+                    record = EpochRecord.of(trial, epoch)
+                    if epoch < first or record is None:
+                        continue
+                    collapsed, _ = is_collapsed(record.pred_frac, record.balanced_accuracy, len(record.pred_frac),
+                                                collapse["max_class_share"], collapse["chance_margin"])
+                    streak = streak + 1 if collapsed else 0
+                    if streak >= patience:
+                        stop = epoch + 1
+                        break
+                spent += stop
+                best = max(best, *(value for epoch, value in trial.intermediate_values.items() if epoch < stop))
+            cells.append(f"{spent} ({spent / full:.0%}) {best:.3f}")
+        print(f"{grace:<7}" + "".join(f"{cell:>18}" for cell in cells))
 
 
 def _short(value: Any) -> str:
@@ -235,7 +285,7 @@ def main() -> None:
 
         demo = load_sweep(spec_path)
         args.epochs = args.epochs or int(demo.fixed["train.epochs"])
-        data_dir, cache_dir = prepare(root, args.participants)
+        data_dir, cache_dir = prepare(root, args.participants, COLLAPSE_PRONE_SHARE if args.collapse_prone else None)
         print(f"data and cache: {time.perf_counter() - started:.1f} s ({args.participants} participants)", flush=True)
         params = draw_params(spec_path, args.trials, args.seed)
         results = [run_setting(name, root, spec_path, params, args, data_dir, cache_dir) for name in args.settings]

@@ -10,6 +10,8 @@ from typing import Sequence
 
 EXIT_GUARD_FAILED = 1
 EXIT_USAGE = 2
+VERBOSE_HELP = ("also each trial's start and, when it ends, its epochs; library logs (Optuna, MLflow) and warnings on "
+                "the console too (they are always in the log file)")
 
 
 def _print_json(payload, path: str | None) -> None:
@@ -147,12 +149,12 @@ def cmd_train(args) -> int:
 
 
 def cmd_checkpoint_inspect(args) -> int:
-    from octft.config import load_experiment
+    from octft.config import SCRATCH, load_experiment
     from octft.models.checkpoint import inspect_checkpoint
     from octft.train.setup import build_model
 
     cfg = load_experiment(args.config, args.overrides)
-    cfg.model.checkpoint = None  # build the bare encoder; inspect compares without loading
+    cfg.model.checkpoint = SCRATCH  # build the bare encoder; inspect compares without loading
     model, _ = build_model(cfg, num_classes=4)
     report = inspect_checkpoint(args.path, model.encoder, key=args.key or cfg.model.checkpoint_key)
     if args.json:
@@ -190,19 +192,35 @@ def cmd_promote(args) -> int:
     from octft.sweep.spec import load_sweep
 
     spec = load_sweep(args.spec, args.overrides)
+    _log_beside_study(spec, args.storage, "promote.log")  # MLflow's model-logging warnings go there
     print(format_promotion(promote(spec, trial_number=args.trial, storage=args.storage, tracking_uri=args.tracking_uri,
                                    allow_test_reuse=args.allow_test_reuse)))
     return 0
 
 
-def cmd_predict(args) -> int:
-    from octft.registry.predict import format_prediction, predict
+def _log_beside_study(spec, storage: str | None, name: str) -> None:
+    """Library logs of this command into `name` in the study's folder (`octft.console.log_to`), if it has one."""
+    from octft.console import log_to
+    from octft.sweep.records import study_folder
+    from octft.sweep.storage import open_existing_study
 
-    result = predict(args.model, args.inputs, tracking_uri=args.tracking_uri, batch_size=args.batch_size)
+    folder = study_folder(open_existing_study(spec.study_name, storage or spec.storage).user_attrs)
+    if folder:
+        log_to(Path(folder) / name)
+
+
+def cmd_predict(args) -> int:
+    from octft.registry.predict import format_prediction, predict, summary, write_prediction_csv
+
+    result = predict(args.model, args.inputs, tracking_uri=args.tracking_uri, batch_size=args.batch_size,
+                     all_volumes=args.all_volumes, progress=not args.quiet and sys.stderr.isatty())
+    if args.out:
+        print(f"wrote {write_prediction_csv(result, args.out)}", file=sys.stderr)
     if args.json:
         _print_json(result.to_dict(), "-")
+        print(summary(result), file=sys.stderr)
     else:
-        print(format_prediction(result))
+        print(format_prediction(result, volumes=not args.out))
     for file, reason in result.failed:
         print(f"octft: could not read {file}: {reason}", file=sys.stderr)
     return EXIT_GUARD_FAILED if result.failed else 0
@@ -250,12 +268,15 @@ def cmd_sweep_launch(args) -> int:
     # Worker 0's runner starts before this process imports the launch (MLflow, the study's modules): the runner's own
     # start (torch, MLflow: 3-4 s) is the longest step before the first trial. The same steps as `launch()`.
     runner = make_runner(plan, 0)
-    from octft.sweep.launch import run_launch
+    from octft.console import log_to
+    from octft.sweep.launch import next_command, run_launch
 
-    result = run_launch(plan, runner, enqueue_from=args.enqueue_from, enqueue_top=args.enqueue_top)
-    counts = ", ".join(f"{count} {state.lower()}" for state, count in result.counts.items() if count)
-    print(f"study {result.study_name}: {counts}; trial folders under {result.study_dir}; "
-          f"MLflow parent run {result.parent_run_id}")
+    log = log_to(Path(plan.study_dir) / "launch.log")
+    result = run_launch(plan, runner, enqueue_from=args.enqueue_from, enqueue_top=args.enqueue_top,
+                        verbose=args.verbose)
+    print(result.summary())
+    print(f"  trial folders under {result.study_dir}; MLflow parent run {result.parent_run_id}; library logs {log}")
+    print(f"  next: {next_command(result, args.spec, args.overrides, args.storage)}")
     if result.counts["FAIL"] and not (result.counts["COMPLETE"] or result.counts["PRUNED"]):
         print(f"octft: error: every trial of study {result.study_name} failed; `octft sweep status {args.spec}` gives "
               "each one's reason, its trial.log the details", file=sys.stderr)
@@ -284,7 +305,7 @@ def cmd_demo(args) -> int:
     from octft.demo import run_demo
 
     return run_demo(Path(args.dir), participants=args.participants, trials=args.trials, workers=args.workers,
-                    probe_trials=args.probe_trials)
+                    probe_trials=args.probe_trials, verbose=args.verbose)
 
 
 # ---------------------------------------------------------------- parser
@@ -303,6 +324,7 @@ def _demo_and_data_commands(commands) -> None:
     demo.add_argument("--trials", type=int, default=6)
     demo.add_argument("--workers", type=int, default=2)
     demo.add_argument("--probe-trials", type=int, default=50, help="trials of the probe study (heads on stored features)")
+    demo.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     demo.set_defaults(func=cmd_demo)
 
     synth = commands.add_parser("synth", help="write a synthetic AI-READI-shaped dataset")
@@ -352,6 +374,7 @@ def _train_commands(commands) -> None:
     train.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
     train.add_argument("--run-dir", help="where checkpoints go (default: <output_dir>/<run name>)")
     train.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    train.add_argument("--verbose", action="store_true", help="library logs (MLflow, Optuna) and warnings on the console too")
     train.set_defaults(func=cmd_train)
 
     checkpoint = commands.add_parser("checkpoint", help="check a pretraining checkpoint against an experiment's encoder")
@@ -405,6 +428,7 @@ def _sweep_commands(commands) -> None:
                         help="seconds without heartbeat before a trial counts as dead (default: twice the interval)")
     launch.add_argument("--fresh-process-per-trial", action="store_true",
                         help="start a new trial runner for every trial (slower: imports and compiles each time; for debugging)")
+    launch.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     launch.set_defaults(func=cmd_sweep_launch)
 
     status = sweep_commands.add_parser("status", help="the study's trials and its best trial")
@@ -427,6 +451,7 @@ def _champion_commands(commands) -> None:
     promote.add_argument("--allow-test-reuse", action="store_true",
                          help="score this trial on the test split although the split was scored for another model, of this study or any "
                               "other (tags the version octft.test_reuse=true)")
+    promote.add_argument("--verbose", action="store_true", help="library logs (MLflow, Optuna) and warnings on the console too")
     promote.set_defaults(func=cmd_promote)
 
     predict = commands.add_parser("predict", help="classify OCT files with a registered model or a checkpoint folder")
@@ -435,6 +460,12 @@ def _champion_commands(commands) -> None:
     predict.add_argument("--tracking-uri", help="MLflow tracking and registry URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     predict.add_argument("--batch-size", type=int, default=8)
     predict.add_argument("--json", action="store_true", help="print the predictions as JSON")
+    predict.add_argument("--out", metavar="FILE.csv", help="write the per-volume table (the served model's columns) "
+                         "to this CSV file; the text output then lists participants only")
+    predict.add_argument("--all-volumes", action="store_true", help="classify volumes outside the model's training "
+                         "selection (data.selection: regions, devices, lateralities) too; by default they are skipped "
+                         "and counted")
+    predict.add_argument("--quiet", action="store_true", help="no progress bar (there is none when stderr is not a terminal)")
     predict.set_defaults(func=cmd_predict)
 
 
@@ -457,6 +488,16 @@ def _study_view_commands(commands) -> None:
     report.set_defaults(func=cmd_report)
 
 
+def _run(args) -> int:
+    """The command, with library logs off the console (`octft.console`) where it has a --verbose switch."""
+    if not hasattr(args, "verbose"):
+        return int(args.func(args) or 0)
+    from octft.console import quiet_console
+
+    with quiet_console(verbose=args.verbose):
+        return int(args.func(args) or 0)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from octft.errors import OctftError
 
@@ -470,7 +511,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if stragglers:
         args.overrides = list(args.overrides or []) + stragglers
     try:
-        return int(args.func(args) or 0)
+        return _run(args)
     # Only octft's own errors are the user's to fix; anything else is a bug and keeps its traceback.
     except OctftError as error:
         print(f"octft: error: {_one_line(error)}", file=sys.stderr)

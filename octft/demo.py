@@ -15,13 +15,14 @@ from pathlib import Path
 
 import optuna
 
+from octft.console import log_to, quiet_console
 from octft.data.audit import audit_dataset, format_report
 from octft.data.dataset import prepare_volumes
 from octft.data.synth import synthesize
 from octft.registry.promote import format_promotion, promote
 from octft.report.study import render_report
 from octft.report.ui import ui_command
-from octft.sweep.launch import launch
+from octft.sweep.launch import launch, next_command
 from octft.sweep.records import TRIAL_ATTR, TrialRecord
 from octft.sweep.spec import load_sweep
 
@@ -44,9 +45,19 @@ def _step(title: str) -> float:
     return time.perf_counter()
 
 
-def run_demo(root: Path, *, participants: int = 96, trials: int = 6, workers: int = 2, probe_trials: int = 50) -> int:
+def run_demo(root: Path, *, participants: int = 96, trials: int = 6, workers: int = 2, probe_trials: int = 50,
+             verbose: bool = False) -> int:
+    """The demo into `root`; its console is one line per trial end (`verbose`: trial starts, epochs and library logs
+    too), library logs and warnings go to `root/demo.log`."""
     root = root.resolve()
     root.mkdir(parents=True, exist_ok=True)
+    with quiet_console(verbose=verbose):
+        log_to(root / "demo.log")
+        return _run_steps(root, participants=participants, trials=trials, workers=workers, probe_trials=probe_trials,
+                          verbose=verbose)
+
+
+def _run_steps(root: Path, *, participants: int, trials: int, workers: int, probe_trials: int, verbose: bool) -> int:
     data_dir = root / "data"
     started = _step(f"1/7 synthetic AI-READI release -> {data_dir}")
     if (data_dir / "synth_report.json").is_file():
@@ -81,13 +92,14 @@ def run_demo(root: Path, *, participants: int = 96, trials: int = 6, workers: in
                             f"features.dir={root / 'features'}"]
 
     probe_path = REPO / "sweeps" / "probe.yaml"
-    started = _step(f"4/7 probe study: {probe_trials} heads on the frozen encoder's stored features, in {workers} "
-                    "processes (one CPU thread each)")
+    _step(f"4/7 probe study: {probe_trials} heads on the frozen encoder's stored features, in {workers} "
+          "processes (one CPU thread each)")
     probed = launch(probe_path, n_trials=probe_trials, workers=workers, storage=storage,
-                    overrides=[f"mlflow.tracking_uri={tracking_uri}", *experiment_overrides])
+                    overrides=[f"mlflow.tracking_uri={tracking_uri}", *experiment_overrides], verbose=verbose)
     probe_study = load_sweep(probe_path)
-    print(f"trials by state: {probed.counts} ({time.perf_counter() - started:.0f} s); its best head warm-starts "
-          f"every trial of {spec_path.relative_to(REPO)} (init.head_from: {probe_path.relative_to(REPO)})")
+    print(probed.summary())
+    print(f"  next: its best head warm-starts every trial of {spec_path.relative_to(REPO)} (init.head_from: "
+          f"{probe_path.relative_to(REPO)})")
 
     spec = load_sweep(spec_path, sweep_overrides)
     study = optuna.create_study(storage=storage, study_name=spec.study_name, direction=spec.objective.direction,
@@ -96,13 +108,14 @@ def run_demo(root: Path, *, participants: int = 96, trials: int = 6, workers: in
         study.enqueue_trial(COLLAPSING_TRIAL, user_attrs={
             TRIAL_ATTR: TrialRecord(enqueued_from="the demo: the collapsing region").to_dict()})
     devices = int(os.environ.get("CPU_NUM_DEVICES", "4")) if os.environ.get("PJRT_DEVICE") else workers
-    started = _step(f"5/7 LP-FT fine-tune study: {trials} trials, {workers} workers, {max(1, devices // workers)} XLA "
-                    "devices each, every head starting from the best probe")
+    _step(f"5/7 LP-FT fine-tune study: {trials} trials, {workers} workers, {max(1, devices // workers)} XLA "
+          "devices each, every head starting from the best probe")
     launched = launch(spec_path, n_trials=trials, workers=workers, devices_per_trial=max(1, devices // workers),
-                      storage=storage, overrides=sweep_overrides + experiment_overrides)
-    print(f"trials by state: {launched.counts} ({time.perf_counter() - started:.0f} s)")
+                      storage=storage, overrides=sweep_overrides + experiment_overrides, verbose=verbose)
+    print(launched.summary())
+    print(f"  next: {next_command(launched, spec_path.relative_to(REPO), sweep_overrides, storage)}  (step 6 runs it)")
 
-    started = _step("6/7 promote the best healthy trial (test split, once)")
+    _step("6/7 promote the best healthy trial (test split, once)")
     try:
         promotion = promote(spec, storage=storage, tracking_uri=tracking_uri, n_resamples=500)
         print(format_promotion(promotion))
@@ -110,7 +123,7 @@ def run_demo(root: Path, *, participants: int = 96, trials: int = 6, workers: in
         print(f"nothing promoted: {error}")
         promotion = None
 
-    started = _step("7/7 study report")
+    _step("7/7 study report")
     html = render_report(spec, storage=storage, tracking_uri=tracking_uri)
     print(f"wrote {html}")
 
@@ -123,6 +136,8 @@ def run_demo(root: Path, *, participants: int = 96, trials: int = 6, workers: in
     print(f"  replay a trial:  octft sweep show {spec_path.relative_to(REPO)} --storage {storage} --trial 1  "
           "(the same probe head: init.head_from=runs:/...)")
     print(f"  MLflow store:    {tracking_uri} (artifacts in {root / 'mlartifacts'})")
+    print(f"  logs:            trial-*/trial.log under {root / 'runs' / 'sweeps'}/<study>; library logs in "
+          f"{root / 'demo.log'} (worker processes: <study>/launch.log)")
     if promotion is not None:
         print(f"  champion:        octft predict --model {promotion.model_uri} --tracking-uri {tracking_uri} "
               f"{data_dir / 'retinal_oct'}")

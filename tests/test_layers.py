@@ -1,6 +1,6 @@
 """The package's layers, read from its source (every import statement, those inside functions included):
 
-    errors, redaction, io, stores, sqlite_wal, data.layout -> config -> data -> models -> features -> track (MLflow)
+    errors, redaction, io, stores, sqlite_wal, data.layout, console -> config -> data -> models -> features -> track (MLflow)
     -> train -> sweep -> registry (promotion, the champion) -> report -> cli, demo, doctor, smoke
 
 A module imports only from its own layer or the layers before it, so no import cycle can form across layers and
@@ -20,13 +20,16 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "octft"
 LAYERS = [
-    ("octft.errors", "octft.redaction", "octft.io", "octft.stores", "octft.sqlite_wal", "octft.data.layout"),
+    ("octft.errors", "octft.redaction", "octft.io", "octft.stores", "octft.sqlite_wal", "octft.data.layout",
+     "octft.console"),
     ("octft.config",),
     ("octft.data",),
     ("octft.models",),
     ("octft.features",),
     ("octft.track",),
     ("octft.train",),
+    # The champion's model code sits below the sweep: a trial runner logs its checkpoint as an MLflow LoggedModel.
+    ("octft.registry.inference", "octft.registry.model", "octft.registry.pyfunc_code"),
     ("octft.sweep",),
     ("octft.registry",),
     ("octft.report",),

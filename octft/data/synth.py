@@ -172,11 +172,14 @@ class _Scan:
         return f"{self.participant.participant_id}_{short}_{self.region}_oct_{self.laterality.lower()}_{uid}.dcm"
 
 
-def split_class_counts(participants: int) -> dict[str, dict[str, int]]:
+def split_class_counts(participants: int, *, train_majority_share: float | None = None) -> dict[str, dict[str, int]]:
     """Participants per split and class: the release's proportions scaled to `participants`.
 
     Every cell keeps at least MIN_PER_SPLIT_CLASS participants; the rest follow the release by
-    largest remainder, so the counts always sum to `participants`.
+    largest remainder, so the counts always sum to `participants`. `train_majority_share` (e.g. 0.7) moves
+    training participants into the first class until it holds that share of the training split: a training
+    split dominated by one class, as the original pipeline's was after its ID regex dropped participants, on
+    which an unweighted loss drives the head to predict that class (validation and test keep the release's mix).
 
     >>> split_class_counts(24)["test"]["insulin_dependent"]
     2
@@ -203,7 +206,21 @@ def split_class_counts(participants: int) -> dict[str, dict[str, int]]:
     while sum(counts.values()) < participants:
         cell = max(cells, key=lambda c: ideal[c] - counts[c])
         counts[cell] += 1
+    if train_majority_share is not None:
+        _dominate_training_split(counts, train_majority_share)
     return {split: {CLASSES[i]: counts[(split, i)] for i in range(len(CLASSES))} for split in SPLITS}
+
+
+def _dominate_training_split(counts: dict[tuple[str, int], int], share: float) -> None:
+    train = sum(counts[("train", i)] for i in range(len(CLASSES)))
+    least = train - MIN_PER_SPLIT_CLASS * (len(CLASSES) - 1)
+    if not 1.0 / len(CLASSES) <= share < 1.0 or round(share * train) > least:
+        raise UsageError(f"train_majority_share={share} must be in 1/{len(CLASSES)}..1 and leave every other class "
+                         f"{MIN_PER_SPLIT_CLASS} of the {train} training participants; lower it or add participants")
+    while counts[("train", 0)] < round(share * train):
+        donor = max(range(1, len(CLASSES)), key=lambda i: counts[("train", i)])
+        counts[("train", donor)] -= 1
+        counts[("train", 0)] += 1
 
 
 def synthesize(
@@ -212,6 +229,7 @@ def synthesize(
     participants: int = 120,
     seed: int = 0,
     messy: bool = False,
+    train_majority_share: float | None = None,
     frames: int = 8,
     height: int = 64,
     width: int = 64,
@@ -222,13 +240,14 @@ def synthesize(
     Writes `participants.tsv`, `retinal_oct/manifest.tsv`, the DICOM files under
     `retinal_oct/structural_oct/<device>/<participant_id>/`, and `synth_report.json` (the returned
     report). Same seed, same tables and pixel data. `messy=True` plants the faults listed in
-    `SynthReport.faults`.
+    `SynthReport.faults`. `train_majority_share` makes the first class that share of the training split
+    (`split_class_counts`).
 
     >>> report = synthesize("/tmp/aireadi-synth", participants=24, seed=1)  # doctest: +SKIP
     >>> report.split_class_counts["val"]["healthy"]  # doctest: +SKIP
     2
     """
-    cell_counts = split_class_counts(participants)
+    cell_counts = split_class_counts(participants, train_majority_share=train_majority_share)
     for name, value, least in (("frames", frames, 1), ("height", height, 16), ("width", width, 16)):
         if value < least:
             raise UsageError(f"{name}={value} is too small for a retinal OCT volume; pass {name} >= {least}")

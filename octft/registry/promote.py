@@ -11,9 +11,10 @@ The sweep never touches the test split; this is the one place that does, visibly
    and once one model has been scored, in this study or any other, scoring another needs `allow_test_reuse` (its
    version is tagged `octft.test_reuse=true` and lists the earlier evaluations in its description), because
    choosing among models by their test scores makes the test split a second validation split;
-3. log the checkpoint as an MLflow `pyfunc` Model (`octft.registry.model`) to the trial's run, register
-   it under `promote.model_name` and point the alias `champion` at it; registering the same run again reuses
-   its version. Nothing here reopens the trial's run: its status, start and end time stay as training left them.
+3. register the trial's MLflow 3 LoggedModel (its best checkpoint as a portable `pyfunc`, `octft.registry.model`;
+   logged here when the trial has none yet) under `promote.model_name`, with the test scores among its metrics,
+   and point the alias `champion` at it; registering the same model again reuses its version. Nothing here
+   reopens the trial's run: its status, start and end time stay as training left them.
 
     >>> promotion = promote(load_sweep("sweeps/demo.yaml"))              # doctest: +SKIP
     >>> promotion.model_uri, promotion.test_metrics["test/balanced_accuracy"]  # doctest: +SKIP
@@ -40,7 +41,7 @@ from octft.data.layout import CLASS_SHORT_NAMES
 from octft.errors import MissingInputError, UsageError
 from octft.registry.inference import LoadedModel, predict_logits
 from octft.registry.ledger import LedgerEntry, TestLedger, ledger_key
-from octft.registry.model import MODEL_ARTIFACT, MLMODEL_FILE, save_pyfunc_model
+from octft.registry.model import log_trial_model, trial_model
 from octft.registry.predict import load_model
 from octft.stores import check_not_shared, resolve_tracking_uri
 from octft.sweep.records import CHAMPION_ATTR, TestEvaluation, test_evaluations, trial_record, unpromotable_reason
@@ -76,6 +77,7 @@ class Promotion:
     evaluations: list[TestEvaluation] = field(default_factory=list)  # every test evaluation of the study
     others: list[LedgerEntry] = field(default_factory=list)  # every scoring of this test split for another model
     notes: list[str] = field(default_factory=list)  # what the numbers need said beside them (see `caveats`)
+    model_id: str = ""  # the registered MLflow LoggedModel (models:/<model_id>)
 
     @property
     def test_reuse(self) -> bool:
@@ -305,11 +307,16 @@ def promote(
     ledger = TestLedger(store)
     key = run_tags.get(LEDGER_KEY_TAG)  # set on the trial's run when it was scored
     with tempfile.TemporaryDirectory(prefix="octft-promote-") as scratch:
+        checkpoint_dir = None
+        model = trial_model(store, run_id)
+        if model is None:  # a trial whose worker did not log its model: logged from what the run tracked
+            checkpoint_dir = _checkpoint_copy(store, run_id, scratch)
+            outcome = trial_record(trial).outcome
+            model = log_trial_model(store, run_id, checkpoint_dir, outcome.best_metrics, step=outcome.best_epoch or 0)
         test_metrics = _recorded_test_scores(study, trial)
         evaluated = test_metrics is None or key is None
-        checkpoint_dir = None
         if evaluated:
-            checkpoint_dir = _checkpoint_copy(store, run_id, scratch)
+            checkpoint_dir = checkpoint_dir or _checkpoint_copy(store, run_id, scratch)
             split = open_test_split(checkpoint_dir, expected_manifest_hash=manifest_hash, progress=progress)
             key = split.key
             if not allow_test_reuse:
@@ -317,7 +324,7 @@ def promote(
                 _refuse_test_reuse(split, others, spec.study_name, trial.number)
             test_metrics = score_test_split(split, n_resamples=n_resamples)
             # Logged through the store: nothing reopens the trial's run, so its duration stays as training left it.
-            store.log_metrics(run_id, test_metrics, step=0)
+            store.log_model_metrics(run_id, model.model_id, test_metrics, step=0)
             store.set_tag(run_id, LEDGER_KEY_TAG, key)
             ledger.record(key, study=spec.study_name, trial=trial.number, run_id=run_id,
                           model_name=spec.promote.model_name, balanced_accuracy=_format_score(test_metrics, "balanced_accuracy"),
@@ -333,12 +340,8 @@ def promote(
             store.log_metrics(parent, test_metrics, step=trial.number)
             store.set_tag(parent, TEST_EVALUATIONS_TAG, evaluation_log)
             store.set_tag(parent, "octft.test_evaluated_trials", str(len(evaluations)))
-        if not store.has_artifact(run_id, f"{MODEL_ARTIFACT}/{MLMODEL_FILE}"):
-            checkpoint_dir = checkpoint_dir or _checkpoint_copy(store, run_id, scratch)
-            model_dir = save_pyfunc_model(checkpoint_dir, Path(scratch) / MODEL_ARTIFACT, metadata={
-                "octft.study": spec.study_name, "octft.trial": trial.number, "octft.run_id": run_id,
-                "octft.data_manifest_hash": manifest_hash or "unknown"})
-            store.log_artifacts(run_id, model_dir, MODEL_ARTIFACT)
+        if not evaluated:  # scores recorded before: linked to the model too (the run's points keep their times)
+            store.log_model_metrics(run_id, model.model_id, test_metrics, step=0)
 
     # Every other model this test split has scored, in any study: with one, test scores took part in the choice.
     others = [entry for entry in ledger.entries(key) if not entry.same_model(spec.study_name, trial.number)]
@@ -357,7 +360,7 @@ def promote(
     notes = caveats(trial, run_tags)
     if notes:
         tags["octft.caveats"] = "; ".join(notes)
-    version = store.register(run_id, MODEL_ARTIFACT, spec.promote.model_name, CHAMPION_ALIAS, tags)
+    version = store.register_logged_model(model, spec.promote.model_name, CHAMPION_ALIAS, tags)
     if others:
         store.describe_version(spec.promote.model_name, version, "The test split of this data release was also scored "
                                "for other models, so it is no longer an untouched test split: "
@@ -371,7 +374,7 @@ def promote(
             store.set_tag(parent, "octft.champion_version", version)
     update_parent_note(store, study, spec)
     return Promotion(spec.study_name, trial.number, run_id, spec.promote.model_name, version, test_metrics,
-                     evaluated, skipped, evaluations, others, notes)
+                     evaluated, skipped, evaluations, others, notes, model.model_id)
 
 
 def caveats(trial: FrozenTrial, run_tags: dict[str, str]) -> list[str]:

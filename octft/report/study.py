@@ -136,6 +136,11 @@ def _intermediate_values(context: ReportContext):
 
 # Below this many complete trials the report warns that its parameter importances are mostly noise.
 MIN_TRIALS_FOR_IMPORTANCES = 20
+# The one importance evaluator, with its default arguments: Optuna's default and optuna-dashboard's. Both rank a
+# maximised objective by its high values from optuna-dashboard 0.21 on; 0.20 and earlier ranked it by its low ones.
+IMPORTANCE_EVALUATOR = optuna.importance.PedAnovaImportanceEvaluator
+IMPORTANCE_EVALUATOR_NAME = ("PED-ANOVA importances (optuna.importance.PedAnovaImportanceEvaluator, default arguments: "
+                             "Optuna's default evaluator and optuna-dashboard's from 0.21)")
 
 
 def _param_importances(context: ReportContext):
@@ -146,14 +151,12 @@ def _param_importances(context: ReportContext):
         )
     if not any(trial.params for trial in complete):
         raise FigureUnavailable("the complete trials have no searched parameters (empty space)")
-    # PED-ANOVA: Optuna's default evaluator and the one optuna-dashboard shows, so both give the same figure.
-    evaluator = optuna.importance.PedAnovaImportanceEvaluator()
     try:
-        figure = optuna.visualization.plot_param_importances(context.study, evaluator=evaluator,
+        figure = optuna.visualization.plot_param_importances(context.study, evaluator=IMPORTANCE_EVALUATOR(),
                                                              target_name=context.objective)
     except (ValueError, RuntimeError) as error:
         raise FigureUnavailable(f"Optuna could not compute importances from {len(complete)} complete trials: {error}") from None
-    title = f"PED-ANOVA importances (Optuna's default evaluator, as optuna-dashboard) from {len(complete)} complete trials"
+    title = f"{IMPORTANCE_EVALUATOR_NAME} from {len(complete)} complete trials"
     if len(complete) < MIN_TRIALS_FOR_IMPORTANCES:
         title += (f"<br><b>warning: fewer than {MIN_TRIALS_FOR_IMPORTANCES} complete trials; these importances are "
                   "mostly noise: read them as a hint, not a ranking</b>")

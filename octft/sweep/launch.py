@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import subprocess
 import sys
+import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,15 +27,17 @@ from typing import Any, Sequence
 import optuna
 from optuna.trial import TrialState
 
-from octft.sweep.plan import LaunchPlan, RunnerKind, base_config, resolve_plan
+from octft.redaction import redact
+from octft.sweep.plan import LaunchPlan, RunnerKind, base_config, resolve_plan, split_overrides
 from octft.sweep.runners import InProcessRunner, Runner, make_runner
 from octft.sweep.storage import DEFAULT_HEARTBEAT_S, open_study_storage, study_lock
 from octft.sweep.study import create_or_load_study, reap_stale_trials
 from octft.sweep.tracking import update_parent_best, update_parent_note
-from octft.sweep.warmstart import warm_start
-from octft.sweep.worker import run_worker
+from octft.sweep.warmstart import WarmStartError, warm_start
+from octft.sweep.worker import best_so_far, run_worker
 from octft.track.mlflow_store import MlflowStore
-from octft.data.dataset import prepare_data
+from octft.data.dataset import DataSetup, prepare_data
+from octft.train.provenance import run_provenance
 
 
 @dataclass
@@ -46,6 +50,33 @@ class LaunchResult:
     reaped: list[int]  # trials found dead at launch (FAIL, retried)
     enqueued: list[dict[str, Any]] = field(default_factory=list)  # warm-start parameter sets enqueued now
     plan_path: Path | None = None
+    metric: str = ""  # the study's objective
+    best: tuple[int, float] | None = None  # the study's best trial and its value, None while none is COMPLETE
+    seconds: float = 0.0  # the launch's trials, from the first worker's go
+
+    def summary(self) -> str:
+        """The study's end in one line: `study demo: 4 complete, 2 pruned in 98 s; best: trial 3,
+        val/balanced_accuracy=0.741`."""
+        counts = ", ".join(f"{count} {state.lower()}" for state, count in self.counts.items() if count)
+        best = ("no trial complete" if self.best is None
+                else f"best: trial {self.best[0]}, {self.metric}={self.best[1]:.3f}")
+        return f"study {self.study_name}: {counts or 'no trials'} in {self.seconds:.0f} s; {best}"
+
+
+def next_command(result: LaunchResult, spec_path: str | Path, overrides: Sequence[str] = (),
+                 storage: str | None = None) -> str:
+    """What to run once a study ends: `octft promote SPEC` with the launch's sweep overrides (its budget aside) and
+    storage, or, when no trial completed, `octft sweep status` to see why.
+
+    >>> next_command(result, "sweeps/demo.yaml", ["n_trials=8", "data.uri=/data"])   # doctest: +SKIP
+    'octft promote sweeps/demo.yaml'
+    """
+    sweep_overrides = [text for text in split_overrides(overrides)[0] if text.split("=", 1)[0].strip() != "n_trials"]
+    words = ["octft", "promote"] if result.best is not None else ["octft", "sweep", "status"]
+    words += [str(spec_path), *sweep_overrides]
+    if storage:
+        words += ["--storage", str(redact(storage))]
+    return shlex.join(words)
 
 
 def launch(
@@ -62,6 +93,7 @@ def launch(
     enqueue_top: int = 3,
     fresh_process_per_trial: bool = False,
     runner: RunnerKind | None = None,
+    verbose: bool = False,
 ) -> LaunchResult:
     """Create or resume the study of `spec_path` and run its trials until the budget is spent.
 
@@ -70,16 +102,17 @@ def launch(
     `models:/NAME@champion` whose params are tried first (`octft.sweep.warmstart`). `devices_per_trial=None`: on a TPU
     host its chips divided among the workers, elsewhere 1. `fresh_process_per_trial`: a new runner for every trial.
     `runner`: where trials train, when not the study's default (`octft.sweep.plan.resolve_plan`; tests run them
-    in-process).
+    in-process). `verbose`: every worker also prints its trials' starts and epochs (`octft.sweep.worker.run_worker`).
     """
     plan, _ = resolve_plan(spec_path, storage=storage, overrides=overrides,
                            n_trials=n_trials, workers=workers, devices_per_trial=devices_per_trial,
                            heartbeat_interval=heartbeat_interval, grace_period=grace_period,
                            fresh_process_per_trial=fresh_process_per_trial, runner=runner)
-    return run_launch(plan, make_runner(plan, 0), enqueue_from=enqueue_from, enqueue_top=enqueue_top)
+    return run_launch(plan, make_runner(plan, 0), enqueue_from=enqueue_from, enqueue_top=enqueue_top, verbose=verbose)
 
 
-def run_launch(plan: LaunchPlan, runner: Runner, *, enqueue_from: str | None = None, enqueue_top: int = 3) -> LaunchResult:
+def run_launch(plan: LaunchPlan, runner: Runner, *, enqueue_from: str | None = None, enqueue_top: int = 3,
+               verbose: bool = False) -> LaunchResult:
     """The launch of a resolved `plan`, worker 0's `runner` made (and a warm one started) first: its start overlaps
     this. `octft sweep launch` makes the runner before it imports this module."""
     spec, settings = plan.spec(), plan.launch
@@ -89,20 +122,20 @@ def run_launch(plan: LaunchPlan, runner: Runner, *, enqueue_from: str | None = N
                                  grace_period=settings.grace_period)
         study, plan = create_or_load_study(plan, rdb)
         plan.write()
-        workers = [_start_worker(plan, index) for index in range(1, settings.workers)]
+        workers = [_start_worker(plan, index, verbose) for index in range(1, settings.workers)]
         store = MlflowStore(plan.tracking_url())
         store.reopen_run(plan.parent_run_id)
         reaped = reap_stale_trials(study, rdb, store)
         if reaped:
             print(f"trials {reaped} of study {spec.study_name!r} lost their worker: marked FAIL, retried once", flush=True)
+        setup = prepare_study_data(plan, runner)
         enqueued = []
         if enqueue_from:
             with study_lock(rdb, spec.study_name):  # two hosts launching together enqueue each set once
                 enqueued = warm_start(study, spec, enqueue_from, top=enqueue_top, store=store,
-                                      parent_run_id=plan.parent_run_id)
+                                      parent_run_id=plan.parent_run_id, provenance=study_provenance(plan, setup))
             print(f"warm start from {enqueue_from}: {len(enqueued)} parameter sets enqueued"
                   + "".join(f"\n  {entry['origin']}" for entry in enqueued), flush=True)
-        prepare_study_data(plan, runner)
     except BaseException:
         for worker in workers:
             _release(worker, go=False)  # it closes its runner and exits without taking a trial
@@ -112,8 +145,9 @@ def run_launch(plan: LaunchPlan, runner: Runner, *, enqueue_from: str | None = N
         raise
     for worker in workers:
         _release(worker, go=True)
+    started = time.perf_counter()
     try:
-        codes = [_run_here(plan, runner), *(worker.wait() for worker in workers)]
+        codes = [_run_here(plan, runner, verbose), *(worker.wait() for worker in workers)]
     except KeyboardInterrupt:
         # The workers got the same Ctrl-C (one process group); give them a moment to tell Optuna.
         for worker in workers:
@@ -122,13 +156,16 @@ def run_launch(plan: LaunchPlan, runner: Runner, *, enqueue_from: str | None = N
         if not any(trial.state == TrialState.RUNNING for trial in study.get_trials(deepcopy=False)):
             store.end_run(plan.parent_run_id, "KILLED", "interrupted (Ctrl-C)")
         raise
-    return _finish(study, plan, store, codes, reaped, enqueued)
+    result = _finish(study, plan, store, codes, reaped, enqueued)
+    result.seconds = time.perf_counter() - started
+    return result
 
 
-def _start_worker(plan: LaunchPlan, index: int) -> subprocess.Popen:
+def _start_worker(plan: LaunchPlan, index: int, verbose: bool) -> subprocess.Popen:
     """Worker `index` as a process: it starts its runner now and takes trials once `_release` says go."""
     return subprocess.Popen(
-        [sys.executable, "-m", "octft.sweep.worker", str(plan.path), "--worker-index", str(index), "--wait-for-launch"],
+        [sys.executable, "-m", "octft.sweep.worker", str(plan.path), "--worker-index", str(index), "--wait-for-launch",
+         *(["--verbose"] if verbose else [])],
         env=dict(os.environ, **plan.store_environment()), stdin=subprocess.PIPE, text=True)
 
 
@@ -146,26 +183,34 @@ def _wait_or_kill(worker: subprocess.Popen, timeout: float) -> None:
         worker.wait()
 
 
-def prepare_study_data(plan: LaunchPlan, runner: Runner) -> None:
+def prepare_study_data(plan: LaunchPlan, runner: Runner) -> DataSetup | None:
     """Audit and prepare the data once, before any trial starts: the preparation plan (files and bytes to fetch, the
     prepared cache's size) is printed and a disk that cannot hold it is refused now, and every runner's own data
-    check then finds each volume prepared. (A space that samples `data.*` keys leaves it to each trial.)"""
+    check then finds each volume prepared. (A space that samples `data.*` keys leaves it to each trial: None.)"""
     spec = plan.spec()
     if any(name.startswith("data.") for name in spec.space):
-        return
+        return None
     data = base_config(spec, plan.experiment_overrides).data
     print(f"study {spec.study_name!r}: auditing and preparing the data once for every trial", flush=True)
     if isinstance(runner, InProcessRunner):
-        runner.prepare(data)  # kept in the runner's cache: its first trial audits nothing again
-    else:
-        prepare_data(data, progress=True)
+        return runner.prepare(data)  # kept in the runner's cache: its first trial audits nothing again
+    return prepare_data(data, progress=True)
 
 
-def _run_here(plan: LaunchPlan, runner: Runner) -> int:
+def study_provenance(plan: LaunchPlan, setup: DataSetup | None) -> dict[str, str]:
+    """The provenance tags (`octft.train.provenance`) every trial of the study will record: what a warm start's
+    sources must match."""
+    if setup is None:
+        raise WarmStartError(f"study {plan.study_name!r} samples data.* keys, so its trials' data differ and no warm-start "
+                             "source can be checked against them; drop --enqueue-from or fix the data keys")
+    return run_provenance(base_config(plan.spec(), plan.experiment_overrides), setup.prepared.volumes)
+
+
+def _run_here(plan: LaunchPlan, runner: Runner, verbose: bool) -> int:
     """Worker 0 in the launch's process: its exit code as a worker process's would be (a bug in the worker prints
     its traceback and gives 1; the other workers go on)."""
     try:
-        run_worker(plan, 0, runner)
+        run_worker(plan, 0, runner, verbose=verbose)
     except Exception:
         traceback.print_exc()
         return 1
@@ -182,4 +227,4 @@ def _finish(study: optuna.Study, plan: LaunchPlan, store: MlflowStore, codes: li
     if not counts["RUNNING"] and not counts["WAITING"]:
         store.end_run(plan.parent_run_id, "FINISHED")
     return LaunchResult(spec.study_name, Path(plan.study_dir), plan.parent_run_id, codes, counts, reaped, enqueued,
-                        plan.path)
+                        plan.path, spec.objective.metric, best_so_far(study))

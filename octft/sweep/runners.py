@@ -28,12 +28,15 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Protocol, TextIO
+from typing import TYPE_CHECKING, Protocol, TextIO
 
 from octft.redaction import redact
 from octft.sweep.plan import LaunchPlan
 from octft.sweep.records import TrialOutcome
 from octft.train.devices import trial_device_env
+
+if TYPE_CHECKING:
+    from octft.data.dataset import DataSetup
 
 LOG_TAIL_LINES = 20
 
@@ -73,10 +76,10 @@ class InProcessRunner:
         with trial.output_to(plan.trial_dir(number) / "trial.log"):  # where a process runner's trial writes too
             return trial.run_trial(plan, number, self.cache)
 
-    def prepare(self, data) -> None:
+    def prepare(self, data) -> DataSetup:
         """Audit and prepare `data` (a config's data section) into the cache its trials will find it in."""
         self._trial()
-        self.cache.run.data(data, progress=True)
+        return self.cache.run.data(data, progress=True)
 
     def close(self, timeout: float = 60) -> None:
         self.cache = None

@@ -5,23 +5,34 @@ child run before handing the trial to its runner (so a runner that dies leaves a
 runner trains into it and ends it. `settle_run` makes a run's status match its Optuna trial whatever happened:
 
     COMPLETE -> FINISHED,  PRUNED -> KILLED (tag octft.end_reason),  FAIL -> FAILED (tag octft.end_reason)
+
+Before that, `log_trial_result` gives the run its result, the same keys in every run, so the runs table sorts by it:
+metrics `best/<objective>` (the value Optuna ranks; NaN for a pruned or failed trial, which the study does not rank,
+so both sort last either way), `best/epoch` and `best/val/f1_<class>` of the best epoch (so far, for a pruned trial);
+when pruned, tags `octft.prune_reason` and `octft.prune_detail`. `settle_run` tags every run with its `optuna.state`.
+The parent run holds the study's result under the same name, `best/<objective>`, with `best/trial`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 
-from octft.sweep.records import CHAMPION_ATTR, PLAN_ATTR, test_evaluations, trial_record
+from octft.data.layout import CLASS_SHORT_NAMES
+from octft.sweep.records import CHAMPION_ATTR, PLAN_ATTR, TrialRecord, test_evaluations, trial_record
 from octft.sweep.spec import SweepSpec, sampler_settings
 from octft.track.mlflow_store import NOTE_TAG, MlflowStore, MlflowTracker
 
 REPORT_ARTIFACT = "report.html"
 RUN_STATUS_OF = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED", TrialState.FAIL: "FAILED"}
+STATE_TAG = "optuna.state"
+PRUNE_REASON_TAG = "octft.prune_reason"
+PRUNE_DETAIL_TAG = "octft.prune_detail"
 
 
 def parent_params(spec: SweepSpec) -> dict[str, Any]:
@@ -61,21 +72,48 @@ def start_trial_run(plan, number: int, run_dir: str) -> str:
 def settle_run(store: MlflowStore, run_id: str | None, state: TrialState, reason: str | None = None) -> None:
     """End a trial's run with the status of its Optuna `state`, once Optuna holds that state (a runner leaves its
     trial's run open: a run never says FINISHED for a trial that Optuna does not have COMPLETE); a run already
-    ended so is left alone. `reason` goes to the run's `octft.end_reason` tag."""
+    ended so is left alone. `reason` goes to the run's `octft.end_reason` tag, the state to its `optuna.state`."""
     if not run_id or state not in RUN_STATUS_OF:
         return
+    store.set_tag(run_id, STATE_TAG, state.name)
     if store.run(run_id).status != RUN_STATUS_OF[state]:
         store.end_run(run_id, RUN_STATUS_OF[state], reason)
 
 
+def result_metrics(record: TrialRecord, state: TrialState, metric: str) -> dict[str, float]:
+    """A trial run's result metrics (see the module docstring); NaN where the trial has none."""
+    outcome = record.outcome
+    best = outcome.best_metrics if outcome else {}
+    value = outcome.best_value if outcome and state == TrialState.COMPLETE else None
+    epoch = outcome.best_epoch if outcome else None
+    metrics = {f"best/val/f1_{name}": best.get(f"val/f1_{name}", math.nan) for name in CLASS_SHORT_NAMES}
+    return {**metrics, f"best/{metric}": math.nan if value is None else value,
+            "best/epoch": math.nan if epoch is None else epoch}
+
+
+def log_trial_result(store: MlflowStore, record: TrialRecord, state: TrialState, metric: str) -> None:
+    """Give trial run `record.mlflow_run_id` its result once Optuna holds the trial's `state` (before `settle_run`, so
+    a run that says it ended carries it)."""
+    if not record.mlflow_run_id:
+        return
+    store.log_metrics(record.mlflow_run_id, result_metrics(record, state, metric))
+    outcome = record.outcome
+    if state == TrialState.PRUNED and outcome:
+        store.set_tag(record.mlflow_run_id, PRUNE_REASON_TAG, outcome.prune_reason or "no reason recorded")
+        store.set_tag(record.mlflow_run_id, PRUNE_DETAIL_TAG,
+                      f"epoch {outcome.prune_epoch}" + (f": {outcome.prune_detail}" if outcome.prune_detail else ""))
+
+
 def update_parent_best(store: MlflowStore, parent_run_id: str, study: optuna.Study, metric: str) -> None:
-    """Log the best trial so far to the parent run: metric `best/<metric>` (step = trial number), tags `best_trial`
-    and `best_run_id`."""
+    """Log the best trial so far to the parent run: metrics `best/<metric>` and `best/trial`, tags `best_trial` and
+    `best_run_id`. The step counts the trials ended so far: it only grows, so the latest value (what the runs table
+    shows) is the best even when parallel workers finish trials out of order."""
     try:
         best = study.best_trial
     except ValueError:  # no completed trial yet
         return
-    store.log_metrics(parent_run_id, {f"best/{metric.replace('/', '_')}": float(best.value)}, step=best.number)
+    ended = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)))
+    store.log_metrics(parent_run_id, {f"best/{metric}": float(best.value), "best/trial": best.number}, step=ended)
     store.set_tag(parent_run_id, "best_trial", str(best.number))
     run_id = trial_record(best).mlflow_run_id
     if run_id:

@@ -30,9 +30,11 @@ import optuna
 import psutil
 from optuna.storages import RDBStorage
 
+from octft.console import quiet_console
 from octft.data.layout import CLASS_SHORT_NAMES
 from octft.sweep.plan import LaunchPlan
 from octft.sweep.pruners import CollapsePruner, build_pruner, record_epoch
+from octft.registry.model import log_trial_model
 from octft.sweep.records import TrialOutcome, trial_record
 from octft.sweep.lifetime import watch_parent
 from octft.stores import TRACKING_ENV
@@ -123,6 +125,8 @@ def run_trial(plan: LaunchPlan, number: int, cache: TrialCache) -> TrialOutcome:
             stop_reason=result.stop_reason, prune_reason=pruned.get("prune_reason"), prune_epoch=pruned.get("epoch"),
             prune_detail=pruned.get("detail"), compiles=result.compiles, compile_seconds=result.compile_seconds,
             epoch_seconds=result.epoch_seconds, runner_pid=os.getpid(), runner_trials=cache.trials)
+        if outcome.succeeded and not plan.is_probe():
+            log_model(tracker, result, outcome)
     outcome.run_status = getattr(tracker, "end_status", None)
     del tracker
     # The trial's model, optimizer and device buffers go now, not whenever the next trial allocates.
@@ -130,6 +134,16 @@ def run_trial(plan: LaunchPlan, number: int, cache: TrialCache) -> TrialOutcome:
     outcome.seconds = time.perf_counter() - started
     outcome.runner_rss_bytes = int(psutil.Process().memory_info().rss)
     return outcome
+
+
+def log_model(tracker: MlflowTracker, result, outcome: TrialOutcome) -> None:
+    """A fine-tune trial's best checkpoint as an MLflow LoggedModel linked to its run, with its best metrics (`octft
+    promote` registers it). Probe trials get theirs when promoted: one per head would cost about a second a trial."""
+    try:
+        log_trial_model(tracker.store, tracker.run_id, result.run_dir / "checkpoint", outcome.best_metrics,
+                        step=result.best_epoch)
+    except Exception:  # the trial trained: promote logs the model from the run's checkpoint artifact instead
+        traceback.print_exc()
 
 
 # ---------------------------------------------------------------------------------------------------- the runner process
@@ -182,7 +196,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m octft.sweep.trial", description="a warm trial runner process")
     parser.add_argument("--reply-fd", type=int, required=True, help="file descriptor the outcomes are written to")
     args = parser.parse_args(argv)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # This process's output is its log (runner-<i>.log, and each trial's trial.log while it runs): every library
+    # record and warning goes there, none to the launch's console.
+    with quiet_console(verbose=True):
+        return _serve_requests(args)
+
+
+def _serve_requests(args: argparse.Namespace) -> int:
     # A runner whose worker is gone stops at once, mid-trial: only the worker may tell Optuna and end the trial's run,
     # so the run stays open until the next launch (or a live worker) fails the trial and retries it.
     watch_parent(lambda: os._exit(RUNNER_ORPHANED))

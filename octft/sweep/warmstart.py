@@ -1,7 +1,7 @@
 """Warm start: enqueue parameter sets that did well before, so a new study tries them first.
 
-    octft sweep launch sweeps/scenario_a.yaml --enqueue-from sweeps/demo.yaml --enqueue-top 3
-    octft sweep launch sweeps/scenario_a.yaml --enqueue-from models:/octft-scenario-a@champion
+    octft sweep launch sweeps/scenario_a.yaml study_name=scenario_a_v2 --enqueue-from sweeps/scenario_a.yaml --enqueue-top 3
+    octft sweep launch sweeps/scenario_a.yaml study_name=scenario_a_v2 --enqueue-from models:/octft-scenario-a@champion
 
 A source is an earlier sweep file (its study's best `top` COMPLETE trials, ranked in that study's
 direction) or a registered model (`models:/NAME@ALIAS` or `models:/NAME/VERSION`: the params of the run
@@ -10,13 +10,17 @@ the version was registered from, i.e. what it was trained with). Each set goes t
 wait for a launch with a larger one). A parameter the new
 space does not have, or a value outside its range or choices, is refused with the names; a space key the
 source lacks is sampled as usual. Sets already in the study (a relaunch) are not enqueued twice.
+
+Each set's run must have been trained on this study's data release and split, encoder checkpoint, class order
+and preprocessing (`octft.train.provenance`): parameters chosen on other data were chosen for that data, so a
+source whose run records another (or none) is refused, naming the field and both values.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import optuna
@@ -24,11 +28,13 @@ from optuna.trial import TrialState
 
 from octft.config import parse_override
 from octft.errors import MissingInputError, OctftError, UsageError
-from octft.sweep.records import ENQUEUED_ATTR, TRIAL_ATTR, TrialRecord
+from octft.stores import resolve_tracking_uri
+from octft.sweep.records import ENQUEUED_ATTR, TRIAL_ATTR, TrialRecord, trial_record
 from octft.sweep.space import CategoricalParam, FloatParam, IntParam, Param, distributions
 from octft.sweep.spec import SweepSpec, format_value, load_sweep
 from octft.sweep.storage import open_existing_study
 from octft.track.mlflow_store import MlflowStore
+from octft.train.provenance import PROVENANCE_TAGS, provenance_mismatch
 
 MODEL_PREFIX = "models:/"
 
@@ -39,10 +45,12 @@ class WarmStartError(OctftError, ValueError):
 
 @dataclass(frozen=True)
 class WarmStart:
-    """One parameter set to enqueue and where it came from (a trial of a study, or a model version's run)."""
+    """One parameter set to enqueue, where it came from (a trial of a study, or a model version's run) and that
+    run's provenance tags."""
 
     origin: str
     params: dict[str, Any]
+    provenance: dict[str, str]
 
 
 def from_sweep(path: str, top: int) -> list[WarmStart]:
@@ -58,7 +66,19 @@ def from_sweep(path: str, top: int) -> list[WarmStart]:
         raise WarmStartError(f"--enqueue-from {path}: study {source.study_name!r} has no completed trial to start from")
     sign = -1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1.0
     ranked = sorted(complete, key=lambda t: (sign * t.value, t.number))[:top]
-    return [WarmStart(f"{path} trial {t.number} ({source.objective.metric} {t.value:.4g})", dict(t.params)) for t in ranked]
+    store = MlflowStore(resolve_tracking_uri(source.mlflow.tracking_uri))
+    return [WarmStart(f"{path} trial {t.number} ({source.objective.metric} {t.value:.4g})", dict(t.params),
+                      _provenance(store, trial_record(t).mlflow_run_id)) for t in ranked]
+
+
+def _provenance(store: MlflowStore, run_id: str | None) -> dict[str, str]:
+    if not run_id:
+        return {}
+    try:
+        tags = store.run(run_id).tags
+    except (MissingInputError, UsageError):  # a run deleted since: it shows nothing, and is refused as such
+        return {}
+    return {tag: tags[tag] for tag in PROVENANCE_TAGS if tag in tags}
 
 
 def from_model(uri: str, store: MlflowStore, space: dict[str, Param]) -> list[WarmStart]:
@@ -73,7 +93,8 @@ def from_model(uri: str, store: MlflowStore, space: dict[str, Param]) -> list[Wa
         raise WarmStartError(f"--enqueue-from {uri}: run {version.run_id} has no params {', '.join(missing)}; "
                              "it was not trained with these keys")
     params = {key: _from_text(logged[key], entry) for key, entry in space.items()}
-    return [WarmStart(f"{MODEL_PREFIX}{version.name} version {version.version} (run {version.run_id})", params)]
+    return [WarmStart(f"{MODEL_PREFIX}{version.name} version {version.version} (run {version.run_id})", params,
+                      _provenance(store, version.run_id))]
 
 
 def _from_text(text: str, entry: Param) -> Any:
@@ -104,6 +125,18 @@ def check_in_space(starts: list[WarmStart], space: dict[str, Param], source: str
         )
 
 
+def check_provenance(starts: list[WarmStart], expected: dict[str, str], source: str) -> None:
+    """Refuse sets whose run was trained on other data, split, encoder checkpoint, class order or preprocessing than
+    `expected` (this study's), naming the first such set, the field and both values."""
+    for start in starts:
+        mismatch = provenance_mismatch(start.provenance, expected)
+        if mismatch:
+            raise WarmStartError(
+                f"--enqueue-from {source}: {start.origin} {mismatch}; warm-start from a study or model trained on this "
+                "study's data, split, encoder checkpoint and preprocessing"
+            )
+
+
 def _contains(distribution: optuna.distributions.BaseDistribution, value: Any) -> bool:
     try:
         return distribution._contains(distribution.to_internal_repr(value))
@@ -125,13 +158,14 @@ def enqueue(study: optuna.Study, starts: list[WarmStart], source: str) -> list[d
         study.enqueue_trial(start.params, user_attrs={TRIAL_ATTR: TrialRecord(enqueued_from=start.origin).to_dict()},
                             skip_if_exists=True)
         if len(study.get_trials(deepcopy=False)) > before:
-            enqueued.append({"source": source, **asdict(start)})
+            enqueued.append({"source": source, "origin": start.origin, "params": start.params})
     return enqueued
 
 
 def warm_start(study: optuna.Study, spec: SweepSpec, source: str, *, top: int, store: MlflowStore,
-               parent_run_id: str) -> list[dict[str, Any]]:
-    """Read `source`, check it against `spec.space`, enqueue it and record it on the study and its parent run."""
+               parent_run_id: str, provenance: dict[str, str]) -> list[dict[str, Any]]:
+    """Read `source`, check it against `spec.space` and this study's `provenance` (`octft.train.provenance`), enqueue
+    it and record it on the study and its parent run."""
     if top < 1:
         raise WarmStartError(f"--enqueue-top must be at least 1, got {top}")
     if source.startswith(MODEL_PREFIX):
@@ -139,6 +173,7 @@ def warm_start(study: optuna.Study, spec: SweepSpec, source: str, *, top: int, s
     else:
         starts = from_sweep(source, top)
     check_in_space(starts, spec.space, source)
+    check_provenance(starts, provenance, source)
     enqueued = enqueue(study, starts, source)
     if enqueued:
         history = list(study.user_attrs.get(ENQUEUED_ATTR, [])) + enqueued

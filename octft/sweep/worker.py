@@ -28,12 +28,14 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 import optuna
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
 from octft.config import ConfigError
+from octft.console import epoch_lines, log_to, quiet_console
 from octft.errors import OctftError
 from octft.redaction import redact
 from octft.sweep.plan import LaunchPlan
@@ -43,7 +45,7 @@ from octft.sweep.runners import Runner, make_runner
 from octft.sweep.space import suggest
 from octft.sweep.storage import open_study_storage
 from octft.sweep.study import next_trial, open_worker_study, reap_stale_trials, retry
-from octft.sweep.tracking import settle_run, start_trial_run, update_parent_best
+from octft.sweep.tracking import log_trial_result, settle_run, start_trial_run, update_parent_best
 from octft.track.mlflow_store import MlflowStore
 
 
@@ -73,11 +75,13 @@ def stop_with_parent() -> None:
     watch_parent(interrupt)
 
 
-def run_worker(plan: LaunchPlan, worker_index: int, runner: Runner, *, echo: Callable[[str], None] = print) -> int:
+def run_worker(plan: LaunchPlan, worker_index: int, runner: Runner, *, echo: Callable[[str], None] = print,
+               verbose: bool = False) -> int:
     """Run trials of `plan`'s study on `runner` until the budget is spent or the deadline passes; return how many.
 
     `worker_index` keeps this worker's sampler seed and devices apart from the launch's other workers'. The runner is
-    closed when the loop ends.
+    closed when the loop ends. `echo` gets one line per trial end (`describe`); `verbose`: also a line when a trial
+    starts and, when it ends, its epochs (from its trial.log, where its runner wrote them).
     """
     launch = plan.launch
     try:
@@ -93,7 +97,8 @@ def run_worker(plan: LaunchPlan, worker_index: int, runner: Runner, *, echo: Cal
                 break
             with heartbeat(storage, trial._trial_id):
                 record = start_trial(plan, study, storage, trial, worker_index, runner_pid=runner.pid)
-                echo(f"worker {worker_index}: trial {trial.number} starts ({record.run_dir})")
+                if verbose:
+                    echo(f"trial {trial.number} starts on worker {worker_index} ({record.run_dir})")
                 try:
                     outcome = runner.run(plan, trial.number)
                 except KeyboardInterrupt:
@@ -105,7 +110,10 @@ def run_worker(plan: LaunchPlan, worker_index: int, runner: Runner, *, echo: Cal
                     raise
                 state = finish_trial(plan, study, storage, store, trial, record, outcome)
             done += 1
-            echo(f"worker {worker_index}: trial {trial.number} {describe(state, record, plan.spec().objective.metric)}")
+            if verbose:
+                for line in epoch_lines(Path(record.run_dir) / "trial.log"):
+                    echo(f"  trial {trial.number} {line}")
+            echo(describe(trial.number, state, record.outcome, plan.spec().objective.metric, best_so_far(study)))
     finally:
         runner.close()
     return done
@@ -148,6 +156,7 @@ def finish_trial(plan: LaunchPlan, study: optuna.Study, storage: RDBStorage, sto
         # Optuna warns that heartbeats are meant for Study.optimize; this loop beats for its trials itself.
         warnings.filterwarnings("ignore", message="Heartbeat of storage")
         study.tell(trial, outcome.best_value if state == TrialState.COMPLETE else None, state=state)
+    log_trial_result(store, record, state, plan.spec().objective.metric)
     # The runner left the run open (or died): it ends now that Optuna holds the trial's state.
     settle_run(store, record.mlflow_run_id, state, outcome.stop_reason if outcome.run_status is None else None)
     if state == TrialState.COMPLETE and study.best_trial.number == trial.number:  # the parent's best changed
@@ -155,14 +164,38 @@ def finish_trial(plan: LaunchPlan, study: optuna.Study, storage: RDBStorage, sto
     return state
 
 
-def describe(state: TrialState, record: TrialRecord, metric: str) -> str:
-    """How a trial ended, in one line: `COMPLETE val/balanced_accuracy 0.7123 at epoch 5`, `PRUNED (collapse) ...`."""
-    outcome = record.outcome
+def describe(number: int, state: TrialState, outcome: TrialOutcome, metric: str, best: tuple[int, float] | None) -> str:
+    """How a trial ended, in one line, with the study's best so far (`best_so_far`):
+
+        trial 7 COMPLETE val/balanced_accuracy=0.712 at epoch 5 (best: trial 3, 0.741)
+        trial 2 PRUNED (collapse) at epoch 4 val/balanced_accuracy=0.312: collapsed: class 0 takes 97.0% of ... (best: ...)
+        trial 9 FAIL: ValueError: a bad checkpoint (log runs/.../trial-9/trial.log) (best: trial 3, 0.741)
+
+    A pruned trial's value is its best epoch's, before it was pruned.
+    """
+    if best is None:
+        standing = "no trial complete yet"
+    else:
+        standing = "new best" if best[0] == number else f"best: trial {best[0]}, {best[1]:.3f}"
+    value = f"{metric}={'none' if outcome.best_value is None else format(outcome.best_value, '.3f')}"
     if state == TrialState.COMPLETE:
-        return f"COMPLETE {metric} {outcome.best_value:.4f} at epoch {outcome.best_epoch}"
+        return f"trial {number} COMPLETE {value} at epoch {outcome.best_epoch} ({standing})"
     if state == TrialState.PRUNED:
-        return f"PRUNED ({outcome.prune_reason}) at epoch {outcome.prune_epoch}"
-    return f"FAIL: {(outcome.stop_reason or '').splitlines()[0] if outcome.stop_reason else 'no reason'}"
+        # The reason's first clause: the collapse pruner's detail goes on about its streak and grace epochs.
+        detail = (outcome.prune_detail or "").split(";")[0].removesuffix(f" at epoch {outcome.prune_epoch}")
+        return (f"trial {number} PRUNED ({outcome.prune_reason}) at epoch {outcome.prune_epoch} {value}"
+                + (f": {detail}" if detail else "") + f" ({standing})")
+    reason = outcome.stop_reason.splitlines()[0] if outcome.stop_reason else "no reason given"
+    return f"trial {number} FAIL: {reason} ({standing})"
+
+
+def best_so_far(study: optuna.Study) -> tuple[int, float] | None:
+    """The study's best trial and its value now (every worker's trials), or None while none is COMPLETE."""
+    try:
+        best = study.best_trial
+    except ValueError:  # no COMPLETE trial yet
+        return None
+    return best.number, float(best.value)
 
 
 @contextlib.contextmanager
@@ -209,10 +242,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--wait-for-launch", action="store_true",
                         help="start the runner, then take no trial before the line 'go' on standard input (the launch "
                              "sends it once the data is prepared; end of input without it: exit, the launch failed)")
+    parser.add_argument("--verbose", action="store_true", help="trial starts, epochs and library logs too")
     args = parser.parse_args(argv)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with quiet_console(verbose=args.verbose):
+        return _work(args)
+
+
+def _work(args: argparse.Namespace) -> int:
     try:
         plan = LaunchPlan.read(args.plan)
+        log_to(Path(plan.study_dir) / "launch.log")  # beside the launch's own library logs
         runner = make_runner(plan, args.worker_index)
         if args.wait_for_launch:
             stop_with_parent()
@@ -220,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if sys.stdin.readline().strip() != "go":  # the launch failed before its trials
                 runner.close(timeout=0)
                 return 0
-        run_worker(plan, args.worker_index, runner)
+        run_worker(plan, args.worker_index, runner, verbose=args.verbose)
     except OctftError as error:
         print(f"octft: error: worker {args.worker_index}: {' '.join(str(error).split())}", file=sys.stderr)
         return 2

@@ -3,7 +3,7 @@
 - `MlflowTracker`: one run held open, behind the `Tracker` seam the training loop logs through;
 - `MlflowStore`: the other operations on a tracking store and its registry (ending, reopening and tagging runs
   octft does not hold open, downloads, model versions);
-- `save_pyfunc` / `load_pyfunc`: MLflow Models.
+- `save_pyfunc` / `load_pyfunc`: MLflow Models (models from code); `MlflowStore` logs them as MLflow 3 LoggedModels.
 
 Nothing here touches MLflow's fluent API (`mlflow.start_run` and its global active-run stack), so a study's
 parent run and its trials' runs live in one process without stepping on each other. Every SQLite store is
@@ -26,25 +26,29 @@ whole in a temporary file and linked into place, so a full disk never leaves a h
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import os
 import posixpath
 import re
 import sqlite3
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import mlflow.data
+import mlflow.models
 import mlflow.pyfunc
-from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
+import mlflow.tracking._tracking_service.utils as mlflow_tracking_state
+from mlflow.entities import DatasetInput, InputTag, LoggedModelOutput, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
-from mlflow.models import ModelSignature
-from mlflow.store.db.utils import _get_latest_schema_revision, _initialize_tables
+from mlflow.models import Model, ModelSignature
+from mlflow.store.db.utils import _all_tables_exist, _get_latest_schema_revision, _initialize_tables
 from mlflow.system_metrics.metrics.base_metrics_monitor import BaseMetricsMonitor
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking import MlflowClient
@@ -59,8 +63,9 @@ from octft import sqlite_wal
 from octft.errors import MissingInputError, UsageError
 from octft.io import DiskFullError, atomic_file
 from octft.redaction import redact, redact_text, redact_url
-from octft.stores import (TIMEOUT_ENV, TRACKING_ENV, artifact_location, dialect, http_credentials, missing_driver,
-                          resolve_tracking_uri, sqlalchemy_url, sqlite_path, store_timeout_s)
+from octft.stores import (TIMEOUT_ENV, TRACKING_ENV, artifact_location, database_lock, dialect, http_credentials,
+                          missing_driver, open_failure, resolve_tracking_uri, sqlalchemy_url, sqlite_path,
+                          store_timeout_s)
 from octft.track import RunDataset
 
 logger = logging.getLogger(__name__)
@@ -70,6 +75,9 @@ RUN_STATUSES: tuple[str, ...] = ("FINISHED", "FAILED", "KILLED")
 END_REASON_TAG = "octft.end_reason"
 PARENT_RUN_TAG = "mlflow.parentRunId"  # the tag the MLflow UI nests child runs by
 NOTE_TAG = "mlflow.note.content"  # the run description the UI shows on the run's page
+# The experiment's kind, model training: a UI that reads it opens runs, not traces. (MLflow 3.17's own UI follows its
+# GenAI / Model training switch instead, which the addresses `octft ui` prints set.)
+EXPERIMENT_KIND_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 
 # MLflow 3's own limits (mlflow.utils.validation); a longer value is refused by the store.
 MAX_PARAM_VALUE_LENGTH = 6000
@@ -81,6 +89,8 @@ _RUN_ID = re.compile(r"[A-Za-z0-9_\-]+")
 SYSTEM_METRICS_INTERVAL_S = 10.0
 
 PythonModel = mlflow.pyfunc.PythonModel  # the base class of a pyfunc model (octft.registry.model)
+set_model = mlflow.models.set_model  # what a models-from-code file calls with its model (octft.registry.pyfunc_code)
+LOGGED_MODEL_VERSIONS_TAG = "mlflow.modelVersions"  # on a LoggedModel: its registered versions, as the UI reads them
 
 
 _NETWORK_SQL = ("postgresql", "postgres", "mysql", "mariadb", "mssql")
@@ -104,8 +114,9 @@ def _client(mlflow_uri: str, shown: str) -> MlflowClient:
         raise UsageError(f"cannot open the MLflow store {shown}: {line}; {_STORE_HINT}") from None
 
 
-def _mlflow_uri(uri: str, shown: str) -> str:
-    """What MLflow is given for the store `uri`, checked: see the module docstring."""
+def _mlflow_uri(uri: str, shown: str, *, make_tables: bool = True) -> str:
+    """What MLflow is given for the store `uri`, checked: see the module docstring. `make_tables=False` (a check that
+    changes nothing) leaves a new database's tables to the first store that opens it."""
     kind = dialect(uri)
     if kind in ("http", "https"):
         bare, user, password = http_credentials(uri)
@@ -128,8 +139,9 @@ def _mlflow_uri(uri: str, shown: str) -> str:
         if kind != "mssql" and "connect_timeout=" not in url:  # every connection MLflow's pool makes later, too
             url += f"{'&' if '?' in url else '?'}connect_timeout={store_timeout_s()}"
         if url not in _checked:
-            _check_database(url, shown)
-            _checked.add(url)
+            _check_database(url, shown, make_tables=make_tables)
+            if make_tables:
+                _checked.add(url)
         return url
     return uri
 
@@ -142,7 +154,7 @@ def check_store(tracking_uri: str) -> str:
     shown = redact_url(uri)
     path = sqlite_path(uri)
     if path is None:
-        _mlflow_uri(uri, shown)
+        _mlflow_uri(uri, shown, make_tables=False)
         return "answers"
     if not path.exists():
         return "does not exist yet, will be created"
@@ -189,16 +201,25 @@ def _check_server(url: str, shown: str) -> None:
                          f"tracking server (or another path); check the URL, {_STORE_HINT}")
 
 
-def _check_database(url: str, shown: str) -> None:
-    """One connection with the timeout in `url`: MLflow retries a database that refuses for minutes."""
+def _check_database(url: str, shown: str, *, make_tables: bool) -> None:
+    """One connection with the timeout in `url` (MLflow retries a database that refuses for minutes); with
+    `make_tables`, a new database's tables made under a database lock: hosts opening it at the same moment would each
+    make them, and all but one fail (duplicate key value ... pg_type_typname_nsp_index)."""
     engine = create_engine(url, poolclass=NullPool)
     try:
         with engine.connect():
             pass
+        if not make_tables:
+            return
+        with database_lock(engine, "mlflow-schema"):
+            if not _all_tables_exist(engine):
+                _initialize_tables(engine)  # MLflow's own: its tables, then every migration to the head revision
+    except UsageError:
+        raise
     except Exception as error:  # sqlalchemy's OperationalError and friends: refused, timed out, bad auth, no database
-        raise UsageError(f"the MLflow store {shown} does not answer ({redact_text(_first_line(error))}); check that the "
-                         f"database server is up and reachable from this host within {store_timeout_s()} s "
-                         f"(${TIMEOUT_ENV}), {_STORE_HINT}") from None
+        line = redact_text(_first_line(error))
+        happened, advice = open_failure(line)
+        raise UsageError(f"the MLflow store {shown} {happened} ({line}); {advice}, {_STORE_HINT}") from None
     finally:
         engine.dispose()
 
@@ -284,12 +305,42 @@ class RunView:
 
 @dataclass(frozen=True)
 class ModelVersion:
-    """A registered model version: its name, number, and the run artifact it was registered from."""
+    """A registered model version: its name, number, and the run artifact it was registered from. A version of an
+    MLflow 3 LoggedModel names that model (`model_id`) and, as `artifact_path`, the model's name: MLflow resolves
+    `runs:/<run_id>/<name>` to the run's LoggedModel of that name, so a download by run and path finds it."""
 
     name: str
     version: str
     run_id: str
     artifact_path: str
+    model_id: str | None = None
+
+
+@dataclass(frozen=True)
+class LoggedModelView:
+    """What octft reads of an MLflow 3 LoggedModel: its id, name, the run that made it, its status and metrics."""
+
+    model_id: str
+    name: str
+    run_id: str | None
+    experiment_id: str
+    artifact_location: str
+    status: str
+    metrics: dict[str, float]
+    tags: dict[str, str]
+
+    @classmethod
+    def of(cls, model) -> "LoggedModelView":
+        """The view of an MLflow `LoggedModel` (a metric logged at several steps: its value at the last one)."""
+        ordered = sorted(model.metrics or [], key=lambda metric: (metric.step, metric.timestamp))
+        metrics = {metric.key: metric.value for metric in ordered}
+        status = getattr(model.status, "value", model.status)
+        return cls(model.model_id, model.name, model.source_run_id, str(model.experiment_id), model.artifact_location,
+                   str(status), metrics, dict(model.tags or {}))
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.model_id}"
 
 
 class MlflowStore:
@@ -378,9 +429,12 @@ class MlflowStore:
         return any(entry.path == artifact_path.strip("/") for entry in self.client.list_artifacts(run_id, parent))
 
     def download(self, run_id: str, artifact_path: str, into: str | Path) -> Path:
-        """Artifact `artifact_path` (a file or folder) of run `run_id`, downloaded under `into`."""
+        """Artifact `artifact_path` (a file or folder) of run `run_id`, downloaded under `into`; `<name>/...` of the
+        run's LoggedModel `<name>` too, where the run has no such artifact (MLflow 3 reads `runs:/` URIs so)."""
         try:
-            return Path(self.client.download_artifacts(run_id, artifact_path, str(into)))
+            # MLflow looks that LoggedModel's artifacts up in the process's registry, not this client's: this store.
+            with _process_tracking_uri(self.mlflow_uri):
+                return Path(self.client.download_artifacts(run_id, artifact_path, str(into)))
         except (MlflowException, OSError) as error:
             raise MissingInputError(f"MLflow run {run_id} has no readable artifact {artifact_path!r} in {self.shown} "
                                     f"({_first_line(error)})") from None
@@ -392,6 +446,11 @@ class MlflowStore:
     def experiment_id(self, name: str) -> str | None:
         experiment = self.client.get_experiment_by_name(name)
         return None if experiment is None else str(experiment.experiment_id)
+
+    def experiment_artifact_location(self, name: str) -> str | None:
+        """Where experiment `name` keeps its runs' artifacts (fixed when it was created); None when it does not exist."""
+        experiment = self.client.get_experiment_by_name(name)
+        return None if experiment is None else str(experiment.artifact_location)
 
     def child_runs(self, parent_run_id: str) -> list[RunView]:
         parent = self.run(parent_run_id)
@@ -416,6 +475,10 @@ class MlflowStore:
             raise MissingInputError(f"{uri}: not found in the MLflow registry at {self.shown} "
                                     f"({_first_line(error)})") from None
         source = str(version.source)
+        model_id = _logged_model_id(source)
+        if model_id is not None:  # a LoggedModel's version: its run and its name find it (see ModelVersion)
+            return ModelVersion(str(version.name), str(version.version), str(version.run_id),
+                                self.logged_model(model_id).name, model_id)
         prefix = f"runs:/{version.run_id}/"
         artifact_path = source[len(prefix):] if source.startswith(prefix) else source.rstrip("/").rsplit("/", 1)[-1]
         return ModelVersion(str(version.name), str(version.version), str(version.run_id), artifact_path)
@@ -479,11 +542,98 @@ class MlflowStore:
     def describe_version(self, name: str, version: str, description: str) -> None:
         self.client.update_model_version(name, version, description=description)
 
+    # -- LoggedModels (MLflow 3): a model of its own, with its artifacts, metrics and status, linked to its run
+
+    def create_logged_model(self, run_id: str, name: str, *, tags: dict[str, str] | None = None) -> LoggedModelView:
+        """A new LoggedModel of run `run_id` in the run's experiment, PENDING until `finish_logged_model`; it takes the
+        run's params (as `mlflow.pyfunc.log_model` does), so models compare by hyperparameters in the UI."""
+        run = self.run(run_id)
+        model = self.client.create_logged_model(run.experiment_id, name, source_run_id=run_id, params=run.params,
+                                                tags=_tag_values(tags or {}))
+        return LoggedModelView.of(model)
+
+    def finish_logged_model(self, model: LoggedModelView, folder: str | Path, *, metrics: dict[str, float],
+                            step: int) -> LoggedModelView:
+        """Upload the MLflow Model `folder` as `model`'s artifacts, record it as an output of its run at `step`, give it
+        `metrics` (`log_model_metrics`) and mark it READY."""
+        self.client.log_model_artifacts(model.model_id, str(folder))
+        self.client.log_outputs(model.run_id, [LoggedModelOutput(model.model_id, int(step))])
+        self.log_model_metrics(model.run_id, model.model_id, metrics, step)
+        self.client.finalize_logged_model(model.model_id, "READY")
+        return self.logged_model(model.model_id)
+
+    def fail_logged_model(self, model: LoggedModelView) -> None:
+        """Mark `model` FAILED: its artifacts were not all written, so nothing may load or register it."""
+        self.client.finalize_logged_model(model.model_id, "FAILED")
+
+    def logged_model(self, model_id: str) -> LoggedModelView:
+        try:
+            return LoggedModelView.of(self.client.get_logged_model(model_id))
+        except MlflowException as error:
+            raise MissingInputError(f"MLflow LoggedModel {model_id} is not in the store {self.shown} "
+                                    f"({_first_line(error)})") from None
+
+    def logged_models(self, run_id: str, name: str | None = None, *,
+                      status: str | None = "READY") -> list[LoggedModelView]:
+        """The LoggedModels run `run_id` made (named `name`; in `status`, None: any), oldest first."""
+        query = f"source_run_id = '{run_id}'" + (f" AND name = '{name}'" if name else "")
+        found = self.client.search_logged_models([self.run(run_id).experiment_id], filter_string=query,
+                                                 order_by=[{"field_name": "creation_time", "ascending": True}])
+        models = [LoggedModelView.of(model) for model in found]
+        return [model for model in models if status is None or model.status == status]
+
+    def log_model_metrics(self, run_id: str, model_id: str, metrics: dict[str, float], step: int) -> None:
+        """`metrics` at `step` as metrics of LoggedModel `model_id`, logged to its run `run_id`. A value the run
+        already logged at that step keeps its timestamp, so the run's history gains no second point: it is linked."""
+        def same(value: float) -> float | str:
+            return "nan" if math.isnan(value) else value
+
+        logged = {(entry.key, same(entry.value)): entry.timestamp for key in metrics
+                  for entry in self.client.get_metric_history(run_id, key) if entry.step == step}
+        stamp = int(time.time() * 1000)
+        entries = [Metric(key, float(value), logged.get((key, same(float(value))), stamp), int(step), model_id=model_id)
+                   for key, value in metrics.items()]
+        for chunk in _chunks(entries, _MAX_METRICS_PER_BATCH):
+            self.client.log_batch(run_id, metrics=chunk)
+
+    def register_logged_model(self, model: LoggedModelView, name: str, alias: str | None = "champion",
+                              tags: dict[str, str] | None = None) -> str:
+        """Register LoggedModel `model` (`models:/<model_id>`) as a version of model `name` (created when absent) and
+        return the version; the same LoggedModel again returns its existing version. `alias` moves to it. The
+        LoggedModel lists its versions (tag `mlflow.modelVersions`), as `mlflow.register_model` leaves it."""
+        if model.status != "READY":
+            raise UsageError(f"LoggedModel {model.model_id} of run {model.run_id} is {model.status}, not READY: its "
+                             "artifacts were not all written; log it again")
+        self._ensure_registered_model(name)
+        existing = [version for version in self.client.search_model_versions(f"run_id='{model.run_id}'")
+                    if version.name == name and version.source == model.uri]
+        if existing:
+            version = str(min(existing, key=lambda found: int(found.version)).version)
+        else:
+            # MLflow's SQL registry looks `models:/<model_id>` up through the process's tracking URI, not this client's
+            # (its own TODO in SqlAlchemyStore.create_model_version): point that at this store for the one call.
+            with _process_tracking_uri(self.mlflow_uri):
+                version = str(self.client.create_model_version(name, model.uri, run_id=model.run_id,
+                                                               model_id=model.model_id).version)
+            listed = json.loads(self.logged_model(model.model_id).tags.get(LOGGED_MODEL_VERSIONS_TAG) or "[]")
+            self.client.set_logged_model_tags(model.model_id, {LOGGED_MODEL_VERSIONS_TAG: json.dumps(
+                [*listed, {"name": name, "version": version}])})
+        if alias:
+            self.client.set_registered_model_alias(name, alias, version)
+        for key, value in _tag_values(tags or {}).items():
+            self.client.set_model_version_tag(name, version, key, value)
+        return version
+
+    def set_experiment_tag(self, experiment_id: str, key: str, value: Any) -> None:
+        self.client.set_experiment_tag(experiment_id, key, _tag_values({key: value})[key])
+
     def _experiment_id_or_create(self, name: str, location: str | None) -> str:
+        """The experiment `name`, created when absent; either way it opens in MLflow's model-training layout."""
         experiment = self.client.get_experiment_by_name(name)
         if experiment is None:
             try:
-                return self.client.create_experiment(name, artifact_location=location or artifact_location(self.uri, name))
+                return self.client.create_experiment(name, artifact_location=location or artifact_location(self.uri, name),
+                                                     tags=EXPERIMENT_KIND_TAGS)
             except MlflowException as error:
                 if _error_code(error) != "RESOURCE_ALREADY_EXISTS":  # another worker created it meanwhile: use theirs
                     raise
@@ -491,6 +641,9 @@ class MlflowStore:
         if experiment.lifecycle_stage == "deleted":
             raise UsageError(f"MLflow experiment {name!r} is deleted in {self.shown}; restore it (mlflow experiments "
                              f"restore --experiment-id {experiment.experiment_id}) or pick another name")
+        for key, value in EXPERIMENT_KIND_TAGS.items():
+            if key not in experiment.tags:  # made by an older octft: a kind the user chose in the UI is kept
+                self.client.set_experiment_tag(experiment.experiment_id, key, value)
         return experiment.experiment_id
 
 
@@ -739,12 +892,42 @@ def table_signature(inputs: Sequence[tuple[str, str]], outputs: Sequence[tuple[s
                           outputs=Schema([ColSpec(kind, name) for kind, name in outputs]))
 
 
-def save_pyfunc(path: str | Path, python_model: PythonModel, *, artifacts: dict[str, str], signature: ModelSignature,
-                input_example: Any, pip_requirements: list[str], metadata: dict[str, Any]) -> Path:
-    """Write the MLflow Model of `python_model` with `artifacts` to the new folder `path`."""
-    mlflow.pyfunc.save_model(path=str(path), python_model=python_model, artifacts=artifacts, signature=signature,
-                             input_example=input_example, pip_requirements=pip_requirements, metadata=metadata)
+def save_pyfunc(path: str | Path, python_model: str | Path, *, code_paths: Sequence[str | Path],
+                artifacts: dict[str, str], signature: ModelSignature, input_example: Any, pip_requirements: list[str],
+                metadata: dict[str, Any], logged_model: LoggedModelView | None = None) -> Path:
+    """Write to the new folder `path` the MLflow Model whose code is the file `python_model` (models from code: the file
+    calls `set_model`; MLflow runs it at load, with `code_paths` first on `sys.path`, and unpickles nothing), holding
+    `artifacts`; `logged_model`: the LoggedModel it is written for, which its MLmodel file then names."""
+    identity = None if logged_model is None else Model(
+        artifact_path=logged_model.artifact_location, model_uuid=logged_model.model_id, run_id=logged_model.run_id,
+        model_id=logged_model.model_id)
+    # MLflow copies the uv.lock and pyproject.toml of the working directory into a model (MLFLOW_UV_AUTO_DETECT), and
+    # `--env-manager uv` then syncs that project instead of installing requirements.txt: octft's own project, which
+    # no registry has. Its detection looks in `uv_project_path` only: the new model folder, which holds neither.
+    mlflow.pyfunc.save_model(path=str(path), python_model=str(python_model),
+                             code_paths=[str(item) for item in code_paths], artifacts=artifacts, signature=signature,
+                             input_example=input_example, pip_requirements=pip_requirements, metadata=metadata,
+                             mlflow_model=identity, uv_project_path=str(path))
     return Path(path)
+
+
+def _logged_model_id(source: str) -> str | None:
+    """The LoggedModel id of a model version's source `models:/<model_id>`; None for any other source."""
+    reference = source.removeprefix("models:/") if source.startswith("models:/") else ""
+    return reference if reference and not any(mark in reference for mark in "/@") else None
+
+
+@contextlib.contextmanager
+def _process_tracking_uri(uri: str) -> Iterator[None]:
+    """The process's MLflow tracking URI set to `uri` for a block, then put back as it was. Set in MLflow's module
+    state alone: `mlflow.set_tracking_uri` also writes $MLFLOW_TRACKING_URI, and MLflow's own `_use_tracking_uri`
+    unsets that variable on its way out when no URI had been set, under a demo or a test that set it."""
+    saved = mlflow_tracking_state._tracking_uri
+    mlflow_tracking_state._tracking_uri = uri
+    try:
+        yield
+    finally:
+        mlflow_tracking_state._tracking_uri = saved
 
 
 def load_pyfunc(folder: str | Path):

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from octft.errors import MissingInputError, OctftError
+from octft.train.provenance import provenance_mismatch
 
 if TYPE_CHECKING:
     from octft.track.mlflow_store import MlflowStore
@@ -50,28 +51,13 @@ def load_head(model, state: dict, head_from: str) -> None:
         ) from None
 
 
-# What produced a run's weights, as tags on the run: a head may start another run only when all of these agree.
-PROVENANCE_TAGS = {
-    "octft.data_manifest_hash": "data release and split (the data manifest hash)",
-    "octft.encoder": "encoder checkpoint",
-    "octft.classes": "class order",
-    "octft.preprocessing": "preprocessing",
-}
-
-
 def check_provenance(head_from: str, head_tags: dict[str, str], expected: dict[str, str]) -> None:
     """Refuse a head trained on anything but this run's data, split, encoder checkpoint, class order and
-    preprocessing (its run's `PROVENANCE_TAGS`), naming the field and both values: a head trained on another split
-    may have seen this run's validation or test participants."""
-    for tag, what in PROVENANCE_TAGS.items():
-        found = head_tags.get(tag)
-        if found is None:
-            raise HeadFromError(f"init.head_from={head_from!r}: its run records no {what} ({tag}), so nothing shows it "
-                                "was trained on this run's data; use a probe run of this octft on the same data")
-        if found != expected[tag]:
-            raise HeadFromError(f"init.head_from={head_from!r} was trained with another {what}: {tag} is {found} there "
-                                f"and {expected[tag]} here; use a probe run on this data, split, encoder checkpoint, "
-                                "class order and preprocessing")
+    preprocessing (`octft.train.provenance`), naming the field and both values."""
+    mismatch = provenance_mismatch(head_tags, expected)
+    if mismatch:
+        raise HeadFromError(f"init.head_from={head_from!r} {mismatch}; use a probe run on this data, split, encoder "
+                            "checkpoint, class order and preprocessing")
 
 
 def head_settings(head_from: str, store: MlflowStore) -> dict[str, str]:

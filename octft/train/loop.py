@@ -28,6 +28,7 @@ from typing import Mapping, Protocol, Sequence
 import numpy as np
 import torch
 
+from octft.console import epoch_line
 from octft.data.batches import Batches, place_rows
 from octft.train.losses import mean_loss, row_losses
 from octft.train.metrics import aggregate_by_participant, classification_metrics, confusion_matrix, softmax
@@ -522,9 +523,8 @@ def _check_objective(objective_metric: str, metrics: dict[str, float]) -> None:
 
 
 def _print_epoch(epoch: int, metrics: dict[str, float], encoder: str) -> None:
-    print(f"epoch {epoch:3d}  train/loss {metrics['train/loss']:.4f}  val/loss {metrics['val/loss']:.4f}  "
-          f"val/balanced_accuracy {metrics['val/balanced_accuracy']:.3f}  val/macro_f1 {metrics['val/macro_f1']:.3f}  "
-          f"encoder {encoder}  {metrics['perf/epoch_seconds']:.1f}s", flush=True)
+    # In a sweep this is the trial's trial.log (its runner's output); `octft sweep launch --verbose` echoes it.
+    print(epoch_line(epoch, metrics, encoder), flush=True)
 
 
 def _compiles_since(before: dict[str, float], now: dict[str, float]) -> dict[str, float]:

@@ -12,7 +12,6 @@ run. Every sweep trial runs this same function, with the Optuna reporter attache
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import shutil
 import subprocess
@@ -29,7 +28,8 @@ from octft.train.head_from import HeadFromError, check_provenance, load_head, ru
 from octft.train.loop import FitResult, LoopState, ended_state, fit
 from octft.train.runtime import load_state, make_runtime
 from octft.data.dataset import data_manifest_hash
-from octft.train.setup import RunCache, class_weights_for, encoder_identity
+from octft.train.provenance import run_provenance
+from octft.train.setup import RunCache, class_weights_for
 
 # The audited volume table's columns a run's dataset inputs show (what each volume is, not where it is cached).
 DATASET_COLUMNS = ("key", "participant_id", "label", "class_name", "split", "device", "laterality", "region", "source_id")
@@ -178,17 +178,6 @@ def validation_note(cfg: ExperimentConfig, val_set) -> str:
         return f"val split ({participants} participants)"
     return (f"inner split of train: {cfg.data.inner_val_fraction:g} of each class, seed {cfg.data.split.seed} "
             f"({participants} participants); the val split was not read")
-
-
-def run_provenance(cfg: ExperimentConfig, volumes) -> dict[str, str]:
-    """What produced a run's weights (`octft.train.head_from.PROVENANCE_TAGS`): the data manifest hash (every volume,
-    label and split), the encoder checkpoint's content hash (or its seed), the class order and a hash of the
-    preprocessing."""
-    preprocessing = json.dumps({**cfg.data.preprocess.model_dump(mode="json"), "cache_dtype": cfg.data.cache_dtype},
-                               sort_keys=True)
-    return {"octft.data_manifest_hash": data_manifest_hash(volumes), "octft.encoder": encoder_identity(cfg),
-            "octft.classes": ",".join(CLASS_SHORT_NAMES),
-            "octft.preprocessing": hashlib.sha256(preprocessing.encode()).hexdigest()[:16]}
 
 
 def head_state(head_from: str, store: MlflowStore) -> dict:

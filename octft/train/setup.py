@@ -14,9 +14,7 @@ that samples a key of any of these gets its own: nothing is built once for a who
 from __future__ import annotations
 
 import copy
-import functools
 import math
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -26,10 +24,11 @@ from octft.config import ExperimentConfig
 from octft.data.dataset import DataSetup, prepare_data
 from octft.data.layout import CLASS_SHORT_NAMES
 from octft.features.frozen import FrozenFeatures, frozen_features
-from octft.features.store import STORAGE_DTYPE, FeatureKey, FeaturePlan, FeatureStore, checkpoint_identity
+from octft.features.store import STORAGE_DTYPE, FeatureKey, FeaturePlan, FeatureStore
 from octft.models import Classifier, build_encoder, build_head
 from octft.models.checkpoint import load_encoder_checkpoint
 from octft.train.losses import balanced_class_weights
+from octft.train.provenance import encoder_identity
 
 
 def class_weights_for(cfg: ExperimentConfig, train_set) -> torch.Tensor | None:
@@ -93,18 +92,6 @@ def needs_features(cfg: ExperimentConfig, resume_epoch: int = -1) -> bool:
     frozen_epochs_left = (unfreeze is None or unfreeze > resume_epoch + 1) and resume_epoch + 1 < cfg.train.epochs
     # Token sequences are large: stored only when asked for (features.tokens=true).
     return cfg.features.enabled and frozen_epochs_left and (cfg.model.head != "attentive" or cfg.features.tokens)
-
-
-@functools.cache
-def _checkpoint_identity(path: str | None, seed: int, size: int, mtime_ns: int) -> str:
-    return checkpoint_identity(path, seed)  # a content hash: read once per file version, not once per run
-
-
-def encoder_identity(cfg: ExperimentConfig) -> str:
-    """`sha256:<hex>` of the checkpoint's content (hashed once per file version in a process), or the seed."""
-    path = cfg.model.pretrained
-    stat = os.stat(path) if path else None
-    return _checkpoint_identity(path, cfg.train.seed, stat.st_size if stat else 0, stat.st_mtime_ns if stat else 0)
 
 
 class RunCache:

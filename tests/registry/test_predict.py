@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -69,40 +70,58 @@ def _direct_logits(checkpoint: Path, files: list[Path]) -> np.ndarray:
         return model(torch.from_numpy(clips).unsqueeze(1)).double().numpy()
 
 
+def _probabilities(row: dict) -> list[float]:
+    return [row[f"prob_{name}"] for name in CLASS_SHORT_NAMES]
+
+
 def test_predict_with_the_champion_equals_the_model_run_directly(champion, capsys):
     root, trained, tracking_uri = champion
     participant_folders = sorted((root / "data" / "retinal_oct" / "structural_oct").glob("*/*"))
-    folder = next(f for f in participant_folders if len(list(f.glob("*.dcm"))) >= 2)
+    folder = next(f for f in participant_folders if len(list(f.glob("*_macula_*.dcm"))) >= 2
+                  and list(f.glob("*_optic_disc_*.dcm")))
     single = next(f for f in participant_folders if f.name != folder.name)
-    single_file = sorted(single.glob("*.dcm"))[0]
+    single_file = sorted(single.glob("*_macula_*.dcm"))[0]
 
     assert main(["predict", "--model", f"models:/{MODEL_NAME}@champion", str(folder), str(single_file),
                  "--tracking-uri", tracking_uri, "--json"]) == 0
-    result = json.loads(capsys.readouterr().out)
-    files = sorted(folder.glob("*.dcm")) + [single_file]
-    assert [entry["file"] for entry in result["volumes"]] == [str(file) for file in files]
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    # Every file has its row, in the pyfunc's columns; the optic-disc volumes of a macula model are not classified.
+    every = sorted(folder.glob("*.dcm")) + [single_file]
+    assert [row["path"] for row in result["volumes"]] == [str(file) for file in every]
+    assert all(list(row) == output_columns() for row in result["volumes"])
+    disc = [row for row in result["volumes"] if "_optic_disc_" in row["path"]]
+    assert disc and all(row["error"] == "outside the model's training selection: region 'optic_disc' not in ['macula']"
+                        and row["prob_healthy"] is None for row in disc)
+    assert result["skipped"] == {"region 'optic_disc' not in ['macula']": len(disc)}
+    assert f"{len(disc)} outside the training selection" in captured.err
 
+    files = [file for file in every if "_optic_disc_" not in file.name]
+    volumes = [row for row in result["volumes"] if row["error"] == ""]
     logits = _direct_logits(trained.run_dir / "checkpoint", files)
     expected = softmax(logits)
-    for entry, row in zip(result["volumes"], expected):
-        probabilities = [entry["probabilities"][name] for name in CLASS_SHORT_NAMES]
-        assert sum(probabilities) == pytest.approx(1.0)
-        np.testing.assert_allclose(probabilities, row, atol=1e-5)
-        assert entry["predicted_class"] == CLASS_SHORT_NAMES[int(row.argmax())]
-    assert {entry["participant_id"] for entry in result["volumes"]} == {folder.name, single.name}
+    for row, probabilities in zip(volumes, expected, strict=True):
+        assert sum(_probabilities(row)) == pytest.approx(1.0)
+        np.testing.assert_allclose(_probabilities(row), probabilities, atol=1e-5)
+        assert row["predicted_class"] == CLASS_SHORT_NAMES[int(probabilities.argmax())]
+    assert {row["participant_id"] for row in volumes} == {folder.name, single.name}
 
     # Participants: the softmax of the mean logits of their volumes, in order of first appearance.
     assert [p["participant_id"] for p in result["participants"]] == [folder.name, single.name]
     first = result["participants"][0]
     assert first["volumes"] == len(files) - 1
-    np.testing.assert_allclose([first["probabilities"][name] for name in CLASS_SHORT_NAMES],
-                               softmax(logits[:-1].mean(axis=0, keepdims=True))[0], atol=1e-5)
-    assert sum(first["probabilities"].values()) == pytest.approx(1.0)
+    np.testing.assert_allclose(_probabilities(first), softmax(logits[:-1].mean(axis=0, keepdims=True))[0], atol=1e-5)
+    assert sum(_probabilities(first)) == pytest.approx(1.0)
 
     # The plain-text table, and a plain checkpoint folder instead of a models:/ URI, say the same.
     assert main(["predict", "--model", str(trained.run_dir / "checkpoint"), str(single_file)]) == 0
     text = capsys.readouterr().out
     assert single.name in text and f"{expected[-1].max():.4f}" in text
+
+    # --all-volumes classifies the optic-disc volumes too.
+    assert main(["predict", "--model", str(trained.run_dir / "checkpoint"), str(folder), "--json", "--all-volumes"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["skipped"] == {} and all(row["error"] == "" for row in result["volumes"])
 
 
 def test_participant_comes_from_metadata_then_folder_then_the_file(champion, tmp_path, capsys):
@@ -115,7 +134,9 @@ def test_participant_comes_from_metadata_then_folder_then_the_file(champion, tmp
     (tmp_path / "misc" / "broken.dcm").write_bytes(b"not a dicom at all")
 
     result = predict(str(trained.run_dir / "checkpoint"), [tmp_path])
-    by_file = {Path(entry["file"]).relative_to(tmp_path).as_posix(): entry["participant_id"] for entry in result.volumes}
+    classified = result.classified()
+    by_file = {Path(path).relative_to(tmp_path).as_posix(): participant_id
+               for path, participant_id in zip(classified["path"], classified["participant_id"])}
     assert by_file == {"misc/scan.npy": str(tmp_path / "misc" / "scan.npy"), "sub-1234/scan.npy": "1234"}
     assert [Path(file).name for file, _ in result.failed] == ["broken.dcm"]
     assert participant_of(Path("/x/folder/a.dcm"), {"participant_id": "01001"}) == "1001"
@@ -149,7 +170,8 @@ def _fresh_env(tracking_uri: str) -> dict[str, str]:
 
 
 def _some_dicoms(root: Path) -> list[Path]:
-    return sorted((root / "data" / "retinal_oct" / "structural_oct").rglob("*.dcm"))[:3]
+    """Three macula volumes: what the champion was trained on (data.selection.regions)."""
+    return sorted((root / "data" / "retinal_oct" / "structural_oct").rglob("*_macula_*.dcm"))[:3]
 
 
 def test_the_champion_loads_as_an_mlflow_pyfunc_in_a_fresh_process(champion, tmp_path):
@@ -176,7 +198,7 @@ def test_the_champion_loads_as_an_mlflow_pyfunc_in_a_fresh_process(champion, tmp
         assert row["predicted_class"] == CLASS_SHORT_NAMES[int(probabilities.argmax())] and row["error"] == ""
         assert row["participant_id"] == participant_of(Path(row["path"]), read_volume(row["path"]).meta)
     # An unreadable or missing volume says why in its own row; the batch still answers.
-    assert all(row["error"] and row["predicted_class"] in ("", None) for row in rows[-2:])
+    assert all(row["error"] and row["predicted_class"] == "" and row["prob_healthy"] is None for row in rows[-2:])
 
 
 def _free_port() -> int:
@@ -187,6 +209,8 @@ def _free_port() -> int:
 
 @pytest.mark.integration
 def test_mlflow_models_serve_answers_invocations_like_octft_predict(champion, capsys, tmp_path):
+    if shutil.which("curl") is None:
+        pytest.skip("the README's request to the server is a curl command")
     root, _, tracking_uri = champion
     files = _some_dicoms(root)[:2]
     port = _free_port()
@@ -210,7 +234,13 @@ def test_mlflow_models_serve_answers_invocations_like_octft_predict(champion, ca
         body = json.dumps({"dataframe_records": [{"path": str(file)} for file in files] + [{"path": "/nowhere.dcm"}]})
         request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body.encode(),
                                          headers={"Content-Type": "application/json"})
-        answer = json.loads(urllib.request.urlopen(request, timeout=120).read())
+        answer = urllib.request.urlopen(request, timeout=120).read().decode()
+        # The README's request: the file itself, base64 in a JSON string, streamed to curl.
+        readme = (f"{{ printf '{{\"dataframe_records\": [{{\"id\": \"scan-1\", \"volume\": \"'; base64 -w0 {files[0]}; "
+                  "printf '\"}]}'; } | curl -s --fail-with-body "
+                  f"127.0.0.1:{port}/invocations -H 'Content-Type: application/json' --data-binary @-")
+        sent = subprocess.run(["bash", "-c", readme], capture_output=True, text=True, timeout=120)
+        assert sent.returncode == 0, sent.stdout[-2000:] + sent.stderr[-2000:]
     finally:
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGTERM)
@@ -219,13 +249,23 @@ def test_mlflow_models_serve_answers_invocations_like_octft_predict(champion, ca
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait(timeout=30)
-    rows = answer["predictions"]
-    assert len(rows) == 3 and rows[-1]["error"] and not rows[0]["error"]
+    rows = _strict_json(answer)["predictions"]
+    assert len(rows) == 3 and rows[-1]["error"] and rows[-1]["prob_healthy"] is None and not rows[0]["error"]
+    [by_bytes] = _strict_json(sent.stdout)["predictions"]
+    assert by_bytes["id"] == "scan-1" and by_bytes["path"] == "" and by_bytes["error"] == ""
 
     assert main(["predict", "--model", f"models:/{MODEL_NAME}@champion", *map(str, files),
                  "--tracking-uri", tracking_uri, "--json"]) == 0
     local = json.loads(capsys.readouterr().out)["volumes"]
-    for row, entry in zip(rows, local):
-        assert row["path"] == entry["file"] and row["predicted_class"] == entry["predicted_class"]
-        np.testing.assert_allclose([row[f"prob_{name}"] for name in CLASS_SHORT_NAMES],
-                                   [entry["probabilities"][name] for name in CLASS_SHORT_NAMES], atol=1e-6)
+    assert [list(row) for row in rows] == [list(entry) for entry in local] + [list(rows[-1])]
+    for row, entry in zip([*rows[:2], by_bytes], [*local, local[0]], strict=True):
+        assert row["predicted_class"] == entry["predicted_class"]
+        np.testing.assert_allclose(_probabilities(row), _probabilities(entry), atol=1e-6)
+    assert [row["path"] for row in rows[:2]] == [entry["path"] for entry in local]
+
+
+def _strict_json(text: str):
+    """JSON as a strict parser reads it: NaN and Infinity are not JSON."""
+    def refuse(constant: str):
+        raise AssertionError(f"{constant} in the answer: not strict JSON")
+    return json.loads(text, parse_constant=refuse)

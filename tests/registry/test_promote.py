@@ -122,7 +122,7 @@ def test_the_best_trial_that_did_not_collapse_is_promoted_once(sweep, capsys):
 
     champion = client.get_model_version_by_alias(MODEL_NAME, "champion")
     assert str(champion.version) == "1" and champion.run_id == trained.run_id
-    assert champion.source == f"runs:/{trained.run_id}/model"  # an MLflow Model, logged to the trial's run
+    assert champion.source.startswith("models:/m-")  # the trial's MLflow 3 LoggedModel
     tags = champion.tags
     run_tags = client.get_run(trained.run_id).data.tags
     assert tags["octft.study"] == "promote-test" and tags["octft.trial"] == "1"

@@ -188,12 +188,12 @@ def test_a_nifti_declaring_gigabytes_is_refused_from_its_header(model_folder, tm
            f"({MAX_DECLARED_BYTES} at most)" in finished.stderr, finished.stderr
 
     code, out = printed(capsys, "predict", "--model", model_folder, bomb, "--json")
-    [failed] = json.loads(out)["failed"]
-    assert code != 0 and failed["file"] == str(bomb) and failed["reason"].startswith("its header declares"), failed
+    [failed] = json.loads(out)["volumes"]
+    assert code != 0 and failed["path"] == str(bomb) and failed["error"].startswith("its header declares"), failed
     # The served model answers with a row: the reason inside its root, the one answer without it.
     monkeypatch.setenv(PREDICT_ROOT_ENV, str(tmp_path))
     row = served(model_folder).predict(None, pd.DataFrame({"path": [str(bomb)]})).iloc[0]
-    assert "its header declares" in row["error"] and math.isnan(row["prob_healthy"])
+    assert "its header declares" in row["error"] and row["prob_healthy"] is None
 
 
 def test_the_declared_bound_stops_compressed_dicom_frames_and_npz_members_before_decoding(tmp_path):
@@ -257,8 +257,8 @@ def test_constant_and_tiny_volumes_get_an_error_not_a_confident_class(model_fold
 
     code, out = printed(capsys, "predict", "--model", model_folder, good, zeros, grey, dot, sliver, "--json")
     result = json.loads(out)
-    assert code != 0 and [entry["file"] for entry in result["volumes"]] == [str(good)]
-    reasons = {Path(entry["file"]).name: entry["reason"] for entry in result["failed"]}
+    assert code != 0 and [row["path"] for row in result["volumes"] if not row["error"]] == [str(good)]
+    reasons = {Path(row["path"]).name: row["error"] for row in result["volumes"] if row["error"]}
     assert reasons == {
         "zeros.dcm": "a constant volume (every pixel is 0): no image to classify",
         "grey.dcm": "a constant volume (every pixel is 90): no image to classify",

@@ -4,11 +4,11 @@ through any octft command; a run never writes into another run's folder; a check
 from __future__ import annotations
 
 import json
-import pickle
+import subprocess
+import sys
 import shutil
 from pathlib import Path
 
-import mlflow
 import pytest
 import yaml
 
@@ -16,7 +16,6 @@ from octft.registry.model import save_pyfunc_model
 from octft.track.mlflow_store import MlflowStore
 
 from .conftest import DEMO, SMALL, one_error_line, run_cli
-from .test_bad_inputs import _RunsCode
 
 
 def train_args(release: Path, root: Path, *extra: str) -> list:
@@ -43,12 +42,15 @@ def predictions(capsys, model: Path | str, scans: list[Path], *extra: str) -> li
 
 
 def test_a_tampered_model_artifact_runs_no_code_through_octft(trained, release, tmp_path, capsys):
-    """The champion's python_model.pkl replaced by a pickle that runs a shell command: `octft predict` of the model
-    folder and of its registered version reads the checkpoint as data, so the payload never runs."""
+    """The champion's model code (models-from-code: pyfunc_code.py) replaced by a file that runs a shell command:
+    `octft predict` of the model folder and of its registered version reads the checkpoint as data, so the payload
+    never runs. MLflow's own loader, the control, runs it."""
     scans = sorted(release.rglob("*.dcm"))[:2]
     model = save_pyfunc_model(trained / "checkpoint", tmp_path / "model")
     marker = tmp_path / "payload-ran"
-    (model / "python_model.pkl").write_bytes(pickle.dumps(_RunsCode(marker)))
+    code = next(model.glob("*.py"))  # the model's code file, as MLmodel names it
+    assert "pyfunc_code" in code.name and not list(model.glob("*.pkl"))
+    code.write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n")
     before = predictions(capsys, trained / "checkpoint", scans)
 
     assert predictions(capsys, model, scans) == before
@@ -58,9 +60,9 @@ def test_a_tampered_model_artifact_runs_no_code_through_octft(trained, release, 
     store.register(run_id, "model", "tampered", "champion", {})
     assert predictions(capsys, "models:/tampered@champion", scans, "--tracking-uri", store.uri) == before
     assert not marker.exists()
-    # The control: MLflow's own loader unpickles the file, so the payload is live.
-    with pytest.raises(Exception):
-        mlflow.pyfunc.load_model(str(model))
+    # The control, in its own interpreter: MLflow's loader executes the model's code file.
+    subprocess.run([sys.executable, "-c", f"import mlflow; mlflow.pyfunc.load_model({str(model)!r})"],
+                   capture_output=True, timeout=300)
     assert marker.exists()
 
 

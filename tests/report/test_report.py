@@ -18,7 +18,7 @@ from octft.cli import main
 from octft.config import ConfigError, load_experiment, save_resolved
 from octft.data.layout import CLASS_SHORT_NAMES
 from octft.errors import UsageError
-from octft.report.study import FIGURES, load_definition, render_report
+from octft.report.study import FIGURES, IMPORTANCE_EVALUATOR_NAME, load_definition, render_report
 from octft.sweep.pruners import record_epoch
 from octft.sweep.records import PLAN_ATTR, TRIAL_ATTR, TrialOutcome, TrialRecord
 from octft.sweep.spec import load_sweep
@@ -118,7 +118,7 @@ def test_every_figure_renders_in_headless_chromium_without_console_errors(tmp_pa
     assert 'class="note"' not in page, "with 4 complete trials every figure can be drawn"
     assert "trial 1, the best complete trial that did not collapse" in page
     # Importances by optuna-dashboard's evaluator, named, with the warning four complete trials deserve.
-    assert "PED-ANOVA importances (Optuna's default evaluator, as optuna-dashboard) from 4 complete trials" in page
+    assert f"{IMPORTANCE_EVALUATOR_NAME} from 4 complete trials" in page
     assert "warning: fewer than 20 complete trials" in page
     # The confusion matrix counts come from the run's val_predictions.csv.
     counts = np.bincount(targets * 4 + predictions, minlength=16).reshape(4, 4)

@@ -17,20 +17,21 @@ import yaml
 from optuna.distributions import FloatDistribution
 
 from octft.cli import main
-from octft.report.ui import StudyPages, study_pages, ui_command
+from octft.report.ui import StudyPages, study_pages, ui_command, view_key
 from octft.sweep.records import PLAN_ATTR, TRIAL_ATTR, TrialRecord
 from octft.sweep.spec import load_sweep
 from octft.track.mlflow_store import MlflowStore, MlflowTracker
 
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--window-size=1600,1200", "--virtual-time-budget=30000",
+    "--disable-component-update", "--disable-sync", "--window-size=1600,1200", "--virtual-time-budget=60000",
 ]
 
 
 def _study(root, trials: int = 3):
-    """A study of `trials` trials as the sweep leaves it: parent run, one child run per trial with params and
-    `val/balanced_accuracy` per epoch; returns the spec path and the runs in trial order."""
+    """A study of `trials` trials as the sweep leaves it: parent run, one child run per trial with params,
+    `val/balanced_accuracy` per epoch and its result `best/val/balanced_accuracy`; returns the spec path and the runs
+    in trial order."""
     tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
     storage = f"sqlite:///{root / 'optuna.db'}"
     parent = MlflowTracker(tracking_uri, "ui-test", "study-ui-test", tags={"optuna.study": "ui-test"})
@@ -44,6 +45,7 @@ def _study(root, trials: int = 3):
             run.log_params({"optim.lr_head": trial.params["optim.lr_head"]})
             for epoch in range(2):
                 run.log_metrics({"val/balanced_accuracy": 0.3 + 0.1 * number + 0.05 * epoch}, step=epoch)
+            run.log_metrics({"best/val/balanced_accuracy": 0.35 + 0.1 * number}, step=0)
         trial.set_user_attr(TRIAL_ATTR, TrialRecord(mlflow_run_id=run.run_id).to_dict())
         run_ids.append(run.run_id)
         study.tell(trial, 0.35 + 0.1 * number)
@@ -63,10 +65,11 @@ def test_the_pages_name_the_experiment_and_every_trial_run_in_order(tmp_path):
     pages = study_pages(load_sweep(spec_path))
     assert pages.trial_run_ids == tuple(run_ids)
     base = "http://127.0.0.1:5123"
-    assert pages.runs_url(base) == f"{base}/#/experiments/{pages.experiment_id}?workflowType=machine_learning"
-    ids = ",".join(f"%22{run_id}%22" for run_id in run_ids)
-    assert pages.compare_url(base) == f"{base}/#/compare-runs?runs=[{ids}]&experiments=[%22{pages.experiment_id}%22]"
-    assert StudyPages("1", ()).compare_url(base).endswith("runs=[]&experiments=[%221%22]")
+    view = f"{base}/#/experiments/{pages.experiment_id}/runs?viewStateShareKey=octft-study-ui-test"
+    assert pages.runs_url(base) == f"{view}&workflowType=machine_learning"
+    assert pages.compare_url(base) == f"{view}&workflowType=machine_learning&compareRunsMode=CHART"
+    assert StudyPages("1", (), view_key("a b/c")).runs_url(base).startswith(
+        f"{base}/#/experiments/1/runs?viewStateShareKey=octft-study-a-b-c&")
     assert ui_command("sweeps/demo.yaml", tracking_uri="sqlite:///demo/mlflow.db") == (
         "octft ui sweeps/demo.yaml --tracking-uri sqlite:///demo/mlflow.db")
 
@@ -122,7 +125,7 @@ def test_octft_ui_serves_the_compare_page_of_every_trial_and_stops_on_ctrl_c(tmp
         )
     try:
         lines = _lines_until(process, log, r"Ctrl-C stops it", 420)  # MLflow imports slowly on a busy machine
-        runs_url = next(line.split()[-1] for line in lines if line.startswith("runs of study ui-test:"))
+        runs_url = next(line.split()[-1] for line in lines if line.startswith("runs of study ui-test, best first:"))
         compare_url = next(line.split()[-1] for line in lines if line.startswith("compare its 3 trials:"))
 
         def dom(url: str, profile: str) -> str:
@@ -136,7 +139,7 @@ def test_octft_ui_serves_the_compare_page_of_every_trial_and_stops_on_ctrl_c(tmp
             assert f"trial-{number}" in compare or run_id in compare, f"trial {number} is not on the compare page"
         assert "val/balanced_accuracy" in compare and "optim.lr_head" in compare
         runs = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom(runs_url, "runs")))
-        # The model-training view: the runs table (its trials folded under the parent run), not the traces.
+        # The model-training view: the study's runs table, not the traces.
         assert "study-ui-test" in runs and "Run Name" in runs and "4 matching runs" in runs, runs[-3000:]
     finally:
         process.send_signal(signal.SIGINT)

@@ -11,6 +11,7 @@ import yaml
 from optuna.trial import TrialState
 
 from octft.cli import main
+from octft.registry.model import trial_model
 from octft.sweep.launch import launch
 from octft.sweep.records import trial_record
 from octft.track.mlflow_store import MlflowStore
@@ -74,3 +75,13 @@ def test_a_fine_tune_studys_values_are_its_runs_and_its_replays(data_dir, tmp_pa
     result = launch(spec, overrides=experiment_overrides(data_dir, tmp_path), runner="in_process")
     assert result.worker_exit_codes == [0]
     check_values(storage, "fine-loss", tracking_uri, tmp_path)
+    # Each complete fine-tune trial's best checkpoint is an MLflow 3 LoggedModel of its run, with its best metrics.
+    store = MlflowStore(tracking_uri)
+    for trial in load(storage, "fine-loss").trials:
+        record = trial_record(trial)
+        model = trial_model(store, record.mlflow_run_id)
+        if trial.state != TrialState.COMPLETE:
+            assert model is None, trial.number
+            continue
+        assert model is not None and model.status == "READY" and model.run_id == record.mlflow_run_id
+        assert model.metrics["val/loss"] == pytest.approx(trial.value)

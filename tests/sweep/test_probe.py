@@ -259,3 +259,28 @@ def test_probe_heads_are_picked_on_an_inner_split_of_the_training_participants(p
     tags = MlflowStore(tracking).run(record.mlflow_run_id).tags
     assert tags["octft.validation"].startswith("inner split of train: 0.2 of each class, seed 0")
     assert tags["octft.validation"].endswith("the val split was not read")
+
+
+def test_a_warm_start_from_a_study_on_other_data_is_refused_and_on_the_same_data_enqueued(probe, tmp_path):
+    """A warm start's sets must come from runs on this study's data, split, encoder and preprocessing: the launch
+    checks the source trials' provenance tags against what its own trials will record."""
+    from octft.data.synth import synthesize
+    from octft.sweep.warmstart import WarmStartError
+
+    spec_path, storage, _, overrides, study, _, _ = probe
+    tree = yaml.safe_load(spec_path.read_text())
+    tree.update(study_name="demo-probe-warm", n_trials=1)
+    warm_path = tmp_path / "warm.yaml"
+    warm_path.write_text(yaml.safe_dump(tree))
+    tree.update(study_name="demo-probe-warm-other")
+    other_path = tmp_path / "warm-other.yaml"
+    other_path.write_text(yaml.safe_dump(tree))
+    synthesize(tmp_path / "other", participants=48, seed=1, frames=4, height=32, width=32)
+    other = [*overrides, f"data.uri={tmp_path / 'other'}", f"data.cache_dir={tmp_path / 'cache'}",
+             f"output_dir={tmp_path / 'runs'}"]
+    with pytest.raises(WarmStartError, match="octft.data_manifest_hash is [0-9a-f]+ there and [0-9a-f]+ here"):
+        launch(other_path, storage=storage, overrides=other, enqueue_from=str(spec_path), enqueue_top=1)
+
+    same = [*overrides, f"output_dir={tmp_path / 'runs'}"]
+    result = launch(warm_path, storage=storage, overrides=same, enqueue_from=str(spec_path), enqueue_top=1)
+    assert [entry["params"] for entry in result.enqueued] == [study.best_trial.params]

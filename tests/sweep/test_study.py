@@ -186,7 +186,7 @@ def test_a_study_runs_exactly_n_trials_each_with_its_run_and_record(study):
     assert study["result"].study_dir == (study["out"] / "runs" / "sweeps" / "three").resolve()
     plan_record = load(study["storage"], "three").user_attrs[PLAN_ATTR]
     assert plan_record["experiment_overrides"] == study["overrides"] and plan_record["sampler"]["type"] == "random"
-    best = MlflowStore(study["tracking_uri"]).metric_history(parent, "best/val_balanced_accuracy")
+    best = MlflowStore(study["tracking_uri"]).metric_history(parent, "best/val/balanced_accuracy")
     assert best[-1][1] == load(study["storage"], "three").best_value
 
 

@@ -86,9 +86,15 @@ def test_every_way_a_trial_ends_becomes_its_record_its_state_and_its_runs_status
     assert pruned.outcome.prune_reason == "collapse" and "collapse" in run_status(tracking_uri, pruned.mlflow_run_id)[1]["octft.end_reason"]
     assert failed.fail_reason == "ValueError: a bad checkpoint"
     assert "without a usable outcome" in unusable.fail_reason
-    assert MlflowStore(tracking_uri).metric_history(plan.parent_run_id, "best/val_balanced_accuracy")[-1] == (0, 0.75)
-    assert echoed[1] == "worker 0: trial 0 COMPLETE val/balanced_accuracy 0.7500 at epoch 1"
-    assert echoed[3] == "worker 0: trial 1 PRUNED (collapse) at epoch 1"
+    assert MlflowStore(tracking_uri).metric_history(plan.parent_run_id, "best/val/balanced_accuracy")[-1] == (1, 0.75)
+    # One line per trial end (no start lines without verbose), each with the study's best so far.
+    assert echoed == [
+        "trial 0 COMPLETE val/balanced_accuracy=0.750 at epoch 1 (new best)",
+        "trial 1 PRUNED (collapse) at epoch 1 val/balanced_accuracy=0.300: collapsed: class 0 takes 97% of "
+        "predictions (best: trial 0, 0.750)",
+        "trial 2 FAIL: ValueError: a bad checkpoint (best: trial 0, 0.750)",
+        "trial 3 FAIL: trial ended without a usable outcome (early_stopped, best value None) (best: trial 0, 0.750)",
+    ]
 
 
 def test_a_dead_workers_trial_fails_and_its_one_retry_starts_clean(tmp_path):
