@@ -268,7 +268,13 @@ def test_a_warm_start_from_a_study_on_other_data_is_refused_and_on_the_same_data
     from octft.sweep.warmstart import WarmStartError
 
     spec_path, storage, _, overrides, study, _, _ = probe
+    # The source: the fixture's study as launched (other tests add hand-made trials to it).
+    source_storage = f"sqlite:///{tmp_path / 'source.db'}"
+    source = optuna.create_study(study_name="demo-probe", storage=source_storage, direction="maximize")
+    source.add_trials([trial for trial in study.get_trials() if trial_record(trial).overrides])
     tree = yaml.safe_load(spec_path.read_text())
+    source_path = tmp_path / "source.yaml"
+    source_path.write_text(yaml.safe_dump({**tree, "storage": source_storage}))
     tree.update(study_name="demo-probe-warm", n_trials=1)
     warm_path = tmp_path / "warm.yaml"
     warm_path.write_text(yaml.safe_dump(tree))
@@ -279,8 +285,8 @@ def test_a_warm_start_from_a_study_on_other_data_is_refused_and_on_the_same_data
     other = [*overrides, f"data.uri={tmp_path / 'other'}", f"data.cache_dir={tmp_path / 'cache'}",
              f"output_dir={tmp_path / 'runs'}"]
     with pytest.raises(WarmStartError, match="octft.data_manifest_hash is [0-9a-f]+ there and [0-9a-f]+ here"):
-        launch(other_path, storage=storage, overrides=other, enqueue_from=str(spec_path), enqueue_top=1)
+        launch(other_path, storage=storage, overrides=other, enqueue_from=str(source_path), enqueue_top=1)
 
     same = [*overrides, f"output_dir={tmp_path / 'runs'}"]
-    result = launch(warm_path, storage=storage, overrides=same, enqueue_from=str(spec_path), enqueue_top=1)
-    assert [entry["params"] for entry in result.enqueued] == [study.best_trial.params]
+    result = launch(warm_path, storage=storage, overrides=same, enqueue_from=str(source_path), enqueue_top=1)
+    assert [entry["params"] for entry in result.enqueued] == [source.best_trial.params]
