@@ -24,7 +24,7 @@ runner's RSS grew after its second trial; then per trial its worker, runner pid,
 count, compiles, epochs' seconds, overhead and the runner's RSS after it. Which worker takes which trial
 depends on timing, and with it how many graphs each worker compiles.
 
-Run times on the quiet 2-core development machine (README "Sweep speed" has the figures):
+Run times on the quiet 2-core development machine (docs/figures.md, "Sweep speed", has the figures):
 
     .venv/bin/python benchmarks/bench_sweep.py --modes warm peer                 # eager, 4 trials, 1 worker: 35 s
     .venv/bin/python benchmarks/bench_sweep.py --modes warm --trials 10          # runner RSS over 10 trials: 30 s

@@ -182,7 +182,7 @@ class PreprocessConfig(_Strict):
 
 class DownloadConfig(_Strict):
     """How `octft data cache` (and a run that must prepare) fetches sources: streamed, each raw file
-    deleted once prepared unless `keep`; see the README, "Preparing a full release from B2"."""
+    deleted once prepared unless `keep`; see docs/data.md, "Preparing a full release from B2"."""
 
     workers: int | None = Field(None, ge=1)  # downloads and decodes at once; default: the machine's cores
     keep: bool = False  # keep raw downloads for next time, least recently used evicted beyond budget_gb
@@ -206,7 +206,7 @@ class DataConfig(_Strict):
     pack_dtype: Literal["auto", "uint8", "float16", "float32"] = "auto"
     # Validate on an inner split of the training participants (this fraction of each class, seeded by data.split.seed)
     # instead of the validation split, which the run then never reads: a probe study that picks LP-FT's head this
-    # way leaves the validation split to the LP-FT study's selection alone (README, "Validation used once").
+    # way leaves the validation split to the LP-FT study's selection alone (docs/sweeps.md, "Honest numbers").
     inner_val_fraction: Float | None = Field(None, gt=0, lt=1)
     download: DownloadConfig = DownloadConfig()
     allow_failed_guards: list[str] = []  # guard names a user overrides on purpose

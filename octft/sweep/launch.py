@@ -53,6 +53,7 @@ class LaunchResult:
     metric: str = ""  # the study's objective
     best: tuple[int, float] | None = None  # the study's best trial and its value, None while none is COMPLETE
     seconds: float = 0.0  # the launch's trials, from the first worker's go
+    probe: bool = False  # a probe study: its heads feed an LP-FT study, which is the one to promote
 
     def summary(self) -> str:
         """The study's end in one line: `study demo: 4 complete, 2 pruned in 98 s; best: trial 3,
@@ -66,11 +67,15 @@ class LaunchResult:
 def next_command(result: LaunchResult, spec_path: str | Path, overrides: Sequence[str] = (),
                  storage: str | None = None) -> str:
     """What to run once a study ends: `octft promote SPEC` with the launch's sweep overrides (its budget aside) and
-    storage, or, when no trial completed, `octft sweep status` to see why.
+    storage, or, when no trial completed, `octft sweep status` to see why. A probe study's next step is an LP-FT
+    study from its best head: promoting the probe would spend the test split (one scoring per split) on a head.
 
     >>> next_command(result, "sweeps/demo.yaml", ["n_trials=8", "data.uri=/data"])   # doctest: +SKIP
     'octft promote sweeps/demo.yaml'
     """
+    if result.probe and result.best is not None:
+        return (f"an LP-FT study with init.head_from: {spec_path} (as sweeps/demo_lpft.yaml has), then promote "
+                "that study; promoting this probe study would spend the test split on a head")
     sweep_overrides = [text for text in split_overrides(overrides)[0] if text.split("=", 1)[0].strip() != "n_trials"]
     words = ["octft", "promote"] if result.best is not None else ["octft", "sweep", "status"]
     words += [str(spec_path), *sweep_overrides]
@@ -227,4 +232,4 @@ def _finish(study: optuna.Study, plan: LaunchPlan, store: MlflowStore, codes: li
     if not counts["RUNNING"] and not counts["WAITING"]:
         store.end_run(plan.parent_run_id, "FINISHED")
     return LaunchResult(spec.study_name, Path(plan.study_dir), plan.parent_run_id, codes, counts, reaped, enqueued,
-                        plan.path, spec.objective.metric, best_so_far(study))
+                        plan.path, spec.objective.metric, best_so_far(study), probe=plan.is_probe())

@@ -76,7 +76,9 @@ def test_the_console_has_one_line_per_trial_end_and_the_study_end_names_the_best
     assert study.best_trial.number == best.number
     assert "study console: " in lines[-3] and lines[-3].endswith(
         f"best: trial {best.number}, val/balanced_accuracy={best.value:.3f}")
-    assert shlex.split(lines[-1]) == ["next:", "octft", "promote", str(spec), "--storage", storage]
+    # A probe study feeds LP-FT: promoting it would spend the test split on a head.
+    assert lines[-1] == f"  next: an LP-FT study with init.head_from: {spec} (as sweeps/demo_lpft.yaml has), then promote " \
+                        "that study; promoting this probe study would spend the test split on a head"
 
     assert not [line for line in lines + errors if EPOCH.match(line.strip()) or " starts " in line]
     assert not [line for line in lines + errors if any(noise in line for noise in NOISE)]
@@ -102,3 +104,16 @@ def test_verbose_adds_each_trials_start_and_epochs(data_dir, tmp_path, capfd):
         assert lines.index(epochs[-1]) < end
     # Library logs too, with --verbose.
     assert any("A new study created in RDB" in line for line in errors)
+
+
+def test_the_next_command_promotes_a_fine_tune_study_with_its_overrides_and_redacted_storage():
+    from octft.sweep.launch import LaunchResult, next_command
+
+    ended = LaunchResult("lpft", Path("runs"), "0" * 32, [0], {"COMPLETE": 2}, [], metric="val/balanced_accuracy",
+                         best=(1, 0.7))
+    storage = "postgresql://octft:Sup3rS3cret@db/optuna"
+    line = next_command(ended, "sweeps/demo_lpft.yaml", ["n_trials=9", "sampler.seed=3", "data.uri=/data"], storage)
+    assert shlex.split(line)[:4] == ["octft", "promote", "sweeps/demo_lpft.yaml", "sampler.seed=3"]
+    assert "Sup3rS3cret" not in line and "n_trials" not in line and line.split()[-2] == "--storage"
+    nothing = LaunchResult("lpft", Path("runs"), "0" * 32, [0], {"FAIL": 2}, [])
+    assert shlex.split(next_command(nothing, "sweeps/demo_lpft.yaml"))[:3] == ["octft", "sweep", "status"]
