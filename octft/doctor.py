@@ -27,8 +27,9 @@ import torch
 from octft.data.storage import open_storage
 from octft.errors import OctftError
 from octft.redaction import redact
-from octft.stores import (DEFAULT_STORAGE, STORAGE_ENV, dialect, missing_driver, resolve_tracking_uri, sqlalchemy_url,
-                          sqlite_path, store_timeout_s)
+from octft.stores import (ARTIFACT_ROOT_ENV, DEFAULT_STORAGE, STORAGE_ENV, artifact_root, check_shared_artifacts,
+                          dialect, is_database_server, missing_driver, open_failure, resolve_tracking_uri,
+                          sqlalchemy_url, sqlite_path, store_timeout_s)
 from octft.track.mlflow_store import check_store
 from octft.train import devices
 from octft.train.runtime import xla_device_facts
@@ -157,7 +158,8 @@ def check_database(name: str, url: str, *, env_hint: str) -> Check:
             engine.dispose()
         except Exception as error:  # sqlalchemy's OperationalError and friends: refused, timed out, bad auth
             first_line = (str(redact(str(error))).strip().splitlines() or [type(error).__name__])[0]
-            return Check(name, False, f"{shown}: does not answer ({first_line}); check the server and the URL, {env_hint}")
+            happened, advice = open_failure(first_line)
+            return Check(name, False, f"{shown}: {happened} ({first_line}); {advice}, {env_hint}")
         return Check(name, True, f"{shown}: answers")
     return Check(name, False, f"{shown}: not a URL octft can use; {env_hint}")
 
@@ -176,6 +178,21 @@ def check_tracking(uri: str) -> Check:
     if path.is_dir():
         return Check("mlflow", True, f"{uri}: a folder that exists")
     return Check("mlflow", True, f"{uri}: does not exist yet, will be created")
+
+
+def check_artifacts(uri: str) -> Check | None:
+    """Where new experiments of a database tracking store (PostgreSQL, MySQL) keep their artifacts: somewhere every
+    host can read ($OCTFT_ARTIFACT_ROOT), or a launch refuses. None for other stores: a SQLite store is one machine's,
+    a tracking server decides. (An existing experiment's own location is checked by the launch that uses it.)"""
+    if not is_database_server(uri):
+        return None
+    try:
+        root = artifact_root()
+        check_shared_artifacts(uri, None if root is None else f"{root}/<experiment>", "<experiment>", exists=False)
+    except OctftError as error:
+        return Check("artifacts", False, str(error))
+    return Check("artifacts", True, f"new experiments keep their artifacts in {root}/<experiment> "
+                                    f"(${ARTIFACT_ROOT_ENV}): every host must read and write there")
 
 
 def check_data(uri: str) -> Check:
@@ -202,7 +219,11 @@ def diagnose(*, storage: str | None, tracking_uri: str | None, data: str | None,
     report = DoctorReport(facts, checks)
     storage_url = storage or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
     report.checks.append(check_database("optuna", storage_url, env_hint=f"or pass another with --storage / ${STORAGE_ENV}"))
-    report.checks.append(check_tracking(resolve_tracking_uri(tracking_uri)))
+    tracking = resolve_tracking_uri(tracking_uri)
+    report.checks.append(check_tracking(tracking))
+    artifacts = check_artifacts(tracking)
+    if artifacts is not None:
+        report.checks.append(artifacts)
     if data:
         report.checks.append(check_data(data))
     return report

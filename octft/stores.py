@@ -1,10 +1,13 @@
 """The two stores a sweep writes to, Optuna's storage and MLflow's tracking store: their URLs, defaults and rules.
 
 One parser for SQLite URLs (`sqlite_path`), the defaults (`./optuna.db`, `./mlflow.db`, or what the environment
-names), the rule that the two stores never share a database (`check_not_shared`), the SQL driver a URL gets
-(`sqlalchemy_url`, `missing_driver`), how long a network store may take to answer (`store_timeout_s`), and how a
-URL shown without its password gets it back in a process that needs it (`with_password`): only from the
-environment variable the user set, never from a file octft wrote. This module imports nothing heavy.
+names), the rule that the two stores never share a database (`check_not_shared`), where an experiment's artifacts go
+and the rule that a database store's go where every host can read them (`artifact_location`,
+`check_shared_artifacts`), the SQL driver a URL gets (`sqlalchemy_url`, `missing_driver`), how long a network store
+may take to answer (`store_timeout_s`) and what to say when it does not open (`open_failure`), the lock that lets
+many hosts create a new database's tables at once (`database_lock`), and how a URL shown without its password gets it
+back in a process that needs it (`with_password`): only from the environment variable the user set, never from a
+file octft wrote. This module imports nothing heavy (`database_lock` is handed the SQLAlchemy engine).
 
     >>> sqlite_path("sqlite:////tmp/runs.db"), sqlite_path("postgresql://db/x")
     (PosixPath('/tmp/runs.db'), None)
@@ -13,9 +16,13 @@ environment variable the user set, never from a file octft wrote. This module im
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import importlib.util
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlparse
 
 from octft.errors import UsageError
@@ -24,6 +31,7 @@ from octft.redaction import REDACTED, normalise_url, redact_url
 STORAGE_ENV = "OCTFT_OPTUNA_STORAGE"
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
 TIMEOUT_ENV = "OCTFT_STORE_TIMEOUT_S"
+ARTIFACT_ROOT_ENV = "OCTFT_ARTIFACT_ROOT"  # where new experiments keep artifacts: s3://bucket/prefix, /shared/path
 DEFAULT_STORAGE = "sqlite:///optuna.db"
 DEFAULT_TRACKING_DB = "mlflow.db"
 ARTIFACTS_FOLDER = "mlartifacts"  # beside a SQLite tracking store, as MLflow's own server keeps them
@@ -57,6 +65,12 @@ def dialect(url: str) -> str:
     return url.split("://", 1)[0].split("+", 1)[0].lower() if "://" in url else ""
 
 
+def is_database_server(url: str) -> bool:
+    """Whether `url` names a database server (PostgreSQL, MySQL, MariaDB, SQL Server), which many hosts can share;
+    SQLite is one machine's file."""
+    return dialect(url) in _SQL_DIALECTS
+
+
 def resolve_tracking_uri(uri: str | None = None) -> str:
     """The MLflow tracking URI to use: `uri`, else $MLFLOW_TRACKING_URI, else `./mlflow.db` made absolute (so a
     worker started from another folder logs to the same file).
@@ -71,11 +85,84 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     return f"sqlite:///{Path.cwd() / DEFAULT_TRACKING_DB}"
 
 
+def artifact_root() -> str | None:
+    """$OCTFT_ARTIFACT_ROOT as a URI (an absolute path becomes `file:///...`), or None when unset.
+
+    >>> os.environ[ARTIFACT_ROOT_ENV] = "/mnt/shared/mlartifacts/"; artifact_root()
+    'file:///mnt/shared/mlartifacts'
+    >>> del os.environ[ARTIFACT_ROOT_ENV]
+    """
+    text = os.environ.get(ARTIFACT_ROOT_ENV, "").strip().rstrip("/")
+    if not text:
+        return None
+    if "://" in text or text.startswith("file:"):
+        return text
+    if not Path(text).expanduser().is_absolute():
+        raise UsageError(f"${ARTIFACT_ROOT_ENV}={text!r} is a relative path, which names another folder on every host "
+                         "(each resolves it from where it starts); give an absolute path on a filesystem every host "
+                         "mounts at the same place, or an object store such as s3://bucket/octft")
+    return Path(text).expanduser().as_uri()
+
+
 def artifact_location(tracking_uri: str, experiment: str) -> str | None:
-    """Where a new experiment's artifacts go: beside a SQLite store (`<db folder>/mlartifacts/<experiment>`), not
-    in `./mlruns` of whatever folder a worker started in; None (MLflow's default) for other stores."""
+    """Where a new experiment's artifacts go: `$OCTFT_ARTIFACT_ROOT/<experiment>` where that is set; beside a SQLite
+    store (`<db folder>/mlartifacts/<experiment>`), not in `./mlruns` of whatever folder a worker started in; None
+    (the server's choice, or MLflow's default `./mlruns`) for other stores."""
+    root = artifact_root()
+    if root is not None:
+        return f"{root}/{experiment}"
     path = sqlite_path(tracking_uri)
     return None if path is None else (path.resolve().parent / ARTIFACTS_FOLDER / experiment).as_uri()
+
+
+def _local_path(location: str) -> Path | None:
+    """The folder of artifact location `location` when it is one of the local filesystem (`file:` or no scheme);
+    None for an object store, a server's `mlflow-artifacts:`, ...
+
+    >>> _local_path("file:///mnt/shared/a%20b"), _local_path("/mnt/x"), _local_path("s3://bucket/x")
+    (PosixPath('/mnt/shared/a b'), PosixPath('/mnt/x'), None)
+    """
+    if location.startswith("file:"):
+        return Path(unquote(urlparse(location).path))
+    return None if ":" in location.split("/", 1)[0] else Path(location)
+
+
+def check_shared_artifacts(tracking_uri: str, location: str | None, experiment: str, *, exists: bool) -> None:
+    """Refuse a database tracking store (PostgreSQL, MySQL) whose experiment `experiment` would keep its artifacts on
+    one host's disk: every host of a pod records runs in the database, but each would write their checkpoints under
+    its own folder, and a workstation could read none. `location`: the experiment's artifact location (`exists`), or
+    the one octft would create it with (`artifact_location`; None: MLflow's default `./mlruns`). A local path under
+    $OCTFT_ARTIFACT_ROOT is taken for the shared filesystem that variable says it is. Other stores pass: a SQLite
+    store is one machine's, a tracking server decides (and proxies, with `mlflow server --serve-artifacts`).
+
+    >>> check_shared_artifacts("postgresql://db/mlflow", "s3://bucket/octft/sweep", "sweep", exists=True)
+    >>> check_shared_artifacts("postgresql://db/mlflow", None, "sweep", exists=False)
+    Traceback (most recent call last):
+    ...
+    octft.errors.UsageError: MLflow tracking URI 'postgresql://db/mlflow' is a database, ...
+    """
+    if not is_database_server(tracking_uri):
+        return
+    shown = redact_url(tracking_uri)
+    options = ("Keep them where every host and a later workstation can read them: (1) an MLflow server that serves "
+               f"artifacts (mlflow server --backend-store-uri {sqlalchemy_url(shown)} --serve-artifacts, then "
+               f"MLFLOW_TRACKING_URI=http://<server>:5000), (2) an object store "
+               f"(${ARTIFACT_ROOT_ENV}=s3://<bucket>/octft; MLflow reads $MLFLOW_S3_ENDPOINT_URL and the AWS "
+               f"credentials), or (3) a filesystem every host mounts at the same path "
+               f"(${ARTIFACT_ROOT_ENV}=/mnt/shared/mlartifacts)")
+    if location is None:
+        raise UsageError(f"MLflow tracking URI {shown!r} is a database, and nothing says where experiment "
+                         f"{experiment!r} keeps its artifacts: MLflow would put them in ./mlruns on whichever host "
+                         f"creates it, and every host would write its checkpoints to its own disk. {options}")
+    folder, root = _local_path(location), artifact_root()
+    shared_folder = None if root is None else _local_path(root)
+    if exists and folder is not None and not (shared_folder is not None and folder.is_relative_to(shared_folder)):
+        raise UsageError(f"MLflow experiment {experiment!r} in {shown} keeps its artifacts in {location}, a folder on "
+                         "the disk of the host that created it, and other hosts would write theirs to their own "
+                         "disks. If that folder is on a filesystem every host mounts at the same path, set "
+                         f"${ARTIFACT_ROOT_ENV} to it (or a folder above it). Otherwise set mlflow.experiment to a "
+                         "new name and keep its "
+                         f"artifacts where every host can read them: {options[options.index('(1)'):]}")
 
 
 def database_identity(url: str) -> tuple | None:
@@ -157,6 +244,74 @@ def missing_driver(url: str) -> str | None:
     others = [f"{package} ({kind}+{other}://)" for other, _, package in drivers if other != name]
     return (f"{redact_url(url)} needs the Python package {package} (module {module}, SQLAlchemy's {name} driver), which "
             f"is not installed: pip install {package}" + (f", or install {' or '.join(others)}" if others else ""))
+
+
+def open_failure(first_line: str) -> tuple[str, str]:
+    """(what happened, what to do) when a network store did not open, from the first line of the driver's error
+    (passwords already hidden). Only a store that did not answer is sent to check whether it is reachable.
+
+    >>> open_failure('connection to server at "db", port 5432 failed: FATAL:  database "optuna" does not exist')
+    ('answers, but has no such database', 'create it (createdb), or fix the database name in the URL')
+    """
+    text = first_line.lower()
+    if "timeout expired" in text or "timed out" in text:
+        return (f"does not answer within {store_timeout_s()} s", "check that the server is up and reachable from this "
+                f"host (firewall, network), or give it longer with ${TIMEOUT_ENV}")
+    if "connection refused" in text or "can't connect" in text:
+        return ("does not answer: nothing listens at that host and port",
+                "start the server, or fix the host and port in the URL")
+    if "translate host name" in text or "name or service not known" in text or "unknown host" in text:
+        return "does not answer: its host name does not resolve", "fix the host in the URL"
+    if ("database" in text and "does not exist" in text) or "unknown database" in text:
+        return "answers, but has no such database", "create it (createdb), or fix the database name in the URL"
+    if ("authentication failed" in text or "password" in text or "access denied" in text
+            or ("role" in text and "does not exist" in text)):
+        return "answers, but refuses this user or password", "fix them in the URL, or in ~/.pgpass"
+    if "permission denied" in text:
+        return ("answers, but refuses this user what octft asked",
+                "grant the user the right to create and write tables in that database")
+    return "answered, but refused what octft asked", "read the server's reason above, and fix the store or the URL"
+
+
+@contextlib.contextmanager
+def database_lock(engine: Any, name: str, *, wait_s: int = 600) -> Iterator[None]:
+    """Hold lock `name` in the database behind SQLAlchemy `engine` for the block, across processes and hosts: a
+    PostgreSQL session advisory lock, MySQL's GET_LOCK, on a connection of its own; either is released if its holder
+    dies. Waiting longer than `wait_s` is a `UsageError`. Other databases (SQLite, one machine's) get no lock here.
+
+        >>> with database_lock(storage.engine, "optuna-schema"):                           # doctest: +SKIP
+        ...     RDBStorage(url)  # creates the tables and stamps their version: one host at a time
+    """
+    kind = engine.dialect.name
+    if kind not in ("postgresql", "mysql", "mariadb"):
+        yield
+        return
+    # A number for PostgreSQL, the same as text for MySQL (names of 64 characters at most): nothing to quote.
+    key = int.from_bytes(hashlib.sha256(f"octft:{name}".encode()).digest()[:8], "big", signed=True)
+    postgres = kind == "postgresql"
+    with engine.connect() as connection:
+        if postgres:
+            connection.exec_driver_sql(f"SET LOCAL lock_timeout = '{wait_s}s'")
+            try:
+                connection.exec_driver_sql(f"SELECT pg_advisory_lock({key})")
+                got = True
+            except Exception as error:  # the driver's own error type: which driver is not known here
+                if "lock timeout" not in str(error):
+                    raise
+                got = False
+        else:
+            got = connection.exec_driver_sql(f"SELECT GET_LOCK('{key}', {wait_s})").scalar() == 1
+        connection.rollback()  # ends the transaction (and SET LOCAL); a session lock outlives it
+        if not got:
+            raise UsageError(f"waited {wait_s} s for octft's lock {name!r} in {redact_url(str(engine.url))}: another "
+                             "octft process holds it and does not finish (a launch stuck on this database?); stop it, "
+                             "or run again")
+        try:
+            yield
+        finally:
+            release = f"SELECT pg_advisory_unlock({key})" if postgres else f"SELECT RELEASE_LOCK('{key}')"
+            connection.exec_driver_sql(release)
+            connection.commit()
 
 
 def store_timeout_s() -> int:

@@ -32,7 +32,8 @@ from pydantic import ConfigDict, Field, PrivateAttr, ValidationError
 from octft.config import ConfigError, ExperimentConfig, _Strict, load_experiment, parse_override
 from octft.io import write_text_atomic
 from octft.redaction import redact
-from octft.stores import STORAGE_ENV, TRACKING_ENV, check_not_shared, remember_password, resolve_tracking_uri, with_password
+from octft.stores import (STORAGE_ENV, TRACKING_ENV, artifact_location, check_not_shared, check_shared_artifacts,
+                          is_database_server, remember_password, resolve_tracking_uri, with_password)
 from octft.sweep.pruners import collapsed_at_best
 from octft.sweep.records import HEAD_FROM_ATTR, trial_record
 from octft.sweep.space import check_batch_layouts, shared_micro_batch_rows
@@ -235,7 +236,8 @@ def resolve_plan(
 
     `runner`: where trials train (`octft.sweep.runners`); default: in-process for a probe study, else a warm
     process per worker (a fresh one per trial with `fresh_process_per_trial`). Nothing is created here: the study
-    and its MLflow parent run are made by the launch, which then fills in `parent_run_id` and `launch.index`.
+    and its MLflow parent run are made by the launch, which then fills in `parent_run_id` and `launch.index` (a
+    database tracking store is opened, to check where its artifacts go: MLflow makes its tables there if it has none).
     """
     if devices_per_trial is None:
         devices_per_trial = default_devices_per_trial(workers)
@@ -246,6 +248,7 @@ def resolve_plan(
         spec.n_trials = n_trials
     tracking_uri = resolve_tracking_uri(spec.mlflow.tracking_uri)
     check_not_shared(tracking_uri, spec.storage)
+    check_artifact_store(tracking_uri, spec.mlflow.experiment)
     base = base_config(spec, experiment_overrides)
     check_trial_layouts(spec, base, devices_per_trial)
     layout = fixed_micro_batch(spec, base, devices_per_trial, experiment_overrides)
@@ -280,6 +283,21 @@ def resolve_plan(
         ),
     )
     return plan, spec
+
+
+def check_artifact_store(tracking_uri: str, experiment: str) -> None:
+    """Refuse, before the study exists, a database tracking store whose experiment would keep its artifacts on one
+    host's disk (`octft.stores.check_shared_artifacts`): the experiment's own location where it exists, else the one
+    the launch would create it with. Only a database store is opened here (MLflow's tables made, one host at a time):
+    a SQLite store is one machine's, and a tracking server decides where artifacts go."""
+    if not is_database_server(tracking_uri):
+        return
+    # MLflow here only for a database store: its experiment's location is in that database.
+    from octft.track.mlflow_store import MlflowStore
+
+    existing = MlflowStore(tracking_uri).experiment_artifact_location(experiment)
+    location = existing if existing is not None else artifact_location(tracking_uri, experiment)
+    check_shared_artifacts(tracking_uri, location, experiment, exists=existing is not None)
 
 
 def check_trial_layouts(spec: SweepSpec, base: ExperimentConfig, devices_per_trial: int) -> None:

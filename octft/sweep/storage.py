@@ -1,5 +1,6 @@
-"""Optuna's storage: opening it (fast failure when unreachable, patience on a busy SQLite file), opening a study that
-must exist (every read-only command), and the study lock that keeps "count trials, then take one" atomic.
+"""Optuna's storage: opening it (fast failure when unreachable, patience on a busy SQLite file, one host at a time
+creating a new database's tables), opening a study that must exist (every read-only command), and the study lock
+that keeps "count trials, then take one" atomic.
 
     >>> storage = open_study_storage("sqlite:///optuna.db")                           # doctest: +SKIP
     >>> study = open_existing_study("demo", "sqlite:///optuna.db")                    # doctest: +SKIP
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import time
 import warnings
 from collections.abc import Iterator
@@ -19,12 +19,15 @@ from urllib.parse import unquote, urlsplit
 
 import optuna
 from optuna.storages import RDBStorage
-from sqlalchemy import text
+from sqlalchemy import create_engine, text
+from sqlalchemy.exc import ProgrammingError
+from sqlalchemy.pool import NullPool
 
 from octft import sqlite_wal
 from octft.errors import MissingInputError, OctftError, UsageError
 from octft.redaction import normalise_url, redact_text, redact_url
-from octft.stores import TIMEOUT_ENV, STORAGE_ENV, dialect, missing_driver, sqlalchemy_url, sqlite_path, store_timeout_s
+from octft.stores import (STORAGE_ENV, database_lock, dialect, missing_driver, open_failure, sqlalchemy_url,
+                          sqlite_path, store_timeout_s)
 
 DEFAULT_HEARTBEAT_S = 10
 SQLITE_BUSY_TIMEOUT_S = 30
@@ -73,22 +76,27 @@ def open_study_storage(url: str, *, heartbeat_interval: int | None = DEFAULT_HEA
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         try:
-            return _rdb_storage(url, connect_args, heartbeat_interval, grace_period, create)
+            if kind == "sqlite":
+                return _rdb_storage(url, connect_args, heartbeat_interval, grace_period, create)
+            return _network_rdb_storage(url, shown, connect_args, heartbeat_interval, grace_period, create)
+        except OctftError:
+            raise
         except Exception as error:  # sqlalchemy's OperationalError and friends: unreachable, refused, bad auth
             password = urlsplit(url).password
             lines = redact_text(str(error), [password, unquote(password)] if password else []).strip().splitlines()
-            check = ("its folder is writable and its disk has room" if kind == "sqlite" else "the database server is up "
-                     f"and reachable from this host within {connect_args['connect_timeout']} s (${TIMEOUT_ENV})")
-            raise StudyStorageError(
-                f"cannot open the Optuna storage {shown!r}: {lines[0] if lines else type(error).__name__}. Check that "
-                f"{check}, or pass another one with --storage / ${STORAGE_ENV}"
-            ) from None
+            line = lines[0] if lines else type(error).__name__
+            happened, advice = (("did not open", "check that its folder is writable and its disk has room")
+                                if kind == "sqlite" else open_failure(line))
+            raise StudyStorageError(f"cannot open the Optuna storage {shown!r}: it {happened} ({line}); {advice}, or "
+                                    f"pass another storage with --storage / ${STORAGE_ENV}") from None
 
 
-# Errors of two processes making a new storage's tables or its schema stamp at once (every RDBStorage, readers
-# included, stamps an unstamped database): the loser finds the winner's rows and opens the storage again.
-_SCHEMA_RACE = ("UNIQUE constraint failed", "already exists", "duplicate key value")
+# SQLite: errors of two processes making a new storage's tables or its schema stamp at once (every RDBStorage,
+# readers included, stamps an unstamped database): the loser finds the winner's rows and opens the storage again.
+# (All of a SQLite file's users are on one machine; PostgreSQL and MySQL take a lock instead.)
+_SCHEMA_RACE = ("UNIQUE constraint failed", "already exists")
 SCHEMA_RACE_TRIES = 5
+SCHEMA_LOCK = "optuna-schema"
 
 
 def _rdb_storage(url: str, connect_args: dict, heartbeat_interval: int | None, grace_period: int | None,
@@ -102,6 +110,39 @@ def _rdb_storage(url: str, connect_args: dict, heartbeat_interval: int | None, g
                 raise
             time.sleep(0.1 * (attempt + 1))
     raise AssertionError("unreachable")
+
+
+def _network_rdb_storage(url: str, shown: str, connect_args: dict, heartbeat_interval: int | None,
+                         grace_period: int | None, create: bool) -> RDBStorage:
+    """PostgreSQL or MySQL: a database whose tables Optuna has not finished (stamped) is opened under a database lock,
+    so that hosts launching one new study at the same moment make its tables one after another, not at once
+    (PostgreSQL would refuse all but one: duplicate key value ... pg_type_typname_nsp_index). A finished one opens
+    without the lock: a pod's workers do not queue for it."""
+    def storage() -> RDBStorage:
+        return RDBStorage(url, engine_kwargs={"connect_args": connect_args}, heartbeat_interval=heartbeat_interval,
+                          grace_period=grace_period, skip_table_creation=not create)
+
+    engine = create_engine(url, poolclass=NullPool, connect_args=connect_args)
+    try:
+        if _stamped(engine):  # also the first connection: an unreachable server fails here, within the timeout
+            return storage()
+        if not create:
+            raise MissingInputError(f"Optuna storage {shown!r} holds no Optuna tables: no study was launched "
+                                    "there; start the study with octft sweep launch, or pass the storage it uses with "
+                                    "--storage")
+        with database_lock(engine, SCHEMA_LOCK):
+            return storage()
+    finally:
+        engine.dispose()
+
+
+def _stamped(engine) -> bool:
+    """Whether Optuna has finished this database's tables: it stamps their version (alembic_version) last."""
+    with engine.connect() as connection:
+        try:
+            return connection.execute(text("SELECT version_num FROM alembic_version")).first() is not None
+        except ProgrammingError:  # no such table (yet)
+            return False
 
 
 def open_existing_study(study_name: str, url: str, *, sampler=None, pruner=None) -> optuna.Study:
@@ -132,16 +173,5 @@ def study_lock(storage: RDBStorage, study_name: str) -> Iterator[None]:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
         return
-    key = int.from_bytes(hashlib.sha256(f"octft:{study_name}".encode()).digest()[:8], "big", signed=True)
-    postgres = engine.dialect.name == "postgresql"
-    with engine.connect() as connection:
-        if postgres:
-            connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": key})
-        else:
-            connection.execute(text("SELECT GET_LOCK(:key, 600)"), {"key": str(key)})
-        try:
-            yield
-        finally:
-            release = text("SELECT pg_advisory_unlock(:key)" if postgres else "SELECT RELEASE_LOCK(:key)")
-            connection.execute(release, {"key": key if postgres else str(key)})
-            connection.commit()
+    with database_lock(engine, study_name):  # PostgreSQL: an advisory lock; MySQL: GET_LOCK
+        yield

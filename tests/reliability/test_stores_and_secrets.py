@@ -483,8 +483,11 @@ def test_a_postgresql_tracking_uri_works_with_the_installed_driver():
 
 
 @pytest.mark.integration
-def test_report_and_promote_read_a_study_whose_stores_are_both_on_postgresql(release, tmp_path, capsys):
+def test_report_and_promote_read_a_study_whose_stores_are_both_on_postgresql(release, tmp_path, capsys, monkeypatch):
     from octft.sweep.launch import launch
+
+    # A database tracking store needs a place for artifacts every host reads (octft.stores: OCTFT_ARTIFACT_ROOT).
+    monkeypatch.setenv("OCTFT_ARTIFACT_ROOT", str(tmp_path / "shared-artifacts"))
 
     with fresh_database() as storage, fresh_database() as tracking_uri:
         spec, _, _ = write_spec(tmp_path, study_name="on-postgres", n_trials=1, space=LR_HEAD, storage=storage)
