@@ -150,7 +150,7 @@ def run_setting(name: str, root: Path, spec_path: Path, params: list[dict[str, A
         f"study_name={study_name}", f"mlflow.tracking_uri=sqlite:///{directory / 'mlflow.db'}",
         f"fixed.train.epochs={args.epochs}", *SETTINGS[name], *(COLLAPSE_PRONE_OVERRIDES if args.collapse_prone else []),
         f"data.uri={data_dir}", f"data.cache_dir={cache_dir}", f"runtime.kind={args.runtime}",
-        f"output_dir={directory / 'runs'}",
+        f"output_dir={directory / 'runs'}", f"features.dir={directory / 'features'}",
     ]
     load_before = os.getloadavg()[0]
     print(f"\n== {name}: {len(params)} trials, {args.epochs} epochs, pruner overrides {SETTINGS[name] or '(demo)'}", flush=True)
