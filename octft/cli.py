@@ -194,7 +194,7 @@ def cmd_promote(args) -> int:
     spec = load_sweep(args.spec, args.overrides)
     _log_beside_study(spec, args.storage, "promote.log")  # MLflow's model-logging warnings go there
     print(format_promotion(promote(spec, trial_number=args.trial, storage=args.storage, tracking_uri=args.tracking_uri,
-                                   allow_test_reuse=args.allow_test_reuse)))
+                                   allow_test_reuse=args.allow_test_reuse, soup=args.soup)))
     return 0
 
 
@@ -451,6 +451,9 @@ def _champion_commands(commands) -> None:
     promote.add_argument("--allow-test-reuse", action="store_true",
                          help="score this trial on the test split although the split was scored for another model, of this study or any "
                               "other (tags the version octft.test_reuse=true)")
+    promote.add_argument("--soup", type=int, metavar="K",
+                         help="also build a greedy soup of the K best trials that share the best one's data, encoder and "
+                              "architecture, log it as its own run and model, and register it instead when it validates better")
     promote.add_argument("--verbose", action="store_true", help="library logs (MLflow, Optuna) and warnings on the console too")
     promote.set_defaults(func=cmd_promote)
 
@@ -489,12 +492,13 @@ def _study_view_commands(commands) -> None:
 
 
 def _run(args) -> int:
-    """The command, with library logs off the console (`octft.console`) where it has a --verbose switch."""
-    if not hasattr(args, "verbose"):
+    """The command, with library logs and MLflow's download bars off the console (`octft.console`; `--verbose`, where
+    a command has it, shows them). `octft ui` is left alone: it runs MLflow's server, which logs for itself."""
+    if args.func is cmd_ui:
         return int(args.func(args) or 0)
     from octft.console import quiet_console
 
-    with quiet_console(verbose=args.verbose):
+    with quiet_console(verbose=getattr(args, "verbose", False)):
         return int(args.func(args) or 0)
 
 

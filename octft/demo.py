@@ -27,6 +27,7 @@ from octft.sweep.records import TRIAL_ATTR, TrialRecord
 from octft.sweep.spec import load_sweep
 
 REPO = Path(__file__).resolve().parents[1]
+SOUP_SIZE = 3  # promotion tries a greedy soup of the 3 best trials (octft.registry.soup)
 FRAMES, HEIGHT, WIDTH = 8, 64, 64
 # The top of the demo space's head and encoder learning rates, encoder trainable from the start: the
 # classifier collapses onto one class. The demo enqueues it as its first trial so that CollapsePruner is
@@ -115,9 +116,10 @@ def _run_steps(root: Path, *, participants: int, trials: int, workers: int, prob
     print(launched.summary())
     print(f"  next: {next_command(launched, spec_path.relative_to(REPO), sweep_overrides, storage)}  (step 6 runs it)")
 
-    _step("6/7 promote the best healthy trial (test split, once)")
+    _step("6/7 promote the best healthy trial, or the greedy soup of the best 3 when it validates better (test split, "
+          "once)")
     try:
-        promotion = promote(spec, storage=storage, tracking_uri=tracking_uri, n_resamples=500)
+        promotion = promote(spec, storage=storage, tracking_uri=tracking_uri, n_resamples=500, soup=SOUP_SIZE)
         print(format_promotion(promotion))
     except ValueError as error:  # no trial fit to promote: say so, the report still shows why
         print(f"nothing promoted: {error}")

@@ -16,6 +16,13 @@ The sweep never touches the test split; this is the one place that does, visibly
    and point the alias `champion` at it; registering the same model again reuses its version. Nothing here
    reopens the trial's run: its status, start and end time stay as training left them.
 
+With `soup=K` (`octft promote --soup K`), a greedy soup of the K best promotable trials that share the best trial's
+data, encoder and architecture (`octft.registry.soup`) is built and logged as its own run and LoggedModel; it takes
+the best trial's place in steps 2 and 3 only when its validation value beats the best trial's (both computed the same
+way), and the registered version's tags and description say which won, with both values. Only the chosen candidate is
+scored on the test split. A soup's number, where the ledger and the study's records want a trial number, is negative
+(`octft.registry.soup.soup_number`).
+
     >>> promotion = promote(load_sweep("sweeps/demo.yaml"))              # doctest: +SKIP
     >>> promotion.model_uri, promotion.test_metrics["test/balanced_accuracy"]  # doctest: +SKIP
     ('models:/octft-demo@champion', 0.71)
@@ -42,13 +49,15 @@ from octft.errors import MissingInputError, UsageError
 from octft.registry.inference import LoadedModel, predict_logits
 from octft.registry.ledger import LedgerEntry, TestLedger, ledger_key
 from octft.registry.model import log_trial_model, trial_model
+from octft.registry.soup import (MEMBERS_TAG, Soup, greedy_soup, log_soup, soup_candidates,
+                                 write_soup_checkpoint)
 from octft.registry.predict import load_model
 from octft.stores import check_not_shared, resolve_tracking_uri
 from octft.sweep.records import CHAMPION_ATTR, TestEvaluation, test_evaluations, trial_record, unpromotable_reason
 from octft.sweep.spec import SweepSpec
 from octft.sweep.storage import open_existing_study
 from octft.sweep.tracking import parent_run_id, update_parent_note
-from octft.track.mlflow_store import MlflowStore
+from octft.track.mlflow_store import LoggedModelView, MlflowStore
 from octft.train.metrics import aggregate_by_participant, bootstrap_ci, classification_metrics, confusion_matrix, softmax
 from octft.data.dataset import audited_data, data_manifest_hash
 
@@ -78,6 +87,7 @@ class Promotion:
     others: list[LedgerEntry] = field(default_factory=list)  # every scoring of this test split for another model
     notes: list[str] = field(default_factory=list)  # what the numbers need said beside them (see `caveats`)
     model_id: str = ""  # the registered MLflow LoggedModel (models:/<model_id>)
+    soup: SoupAttempt | None = None  # what `soup=K` built, when asked for
 
     @property
     def test_reuse(self) -> bool:
@@ -87,6 +97,27 @@ class Promotion:
     @property
     def model_uri(self) -> str:
         return f"models:/{self.model_name}@{CHAMPION_ALIAS}"
+
+
+@dataclass
+class SoupAttempt:
+    """A greedy soup tried at promotion: the soup (None when fewer than two trials could share one), its run and
+    model, whether it won, and every trial passed over with the reason."""
+
+    soup: Soup | None
+    run_id: str = ""
+    model: LoggedModelView | None = None
+    won: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def verdict(self) -> str:
+        """Which won, with both validation values (the registered version's `octft.soup_verdict`)."""
+        soup = self.soup
+        if soup is None:
+            return "no soup: " + "; ".join(self.notes)
+        values = (f"{soup.describe()} {soup.metric} {soup.value:.4f} vs trial {soup.best_trial} "
+                  f"{soup.best_value:.4f} alone")
+        return f"the soup won: {values}" if self.won else f"trial {soup.best_trial} won: {values}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,12 +144,8 @@ def select_trial(
             raise UsageError(f"cannot promote: {reason}")
         return chosen, []
 
-    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
-    complete = [trial for trial in trials if trial.state == TrialState.COMPLETE and trial.value is not None]
-    ranked = sorted(complete, key=lambda trial: (-trial.value if maximize else trial.value, trial.number))
     skipped = []
-    for trial in ranked:
-        reason = unpromotable_reason(trial, min_class_f1)
+    for trial, reason in ranked_trials(study, min_class_f1):
         if reason is None:
             return trial, skipped
         skipped.append(f"skipped {reason} (value {trial.value:.4f})")
@@ -127,6 +154,33 @@ def select_trial(
         f"no trial of study {study.study_name!r} can be promoted ({', '.join(f'{n} {s}' for s, n in states.items() if n)}"
         f"){': ' + '; '.join(skipped) if skipped else ''}; run more trials, or lower promote.min_class_f1 on purpose"
     )
+
+
+def ranked_trials(study: optuna.Study, min_class_f1: float) -> list[tuple[FrozenTrial, str | None]]:
+    """The study's complete trials, best value first, each with the reason it cannot be promoted (None when it can)."""
+    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    complete = [trial for trial in study.get_trials(deepcopy=False)
+                if trial.state == TrialState.COMPLETE and trial.value is not None]
+    ranked = sorted(complete, key=lambda trial: (-trial.value if maximize else trial.value, trial.number))
+    return [(trial, unpromotable_reason(trial, min_class_f1)) for trial in ranked]
+
+
+def try_soup(store: MlflowStore, spec: SweepSpec, study: optuna.Study, k: int, scratch: Path, *,
+             parent: str | None, progress: bool = False) -> SoupAttempt:
+    """The greedy soup of the study's `k` best promotable trials that can share one (`octft.registry.soup`), logged as
+    its own run and LoggedModel, and whether it validates better than the best trial alone."""
+    ranked = [(trial, trial_record(trial).mlflow_run_id) for trial, reason in ranked_trials(study, spec.promote.min_class_f1)
+              if reason is None]
+    candidates, notes = soup_candidates(store, ranked, k, scratch / "soup-members")
+    if len(candidates) < 2:
+        return SoupAttempt(None, notes=[*notes, f"fewer than two of the {k} best promotable trials can share a soup"])
+    soup = greedy_soup(candidates, spec.objective.metric, maximize=spec.objective.direction == "maximize",
+                       progress=progress)
+    folder = write_soup_checkpoint(soup, candidates[0], scratch / "soup" / CHECKPOINT_ARTIFACT)
+    run_id, model = log_soup(store, spec.mlflow.experiment, soup, candidates[0], folder, study_name=spec.study_name,
+                             parent_run_id=parent)
+    return SoupAttempt(soup, run_id, model, soup.beats_best(spec.objective.direction == "maximize"),
+                       notes + soup.left_out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,9 +307,9 @@ def score_test_split(split: TestSplit, *, n_resamples: int = 1000, seed: int = 0
 # MLflow
 
 
-def _recorded_test_scores(study: optuna.Study, trial: FrozenTrial) -> dict[str, float] | None:
+def _recorded_test_scores(study: optuna.Study, number: int) -> dict[str, float] | None:
     return next((evaluation.scores for evaluation in test_evaluations(study.user_attrs)
-                 if evaluation.trial == trial.number), None)
+                 if evaluation.trial == number), None)
 
 
 def _refuse_test_reuse(split: TestSplit, earlier: list[LedgerEntry], study: str, trial: int) -> None:
@@ -286,52 +340,59 @@ def promote(
     tracking_uri: str | None = None,
     n_resamples: int = 1000,
     allow_test_reuse: bool = False,
+    soup: int | None = None,
     progress: bool = False,
 ) -> Promotion:
-    """Evaluate the chosen trial on the test split (once) and register it as `promote.model_name@champion`.
+    """Evaluate the chosen trial (or, with `soup=K`, the greedy soup of the K best trials when it validates better) on
+    the test split (once) and register it as `promote.model_name@champion`.
 
     Scoring the test split for a second model (of this study or any other: the test ledger) is refused unless
     `allow_test_reuse`.
     """
+    if soup is not None and (soup < 2 or trial_number is not None):
+        raise UsageError(f"--soup {soup}: a soup averages the K >= 2 best trials; give K >= 2, and no --trial with it")
     store = MlflowStore(resolve_tracking_uri(tracking_uri or spec.mlflow.tracking_uri), must_exist=True)
     check_not_shared(store.uri, storage or spec.storage)
     study = open_existing_study(spec.study_name, storage or spec.storage)
     trial, skipped = select_trial(study, spec.promote.min_class_f1, trial_number)
-    run_id = trial_record(trial).mlflow_run_id
-    try:
-        run_tags = store.run(run_id).tags
-    except MissingInputError as error:
-        raise UsageError(f"trial {trial.number}: {error}; pass the store the sweep logged to with --tracking-uri") from None
-    manifest_hash = run_tags.get("octft.data_manifest_hash")
     parent = parent_run_id(study)
     ledger = TestLedger(store)
-    key = run_tags.get(LEDGER_KEY_TAG)  # set on the trial's run when it was scored
     with tempfile.TemporaryDirectory(prefix="octft-promote-") as scratch:
+        attempt = try_soup(store, spec, study, soup, Path(scratch), parent=parent, progress=progress) if soup else None
+        number, run_id = trial.number, trial_record(trial).mlflow_run_id
+        if attempt is not None and attempt.won:
+            number, run_id = attempt.soup.number, attempt.run_id
+        try:
+            run_tags = store.run(run_id).tags
+        except MissingInputError as error:
+            raise UsageError(f"trial {number}: {error}; pass the store the sweep logged to with --tracking-uri") from None
+        manifest_hash = run_tags.get("octft.data_manifest_hash")
+        key = run_tags.get(LEDGER_KEY_TAG)  # set on the candidate's run when it was scored
         checkpoint_dir = None
-        model = trial_model(store, run_id)
+        model = attempt.model if attempt is not None and attempt.won else trial_model(store, run_id)
         if model is None:  # a trial whose worker did not log its model: logged from what the run tracked
             checkpoint_dir = _checkpoint_copy(store, run_id, scratch)
             outcome = trial_record(trial).outcome
             model = log_trial_model(store, run_id, checkpoint_dir, outcome.best_metrics, step=outcome.best_epoch or 0)
-        test_metrics = _recorded_test_scores(study, trial)
+        test_metrics = _recorded_test_scores(study, number)
         evaluated = test_metrics is None or key is None
         if evaluated:
+            # What the candidate's run tracked (the soup's too): what is scored is what gets registered.
             checkpoint_dir = checkpoint_dir or _checkpoint_copy(store, run_id, scratch)
             split = open_test_split(checkpoint_dir, expected_manifest_hash=manifest_hash, progress=progress)
             key = split.key
             if not allow_test_reuse:
-                others = [entry for entry in ledger.entries(key) if not entry.same_model(spec.study_name, trial.number)]
-                _refuse_test_reuse(split, others, spec.study_name, trial.number)
+                others = [entry for entry in ledger.entries(key) if not entry.same_model(spec.study_name, number)]
+                _refuse_test_reuse(split, others, spec.study_name, number)
             test_metrics = score_test_split(split, n_resamples=n_resamples)
             # Logged through the store: nothing reopens the trial's run, so its duration stays as training left it.
             store.log_model_metrics(run_id, model.model_id, test_metrics, step=0)
             store.set_tag(run_id, LEDGER_KEY_TAG, key)
-            ledger.record(key, study=spec.study_name, trial=trial.number, run_id=run_id,
+            ledger.record(key, study=spec.study_name, trial=number, run_id=run_id,
                           model_name=spec.promote.model_name, balanced_accuracy=_format_score(test_metrics, "balanced_accuracy"),
                           manifest_hash=split.manifest_hash, participants=len(split.participants))
             # One attr per evaluation (not one list): two promotions at once cannot overwrite each other's record.
-            evaluation = TestEvaluation(trial.number, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), run_id,
-                                        test_metrics)
+            evaluation = TestEvaluation(number, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), run_id, test_metrics)
             study.set_user_attr(evaluation.attr, {**evaluation.__dict__})
         evaluations = test_evaluations(study.user_attrs)
         evaluation_log = json.dumps([{"trial": item.trial, "time": item.time, "test/balanced_accuracy":
@@ -344,37 +405,61 @@ def promote(
             store.log_model_metrics(run_id, model.model_id, test_metrics, step=0)
 
     # Every other model this test split has scored, in any study: with one, test scores took part in the choice.
-    others = [entry for entry in ledger.entries(key) if not entry.same_model(spec.study_name, trial.number)]
-    test_reuse = bool(others)
+    others = [entry for entry in ledger.entries(key) if not entry.same_model(spec.study_name, number)]
     tags = {
-        "octft.study": spec.study_name, "octft.trial": str(trial.number),
+        "octft.study": spec.study_name, "octft.trial": str(number),
         "octft.params": json.dumps(trial.params, sort_keys=True), "octft.val_value": str(trial.value),
         "octft.data_manifest_hash": manifest_hash or "unknown",
         "octft.git_commit": run_tags.get("octft.git_commit", "unknown"),
         "octft.test_balanced_accuracy": _format_score(test_metrics, "balanced_accuracy"),
-        TEST_EVALUATIONS_TAG: evaluation_log, TEST_REUSE_TAG: str(test_reuse).lower(),
+        TEST_EVALUATIONS_TAG: evaluation_log, TEST_REUSE_TAG: str(bool(others)).lower(),
         "octft.val_precision": run_tags.get("octft.precision", "unknown"), "octft.test_precision": "fp32",
         "octft.best_epoch": str(trial_record(trial).outcome.best_epoch),
         "octft.unfreeze_epoch": str(trial_record(trial).unfreeze_epoch),
     }
-    notes = caveats(trial, run_tags)
+    description = []
+    if attempt is not None:
+        tags.update(_soup_tags(attempt, study))
+        description.append(f"Greedy soup at promotion: {attempt.verdict()}.")
+    # A soup's weights come from no one epoch of no one trial: the trial's caveats say nothing of them.
+    notes = [] if attempt is not None and attempt.won else caveats(trial, run_tags)
     if notes:
         tags["octft.caveats"] = "; ".join(notes)
     version = store.register_logged_model(model, spec.promote.model_name, CHAMPION_ALIAS, tags)
     if others:
-        store.describe_version(spec.promote.model_name, version, "The test split of this data release was also scored "
-                               "for other models, so it is no longer an untouched test split: "
-                               + "; ".join(f"{entry.describe()}, test balanced accuracy {entry.balanced_accuracy}"
-                                           for entry in others))
-    champion = {"trial": trial.number, "model_name": spec.promote.model_name, "version": version, "run_id": run_id}
+        description.append("The test split of this data release was also scored for other models, so it is no longer "
+                           "an untouched test split: " + "; ".join(f"{entry.describe()}, test balanced accuracy "
+                                                                  f"{entry.balanced_accuracy}" for entry in others))
+    if description:
+        store.describe_version(spec.promote.model_name, version, "\n\n".join(description))
+    champion = {"trial": number, "model_name": spec.promote.model_name, "version": version, "run_id": run_id}
+    if attempt is not None and attempt.won:
+        champion["soup_members"] = attempt.soup.members
     if study.user_attrs.get(CHAMPION_ATTR) != champion:
         study.set_user_attr(CHAMPION_ATTR, champion)
         if parent:
-            store.set_tag(parent, "octft.champion_trial", str(trial.number))
+            store.set_tag(parent, "octft.champion_trial", str(number))
             store.set_tag(parent, "octft.champion_version", version)
     update_parent_note(store, study, spec)
-    return Promotion(spec.study_name, trial.number, run_id, spec.promote.model_name, version, test_metrics,
-                     evaluated, skipped, evaluations, others, notes, model.model_id)
+    return Promotion(spec.study_name, number, run_id, spec.promote.model_name, version, test_metrics,
+                     evaluated, skipped, evaluations, others, notes, model.model_id, attempt)
+
+
+def _soup_tags(attempt: SoupAttempt, study: optuna.Study) -> dict[str, str]:
+    """The registered version's record of the soup tried: which won, and both validation values."""
+    tags = {"octft.soup_verdict": attempt.verdict()}
+    soup = attempt.soup
+    if soup is None:
+        return {**tags, "octft.soup_winner": "none"}
+    tags.update({"octft.soup_winner": "soup" if attempt.won else "trial", MEMBERS_TAG: ",".join(map(str, soup.members)),
+                 "octft.soup_run_id": attempt.run_id, "octft.soup_val_value": f"{soup.value:.6g}",
+                 "octft.soup_best_trial": str(soup.best_trial), "octft.soup_best_trial_val_value": f"{soup.best_value:.6g}"})
+    if attempt.won:  # the soup's own values, where a trial's would stand
+        members = {trial.number: trial.params for trial in study.get_trials(deepcopy=False) if trial.number in soup.members}
+        tags.update({"octft.params": json.dumps({str(number): params for number, params in members.items()}, sort_keys=True),
+                     "octft.val_value": str(soup.value), "octft.val_precision": "fp32",
+                     "octft.best_epoch": "soup", "octft.unfreeze_epoch": "soup"})
+    return tags
 
 
 def caveats(trial: FrozenTrial, run_tags: dict[str, str]) -> list[str]:
@@ -404,10 +489,14 @@ def _format_score(metrics: dict[str, float], name: str) -> str:
 def format_promotion(promotion: Promotion) -> str:
     """What `octft promote` prints: skipped trials, the champion, and every test score with its interval."""
     lines = list(promotion.skipped)
-    lines.append(
-        f"trial {promotion.trial_number} (MLflow run {promotion.run_id}) -> {promotion.model_uri} "
-        f"(version {promotion.version})"
-    )
+    attempt = promotion.soup
+    if attempt is not None:
+        lines += attempt.notes
+        where = "" if attempt.soup is None else (f"soup run {attempt.run_id}, candidates {attempt.soup.candidates}, "
+                                                 "validated on the CPU in float32: ")
+        lines.append(where + attempt.verdict())
+    chosen = (attempt.soup.describe() if attempt is not None and attempt.won else f"trial {promotion.trial_number}")
+    lines.append(f"{chosen} (MLflow run {promotion.run_id}) -> {promotion.model_uri} (version {promotion.version})")
     lines.append("test scores, participant level, stratified bootstrap 95% interval"
                  + ("" if promotion.evaluated else " (recorded earlier; not evaluated again)") + ":")
     for name in CI_SCORES:
