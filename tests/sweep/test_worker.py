@@ -149,7 +149,7 @@ def test_ctrl_c_fails_the_running_trial_with_its_reason_ends_its_run_and_retries
 def test_a_queued_trial_keeps_where_it_came_from(tmp_path):
     plan, storage, _ = launched(tmp_path, n_trials=2)
     study = load(storage, "worker")
-    enqueue(study, [WarmStart("models:/octft version 3 (run abc)", {"optim.lr_head": 0.002, "train.unfreeze_epoch": 1})],
+    enqueue(study, [WarmStart("models:/octft version 3 (run abc)", {"optim.lr_head": 0.002, "train.unfreeze_epoch": 1}, {})],
             "models:/octft@champion")
     run_worker(plan, 0, ScriptedRunner(lambda number: TrialOutcome(status="completed", best_value=0.5, best_epoch=0,
                                                                     epochs_run=2)))
