@@ -74,12 +74,14 @@ def file_extension(name: str) -> str:
     return f".{suffix}" if dot and stem else "(none)"
 
 
-def _normalise_laterality(value: object) -> str | None:
+def normalise_laterality(value: object) -> str | None:
+    """'L' or 'R' from the ways manifests and DICOM tags write an eye (L, left, OS ...), else None."""
     text = str(value).strip().upper() if value is not None else ""
     return {"L": "L", "LEFT": "L", "OS": "L", "R": "R", "RIGHT": "R", "OD": "R"}.get(text)
 
 
-def _normalise_region(value: object) -> str | None:
+def normalise_region(value: object) -> str | None:
+    """A region name as `data.selection.regions` writes it (`optic_disc`), else None."""
     text = str(value).strip().lower().replace(" ", "_").replace("-", "_") if value is not None else ""
     if not text or text == "nan":
         return None
@@ -96,13 +98,13 @@ def _int_or_none(value: object) -> int | None:
 _LATERALITY_TOKENS = {"l": "L", "left": "L", "os": "L", "r": "R", "right": "R", "od": "R"}
 
 
-def _name_tokens(name: str) -> tuple[str | None, str | None, str | None]:
+def name_tokens(name: str) -> tuple[str | None, str | None, str | None]:
     """(leading id, laterality, region) from an AI-READI file name like `1001_maestro2_macula_oct_l_<uid>.dcm`.
 
     The extension goes first, so a token just before it counts like any other (`..._oct_r.dcm`,
     `..._l_macula.dcm`); tokens split at `_`, `-`, `.` and spaces (a DICOM UID's dots leave only digits).
 
-    >>> _name_tokens("1001_maestro2_oct_l_macula.dcm")
+    >>> name_tokens("1001_maestro2_oct_l_macula.dcm")
     ('1001', 'L', 'macula')
     """
     extension = file_extension(name)
@@ -135,7 +137,7 @@ def parse_key(key: str, size: int, sha1: str | None = None, version: str | None 
     if item.participant_id is None:
         item.problem = f"participant folder {folder!r} is not a participant ID"
         return item
-    leading, item.laterality, item.region = _name_tokens(name)
+    leading, item.laterality, item.region = name_tokens(name)
     item.name_id = canonical_participant_id(leading) if leading is not None else None
     return item
 
@@ -213,8 +215,8 @@ def locate(storage, *, use_manifest: bool = True) -> Located:
             if item.participant_id is not None and item.participant_id != pid:
                 located.id_mismatches.append({"key": key, "folder_id": item.participant_id, "manifest_id": pid})
             item.participant_id = pid
-            item.laterality = _normalise_laterality(row.get("laterality")) or item.laterality
-            item.region = _normalise_region(row.get("anatomic_region")) or item.region
+            item.laterality = normalise_laterality(row.get("laterality")) or item.laterality
+            item.region = normalise_region(row.get("anatomic_region")) or item.region
             item.frames = _int_or_none(row.get("number_of_frames"))
             item.height = _int_or_none(row.get("height"))
             item.width = _int_or_none(row.get("width"))

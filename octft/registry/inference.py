@@ -64,7 +64,7 @@ from tqdm import tqdm
 from octft.config import SCRATCH, ExperimentConfig, SelectionConfig, load_experiment_dict
 from octft.data.ids import canonical_participant_id
 from octft.data.layout import CLASS_SHORT_NAMES, DEVICES
-from octft.data.locator import _name_tokens, _normalise_laterality, _normalise_region
+from octft.data.locator import name_tokens, normalise_laterality, normalise_region
 from octft.data.preprocess import Preprocessing, preprocess
 from octft.data.readers import read_volume
 from octft.data.volume import OctReadError, Volume
@@ -184,7 +184,7 @@ def facts_of_path(path: str | Path) -> VolumeFacts:
     and laterality and region tokens of the file name (`1001_maestro2_macula_oct_l_<uid>.dcm`)."""
     path = Path(path)
     device = next((part for part in reversed(path.parent.parts) if part in DEVICES), None)
-    _, laterality, region = _name_tokens(path.name)
+    _, laterality, region = name_tokens(path.name)
     return VolumeFacts(device, region, laterality)
 
 
@@ -194,7 +194,7 @@ def facts_of_meta(meta: dict[str, Any]) -> VolumeFacts:
     words = (meta.get("device") or "").strip()
     tokens = set(re.split(r"[^a-z0-9]+", words.lower()))
     device = next((name for name in DEVICES if set(name.split("_")) <= tokens), words or None)
-    return VolumeFacts(device, _normalise_region(meta.get("region")), _normalise_laterality(meta.get("laterality")))
+    return VolumeFacts(device, normalise_region(meta.get("region")), normalise_laterality(meta.get("laterality")))
 
 
 def outside_selection(facts: VolumeFacts, selection: SelectionConfig) -> str | None:
