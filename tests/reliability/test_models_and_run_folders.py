@@ -55,7 +55,7 @@ def test_a_tampered_model_artifact_runs_no_code_through_octft(trained, release, 
 
     assert predictions(capsys, model, scans) == before
     store = MlflowStore(f"sqlite:///{tmp_path / 'registry.db'}")
-    run_id = store.client.create_run(store.client.create_experiment("tampered")).info.run_id
+    run_id = store.client.create_run(store.client.create_experiment("tampered", artifact_location=(tmp_path / "artifacts").as_uri())).info.run_id
     store.log_artifacts(run_id, model, "model")
     store.register(run_id, "model", "tampered", "champion", {})
     assert predictions(capsys, "models:/tampered@champion", scans, "--tracking-uri", store.uri) == before
