@@ -88,6 +88,15 @@ def prepare(root: Path, participants: int, train_majority_share: float | None) -
     return data_dir, cache_dir
 
 
+def empty_root(given: Path | None, temp: str) -> Path:
+    """Where a benchmark writes: `--dir` (made if missing, refused unless empty) or the temp folder."""
+    root = (given or Path(temp)).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    if any(root.iterdir()):
+        raise SystemExit(f"--dir {root} is not empty (an earlier run?); pass an empty folder or leave --dir out")
+    return root
+
+
 def copy_specs(root: Path) -> Path:
     """The demo sweep and experiment under `root`, the sweep pointing at the copy; returns the sweep's path."""
     import yaml
@@ -275,10 +284,7 @@ def main() -> None:
     if args.runtime == "xla":
         os.environ.setdefault("PJRT_DEVICE", "CPU")  # the trial processes inherit it
     with tempfile.TemporaryDirectory(prefix="bench-pruning-") as temp:
-        root = (args.dir or Path(temp)).resolve()
-        root.mkdir(parents=True, exist_ok=True)
-        if any(root.iterdir()):
-            raise SystemExit(f"--dir {root} is not empty (an earlier run?); pass an empty folder or leave --dir out")
+        root = empty_root(args.dir, temp)
         started = time.perf_counter()
         spec_path = copy_specs(root)
         from octft.sweep.spec import load_sweep

@@ -48,7 +48,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_pruning import COLLAPSE_PRONE_OVERRIDES, COLLAPSE_PRONE_SHARE, copy_specs, prepare  # noqa: E402  (a sibling)
+from bench_pruning import COLLAPSE_PRONE_OVERRIDES, COLLAPSE_PRONE_SHARE, copy_specs, empty_root, prepare  # noqa: E402  (a sibling)
 
 # strategy -> sweep overrides; {epochs} is the trials' epochs. A whole section (sampler={...}) drops the demo's
 # arguments of that section, which another type would refuse; what is left out takes octft's default, which for
@@ -331,10 +331,7 @@ def main() -> None:
                 "machine": f"{platform.platform()}, {os.cpu_count()} cores, python {platform.python_version()}"}
     load_before = os.getloadavg()[0]  # a shared machine's load makes the seconds noisy; the epochs are not
     with tempfile.TemporaryDirectory(prefix="bench-search-") as temp:
-        root = (args.dir or Path(temp)).resolve()
-        root.mkdir(parents=True, exist_ok=True)
-        if any(root.iterdir()):
-            raise SystemExit(f"--dir {root} is not empty (an earlier run?); pass an empty folder or leave --dir out")
+        root = empty_root(args.dir, temp)
         started = time.perf_counter()
         spec_path = copy_specs(root)
         data_dir, cache_dir = prepare(root, args.participants, COLLAPSE_PRONE_SHARE if args.collapse_prone else None)
