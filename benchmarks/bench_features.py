@@ -40,7 +40,8 @@ from bench_sweep import cache_bytecode  # noqa: E402  (a sibling script)
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--participants", type=int, default=96, help="synthetic participants (default 96, as the demo)")
-    parser.add_argument("--parts", nargs="+", choices=["epochs", "probe", "sweep"], default=["epochs", "probe", "sweep"])
+    parser.add_argument("--parts", nargs="+", choices=["epochs", "probe", "heads", "sweep"],
+                        default=["epochs", "probe", "heads", "sweep"])
     parser.add_argument("--probe-trials", type=int, default=50)
     parser.add_argument("--sweep-trials", type=int, default=4)
     parser.add_argument("--sweep-epochs", type=int, default=6, help="epochs per sweep trial (above the unfreeze range 0..4)")
@@ -154,6 +155,82 @@ def part_probe(root: Path, base: list[str], trials: int, devices: int) -> None:
               f"{complete} / {pruned} |")
 
 
+def part_heads(root: Path, base: list[str], heads: int) -> None:
+    """The heads-only phase of a probe study: `heads` configs drawn from sweeps/probe.yaml's space, trained on the
+    demo encoder's stored features one at a time by `fit()` and in stacked passes by `fit_heads()`, in this process,
+    with no tracker or reporter (what the phase itself costs; the study's bookkeeping is in part 2)."""
+    import optuna
+    import torch
+
+    from octft.config import load_experiment
+    from octft.data.layout import CLASS_SHORT_NAMES
+    from octft.sweep.space import suggest
+    from octft.sweep.spec import load_sweep
+    from octft.track import NullTracker
+    from octft.train.loop import fit
+    from octft.train.recipe import pass_key
+    from octft.train.runtime import make_runtime
+    from octft.train.setup import RunCache, class_weights_for
+    from octft.train.stacked import HeadRun, fit_heads
+
+    spec = load_sweep(REPO / "sweeps" / "probe.yaml")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    cfgs = [load_experiment(spec.base, [*spec.trial_overrides(suggest(study.ask(), spec.space)), *base,
+                                        f"features.dir={root / 'heads-features'}"]) for _ in range(heads)]
+    assert len({pass_key(cfg) for cfg in cfgs}) == 1
+    cache, runtime = RunCache(), make_runtime("cpu")
+    setup = cache.data(cfgs[0].data, progress=False)
+    train_set, val_set = setup.prepared.run_datasets(cfgs[0].data.inner_val_fraction, cfgs[0].data.split.seed)
+    features = cache.features(cfgs[0], cache.model(cfgs[0], trains_encoder=False)[0], train_set, val_set, runtime)
+    weights = class_weights_for(cfgs[0], train_set)
+    epochs = sum(cfg.train.epochs for cfg in cfgs)
+
+    def models():
+        return [cache.model(cfg, trains_encoder=False)[0] for cfg in cfgs]
+
+    def one_at_a_time(folder: Path) -> list[float]:
+        values = []
+        for k, (cfg, model) in enumerate(zip(cfgs, models())):
+            result = fit(model, train_set, val_set, runtime=runtime, tracker=NullTracker(), class_names=CLASS_SHORT_NAMES,
+                         epochs=cfg.train.epochs, batch_size=cfg.train.batch_size,
+                         accumulation_steps=cfg.train.accumulation_steps, unfreeze_epoch=None, lr_head=cfg.optim.lr_head,
+                         lr_encoder=cfg.optim.lr_encoder, weight_decay=cfg.optim.weight_decay,
+                         label_smoothing=cfg.loss.label_smoothing, class_weights=weights, seed=cfg.train.seed,
+                         early_stopping_patience=None, run_dir=folder / f"head-{k}", frozen_features=features)
+            values.append(result.best_value)
+        return values
+
+    def stacked(folder: Path, per_pass: int) -> list[float]:
+        values = []
+        built = models()
+        for start in range(0, len(cfgs), per_pass):
+            runs = [HeadRun(model, lr_head=cfg.optim.lr_head, weight_decay=cfg.optim.weight_decay,
+                            label_smoothing=cfg.loss.label_smoothing, epochs=cfg.train.epochs,
+                            run_dir=folder / f"head-{start + k}", tracker=NullTracker(), log=lambda line: None)
+                    for k, (cfg, model) in enumerate(zip(cfgs[start:start + per_pass], built[start:start + per_pass]))]
+            results = fit_heads(runs, features, runtime=runtime, class_names=CLASS_SHORT_NAMES,
+                                batch_size=cfgs[0].train.batch_size, accumulation_steps=cfgs[0].train.accumulation_steps,
+                                class_weights=weights, seed=cfgs[0].train.seed)
+            values += [result.best_value for result in results]
+        return values
+
+    torch.manual_seed(0)
+    rows = []
+    started = time.perf_counter()
+    alone = one_at_a_time(root / "heads-alone")
+    rows.append(("one at a time (`fit()`)", time.perf_counter() - started, alone))
+    for per_pass in (spec.resolved_heads_per_pass(), heads):
+        started = time.perf_counter()
+        values = stacked(root / f"heads-stacked-{per_pass}", per_pass)
+        rows.append((f"stacked, {per_pass} heads per pass (`fit_heads()`)", time.perf_counter() - started, values))
+    print(f"\n## 4. Heads-only phase: {heads} heads of sweeps/probe.yaml's space ({epochs} epochs in all), stored "
+          "features, this process, no tracker or reporter\n")
+    print("| how | seconds | vs one at a time | max difference of best value from one at a time |\n| --- | --- | --- | --- |")
+    for name, seconds, values in rows:
+        gap = max(abs(a - b) for a, b in zip(values, alone))
+        print(f"| {name} | {seconds:.2f} | {rows[0][1] / seconds:.1f}x | {gap:.1e} |")
+
+
 def part_sweep(root: Path, base: list[str], trials: int, epochs: int, devices: int) -> None:
     import optuna
 
@@ -188,6 +265,8 @@ def main() -> None:
             part_epochs(root, base, args.devices)
         if "probe" in args.parts:
             part_probe(root, base, args.probe_trials, args.devices)
+        if "heads" in args.parts:
+            part_heads(root, base, args.probe_trials)
         if "sweep" in args.parts:
             part_sweep(root, base, args.sweep_trials, args.sweep_epochs, args.devices * 2)
         print(f"\nload average at the end {os.getloadavg()[0]:.1f}")

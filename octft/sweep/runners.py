@@ -7,7 +7,8 @@
   trial it was running; the next trial starts a new one.
 - `FreshProcessRunner`: a new process for every trial (isolation, for debugging a runner).
 - `InProcessRunner`: the trial trains in the worker's own process: probe studies (a head on stored features is
-  milliseconds a step; a process hand-off would cost more than the trial) and tests.
+  milliseconds a step; a process hand-off would cost more than the trial) and tests. Its `run_many` trains a probe
+  study's trials together, their heads stacked in one pass over the features (`octft.sweep.trial.run_trials`).
 
 Each runs `octft.sweep.trial.run_trial(plan, number, cache)`, which trains exactly what the trial's replay command
 runs. A process runner (`python -m octft.sweep.trial`) is given a trial as one line `{"plan": <plan path>,
@@ -54,6 +55,9 @@ class Runner(Protocol):
     def run(self, plan: LaunchPlan, number: int) -> TrialOutcome:
         """Train trial `number` of `plan`'s study; never raises for a bad trial (its outcome says `failed`)."""
 
+    def run_many(self, plan: LaunchPlan, numbers: list[int]) -> list[TrialOutcome]:
+        """Train the trials `numbers` (an in-process runner stacks a probe study's heads in one pass); their outcomes."""
+
     def close(self, timeout: float = 60) -> None:
         """Let go of the runner: a process ends after its current trial, or is killed after `timeout` seconds."""
 
@@ -75,6 +79,17 @@ class InProcessRunner:
         trial = self._trial()
         with trial.output_to(plan.trial_dir(number) / "trial.log"):  # where a process runner's trial writes too
             return trial.run_trial(plan, number, self.cache)
+
+    def run_many(self, plan: LaunchPlan, numbers: list[int]) -> list[TrialOutcome]:
+        trial = self._trial()
+        log = Path(plan.study_dir) / "passes" / f"trials-{numbers[0]}-{numbers[-1]}.log"
+        for number in numbers:  # each trial's own log says where the pass's output went; its epochs follow
+            plan.trial_dir(number).mkdir(parents=True, exist_ok=True)
+            with (plan.trial_dir(number) / "trial.log").open("a") as handle:
+                handle.write(f"trial {number} trains in one pass with trials {', '.join(map(str, numbers))}; "
+                             f"the pass's output: {log}\n")
+        with trial.output_to(log):
+            return trial.run_trials(plan, numbers, self.cache)
 
     def prepare(self, data) -> DataSetup:
         """Audit and prepare `data` (a config's data section) into the cache its trials will find it in."""
@@ -136,6 +151,9 @@ class WarmProcessRunner:
         self._forget()
         return TrialOutcome(status="failed", stop_reason=describe_exit(returncode, plan.trial_dir(number) / "trial.log"))
 
+    def run_many(self, plan: LaunchPlan, numbers: list[int]) -> list[TrialOutcome]:
+        return [self.run(plan, number) for number in numbers]
+
     def close(self, timeout: float = 60) -> None:
         """Close its input (it exits after its current trial); kill it if it does not."""
         if self.process is None:
@@ -176,6 +194,9 @@ class FreshProcessRunner:
             return self.process_runner.run(plan, number)
         finally:
             self.process_runner.close()
+
+    def run_many(self, plan: LaunchPlan, numbers: list[int]) -> list[TrialOutcome]:
+        return [self.run(plan, number) for number in numbers]
 
     def close(self, timeout: float = 60) -> None:
         self.process_runner.close(timeout)

@@ -187,6 +187,9 @@ class PromoteSpec(_Strict):
     min_class_f1: float = Field(0.05, ge=0, le=1)
 
 
+MAX_HEADS_PER_PASS = 64
+
+
 class SweepSpec(_Strict):
     """A validated sweep; build it with `load_sweep` so that its keys are checked against the base experiment."""
 
@@ -204,6 +207,9 @@ class SweepSpec(_Strict):
     sampler: SamplerSpec = SamplerSpec()
     pruner: PrunerSpec = PrunerSpec()
     promote: PromoteSpec = PromoteSpec()
+    # A probe study's heads trained together in one pass over the stored features, each its own trial
+    # (`octft.train.stacked`); auto: sized to the machine (`resolved_heads_per_pass`); 1: one at a time.
+    heads_per_pass: Annotated[int, Field(ge=1, le=MAX_HEADS_PER_PASS)] | Literal["auto"] = "auto"
 
     @field_validator("study_name")
     @classmethod
@@ -230,6 +236,13 @@ class SweepSpec(_Strict):
         if self.promote.model_name is None:
             self.promote.model_name = self.study_name
         return self
+
+    def resolved_heads_per_pass(self) -> int:
+        """`heads_per_pass`, with auto as 8 heads per CPU core (16 on 2 cores), from 8 to 64: a pass's step is a few
+        stacked matrix products, whose cost grows far slower than the number of heads (docs/figures.md)."""
+        if self.heads_per_pass != "auto":
+            return self.heads_per_pass
+        return min(MAX_HEADS_PER_PASS, max(8, 8 * (os.cpu_count() or 1)))
 
     @property
     def storage_redacted(self) -> str:

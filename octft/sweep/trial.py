@@ -40,7 +40,8 @@ from octft.sweep.lifetime import watch_parent
 from octft.stores import TRACKING_ENV
 from octft.sweep.storage import open_study_storage
 from octft.track.mlflow_store import MlflowStore, MlflowTracker
-from octft.train.recipe import train
+from octft.config import ExperimentConfig
+from octft.train.recipe import pass_key, train, train_heads
 from octft.train.setup import RunCache
 
 # A trial's metrics are written at most this often (and when it ends): a probe's epochs take milliseconds.
@@ -96,26 +97,87 @@ def run_trial(plan: LaunchPlan, number: int, cache: TrialCache) -> TrialOutcome:
     """Train trial `number` of `plan`'s study as its replay command does, reporting to Optuna; its outcome."""
     started = time.perf_counter()
     cache.trials += 1
-    outcome = TrialOutcome(status="failed", runner_pid=os.getpid(), runner_trials=cache.trials)
     tracker = None
     try:
-        study, storage = cache.study(plan)
-        trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(plan.study_name), number)
-        frozen = storage.get_trial(trial_id)
-        cfg = plan.trial_config(plan.trial_overrides(frozen.params))
-        spec = plan.spec()
-        cfg.tracking.tracking_uri, cfg.tracking.experiment = plan.tracking_uri, spec.mlflow.experiment
-        cfg.tracking.run_name = f"trial-{number}"
-        # Left open: its worker ends it once Optuna holds the trial's state (`octft.sweep.tracking.settle_run`).
-        tracker = MlflowTracker(plan.tracking_url(), run_id=trial_record(frozen).mlflow_run_id,
-                                log_system_metrics=not plan.is_probe(), flush_interval_s=METRICS_FLUSH_S, ends_run=False)
-        reporter = OptunaReporter(optuna.trial.Trial(study, trial_id), study.pruner, metric=spec.objective.metric,
-                                  tracker=tracker)
+        cfg, tracker, reporter = _trial_inputs(plan, number, cache)
         result = train(cfg, run_dir=plan.trial_dir(number), reporter=reporter, tracker=tracker, progress=False,
                        cache=cache.run)
     except Exception as error:  # the trial failed, not the runner: its worker tells Optuna FAIL with this reason
         traceback.print_exc()
-        outcome.stop_reason = f"{type(error).__name__}: {error}"[:2000]
+        result = error
+    outcome = _outcome(plan, result, reporter if tracker is not None else None, tracker, cache)
+    del tracker
+    # The trial's model, optimizer and device buffers go now, not whenever the next trial allocates.
+    gc.collect()
+    outcome.seconds = time.perf_counter() - started
+    outcome.runner_rss_bytes = int(psutil.Process().memory_info().rss)
+    return outcome
+
+
+def run_trials(plan: LaunchPlan, numbers: list[int], cache: TrialCache) -> list[TrialOutcome]:
+    """Train the probe trials `numbers` of `plan`'s study together: trials whose configs share a stacked pass
+    (`octft.train.recipe.pass_key`) train their heads in one (`train_heads`), any other alone (`run_trial`). Each
+    trial's outcome, its MLflow run and its folder are what its replay command gives it, to float tolerance."""
+    started = time.perf_counter()
+    outcomes: dict[int, TrialOutcome] = {}
+    passes: dict[str, list[tuple[int, object, object, object]]] = {}
+    for number in numbers:
+        try:
+            cfg, tracker, reporter = _trial_inputs(plan, number, cache)
+        except Exception as error:
+            traceback.print_exc()
+            outcomes[number] = _outcome(plan, error, None, None, cache)
+            continue
+        key = pass_key(cfg)
+        if key is None:
+            del tracker
+            outcomes[number] = run_trial(plan, number, cache)
+        else:
+            passes.setdefault(key, []).append((number, cfg, tracker, reporter))
+    for members in passes.values():
+        cache.trials += len(members)
+        try:
+            results = train_heads([cfg for _, cfg, _, _ in members], [plan.trial_dir(number) for number, *_ in members],
+                                  reporters=[reporter for *_, reporter in members],
+                                  trackers=[tracker for _, _, tracker, _ in members], cache=cache.run)
+        except Exception as error:  # the pass itself failed: each of its trials, not the runner
+            traceback.print_exc()
+            results = [error] * len(members)
+        for (number, _, tracker, reporter), result in zip(members, results):
+            outcomes[number] = _outcome(plan, result, reporter, tracker, cache)
+    gc.collect()
+    seconds, rss = time.perf_counter() - started, int(psutil.Process().memory_info().rss)
+    for outcome in outcomes.values():
+        outcome.seconds, outcome.runner_rss_bytes = seconds, rss
+    return [outcomes[number] for number in numbers]
+
+
+def _trial_inputs(plan: LaunchPlan, number: int, cache: TrialCache) -> tuple[ExperimentConfig, MlflowTracker, OptunaReporter]:
+    """Trial `number`'s config (from its params, as its replay command has it), its MLflow run (which its worker made)
+    and its Optuna reporter."""
+    study, storage = cache.study(plan)
+    trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(plan.study_name), number)
+    frozen = storage.get_trial(trial_id)
+    cfg = plan.trial_config(plan.trial_overrides(frozen.params))
+    spec = plan.spec()
+    cfg.tracking.tracking_uri, cfg.tracking.experiment = plan.tracking_uri, spec.mlflow.experiment
+    cfg.tracking.run_name = f"trial-{number}"
+    # Left open: its worker ends it once Optuna holds the trial's state (`octft.sweep.tracking.settle_run`).
+    # A probe's epochs take milliseconds: its metrics are written once, when it ends.
+    tracker = MlflowTracker(plan.tracking_url(), run_id=trial_record(frozen).mlflow_run_id,
+                            log_system_metrics=not plan.is_probe(),
+                            flush_interval_s=math.inf if plan.is_probe() else METRICS_FLUSH_S, ends_run=False)
+    reporter = OptunaReporter(optuna.trial.Trial(study, trial_id), study.pruner, metric=spec.objective.metric,
+                              tracker=tracker)
+    return cfg, tracker, reporter
+
+
+def _outcome(plan: LaunchPlan, result, reporter: OptunaReporter | None, tracker: MlflowTracker | None,
+             cache: TrialCache) -> TrialOutcome:
+    """A trial's outcome from what its training returned (a `TrainResult`, or the exception that failed it)."""
+    if isinstance(result, Exception):
+        outcome = TrialOutcome(status="failed", stop_reason=f"{type(result).__name__}: {result}"[:2000],
+                               runner_pid=os.getpid(), runner_trials=cache.trials)
     else:
         pruned = reporter.pruned or {}
         outcome = TrialOutcome(
@@ -128,11 +190,6 @@ def run_trial(plan: LaunchPlan, number: int, cache: TrialCache) -> TrialOutcome:
         if outcome.succeeded and not plan.is_probe():
             log_model(tracker, result, outcome)
     outcome.run_status = getattr(tracker, "end_status", None)
-    del tracker
-    # The trial's model, optimizer and device buffers go now, not whenever the next trial allocates.
-    gc.collect()
-    outcome.seconds = time.perf_counter() - started
-    outcome.runner_rss_bytes = int(psutil.Process().memory_info().rss)
     return outcome
 
 

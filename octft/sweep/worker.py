@@ -4,6 +4,9 @@
     `octft sweep show` prints) -> a fresh record and MLflow run -> runner.run(plan, number) -> one TrialOutcome
     -> the record, then Optuna's state, the MLflow run's status and the parent run's best
 
+A probe study's worker with an in-process runner takes up to the sweep's `heads_per_pass` trials at once and hands
+them to `runner.run_many`, which trains their heads in one stacked pass; every other step above is per trial.
+
 `octft sweep launch` is worker 0 itself; workers 1.. are `python -m octft.sweep.worker PLAN --worker-index I
 --wait-for-launch`, started as soon as the plan is written, so that their imports and runners' starts overlap the
 launch's data preparation; they take trials once the launch sends `go` (the data is ready). While
@@ -90,30 +93,40 @@ def run_worker(plan: LaunchPlan, worker_index: int, runner: Runner, *, echo: Cal
         study = open_worker_study(plan, storage, worker_index)
         store = MlflowStore(plan.tracking_url())
         done = 0
+        size = trials_per_pass(plan)
         while launch.deadline is None or time.time() < launch.deadline:
             reap_stale_trials(study, storage, store)
-            trial = next_trial(study, storage, launch.n_trials)
-            if trial is None:
+            trials = take_trials(study, storage, launch.n_trials, size)
+            if not trials:
                 break
-            with heartbeat(storage, trial._trial_id):
-                record = start_trial(plan, study, storage, trial, worker_index, runner_pid=runner.pid)
+            with heartbeat(storage, [trial._trial_id for trial in trials]):
+                records = [start_trial(plan, study, storage, trial, worker_index, runner_pid=runner.pid)
+                           for trial in trials]
                 if verbose:
-                    echo(f"trial {trial.number} starts on worker {worker_index} ({record.run_dir})")
+                    for trial, record in zip(trials, records):
+                        echo(f"trial {trial.number} starts on worker {worker_index} ({record.run_dir})")
                 try:
-                    outcome = runner.run(plan, trial.number)
+                    if len(trials) == 1:
+                        outcomes = [runner.run(plan, trials[0].number)]
+                    else:
+                        outcomes = runner.run_many(plan, [trial.number for trial in trials])
                 except KeyboardInterrupt:
                     # The runner goes first: nothing of this attempt may land after Optuna has its state.
                     runner.close(timeout=RUNNER_STOP_S)
-                    again = retry(study, storage.get_trial(trial._trial_id))  # not a failure of its params
-                    reason = f"{interrupted_by()}; " + ("retried once" if again else "not retried: it was a retry")
-                    finish_trial(plan, study, storage, store, trial, record, TrialOutcome(status="failed", stop_reason=reason))
+                    for trial, record in zip(trials, records):
+                        again = retry(study, storage.get_trial(trial._trial_id))  # not a failure of its params
+                        reason = f"{interrupted_by()}; " + ("retried once" if again else "not retried: it was a retry")
+                        finish_trial(plan, study, storage, store, trial, record,
+                                     TrialOutcome(status="failed", stop_reason=reason))
                     raise
-                state = finish_trial(plan, study, storage, store, trial, record, outcome)
-            done += 1
-            if verbose:
-                for line in epoch_lines(Path(record.run_dir) / "trial.log"):
-                    echo(f"  trial {trial.number} {line}")
-            echo(describe(trial.number, state, record.outcome, plan.spec().objective.metric, best_so_far(study)))
+                states = [finish_trial(plan, study, storage, store, trial, record, outcome)
+                          for trial, record, outcome in zip(trials, records, outcomes)]
+            for trial, record, state in zip(trials, records, states):
+                done += 1
+                if verbose:
+                    for line in epoch_lines(Path(record.run_dir) / "trial.log"):
+                        echo(f"  trial {trial.number} {line}")
+                echo(describe(trial.number, state, record.outcome, plan.spec().objective.metric, best_so_far(study)))
     finally:
         runner.close()
     return done
@@ -199,8 +212,8 @@ def best_so_far(study: optuna.Study) -> tuple[int, float] | None:
 
 
 @contextlib.contextmanager
-def heartbeat(storage: RDBStorage, trial_id: int) -> Iterator[None]:
-    """Record the trial's heartbeat every `heartbeat_interval` seconds while the block runs."""
+def heartbeat(storage: RDBStorage, trial_ids: list[int]) -> Iterator[None]:
+    """Record the heartbeat of each trial of `trial_ids` every `heartbeat_interval` seconds while the block runs."""
     interval = storage.get_heartbeat_interval()
     if not interval:
         yield
@@ -209,20 +222,40 @@ def heartbeat(storage: RDBStorage, trial_id: int) -> Iterator[None]:
 
     def beat() -> None:
         while True:
-            try:
-                storage.record_heartbeat(trial_id)
-            except Exception as error:  # a storage hiccup; the grace period covers a few missed beats
-                print(f"heartbeat of trial id {trial_id} failed: {redact(str(error))}", file=sys.stderr, flush=True)
+            for trial_id in trial_ids:
+                try:
+                    storage.record_heartbeat(trial_id)
+                except Exception as error:  # a storage hiccup; the grace period covers a few missed beats
+                    print(f"heartbeat of trial id {trial_id} failed: {redact(str(error))}", file=sys.stderr, flush=True)
             if stop.wait(interval):
                 return
 
-    thread = threading.Thread(target=beat, name=f"heartbeat-{trial_id}", daemon=True)
+    thread = threading.Thread(target=beat, name=f"heartbeat-{trial_ids[0]}", daemon=True)
     thread.start()
     try:
         yield
     finally:
         stop.set()
         thread.join()
+
+
+def trials_per_pass(plan: LaunchPlan) -> int:
+    """How many trials a worker takes at once: a probe study trained in the worker's process stacks up to the
+    sweep's `heads_per_pass` heads in one pass over the stored features; any other study, one trial at a time."""
+    if not plan.is_probe() or plan.launch.runner != "in_process":
+        return 1
+    return plan.spec().resolved_heads_per_pass()
+
+
+def take_trials(study: optuna.Study, storage: RDBStorage, n_trials: int | None, size: int) -> list[optuna.trial.Trial]:
+    """Up to `size` trials to run now (fewer when the budget has fewer left), each taken as `next_trial` takes one."""
+    trials = []
+    while len(trials) < size:
+        trial = next_trial(study, storage, n_trials)
+        if trial is None:
+            break
+        trials.append(trial)
+    return trials
 
 
 def _unfreeze_epoch(plan: LaunchPlan, overrides: list[str]) -> int:

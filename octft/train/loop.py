@@ -299,7 +299,7 @@ def fit(
     loss_fn = _loss_fn(runtime, num_classes, class_weights, label_smoothing)
     val_participants = val_set.participant_ids(range(len(val_set)))
     val_targets = np.asarray([int(val_set[i]["y"]) for i in range(len(val_set))]) if len(val_set) else np.zeros(0, int)
-    best = _BestCheckpoint(run_dir, model, runtime, val_targets, val_participants, class_names, config_record)
+    best = BestCheckpoint(run_dir, model, runtime, val_targets, val_participants, class_names, config_record)
     state = LoopState(best_value=-math.inf if maximize else math.inf)
     if resume and (run_dir / "last.pt").is_file():
         state = _resume(run_dir, model, optimizer, objective_metric)
@@ -333,11 +333,11 @@ def fit(
             # over stored features, a transfer costs more than the epoch's compute).
             fetched = runtime.to_host(torch.cat([val_logits.flatten(), (loss_sum / weight_sum.clamp_min(1.0)).reshape(1)]))
             train_loss, logits = float(fetched[-1]), fetched[:-1].reshape(len(val_set), num_classes)
-            _check_finite(train_loss, epoch, run_dir)
+            check_finite(train_loss, epoch, run_dir)
             # Inside the one-thread block too: its val/loss is torch on a few rows, which a thread pool woken for it
             # (two processes on two cores) made 30 times slower.
             metrics = evaluate_logits(logits, val_targets, val_participants, class_names)
-        _check_objective(objective_metric, metrics)
+        check_objective(objective_metric, metrics)
         compiles = _compiles_since(compiles_before, runtime.compile_stats())
         metrics.update({
             "train/loss": train_loss,
@@ -367,7 +367,7 @@ def fit(
 
         # Decided before last.pt is written, so that last.pt records how the run ended. Host 0's decision
         # (pruned, early-stopped, completed or go on) is broadcast, so every host stops at the same epoch.
-        ending = runtime.broadcast_object(_ending(
+        ending = runtime.broadcast_object(run_ending(
             reporter.report(epoch, value, metrics), state, epoch, epochs, early_stopping_patience,
             f"{objective_metric} ({objective_direction})", unfreeze_epoch))
         if ending is not None:
@@ -376,7 +376,7 @@ def fit(
         # unfreezes next): a resumed run replays the others exactly, in less time than the writes would take.
         if not on_features or state.status in ENDED or epoch + 1 == unfreeze_epoch:
             best.write_held()
-            _save_checkpoint(runtime, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            save_checkpoint(runtime, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                        "loop_state": state.to_json()}, run_dir / "last.pt")
         if state.status in ENDED:
             break
@@ -426,7 +426,7 @@ def _validation_logits(step_model, batches: Batches, runtime: Runtime, rows: int
     return logits
 
 
-def _ending(prune_reason: str | None, state: LoopState, epoch: int, epochs: int, patience: int | None,
+def run_ending(prune_reason: str | None, state: LoopState, epoch: int, epochs: int, patience: int | None,
             objective: str, unfreeze_epoch: int | None) -> tuple[str, str | None] | None:
     """How the run ends after `epoch`: pruned, early-stopped, completed, or None to go on."""
     if prune_reason is not None:
@@ -461,7 +461,7 @@ def _resume(run_dir: Path, model, optimizer, objective_metric: str) -> LoopState
     return state
 
 
-class _BestCheckpoint:
+class BestCheckpoint:
     """`checkpoint/best.pt` and `best/` of the best epoch so far. An improvement on stored features is held (the
     head's weights copied to the host) and written with the phase's last checkpoint: the encoder has not moved."""
 
@@ -472,10 +472,12 @@ class _BestCheckpoint:
         self.targets, self.participants, self.class_names = targets, participants, class_names
         self.held: dict | None = None
 
-    def improved(self, epoch: int, metrics: dict[str, float], logits: np.ndarray, *, hold: bool) -> None:
+    def improved(self, epoch: int, metrics: dict[str, float], logits: np.ndarray, *, hold: bool,
+                 head: dict[str, torch.Tensor] | None = None) -> None:
+        """`head`: the head's weights now, when the model's own head module does not hold them (a stacked head)."""
         if hold:
             # Copied to the host: a copy on an XLA device would be one more graph to compile.
-            head = {name: value.detach().cpu().clone() for name, value in self.model.head.state_dict().items()}
+            head = {name: value.detach().cpu().clone() for name, value in (head or self.model.head.state_dict()).items()}
             self.held = {"epoch": epoch, "metrics": metrics, "logits": logits, "head": head}
         else:
             self.held = None
@@ -490,14 +492,14 @@ class _BestCheckpoint:
         model_state = self.model.state_dict()
         if head is not None:
             model_state.update({f"head.{name}": value for name, value in head.items()})
-        _save_checkpoint(self.runtime, {"model": model_state, "epoch": epoch, "metrics": json.dumps(metrics),
+        save_checkpoint(self.runtime, {"model": model_state, "epoch": epoch, "metrics": json.dumps(metrics),
                                         "config": self.config_record},
                          self.run_dir / "checkpoint" / "best.pt")
         if self.runtime.is_main:
             write_best_artifacts(self.run_dir, logits, self.targets, self.participants, self.class_names, metrics)
 
 
-def _save_checkpoint(runtime: Runtime, state: dict, path: Path) -> None:
+def save_checkpoint(runtime: Runtime, state: dict, path: Path) -> None:
     try:
         runtime.save(state, path)
     except DiskFullError as error:  # the write was atomic: what `path` held before is still there
@@ -505,7 +507,7 @@ def _save_checkpoint(runtime: Runtime, state: dict, path: Path) -> None:
         raise DiskFullError(f"{error} (the folder: output_dir, or --run-dir); {kept}") from None
 
 
-def _check_finite(train_loss: float, epoch: int, run_dir: Path) -> None:
+def check_finite(train_loss: float, epoch: int, run_dir: Path) -> None:
     if math.isfinite(train_loss):
         return
     kept = (f"the last good checkpoint ({run_dir / 'last.pt'}) is kept" if (run_dir / "last.pt").is_file()
@@ -514,7 +516,7 @@ def _check_finite(train_loss: float, epoch: int, run_dir: Path) -> None:
                         f"check the data; {kept}")
 
 
-def _check_objective(objective_metric: str, metrics: dict[str, float]) -> None:
+def check_objective(objective_metric: str, metrics: dict[str, float]) -> None:
     if objective_metric not in metrics:
         raise TrainingError(
             f"objective metric {objective_metric!r} is not a validation metric of this run; set "

@@ -30,6 +30,7 @@ from octft.train.runtime import load_state, make_runtime
 from octft.data.dataset import data_manifest_hash
 from octft.train.provenance import run_provenance
 from octft.train.setup import RunCache, class_weights_for
+from octft.train.stacked import HeadRun, fit_heads
 
 # The audited volume table's columns a run's dataset inputs show (what each volume is, not where it is cached).
 DATASET_COLUMNS = ("key", "participant_id", "label", "class_name", "split", "device", "laterality", "region", "source_id")
@@ -141,6 +142,102 @@ def train(
         tracker.finish("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED", f"{type(error).__name__}: {error}"[:2000])
         raise
     return TrainResult.of(run_dir, tracker.run_id, result)
+
+
+# What each head of a stacked pass may set for itself (`train_heads`); every other setting its pass shares.
+OWN_SETTINGS = frozenset({
+    "model.head", "model.head_hidden_features", "model.head_dropout", "optim.lr_head", "optim.lr_encoder",
+    "optim.weight_decay", "optim.warmup_epochs", "optim.min_lr_ratio", "loss.label_smoothing", "train.epochs",
+    "train.early_stopping_patience", "name", "tracking.run_name",
+})
+
+
+def pass_key(cfg: ExperimentConfig) -> str | None:
+    """What runs must share to train in one stacked pass (`train_heads`); None for a run that cannot: one that
+    unfreezes its encoder, starts from another run's head, trains an attentive head, or runs off the host CPU."""
+    if (cfg.train.unfreeze_epoch is not None or cfg.init.head_from or cfg.model.head == "attentive"
+            or cfg.runtime.kind != "cpu" or not cfg.features.enabled):
+        return None
+    return json.dumps({key: value for key, value in cfg.flat().items() if key not in OWN_SETTINGS}, sort_keys=True)
+
+
+def train_heads(
+    cfgs: list[ExperimentConfig],
+    run_dirs: list[Path],
+    *,
+    reporters: list,
+    trackers: list,
+    cache: RunCache,
+) -> list[TrainResult | Exception]:
+    """Probe runs that share a `pass_key`, their heads trained in one stacked pass: each run recorded in its own
+    tracker and folder as `train` records it, each result what `train` of that config returns (to float tolerance),
+    or the exception that failed that run alone. The trackers are finished here, as `train` finishes its own."""
+    keys = {pass_key(cfg) for cfg in cfgs}
+    if None in keys or len(keys) != 1:
+        raise UsageError("train_heads: these runs cannot share one stacked pass (see octft.train.recipe.pass_key)")
+    first = cfgs[0]
+    runtime = make_runtime(first.runtime.kind, first.runtime.precision)
+    layout = runtime.batch_layout(first.train.batch_size, first.train.accumulation_steps, first.runtime.micro_batch_rows)
+    setup = cache.data(first.data, progress=False)
+    train_set, val_set = setup.prepared.run_datasets(first.data.inner_val_fraction, first.data.split.seed)
+    results: list[TrainResult | Exception | None] = [None] * len(cfgs)
+    runs: list[tuple[int, HeadRun]] = []
+    features = None
+    for k, (cfg, run_dir, tracker) in enumerate(zip(cfgs, run_dirs, trackers)):
+        try:
+            run_dir = Path(run_dir)
+            refuse_earlier_run(run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "run.json").write_text(json.dumps({"mlflow_run_id": tracker.run_id}) + "\n")
+            model, checkpoint_report = cache.model(cfg, trains_encoder=False)
+            tags = {**run_provenance(cfg, setup.prepared.volumes), "octft.validation": validation_note(cfg, val_set)}
+            # One store lookup for the pass (its runs share every setting that keys the features).
+            features = cache.features(cfg, model, train_set, val_set, runtime) if features is None else features.reused()
+            _record_start(tracker, cfg, run_dir, runtime, layout, setup, features, checkpoint_report, tags, fresh=True)
+        except Exception as error:
+            tracker.finish("FAILED", f"{type(error).__name__}: {error}"[:2000])
+            results[k] = error
+            continue
+        runs.append((k, HeadRun(
+            model, lr_head=cfg.optim.lr_head, weight_decay=cfg.optim.weight_decay,
+            label_smoothing=cfg.loss.label_smoothing, epochs=cfg.train.epochs, run_dir=run_dir, tracker=tracker,
+            reporter=reporters[k], lr_encoder=cfg.optim.lr_encoder, warmup_epochs=cfg.optim.warmup_epochs,
+            min_lr_ratio=cfg.optim.min_lr_ratio, early_stopping_patience=cfg.train.early_stopping_patience,
+            config_record=resolved_record(cfg), log=_log_to(run_dir / "trial.log"))))
+    if runs:
+        fitted = fit_heads([run for _, run in runs], features, runtime=runtime, class_names=CLASS_SHORT_NAMES,
+                           batch_size=first.train.batch_size, accumulation_steps=first.train.accumulation_steps,
+                           betas=tuple(first.optim.betas), class_weights=class_weights_for(first, train_set),
+                           clip_norm=first.train.clip_norm, objective_metric=first.train.objective.metric,
+                           objective_direction=first.train.objective.direction, seed=first.train.seed)
+        for (k, run), result in zip(runs, fitted):
+            results[k] = _end_head(cfgs[k], run, result)
+    return results
+
+
+def _end_head(cfg: ExperimentConfig, run: HeadRun, result) -> TrainResult | Exception:
+    """A stacked head's run recorded and finished as `train` ends its run."""
+    tracker = run.tracker
+    if isinstance(result, Exception):
+        tracker.finish("FAILED", f"{type(result).__name__}: {result}"[:2000])
+        return result
+    try:
+        _record_end(tracker, cfg, Path(run.run_dir), result)
+    except Exception as error:
+        tracker.finish("FAILED", f"{type(error).__name__}: {error}"[:2000])
+        return error
+    tracker.finish("KILLED" if result.status == "pruned" else "FINISHED", result.stop_reason)
+    return TrainResult.of(Path(run.run_dir), tracker.run_id, result)
+
+
+def _log_to(path: Path):
+    """A stacked head's epoch lines, appended to its own log (`trial.log`, where `fit()` would print them)."""
+
+    def log(line: str) -> None:
+        with path.open("a") as handle:
+            handle.write(line + "\n")
+
+    return log
 
 
 # What a run leaves in its folder: a folder holding one of these holds a run, which a fresh run must not mix with.

@@ -82,6 +82,11 @@ def test_probe_trials_run_in_process_each_with_its_own_child_run(probe):
         assert f"trial-{trial.number}" in str(record.run_dir) and "epoch   0" in log and "encoder frozen (features)" in log
         # A head on stored features: no confusion-matrix image, whose drawing cost a fifth of a probe trial.
         assert not (Path(record.run_dir) / "best" / "confusion_matrix.png").exists()
+    # The six heads trained together, stacked in one pass over the features (sweeps/probe.yaml: heads_per_pass auto),
+    # each still its own trial, run and folder; the pass's output in its own log, named by each trial's log.
+    assert all(store.metric_history(trial_record(t).mlflow_run_id, "perf/heads_in_pass")[0][1] == 6 for t in trials)
+    assert (Path(trial_record(trials[0]).run_dir).parent / "passes" / "trials-0-5.log").is_file()
+    assert "trains in one pass with trials 0, 1, 2, 3, 4, 5" in (Path(trial_record(trials[0]).run_dir) / "trial.log").read_text()
     # One store entry for the whole study, built by its first trial's runner.
     assert len([p for p in (out / "features").iterdir() if not p.name.startswith(".")]) == 1
     reused = [store.metric_history(trial_record(t).mlflow_run_id, "features/reused")[0][1] for t in trials]

@@ -345,3 +345,14 @@ def test_space_docstring_examples_hold():
     from octft.sweep import space
 
     assert doctest.testmod(space).failed == 0
+
+
+def test_heads_per_pass_is_a_count_or_auto_sized_to_the_machine(tmp_path, monkeypatch):
+    assert load_sweep(write_sweep(tmp_path, heads_per_pass=4)).resolved_heads_per_pass() == 4
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert load_sweep(write_sweep(tmp_path)).resolved_heads_per_pass() == 16  # auto: 8 a core
+    monkeypatch.setattr("os.cpu_count", lambda: 96)
+    assert load_sweep(write_sweep(tmp_path)).resolved_heads_per_pass() == 64  # at most 64
+    for bad in (0, 65, "many"):
+        with pytest.raises(ConfigError, match="heads_per_pass"):
+            load_sweep(write_sweep(tmp_path, heads_per_pass=bad))

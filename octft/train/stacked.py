@@ -1,0 +1,385 @@
+"""`fit_heads()`: many probe heads trained in one pass over stored features, each ending where `fit()` takes it alone.
+
+A probe study's trials share the stored features, the batches (one seed: one order per epoch) and the class weights;
+they differ in their heads and their own settings. Linear and MLP heads are stacked: each kind's weights become
+(K, ...) tensors (MLP hidden layers zero-padded to the widest, which changes nothing: a zero unit outputs zero and
+gets zero gradient), one einsum gives every head's logits for a batch, and each head's learning rate, schedule,
+weight decay, label smoothing, dropout (its own masks, drawn as `fit()` draws them), gradient clipping, epochs and
+stop rules apply to its own slice. A head that ends (its epochs done, pruned, early-stopped, failed) leaves the stack
+at the end of that epoch; the others go on untouched.
+
+    >>> runs = [HeadRun(model, lr_head=1e-3, weight_decay=0.05, label_smoothing=0.1, epochs=12, run_dir=d,
+    ...                 tracker=t, reporter=r) for model, d, t, r in ...]                     # doctest: +SKIP
+    >>> results = fit_heads(runs, features, runtime=runtime, class_names=names, batch_size=8, seed=0)  # doctest: +SKIP
+
+`results[k]` is head k's `FitResult`, or the exception that failed it alone (its own non-finite loss, its tracker or
+reporter); `tests/test_stacked_heads.py` checks that each head's metrics and weights equal `fit()`'s.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from octft.console import epoch_line
+from octft.data.batches import Batches
+from octft.models.heads import LinearHead, MLPHead
+from octft.train.loop import (ENDED, BestCheckpoint, FitResult, LoopState, NullReporter, Reporter, check_finite,
+                              check_objective, evaluate_logits, lr_factor, make_optimizer, run_ending, save_checkpoint)
+from octft.train.runtime import Runtime
+
+CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s: coefficient max_norm / (norm + 1e-6)
+ADAM_EPS = 1e-8  # AdamW's default
+
+
+def stackable(head: torch.nn.Module) -> bool:
+    """Whether `fit_heads` can stack this head: a linear head without a norm, or an MLP head."""
+    return isinstance(head, MLPHead) or (isinstance(head, LinearHead) and isinstance(head.norm, torch.nn.Identity))
+
+
+@dataclass
+class HeadRun:
+    """One head of a pass: its `Classifier` (whose encoder is the shared frozen one), its own settings, and where
+    its epochs go (its tracker, reporter, run folder and log)."""
+
+    model: torch.nn.Module
+    lr_head: float
+    weight_decay: float
+    label_smoothing: float
+    epochs: int
+    run_dir: Path
+    tracker: object
+    reporter: Reporter | None = None
+    lr_encoder: float = 0.0  # logged as fit() logs it; the frozen encoder never steps
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.01
+    early_stopping_patience: int | None = None
+    config_record: str = ""
+    log: Callable[[str], None] = print
+
+
+@dataclass
+class _Pass:
+    """What every head of a pass shares: the validation rows and the objective."""
+
+    val_targets: np.ndarray
+    val_participants: list[str]
+    class_names: Sequence[str]
+    objective_metric: str
+    objective: str  # "<metric> (<direction>)", as stop reasons name it
+    maximize: bool
+    betas: tuple[float, float]
+    rows_per_epoch: int
+
+
+class _Stack:
+    """The heads of one kind, stacked: parameters (K, ...) with AdamW's moments, and each member's own settings.
+
+    `names` are the head module's parameter names, in its `state_dict` order; `widths` each MLP member's hidden size.
+    """
+
+    def __init__(self, kind: str, members: list[int], heads: list[torch.nn.Module]) -> None:
+        self.kind, self.members = kind, members
+        if kind == "linear":
+            self.names = ["linear.weight", "linear.bias"]
+            self.widths = [0] * len(heads)
+            self.dropout = [0.0] * len(heads)
+        else:
+            self.names = ["mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias"]
+            self.widths = [head.mlp.fc1.out_features for head in heads]
+            self.dropout = [float(head.mlp.drop1.p) for head in heads]
+        width = max(self.widths)
+        self.params = []
+        for name in self.names:
+            slices = [dict(head.named_parameters())[name].detach().float() for head in heads]
+            self.params.append(torch.stack([_pad(value, name, width) for value in slices]).requires_grad_(True))
+        self.exp_avg = [torch.zeros_like(p) for p in self.params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
+        self.steps = 0
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def logits(self, pooled: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+        """(K, B, C) logits of every member for pooled rows (B, D); `noise` (K, B, H): dropout after the activation."""
+        if self.kind == "linear":
+            weight, bias = self.params
+            return torch.einsum("bd,kcd->kbc", pooled, weight) + bias[:, None, :]
+        fc1_w, fc1_b, fc2_w, fc2_b = self.params
+        hidden = F.gelu(torch.einsum("bd,khd->kbh", pooled, fc1_w) + fc1_b[:, None, :])
+        if noise is not None:
+            hidden = hidden * noise
+        return torch.einsum("kbh,kch->kbc", hidden, fc2_w) + fc2_b[:, None, :]
+
+    def dropout_noise(self, rows: int, generators: list[torch.Generator]) -> torch.Tensor | None:
+        """Each MLP member's dropout mask for `rows` rows, drawn from its own generator exactly as `F.dropout` draws
+        it in `fit()` (same shape, same stream), zero-padded to the stack's width; None when no member drops out."""
+        if self.kind == "linear" or not any(self.dropout):
+            return None
+        noise = torch.ones(len(self), rows, self.params[0].shape[1])  # the stack's (padded) width
+        for k, (p, width, generator) in enumerate(zip(self.dropout, self.widths, generators)):
+            if p > 0:
+                noise[k, :, :width] = torch.empty(rows, width).bernoulli_(1 - p, generator=generator).div_(1 - p)
+        return noise
+
+    @torch.no_grad()
+    def step(self, lr: torch.Tensor, decay: torch.Tensor, clip_norm: float | None, betas: tuple[float, float]) -> None:
+        """Clip each member's gradient by its own norm, decay its weights (`p *= 1 - lr * wd`), take AdamW's step with
+        its own learning rate (`lr`, `decay`: (K,)), and zero the gradients: `optimizer_step` of `fit()`, per member."""
+        grads = [p.grad for p in self.params]
+        if clip_norm is not None:
+            norms = torch.sqrt(sum(g.pow(2).flatten(1).sum(dim=1) for g in grads))
+            coef = (clip_norm / (norms + CLIP_EPS)).clamp(max=1.0)
+            for g in grads:
+                g.mul_(_per_member(coef, g))
+        self.steps += 1
+        beta1, beta2 = betas
+        correction1, correction2 = 1 - beta1**self.steps, math.sqrt(1 - beta2**self.steps)
+        for p, g, m, v in zip(self.params, grads, self.exp_avg, self.exp_avg_sq):
+            if p.ndim >= 3:  # a weight matrix (decayed), not a bias
+                p.mul_(_per_member(decay, p))
+            m.lerp_(g, 1 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            denom = (v.sqrt() / correction2).add_(ADAM_EPS)
+            p.sub_(_per_member(lr / correction1, p) * m / denom)
+            g.zero_()
+
+    def keep(self, positions: list[int]) -> None:
+        """Keep only the members at `positions` (of this stack): the others ended."""
+        index = torch.tensor(positions, dtype=torch.long)
+        self.params = [p.detach()[index].clone().requires_grad_(True) for p in self.params]
+        self.exp_avg = [m[index] for m in self.exp_avg]
+        self.exp_avg_sq = [v[index] for v in self.exp_avg_sq]
+        self.members = [self.members[i] for i in positions]
+        self.widths = [self.widths[i] for i in positions]
+        self.dropout = [self.dropout[i] for i in positions]
+
+    def state_of(self, position: int) -> dict[str, torch.Tensor]:
+        """Member `position`'s head weights as its own module's `state_dict` (unpadded)."""
+        width = self.widths[position]
+        return {name: _unpad(p.detach()[position], name, width).clone() for name, p in zip(self.names, self.params)}
+
+    def optimizer_state_of(self, position: int) -> dict[str, dict[str, torch.Tensor]]:
+        """Member `position`'s AdamW state by parameter name, as `fit()`'s optimizer holds it."""
+        width = self.widths[position]
+        return {name: {"step": torch.tensor(float(self.steps)), "exp_avg": _unpad(m[position], name, width).clone(),
+                       "exp_avg_sq": _unpad(v[position], name, width).clone()}
+                for name, m, v in zip(self.names, self.exp_avg, self.exp_avg_sq)}
+
+
+def fit_heads(
+    runs: Sequence[HeadRun],
+    features,
+    *,
+    runtime: Runtime,
+    class_names: Sequence[str],
+    batch_size: int,
+    accumulation_steps: int = 1,
+    betas: tuple[float, float] = (0.9, 0.999),
+    class_weights: torch.Tensor | None = None,
+    clip_norm: float | None = 1.0,
+    objective_metric: str = "val/balanced_accuracy",
+    objective_direction: str = "maximize",
+    seed: int = 0,
+) -> list[FitResult | Exception]:
+    """Train every head of `runs` on `features` (`FrozenFeatures`, pooled rows) in one pass per epoch; each head's
+    result as `fit(model, ..., unfreeze_epoch=None, frozen_features=features)` would return it, or what failed it.
+
+    Every head writes what `fit()` writes (epoch metrics to its tracker, its reporter's verdicts, `best.pt`, `best/`,
+    `last.pt` in its run folder). The host CPU runs the pass (`runtime.kind: cpu`): a probe's steps are small.
+    """
+    if runtime.device.type != "cpu" or features is None or features.train.kind != "pooled":
+        raise ValueError("fit_heads trains heads on stored pooled features on the host CPU (runtime.kind: cpu)")
+    heads = [run.model.head for run in runs]
+    if not all(stackable(head) for head in heads):
+        raise ValueError("fit_heads stacks linear heads (without a norm) and MLP heads; train other heads with fit()")
+    maximize = objective_direction == "maximize"
+    num_classes = len(class_names)
+    layout = runtime.batch_layout(batch_size, accumulation_steps)
+    step_rows = layout.effective_batch_size
+    train_rows, val_rows = features.train, features.val
+    steps_per_epoch = math.ceil(len(train_rows) / step_rows)
+    val_targets = np.asarray(val_rows.labels)
+    val_participants = val_rows.participant_ids(range(len(val_rows)))
+    val_x = val_rows.gather(range(len(val_rows)))[0].mean(dim=1)
+    weight = class_weights if class_weights is not None else torch.ones(num_classes)
+    smoothing = torch.tensor([run.label_smoothing for run in runs])
+
+    shared = _Pass(val_targets, val_participants, class_names, objective_metric,
+                   f"{objective_metric} ({objective_direction})", maximize, betas, steps_per_epoch * step_rows)
+    stacks = [_Stack(kind, members, [heads[k] for k in members]) for kind, members in _by_kind(heads).items()]
+    states = [LoopState(best_value=-math.inf if maximize else math.inf) for _ in runs]
+    bests = [BestCheckpoint(Path(run.run_dir), run.model, runtime, val_targets, val_participants, class_names,
+                            run.config_record) for run in runs]
+    results: list[FitResult | Exception | None] = [None] * len(runs)
+    for run in runs:
+        (Path(run.run_dir) / "checkpoint").mkdir(parents=True, exist_ok=True)
+
+    epoch = 0
+    while any(len(stack) for stack in stacks):
+        started = time.perf_counter()
+        order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
+        # fit() seeds torch's RNG with this at each epoch; dropout draws from it. Each head's own generator, seeded
+        # alike, draws its masks in the same order: the same masks.
+        generators = {k: torch.Generator().manual_seed(seed * 100_003 + epoch) for stack in stacks for k in stack.members}
+        loss_sum, weight_sum = torch.zeros(len(runs)), torch.zeros(())
+        factors = torch.zeros(len(runs))
+        with runtime.small_steps():
+            batches = Batches(train_rows, step_rows, order, (0, 1), 0, micro_batches=layout.accumulation_steps)
+            for index, batch in enumerate(batches):
+                pooled, y, w = batch["x"].mean(dim=1), batch["y"], batch["w"]
+                y = torch.where(w > 0, y, torch.zeros_like(y))
+                for stack in stacks:
+                    if not len(stack):
+                        continue
+                    noise = stack.dropout_noise(len(y), [generators[k] for k in stack.members])
+                    with runtime.autocast():
+                        logits = stack.logits(pooled, noise).float()
+                    losses = _row_losses(logits, y, weight, smoothing[stack.members])
+                    (losses * batch["scale"]).sum().backward()
+                    loss_sum[stack.members] += (losses.detach() * w).sum(dim=1)
+                weight_sum += w.sum()
+                if (index + 1) % batches.micro_batches == 0:
+                    step = epoch * steps_per_epoch + index // batches.micro_batches
+                    for stack in stacks:
+                        if not len(stack):
+                            continue
+                        members = [runs[k] for k in stack.members]
+                        factor = torch.tensor([_factor(step, steps_per_epoch, run) for run in members], dtype=torch.float64)
+                        factors[stack.members] = factor.float()
+                        lr = torch.tensor([run.lr_head for run in members], dtype=torch.float64) * factor
+                        decay = 1.0 - lr * torch.tensor([run.weight_decay for run in members], dtype=torch.float64)
+                        stack.step(lr.float(), decay.float(), clip_norm, betas)
+            train_seconds = time.perf_counter() - started
+            with torch.no_grad(), runtime.autocast():
+                val_logits = {k: logits.float().numpy() for stack in stacks if len(stack)
+                              for k, logits in zip(stack.members, stack.logits(val_x, None))}
+            timing = {"train_seconds": train_seconds, "epoch_seconds": time.perf_counter() - started,
+                      "heads_in_pass": sum(len(stack) for stack in stacks)}
+            # Still on one thread: each head's val/loss is torch on a few rows (see fit()).
+            for stack in stacks:
+                kept = []
+                for position, k in enumerate(stack.members):
+                    try:
+                        ended = _epoch_of(runs[k], stack, position, states[k], bests[k], shared, epoch, val_logits[k],
+                                          float(loss_sum[k] / weight_sum.clamp_min(1.0)), float(factors[k]), timing)
+                    except Exception as error:  # this head's own failure: the others go on
+                        results[k] = error
+                        continue
+                    if ended:
+                        results[k] = states[k].result()
+                    else:
+                        kept.append(position)
+                if len(kept) < len(stack):
+                    stack.keep(kept)
+        epoch += 1
+    return results
+
+
+def _epoch_of(run: HeadRun, stack: _Stack, position: int, state: LoopState, best: BestCheckpoint, shared: _Pass,
+              epoch: int, logits: np.ndarray, train_loss: float, factor: float, timing: dict[str, float]) -> bool:
+    """A head's epoch after the pass: score, log, report, keep its best, decide whether it ends (then checkpoint)."""
+    check_finite(train_loss, epoch, Path(run.run_dir))
+    metrics = evaluate_logits(logits, shared.val_targets, shared.val_participants, shared.class_names)
+    check_objective(shared.objective_metric, metrics)
+    metrics.update({
+        "train/loss": train_loss,
+        "lr/head": run.lr_head * factor,
+        "lr/encoder": run.lr_encoder * factor,  # fit()'s encoder schedule: the head's, when it never unfreezes
+        "train/encoder_trainable": 0.0,
+        "train/on_features": 1.0,
+        # The pass's time: every head of the pass trained in it.
+        "perf/samples_per_second": shared.rows_per_epoch / max(timing["train_seconds"], 1e-9),
+        "perf/epoch_seconds": timing["epoch_seconds"],
+        "perf/heads_in_pass": float(timing["heads_in_pass"]),
+        "xla/compiles": 0.0,
+        "xla/compile_seconds": 0.0,
+    })
+    value = metrics[shared.objective_metric]
+    run.tracker.log_metrics(metrics, step=epoch)
+    state.history.append({"epoch": epoch, **{key: metrics[key] for key in (
+        "train/loss", "val/loss", "val/balanced_accuracy", shared.objective_metric, "perf/epoch_seconds")}})
+    run.log(epoch_line(epoch, metrics, "frozen (features)"))
+    if value > state.best_value if shared.maximize else value < state.best_value:
+        state.best_value, state.best_epoch, state.best_metrics, state.bad_epochs = value, epoch, metrics, 0
+        best.improved(epoch, metrics, logits, hold=True, head=stack.state_of(position))
+    else:
+        state.bad_epochs += 1
+    state.epoch = epoch
+    reporter = run.reporter or NullReporter()
+    ending = run_ending(reporter.report(epoch, value, metrics), state, epoch, run.epochs, run.early_stopping_patience,
+                        shared.objective, None)
+    if ending is None:
+        return False
+    state.status, state.stop_reason = ending
+    _write_last(run, stack, position, state, best, shared.betas)
+    return state.status in ENDED
+
+
+def _write_last(run: HeadRun, stack: _Stack, position: int, state: LoopState, best: BestCheckpoint,
+                betas: tuple[float, float]) -> None:
+    """`best.pt` (held since its epoch) and `last.pt` as `fit()` leaves them when a probe run ends: the model with
+    this head's weights, an AdamW state in `fit()`'s own layout, and the loop state."""
+    model = run.model
+    model.head.load_state_dict(stack.state_of(position))
+    best.write_held()
+    optimizer = make_optimizer(model, lr_head=run.lr_head, lr_encoder=0.0, weight_decay=run.weight_decay, betas=betas)
+    by_name = dict(model.head.named_parameters())
+    for name, moments in stack.optimizer_state_of(position).items():
+        optimizer.state[by_name[name]] = moments
+    save_checkpoint(best.runtime, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                   "loop_state": state.to_json()}, Path(run.run_dir) / "last.pt")
+
+
+def _by_kind(heads: Sequence[torch.nn.Module]) -> dict[str, list[int]]:
+    kinds: dict[str, list[int]] = {}
+    for k, head in enumerate(heads):
+        kinds.setdefault("mlp" if isinstance(head, MLPHead) else "linear", []).append(k)
+    return kinds
+
+
+def _factor(step: int, steps_per_epoch: int, run: HeadRun) -> float:
+    """`fit()`'s head learning-rate factor at `step` for this run's epochs, warm-up and floor."""
+    return lr_factor(step, total_steps=steps_per_epoch * run.epochs,
+                     warmup_steps=int(round(run.warmup_epochs * steps_per_epoch)), min_ratio=run.min_lr_ratio)
+
+
+def _row_losses(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, smoothing: torch.Tensor) -> torch.Tensor:
+    """(K, B) `octft.train.losses.row_losses` of each member's logits (K, B, C), with its own label smoothing (K,)."""
+    log_probs = F.log_softmax(logits, dim=-1)
+    index = targets[None, :, None].expand(logits.shape[0], -1, 1)
+    nll = -log_probs.gather(2, index).squeeze(2) * weight[targets][None, :]
+    smooth = -(log_probs * weight[None, None, :]).sum(dim=2)
+    s = smoothing[:, None]
+    return (1.0 - s) * nll + (s / logits.shape[-1]) * smooth
+
+
+def _per_member(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(K,) values shaped to broadcast over a stacked tensor (K, ...)."""
+    return values.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def _pad(value: torch.Tensor, name: str, width: int) -> torch.Tensor:
+    """An MLP parameter zero-padded to a hidden width of `width` (fc1's rows and bias, fc2's columns)."""
+    if name == "mlp.fc1.weight":
+        return F.pad(value, (0, 0, 0, width - value.shape[0]))
+    if name == "mlp.fc1.bias":
+        return F.pad(value, (0, width - value.shape[0]))
+    if name == "mlp.fc2.weight":
+        return F.pad(value, (0, width - value.shape[1]))
+    return value
+
+
+def _unpad(value: torch.Tensor, name: str, width: int) -> torch.Tensor:
+    if name in ("mlp.fc1.weight", "mlp.fc1.bias"):
+        return value[:width]
+    if name == "mlp.fc2.weight":
+        return value[:, :width]
+    return value
