@@ -33,6 +33,7 @@ from octft.data.batches import Batches
 from octft.models.heads import LinearHead, MLPHead
 from octft.train.loop import (ENDED, BestCheckpoint, FitResult, LoopState, NullReporter, Reporter, check_finite,
                               check_objective, evaluate_logits, lr_factor, make_optimizer, run_ending, save_checkpoint)
+from octft.train.metrics import evaluate_logits_many
 from octft.train.runtime import Runtime
 
 CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s: coefficient max_norm / (norm + 1e-6)
@@ -261,6 +262,12 @@ def fit_heads(
             with torch.no_grad(), runtime.autocast():
                 val_logits = {k: logits.float().numpy() for stack in stacks if len(stack)
                               for k, logits in zip(stack.members, stack.logits(val_x, None))}
+            train_losses = {k: float(loss_sum[k] / weight_sum.clamp_min(1.0)) for k in val_logits}
+            # Every head's scores in one vectorised call; a head whose loss or logits are not finite is scored (and
+            # failed) alone, as fit() would.
+            finite = [k for k, logits in val_logits.items() if math.isfinite(train_losses[k]) and np.isfinite(logits).all()]
+            scored = dict(zip(finite, evaluate_logits_many(np.stack([val_logits[k] for k in finite]), val_targets,
+                                                           val_participants, class_names))) if finite else {}
             timing = {"train_seconds": train_seconds, "epoch_seconds": time.perf_counter() - started,
                       "heads_in_pass": sum(len(stack) for stack in stacks)}
             # Still on one thread: each head's val/loss is torch on a few rows (see fit()).
@@ -269,7 +276,7 @@ def fit_heads(
                 for position, k in enumerate(stack.members):
                     try:
                         ended = _epoch_of(runs[k], stack, position, states[k], bests[k], shared, epoch, val_logits[k],
-                                          float(loss_sum[k] / weight_sum.clamp_min(1.0)), float(factors[k]), timing)
+                                          scored.get(k), train_losses[k], float(factors[k]), timing)
                     except Exception as error:  # this head's own failure: the others go on
                         results[k] = error
                         continue
@@ -284,10 +291,13 @@ def fit_heads(
 
 
 def _epoch_of(run: HeadRun, stack: _Stack, position: int, state: LoopState, best: BestCheckpoint, shared: _Pass,
-              epoch: int, logits: np.ndarray, train_loss: float, factor: float, timing: dict[str, float]) -> bool:
-    """A head's epoch after the pass: score, log, report, keep its best, decide whether it ends (then checkpoint)."""
+              epoch: int, logits: np.ndarray, scores: dict[str, float] | None, train_loss: float, factor: float,
+              timing: dict[str, float]) -> bool:
+    """A head's epoch after the pass: log its scores (`evaluate_logits`'s, computed for the pass: `scores`, or here),
+    report, keep its best, decide whether it ends (then checkpoint)."""
     check_finite(train_loss, epoch, Path(run.run_dir))
-    metrics = evaluate_logits(logits, shared.val_targets, shared.val_participants, shared.class_names)
+    metrics = scores if scores is not None else evaluate_logits(logits, shared.val_targets, shared.val_participants,
+                                                                shared.class_names)
     check_objective(shared.objective_metric, metrics)
     metrics.update({
         "train/loss": train_loss,
