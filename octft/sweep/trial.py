@@ -33,7 +33,7 @@ from optuna.storages import RDBStorage
 from octft.console import quiet_console
 from octft.data.layout import CLASS_SHORT_NAMES
 from octft.sweep.plan import LaunchPlan
-from octft.sweep.pruners import CollapsePruner, build_pruner, record_epoch
+from octft.sweep.pruners import CollapsePruner, PassReads, build_pruner, record_epoch
 from octft.registry.model import log_trial_model
 from octft.sweep.records import TrialOutcome, trial_record
 from octft.sweep.lifetime import watch_parent
@@ -56,17 +56,25 @@ class OptunaReporter:
     >>> reporter.report(0, 0.41, metrics)        # None, or the reason to stop          # doctest: +SKIP
     """
 
-    def __init__(self, trial: optuna.trial.Trial, pruner: CollapsePruner, *, metric: str, tracker=None) -> None:
+    def __init__(self, trial: optuna.trial.Trial, pruner: CollapsePruner, *, metric: str, tracker=None,
+                 reads: PassReads | None = None) -> None:
         self.trial, self.pruner, self.metric, self.tracker = trial, pruner, metric, tracker
+        self.reads = reads  # the heads of one stacked pass share their reads of the study
         self.pruned: dict | None = None  # why it was pruned: {"prune_reason", "epoch", "detail", ...}
 
     def report(self, epoch: int, value: float, metrics: dict[str, float]) -> str | None:
         record_epoch(self.trial, epoch, float(metrics.get(self.metric, value)),
                      pred_frac=[metrics[f"val/pred_frac_{name}"] for name in CLASS_SHORT_NAMES],
                      balanced_accuracy=metrics["val/balanced_accuracy"])
-        if not self.trial.should_prune():
+        if self.reads is None:
+            study, frozen = self.trial.study, self.trial
+            prune = self.trial.should_prune()
+        else:  # what should_prune does, with the pass's shared read of the completed trials
+            study, frozen = self.reads.at(epoch), self.trial.storage.get_trial(self.trial._trial_id)
+            prune = self.pruner.prune(study, frozen)
+        if not prune:
             return None
-        self.pruned = self.pruner.prune_reason(self.trial.study, self.trial) or {
+        self.pruned = self.pruner.prune_reason(study, frozen) or {
             "prune_reason": "pruner", "epoch": epoch, "detail": f"{type(self.pruner).__name__} pruned at epoch {epoch}"}
         if self.tracker is not None:
             self.tracker.set_tags({"octft.prune_reason": self.pruned["prune_reason"],
@@ -121,9 +129,10 @@ def run_trials(plan: LaunchPlan, numbers: list[int], cache: TrialCache) -> list[
     started = time.perf_counter()
     outcomes: dict[int, TrialOutcome] = {}
     passes: dict[str, list[tuple[int, object, object, object]]] = {}
+    reads = PassReads(cache.study(plan)[0])
     for number in numbers:
         try:
-            cfg, tracker, reporter = _trial_inputs(plan, number, cache)
+            cfg, tracker, reporter = _trial_inputs(plan, number, cache, reads=reads)
         except Exception as error:
             traceback.print_exc()
             outcomes[number] = _outcome(plan, error, None, None, cache)
@@ -152,9 +161,10 @@ def run_trials(plan: LaunchPlan, numbers: list[int], cache: TrialCache) -> list[
     return [outcomes[number] for number in numbers]
 
 
-def _trial_inputs(plan: LaunchPlan, number: int, cache: TrialCache) -> tuple[ExperimentConfig, MlflowTracker, OptunaReporter]:
+def _trial_inputs(plan: LaunchPlan, number: int, cache: TrialCache, *, reads: PassReads | None = None
+                  ) -> tuple[ExperimentConfig, MlflowTracker, OptunaReporter]:
     """Trial `number`'s config (from its params, as its replay command has it), its MLflow run (which its worker made)
-    and its Optuna reporter."""
+    and its Optuna reporter (`reads`: the study reads it shares with the other heads of its pass)."""
     study, storage = cache.study(plan)
     trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(plan.study_name), number)
     frozen = storage.get_trial(trial_id)
@@ -168,7 +178,7 @@ def _trial_inputs(plan: LaunchPlan, number: int, cache: TrialCache) -> tuple[Exp
                             log_system_metrics=not plan.is_probe(),
                             flush_interval_s=math.inf if plan.is_probe() else METRICS_FLUSH_S, ends_run=False)
     reporter = OptunaReporter(optuna.trial.Trial(study, trial_id), study.pruner, metric=spec.objective.metric,
-                              tracker=tracker)
+                              tracker=tracker, reads=reads)
     return cfg, tracker, reporter
 
 

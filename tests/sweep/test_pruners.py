@@ -7,7 +7,7 @@ import pytest
 from optuna.pruners import HyperbandPruner, MedianPruner, PercentilePruner, SuccessiveHalvingPruner
 from optuna.trial import TrialState
 
-from octft.sweep.pruners import CollapsePruner, build_pruner, record_epoch
+from octft.sweep.pruners import CollapsePruner, PassReads, build_pruner, record_epoch
 from octft.sweep.records import TRIAL_ATTR, EpochRecord, TrialRecord
 from octft.sweep.spec import SweepSpec
 from octft.sweep.spec import load_sweep
@@ -367,3 +367,27 @@ def test_pruner_arguments_belong_to_their_type():
                           ({"type": "hyperband", "min_resource": 5, "max_resource": 2}, "below min_resource")):
         with pytest.raises(ValueError, match=says):
             SweepSpec.model_validate({"base": "b.yaml", "study_name": "t", "pruner": {"wrapped": wrapped}})
+
+
+def test_the_heads_of_a_pass_read_the_completed_trials_once_an_epoch_and_decide_as_should_prune():
+    study = optuna.create_study(direction="maximize", pruner=CollapsePruner(wrapped=MedianPruner(n_startup_trials=1)))
+    for value in (0.6, 0.7):
+        done = study.ask()
+        for epoch in range(3):
+            record_epoch(done, epoch, value, pred_frac=[0.25] * 4, balanced_accuracy=value)
+        study.tell(done, value)
+    reads = PassReads(study)
+    heads = [study.ask() for _ in range(2)]
+    for head, value in zip(heads, (0.3, 0.9)):
+        record_epoch(head, 0, value, pred_frac=[0.25] * 4, balanced_accuracy=value)
+    completed = reads.at(0).get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    assert [t.value for t in completed] == [0.6, 0.7]
+    late = study.ask()  # another worker's trial completes during the epoch: seen from the next epoch on
+    study.tell(late, 0.1)
+    assert reads.at(0).get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) is completed
+    assert len(reads.at(0).get_trials(deepcopy=False)) == 5  # any other read goes to the study
+    for head in heads:  # the same verdict as should_prune, from the shared read
+        frozen = study._storage.get_trial(head._trial_id)
+        assert study.pruner.prune(reads.at(0), frozen) == head.should_prune()
+    assert [head.should_prune() for head in heads] == [True, False]
+    assert len(reads.at(1).get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) == 3
