@@ -192,21 +192,29 @@ def cmd_promote(args) -> int:
     from octft.sweep.spec import load_sweep
 
     spec = load_sweep(args.spec, args.overrides)
-    _log_beside_study(spec, args.storage, "promote.log")  # MLflow's model-logging warnings go there
+    _log_beside_study(spec, args.storage, "promote.log", args.out)  # MLflow's model-logging warnings go there
     print(format_promotion(promote(spec, trial_number=args.trial, storage=args.storage, tracking_uri=args.tracking_uri,
                                    allow_test_reuse=args.allow_test_reuse, soup=args.soup)))
     return 0
 
 
-def _log_beside_study(spec, storage: str | None, name: str) -> None:
-    """Library logs of this command into `name` in the study's folder (`octft.console.log_to`), if it has one."""
+def _log_beside_study(spec, storage: str | None, name: str, out: str | None) -> None:
+    """Library logs of this command into `name` under `out`, else in the study's folder where it is this machine's
+    (`octft.sweep.records.local_study_folder`; `octft.console.log_to`); elsewhere (a study whose hosts are gone) none
+    are kept unless `--out` asks: a log is no output to leave in whatever folder the command ran from."""
     from octft.console import log_to
-    from octft.sweep.records import study_folder
+    from octft.errors import UsageError
+    from octft.sweep.records import local_study_folder
     from octft.sweep.storage import open_existing_study
 
-    folder = study_folder(open_existing_study(spec.study_name, storage or spec.storage).user_attrs)
-    if folder:
-        log_to(Path(folder) / name)
+    folder = Path(out) if out else local_study_folder(open_existing_study(spec.study_name, storage or spec.storage).user_attrs)
+    if folder is None:
+        return
+    path = folder / name
+    try:
+        log_to(path)
+    except OSError as error:
+        raise UsageError(f"cannot write {path}: {error.strerror or error}; give --out a writable folder") from None
 
 
 def cmd_predict(args) -> int:
@@ -293,10 +301,13 @@ def cmd_sweep_status(args) -> int:
 
 
 def cmd_sweep_show(args) -> int:
-    from octft.sweep.status import replay_command
+    from octft.sweep.status import replay_here
 
-    _, study = _sweep_study(args)
-    print(replay_command(study, args.trial))
+    spec, study = _sweep_study(args)
+    command, notes = replay_here(study, args.trial, spec.base)
+    print(command)
+    for note in notes:  # on stderr: the command alone on stdout, to copy or pipe
+        print(f"note: {note}", file=sys.stderr)
     return 0
 
 
@@ -454,6 +465,8 @@ def _champion_commands(commands) -> None:
     promote.add_argument("--soup", type=int, metavar="K",
                          help="also build a greedy soup of the K best trials that share the best one's data, encoder and "
                               "architecture, log it as its own run and model, and register it instead when it validates better")
+    promote.add_argument("--out", metavar="FOLDER", help="folder for promote.log, the library logs (default: the study's "
+                         "folder on the host that launched it; elsewhere none is kept)")
     promote.add_argument("--verbose", action="store_true", help="library logs (MLflow, Optuna) and warnings on the console too")
     promote.set_defaults(func=cmd_promote)
 
@@ -485,7 +498,8 @@ def _study_view_commands(commands) -> None:
     report = commands.add_parser("report", help="one self-contained HTML report of a study")
     report.add_argument("spec", help="the sweep YAML, e.g. sweeps/demo.yaml")
     report.add_argument("overrides", nargs="*", metavar="key=value", help="sweep overrides")
-    report.add_argument("--out", help="the HTML file to write (default: <study dir>/report.html)")
+    report.add_argument("--out", help="the HTML file to write (default: <study dir>/report.html on the host that "
+                        "launched the study, else ./<study name>/report.html)")
     report.add_argument("--storage", help="Optuna storage URL (default: the spec's storage)")
     report.add_argument("--tracking-uri", help="MLflow tracking URI (default: the spec's mlflow.tracking_uri)")
     report.set_defaults(func=cmd_report)

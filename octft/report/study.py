@@ -7,7 +7,7 @@ drawn yet (too few trials, say) becomes a note saying why, never a crash.
 
     >>> path = render_report(load_sweep("sweeps/demo.yaml"))        # doctest: +SKIP
     >>> path                                                         # doctest: +SKIP
-    PosixPath('demo/runs/demo/report.html')
+    PosixPath('demo/runs/sweeps/demo/report.html')
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from octft.errors import MissingInputError, UsageError
 from octft.redaction import redact_url
 from octft.registry.promote import CI_SCORES, TEST_REUSE_TAG, caveats, select_trial
 from octft.stores import resolve_tracking_uri
-from octft.sweep.records import CHAMPION_ATTR, study_folder, test_evaluations, trial_record
+from octft.sweep.records import CHAMPION_ATTR, output_folder, test_evaluations, trial_record
 from octft.sweep.spec import SweepSpec
 from octft.sweep.storage import open_existing_study
 from octft.sweep.tracking import parent_run_id, update_parent_note
@@ -226,9 +226,9 @@ def _val_predictions(store: MlflowStore, trial: FrozenTrial):
             except MissingInputError:
                 pass
     run_dir = record.run_dir
-    if run_dir:
+    if run_dir:  # the folder of the host that ran the trial: here only on that host, while it lasts
         path = Path(run_dir) / "best" / "val_predictions.csv"
-        looked.append(str(path))
+        looked.append(f"{path} (a path on host {record.host or '?'})")
         if path.is_file():
             return pd.read_csv(path, dtype={"participant_id": str}), str(path)
     return None, " and ".join(looked) or "nowhere: the trial recorded no MLflow run or run folder"
@@ -361,14 +361,16 @@ def render_report(
     tracking_uri: str | None = None,
     definition: str | Path = DEFAULT_DEFINITION,
 ) -> Path:
-    """Write the study's report (default `<study dir>/report.html`) and log it to the study's parent run."""
+    """Write the study's report and log it to the study's parent run. Default: `<study dir>/report.html` on the host
+    that launched the study while its folder is there, else `./<study name>/report.html` (`output_folder`): a study
+    read from another machine writes under the caller's folder, never into a worker host's path."""
     store = MlflowStore(resolve_tracking_uri(tracking_uri or spec.mlflow.tracking_uri), must_exist=True)
     storage = storage or spec.storage
     study = open_existing_study(spec.study_name, storage)
     context = ReportContext(study, study.get_trials(deepcopy=False), store, spec.objective.metric,
                             spec.promote.min_class_f1)
     page = build_report_html(context, load_definition(definition), storage=storage)
-    path = Path(out) if out else Path(study_folder(study.user_attrs) or Path.cwd()) / REPORT_NAME
+    path = Path(out) if out else output_folder(spec.study_name, study.user_attrs) / REPORT_NAME
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(page, encoding="utf-8")

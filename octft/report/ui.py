@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -139,6 +140,17 @@ def server_command(tracking_uri: str, host: str, port: int) -> list[str]:
     return command
 
 
+def server_address(tracking_uri: str) -> str:
+    """A tracking server's address for a browser: no credentials (the browser asks for them), no trailing slash.
+
+    >>> server_address("https://alice:pw@mlflow.example.org:8443/")
+    'https://mlflow.example.org:8443'
+    """
+    parts = urllib.parse.urlsplit(tracking_uri)
+    netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
+
+
 def _wait_until_up(process: subprocess.Popen, base_url: str, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -176,12 +188,20 @@ def serve(
     echo: Callable[[str], None] = print,
     on_ready: Callable[[StudyPages, str], None] | None = None,
 ) -> int:
-    """Serve the study's MLflow store until interrupted (Ctrl-C or SIGTERM); print the two pages first.
+    """Serve the study's MLflow store until interrupted (Ctrl-C or SIGTERM); print the two pages first. A tracking
+    server (`http(s)://`) is not served again: its two pages are printed, on that server.
 
     Returns 0 after an interrupt stopped the server, else the server's own exit code.
     """
     tracking_uri = resolve_tracking_uri(tracking_uri or spec.mlflow.tracking_uri)
     pages = study_pages(spec, storage=storage, tracking_uri=tracking_uri)
+    if tracking_uri.startswith(("http://", "https://")):
+        # A tracking server (a pod's) serves its own UI, from any machine that reaches it: nothing to start here.
+        save_study_view(MlflowStore(tracking_uri), pages, spec)
+        base_url = server_address(tracking_uri)
+        echo(f"runs of study {spec.study_name}, best first:  {pages.runs_url(base_url)}")
+        echo(f"compare its {len(pages.trial_run_ids)} trials:  {pages.compare_url(base_url)}")
+        return 0
     base_url = f"http://{host}:{port}"
     # Its own session, so the server's workers go down with it as one group, whoever interrupts us.
     # MLflow's job runner (a dozen worker processes for GenAI jobs) serves nothing a sweep's runs need.

@@ -16,7 +16,9 @@ Each reported epoch's `EpochRecord` (`octft.epoch.<n>`) is the evidence the coll
 from __future__ import annotations
 
 import json
+import socket
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from optuna.trial import FrozenTrial, TrialState
@@ -141,9 +143,29 @@ class EpochRecord:
         return None if data is None else cls(list(data["pred_frac"]), float(data["balanced_accuracy"]))
 
 
-def study_folder(user_attrs: dict[str, Any]) -> str | None:
-    """Where the study's first launch put its trial folders and plans (`<output_dir>/sweeps/<study name>`)."""
-    return (user_attrs.get(PLAN_ATTR) or {}).get("study_dir")
+def local_study_folder(user_attrs: dict[str, Any]) -> Path | None:
+    """Where the study's first launch put its trial folders and plans (`<output_dir>/sweeps/<study name>`), when that
+    folder is this machine's: recorded by a launch on this host and still there. None for a study that moved (its
+    hosts released, or read from a workstation): the same path here may be nobody's, or another user's. A study
+    that names no host (an octft before hosts were recorded) is judged by its folder being here."""
+    recorded = user_attrs.get(PLAN_ATTR) or {}
+    folder = recorded.get("study_dir")
+    if not folder or recorded.get("host", socket.gethostname()) != socket.gethostname() or not Path(folder).is_dir():
+        return None
+    return Path(folder)
+
+
+def output_folder(study_name: str, user_attrs: dict[str, Any], out: str | Path | None = None) -> Path:
+    """Where a command run on a study (`octft report`) writes: `out`, else the study's folder
+    when it is this machine's (`local_study_folder`), else `./<study name>` under the current folder; never a path
+    that belonged to a worker host.
+
+    >>> output_folder("demo", {})                                   # doctest: +SKIP
+    PosixPath('/home/me/demo')
+    """
+    if out is not None:
+        return Path(out)
+    return local_study_folder(user_attrs) or Path.cwd() / study_name
 
 
 def launched_before_plans(user_attrs: dict[str, Any]) -> bool:

@@ -9,6 +9,8 @@ from the trials' records.
 from __future__ import annotations
 
 import math
+import shlex
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -94,3 +96,32 @@ def replay_command(study: optuna.Study, number: int) -> str:
     if not replay:  # waiting, or its worker died before it started
         raise UsageError(f"trial {number} of study {study.study_name!r} has not started yet; nothing to replay")
     return replay
+
+
+def replay_here(study: optuna.Study, number: int, base_here: str | Path) -> tuple[str, list[str]]:
+    """Trial `number`'s replay command as this machine can run it, and notes on what of it is not here.
+
+    The command is the one the trial ran, but for its base experiment: recorded as a path on the host that ran the
+    trial (a pod's worker, released since), it is replaced, where that path is not on this machine, by `base_here`
+    (the sweep file's own base in this checkout; relative to the current folder when it lies under it), and a note
+    says so. Paths among the overrides that are not on this machine (the host's output folder, say) are named in a
+    note, not changed: the command stays the trial's config.
+
+    >>> replay_here(study, 3, "experiments/demo.yaml")                          # doctest: +SKIP
+    ('octft train experiments/demo.yaml optim.lr_head=0.001 ...', ['trial 3 ran on host tpu-w1: ...'])
+    """
+    words = shlex.split(replay_command(study, number))
+    host = trial_record(next(trial for trial in study.get_trials(deepcopy=False) if trial.number == number)).host
+    where = f"trial {number} ran on host {host or '?'}"
+    notes = []
+    if not Path(words[2]).is_file():
+        local = Path(base_here).resolve()
+        shown = local.relative_to(Path.cwd()) if local.is_relative_to(Path.cwd()) else local
+        notes.append(f"{where}: its base experiment {words[2]} is not on this machine; shown with this checkout's {shown}")
+        words[2] = str(shown)
+    missing = [word for word in words[3:] if word.partition("=")[2].startswith("/")
+               and not Path(word.partition("=")[2]).exists()]
+    if missing:
+        notes.append(f"{where}: these paths of its command are not on this machine: {' '.join(missing)}; "
+                     "change them to where the data and outputs are here before running it")
+    return shlex.join(words), notes

@@ -11,6 +11,8 @@ new trial with the same params whose record only links to the attempt it replace
 
 from __future__ import annotations
 
+import socket
+import time
 import warnings
 from collections.abc import Sequence
 
@@ -62,7 +64,8 @@ def create_or_load_study(plan: LaunchPlan, storage: RDBStorage) -> tuple[optuna.
         recorded = attrs.get(PLAN_ATTR)
         if recorded is None:
             recorded = {"format": PLAN_FORMAT, "config": plan.config_digest(), "fixed": spec.fixed,
-                        "study_dir": plan.study_dir,
+                        # Its first launch's folder, on that host only: readers elsewhere write under their own.
+                        "study_dir": plan.study_dir, "host": socket.gethostname(),
                         "experiment_overrides": plan.experiment_overrides,
                         "parent_run_id": ensure_parent_run(plan, spec), "launches": 0,
                         "sampler": sampler_settings(spec), "objective": spec.objective.model_dump()}
@@ -151,6 +154,24 @@ def reap_stale_trials(study: optuna.Study, storage: RDBStorage, store: MlflowSto
         settle_run(store, record.mlflow_run_id, TrialState.FAIL, record.fail_reason)
         retry(study, trial)
     return failed
+
+
+def await_running_trials(study: optuna.Study, storage: RDBStorage, store: MlflowStore) -> list[int]:
+    """For a worker whose budget is spent: wait while trials of other workers (any host) run, reaping each whose
+    worker dies meanwhile; returns the trials failed now (their retries queued, for this worker to take), or [] once
+    no trial runs. Without it, a trial lost while every other worker was on its last trial would wait for the next
+    launch: the slice may be gone by then. Returns at once when the storage keeps no heartbeats."""
+    interval = storage.get_heartbeat_interval()
+    if not interval:
+        return []
+    # Only trials a worker started (their record says running, written once their heartbeat began): a trial taken by
+    # a worker that died before its first beat has no heartbeat to go stale, and would be waited for forever.
+    while any(trial_record(t).status == "running" for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))):
+        reaped = reap_stale_trials(study, storage, store)
+        if reaped:
+            return reaped
+        time.sleep(interval)
+    return []
 
 
 def retry(study: optuna.Study, trial: FrozenTrial, max_retry: int = 1) -> bool:

@@ -47,7 +47,7 @@ from octft.sweep.lifetime import watch_parent
 from octft.sweep.runners import Runner, make_runner
 from octft.sweep.space import suggest
 from octft.sweep.storage import open_study_storage
-from octft.sweep.study import next_trial, open_worker_study, reap_stale_trials, retry
+from octft.sweep.study import await_running_trials, next_trial, open_worker_study, reap_stale_trials, retry
 from octft.sweep.tracking import log_trial_result, settle_run, start_trial_run, update_parent_best
 from octft.track.mlflow_store import MlflowStore
 
@@ -98,6 +98,10 @@ def run_worker(plan: LaunchPlan, worker_index: int, runner: Runner, *, echo: Cal
             reap_stale_trials(study, storage, store)
             trials = take_trials(study, storage, launch.n_trials, size)
             if not trials:
+                # The budget is taken: wait for the other workers' trials (any host), taking the retry of one whose
+                # worker dies meanwhile; the slice may be gone before the next launch could.
+                if await_running_trials(study, storage, store):
+                    continue
                 break
             with heartbeat(storage, [trial._trial_id for trial in trials]):
                 records = [start_trial(plan, study, storage, trial, worker_index, runner_pid=runner.pid)
