@@ -1,7 +1,7 @@
 """`octft demo` / `make demo`: the whole job on embedded defaults.
 
 Synthetic AI-READI -> audit -> preprocessing cache -> a probe study (heads on the frozen encoder's stored
-features, two processes) -> an LP-FT fine-tune study warm-started from the best probe's head, two workers
+features, many per pass, one process) -> an LP-FT fine-tune study warm-started from the best probe's head, two workers
 on XLA:CPU devices -> promotion of the best healthy trial -> the study report. Everything lands under one
 folder (default `demo/`): its own Optuna sqlite and MLflow sqlite, never the same file.
 """
@@ -93,9 +93,11 @@ def _run_steps(root: Path, *, participants: int, trials: int, workers: int, prob
                             f"features.dir={root / 'features'}"]
 
     probe_path = REPO / "sweeps" / "probe.yaml"
-    _step(f"4/7 probe study: {probe_trials} heads on the frozen encoder's stored features, in {workers} "
-          "processes (one CPU thread each)")
-    probed = launch(probe_path, n_trials=probe_trials, workers=workers, storage=storage,
+    # One process: it trains up to heads_per_pass heads at once in one stacked pass over the features, faster than two
+    # processes splitting the passes (docs/figures.md, "Probe study against one fine-tune").
+    _step(f"4/7 probe study: {probe_trials} heads on the frozen encoder's stored features, "
+          f"{load_sweep(probe_path).resolved_heads_per_pass()} at a time in one stacked pass (one process, one CPU thread)")
+    probed = launch(probe_path, n_trials=probe_trials, workers=1, storage=storage,
                     overrides=[f"mlflow.tracking_uri={tracking_uri}", *experiment_overrides], verbose=verbose)
     probe_study = load_sweep(probe_path)
     print(probed.summary())
