@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,13 +32,14 @@ import torch.nn.functional as F
 from octft.console import epoch_line
 from octft.data.batches import Batches
 from octft.models.heads import LinearHead, MLPHead
-from octft.train.loop import (ENDED, BestCheckpoint, FitResult, LoopState, NullReporter, Reporter, check_finite,
+from octft.train.loop import (BestCheckpoint, FitResult, LoopState, NullReporter, Reporter, check_finite,
                               check_objective, evaluate_logits, lr_factor, make_optimizer, run_ending, save_checkpoint)
 from octft.train.metrics import evaluate_logits_many
 from octft.train.runtime import Runtime
 
 CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s: coefficient max_norm / (norm + 1e-6)
 ADAM_EPS = 1e-8  # AdamW's default
+CHECKPOINT_WRITERS = 4
 
 
 def stackable(head: torch.nn.Module) -> bool:
@@ -223,70 +225,84 @@ def fit_heads(
     for run in runs:
         (Path(run.run_dir) / "checkpoint").mkdir(parents=True, exist_ok=True)
 
-    epoch = 0
-    while any(len(stack) for stack in stacks):
-        started = time.perf_counter()
-        order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
-        # fit() seeds torch's RNG with this at each epoch; dropout draws from it. Each head's own generator, seeded
-        # alike, draws its masks in the same order: the same masks.
-        generators = {k: torch.Generator().manual_seed(seed * 100_003 + epoch) for stack in stacks for k in stack.members}
-        loss_sum, weight_sum = torch.zeros(len(runs)), torch.zeros(())
-        factors = torch.zeros(len(runs))
-        with runtime.small_steps():
-            batches = Batches(train_rows, step_rows, order, (0, 1), 0, micro_batches=layout.accumulation_steps)
-            for index, batch in enumerate(batches):
-                pooled, y, w = batch["x"].mean(dim=1), batch["y"], batch["w"]
-                y = torch.where(w > 0, y, torch.zeros_like(y))
-                for stack in stacks:
-                    if not len(stack):
-                        continue
-                    noise = stack.dropout_noise(len(y), [generators[k] for k in stack.members])
-                    with runtime.autocast():
-                        logits = stack.logits(pooled, noise).float()
-                    losses = _row_losses(logits, y, weight, smoothing[stack.members])
-                    (losses * batch["scale"]).sum().backward()
-                    loss_sum[stack.members] += (losses.detach() * w).sum(dim=1)
-                weight_sum += w.sum()
-                if (index + 1) % batches.micro_batches == 0:
-                    step = epoch * steps_per_epoch + index // batches.micro_batches
+    # Ended heads' checkpoints are written by these threads while the pass goes on (a write is mostly waiting on fsync).
+    with ThreadPoolExecutor(max_workers=CHECKPOINT_WRITERS, thread_name_prefix="head-checkpoint") as writer:
+        writes: dict[int, Future] = {}
+        epoch = 0
+        while any(len(stack) for stack in stacks):
+            started = time.perf_counter()
+            shuffle = torch.Generator().manual_seed(seed * 7919 + epoch)
+            order = torch.randperm(len(train_rows), generator=shuffle).tolist()
+            # fit() seeds torch's RNG with this at each epoch; dropout draws from it. Each head's own generator, seeded
+            # alike, draws its masks in the same order: the same masks.
+            generators = {k: torch.Generator().manual_seed(seed * 100_003 + epoch)
+                          for stack in stacks for k in stack.members}
+            loss_sum, weight_sum = torch.zeros(len(runs)), torch.zeros(())
+            factors = torch.zeros(len(runs))
+            with runtime.small_steps():
+                batches = Batches(train_rows, step_rows, order, (0, 1), 0, micro_batches=layout.accumulation_steps)
+                for index, batch in enumerate(batches):
+                    pooled, y, w = batch["x"].mean(dim=1), batch["y"], batch["w"]
+                    y = torch.where(w > 0, y, torch.zeros_like(y))
                     for stack in stacks:
                         if not len(stack):
                             continue
-                        members = [runs[k] for k in stack.members]
-                        factor = torch.tensor([_factor(step, steps_per_epoch, run) for run in members], dtype=torch.float64)
-                        factors[stack.members] = factor.float()
-                        lr = torch.tensor([run.lr_head for run in members], dtype=torch.float64) * factor
-                        decay = 1.0 - lr * torch.tensor([run.weight_decay for run in members], dtype=torch.float64)
-                        stack.step(lr.float(), decay.float(), clip_norm, betas)
-            train_seconds = time.perf_counter() - started
-            with torch.no_grad(), runtime.autocast():
-                val_logits = {k: logits.float().numpy() for stack in stacks if len(stack)
-                              for k, logits in zip(stack.members, stack.logits(val_x, None))}
-            train_losses = {k: float(loss_sum[k] / weight_sum.clamp_min(1.0)) for k in val_logits}
-            # Every head's scores in one vectorised call; a head whose loss or logits are not finite is scored (and
-            # failed) alone, as fit() would.
-            finite = [k for k, logits in val_logits.items() if math.isfinite(train_losses[k]) and np.isfinite(logits).all()]
-            scored = dict(zip(finite, evaluate_logits_many(np.stack([val_logits[k] for k in finite]), val_targets,
-                                                           val_participants, class_names))) if finite else {}
-            timing = {"train_seconds": train_seconds, "epoch_seconds": time.perf_counter() - started,
-                      "heads_in_pass": sum(len(stack) for stack in stacks)}
-            # Still on one thread: each head's val/loss is torch on a few rows (see fit()).
-            for stack in stacks:
-                kept = []
-                for position, k in enumerate(stack.members):
-                    try:
-                        ended = _epoch_of(runs[k], stack, position, states[k], bests[k], shared, epoch, val_logits[k],
-                                          scored.get(k), train_losses[k], float(factors[k]), timing)
-                    except Exception as error:  # this head's own failure: the others go on
-                        results[k] = error
-                        continue
-                    if ended:
-                        results[k] = states[k].result()
-                    else:
-                        kept.append(position)
-                if len(kept) < len(stack):
-                    stack.keep(kept)
-        epoch += 1
+                        noise = stack.dropout_noise(len(y), [generators[k] for k in stack.members])
+                        with runtime.autocast():
+                            logits = stack.logits(pooled, noise).float()
+                        losses = _row_losses(logits, y, weight, smoothing[stack.members])
+                        (losses * batch["scale"]).sum().backward()
+                        loss_sum[stack.members] += (losses.detach() * w).sum(dim=1)
+                    weight_sum += w.sum()
+                    if (index + 1) % batches.micro_batches == 0:
+                        step = epoch * steps_per_epoch + index // batches.micro_batches
+                        for stack in stacks:
+                            if not len(stack):
+                                continue
+                            members = [runs[k] for k in stack.members]
+                            factor = torch.tensor([_factor(step, steps_per_epoch, run) for run in members],
+                                                  dtype=torch.float64)
+                            factors[stack.members] = factor.float()
+                            lr = torch.tensor([run.lr_head for run in members], dtype=torch.float64) * factor
+                            decay = 1.0 - lr * torch.tensor([run.weight_decay for run in members], dtype=torch.float64)
+                            stack.step(lr.float(), decay.float(), clip_norm, betas)
+                train_seconds = time.perf_counter() - started
+                with torch.no_grad(), runtime.autocast():
+                    val_logits = {k: logits.float().numpy() for stack in stacks if len(stack)
+                                  for k, logits in zip(stack.members, stack.logits(val_x, None))}
+                train_losses = {k: float(loss_sum[k] / weight_sum.clamp_min(1.0)) for k in val_logits}
+                # Every head's scores in one vectorised call; a head whose loss or logits are not finite is scored (and
+                # failed) alone, as fit() would.
+                finite = [k for k, logits in val_logits.items()
+                          if math.isfinite(train_losses[k]) and np.isfinite(logits).all()]
+                scored = dict(zip(finite, evaluate_logits_many(np.stack([val_logits[k] for k in finite]), val_targets,
+                                                               val_participants, class_names))) if finite else {}
+                timing = {"train_seconds": train_seconds, "epoch_seconds": time.perf_counter() - started,
+                          "heads_in_pass": sum(len(stack) for stack in stacks)}
+                # Still on one thread: each head's val/loss is torch on a few rows (see fit()).
+                for stack in stacks:
+                    kept = []
+                    for position, k in enumerate(stack.members):
+                        try:
+                            ended = _epoch_of(runs[k], stack, position, states[k], bests[k], shared, epoch,
+                                              val_logits[k], scored.get(k), train_losses[k], float(factors[k]), timing)
+                        except Exception as error:  # this head's own failure: the others go on
+                            results[k] = error
+                            continue
+                        if ended:  # its checkpoints are written on a thread (mostly fsync): taken from the stack now
+                            writes[k] = writer.submit(_write_last, runs[k], stack.state_of(position),
+                                                      stack.optimizer_state_of(position), states[k], bests[k], betas)
+                        else:
+                            kept.append(position)
+                    if len(kept) < len(stack):
+                        stack.keep(kept)
+            epoch += 1
+        for k, write in writes.items():
+            try:
+                write.result()
+                results[k] = states[k].result()
+            except Exception as error:  # its checkpoint could not be written: this run failed
+                results[k] = error
     return results
 
 
@@ -329,21 +345,21 @@ def _epoch_of(run: HeadRun, stack: _Stack, position: int, state: LoopState, best
     if ending is None:
         return False
     state.status, state.stop_reason = ending
-    _write_last(run, stack, position, state, best, shared.betas)
-    return state.status in ENDED
+    return True
 
 
-def _write_last(run: HeadRun, stack: _Stack, position: int, state: LoopState, best: BestCheckpoint,
-                betas: tuple[float, float]) -> None:
+def _write_last(run: HeadRun, head: dict[str, torch.Tensor], moments: dict[str, dict[str, torch.Tensor]],
+                state: LoopState, best: BestCheckpoint, betas: tuple[float, float]) -> None:
     """`best.pt` (held since its epoch) and `last.pt` as `fit()` leaves them when a probe run ends: the model with
-    this head's weights, an AdamW state in `fit()`'s own layout, and the loop state."""
+    this head's weights (`head`), an AdamW state in `fit()`'s own layout (`moments`), and the loop state. Touches
+    only this run's own model and files: the pass runs it on a thread while the other heads' writes go on."""
     model = run.model
-    model.head.load_state_dict(stack.state_of(position))
+    model.head.load_state_dict(head)
     best.write_held()
     optimizer = make_optimizer(model, lr_head=run.lr_head, lr_encoder=0.0, weight_decay=run.weight_decay, betas=betas)
     by_name = dict(model.head.named_parameters())
-    for name, moments in stack.optimizer_state_of(position).items():
-        optimizer.state[by_name[name]] = moments
+    for name, moment in moments.items():
+        optimizer.state[by_name[name]] = moment
     save_checkpoint(best.runtime, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                    "loop_state": state.to_json()}, Path(run.run_dir) / "last.pt")
 
@@ -361,7 +377,8 @@ def _factor(step: int, steps_per_epoch: int, run: HeadRun) -> float:
                      warmup_steps=int(round(run.warmup_epochs * steps_per_epoch)), min_ratio=run.min_lr_ratio)
 
 
-def _row_losses(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, smoothing: torch.Tensor) -> torch.Tensor:
+def _row_losses(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
+                smoothing: torch.Tensor) -> torch.Tensor:
     """(K, B) `octft.train.losses.row_losses` of each member's logits (K, B, C), with its own label smoothing (K,)."""
     log_probs = F.log_softmax(logits, dim=-1)
     index = targets[None, :, None].expand(logits.shape[0], -1, 1)
