@@ -272,7 +272,7 @@ def open_test_split(checkpoint_dir: str | Path, *, expected_manifest_hash: str |
     training are refused instead of silently scored.
     """
     loaded = load_model(str(checkpoint_dir))
-    data = loaded.config.data
+    data = here(loaded.config.data)
     report = audited_data(data)
     # Every split, as training prepared it, so the manifest hash compares like with like (the cache makes
     # the train and validation volumes free).
@@ -288,6 +288,18 @@ def open_test_split(checkpoint_dir: str | Path, *, expected_manifest_hash: str |
     if test_volumes.empty:
         raise UsageError(f"the data at {data.uri} has no test volumes after the audit; check the labels' splits")
     return TestSplit(loaded, prepared.dataset("test"), found, sorted(set(test_volumes.participant_id.astype(str))))
+
+
+def here(data):
+    """A trial's data section as this machine prepares it: a preprocessing cache at an absolute path that is not here
+    (a pod host's, released since) becomes the default one under the current folder; never a worker host's path."""
+    cache = Path(data.cache_dir).expanduser()
+    if not cache.is_absolute() or cache.exists():
+        return data
+    local = type(data).model_fields["cache_dir"].default
+    print(f"the trial's preprocessing cache {cache} is not on this machine: preparing the data in {local} here",
+          flush=True)
+    return data.model_copy(update={"cache_dir": local})
 
 
 def score_test_split(split: TestSplit, *, n_resamples: int = 1000, seed: int = 0) -> dict[str, float]:

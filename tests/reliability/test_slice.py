@@ -29,6 +29,8 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
+from octft.config import load_experiment
+from octft.registry.promote import here
 from octft.stores import ARTIFACT_ROOT_ENV, sqlalchemy_url
 from octft.sweep.records import PLAN_ATTR, TRIAL_ATTR, TrialRecord, output_folder, trial_record
 from octft.sweep.storage import open_existing_study, open_study_storage
@@ -311,3 +313,12 @@ def test_a_worker_whose_budget_is_spent_waits_for_a_dying_trial_and_gets_its_ret
     assert DEAD_WORKER in trial_record(trials[0]).fail_reason and trial_record(trials[2]).retry_of == lost.number
     assert trials[2].params == trials[0].params
     assert never_started.number == trials[1].number
+
+
+def test_promote_prepares_a_released_hosts_cache_under_the_callers_folder(tmp_path):
+    data = load_experiment(REPO / "experiments" / "demo.yaml").data
+    gone = data.model_copy(update={"cache_dir": "/nonexistent-host-w1/octft-cache"})
+    assert here(gone).cache_dir == ".octft-cache" and here(gone).uri == gone.uri  # nothing else of it changes
+    assert here(data) is data  # relative: already under the caller's folder
+    kept = data.model_copy(update={"cache_dir": str(tmp_path)})
+    assert here(kept) is kept  # a shared path that is here
