@@ -123,14 +123,14 @@ def run_worker(plan: LaunchPlan, worker_index: int, runner: Runner, *, echo: Cal
                         finish_trial(plan, study, storage, store, trial, record,
                                      TrialOutcome(status="failed", stop_reason=reason))
                     raise
-                states = [finish_trial(plan, study, storage, store, trial, record, outcome)
-                          for trial, record, outcome in zip(trials, records, outcomes)]
-            for trial, record, state in zip(trials, records, states):
-                done += 1
-                if verbose:
-                    for line in epoch_lines(Path(record.run_dir) / "trial.log"):
-                        echo(f"  trial {trial.number} {line}")
-                echo(describe(trial.number, state, record.outcome, plan.spec().objective.metric, best_so_far(study)))
+                # Each trial's line as Optuna takes its state: its "best so far" counts the trials told before it.
+                for trial, record, outcome in zip(trials, records, outcomes):
+                    state = finish_trial(plan, study, storage, store, trial, record, outcome)
+                    done += 1
+                    if verbose:
+                        for line in epoch_lines(Path(record.run_dir) / "trial.log"):
+                            echo(f"  trial {trial.number} {line}")
+                    echo(describe(trial.number, state, record.outcome, plan.spec().objective.metric, best_so_far(study)))
     finally:
         runner.close()
     return done
