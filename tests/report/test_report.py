@@ -110,6 +110,7 @@ def test_every_figure_renders_in_headless_chromium_without_console_errors(tmp_pa
         (TrialState.PRUNED, 0.3, median), (TrialState.FAIL, 0.0, {"fail_reason": "TrainingError: loss is nan", "epochs": 1}),
     ])
 
+    (tmp_path / "runs").mkdir(exist_ok=True)  # the study's folder, on the host that launched it: the report goes there
     assert main(["report", str(spec)]) == 0
     out = tmp_path / "runs" / "report.html"  # the study's folder: where its trials' run folders are
     page = out.read_text()
