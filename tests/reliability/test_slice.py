@@ -9,7 +9,6 @@ with an MLflow server proxying artifacts (`mlflow server --serve-artifacts`), on
 from __future__ import annotations
 
 import contextlib
-import http.client
 import json
 import logging
 import os
@@ -40,7 +39,7 @@ from octft.track.mlflow_store import MlflowStore
 
 from sweeps import wait_for, write_spec
 from .conftest import REPO, SMALL
-from .test_stores_and_secrets import fresh_database, free_port
+from .test_stores_and_secrets import fresh_database, free_port, wait_for_mlflow_server
 
 STUDY = "slice"
 N_TRIALS = 3
@@ -85,16 +84,7 @@ def artifact_server(root: Path, backend_store: str) -> Iterator[str]:
          "--serve-artifacts", "--artifacts-destination", str(root / "artifacts")],
         cwd=root, env=process_env(), stdout=subprocess.DEVNULL, stderr=log.open("w"), start_new_session=True)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert server.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "the MLflow server did not start within 180 s"
-            with contextlib.suppress(OSError):
-                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-                connection.request("GET", "/health")
-                if connection.getresponse().status == 200:
-                    break
-            time.sleep(0.5)
+        wait_for_mlflow_server(server, port, log)
         yield f"http://127.0.0.1:{port}"
     finally:
         with contextlib.suppress(ProcessLookupError):

@@ -52,6 +52,20 @@ def leaks(text: str | bytes) -> list[str]:
     return [secret for secret in SECRETS if secret.encode() in data]
 
 
+def wait_for_mlflow_server(server: subprocess.Popen, port: int, log: Path, timeout_s: float = 180) -> None:
+    """Until the MLflow server `server` answers /health on `port`; its `log`'s tail when it dies first."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert server.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"the MLflow server did not start within {timeout_s:.0f} s"
+        with contextlib.suppress(OSError):
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            connection.request("GET", "/health")
+            if connection.getresponse().status == 200:
+                return
+        time.sleep(0.5)
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -132,16 +146,7 @@ def mlflow_server(tmp_path_factory) -> Iterator[dict]:
     proxy = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=proxy.serve_forever, daemon=True).start()
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert server.poll() is None, (root / "server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "the MLflow server did not start within 180 s"
-            with contextlib.suppress(OSError):
-                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-                connection.request("GET", "/health")
-                if connection.getresponse().status == 200:
-                    break
-            time.sleep(0.5)
+        wait_for_mlflow_server(server, port, root / "server.log")
         yield {"url": f"http://{USER}:{PASSWORD}@127.0.0.1:{proxy.server_address[1]}", "root": root,
                "counts": handler.counts}
     finally:
