@@ -174,9 +174,12 @@ def test_octft_ui_opens_the_study_sorted_by_the_objective_and_charted_over_every
     root, port = study["root"], _free_port()
     log = root / "ui.log"
     with log.open("w") as sink:  # the tracking URI comes from the sweep file
+        # SIGINT as a terminal delivers it, even when the test run itself was started in the background (a
+        # background job ignores SIGINT, and so would its children).
         process = subprocess.Popen([sys.executable, "-m", "octft.cli", "ui", str(study["spec"]), "--port", str(port)],
                                    stdout=sink, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
-                                   start_new_session=True)
+                                   start_new_session=True,
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 420  # MLflow imports slowly on a busy machine
         while "Ctrl-C stops it" not in log.read_text():
