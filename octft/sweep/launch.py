@@ -198,7 +198,7 @@ def prepare_study_data(plan: LaunchPlan, runner: Runner) -> DataSetup | None:
     data = base_config(spec, plan.experiment_overrides).data
     print(f"study {spec.study_name!r}: auditing and preparing the data once for every trial", flush=True)
     if isinstance(runner, InProcessRunner):
-        return runner.prepare(data)  # kept in the runner's cache: its first trial audits nothing again
+        return runner.prepare(data, plan)  # kept in the runner's cache: its first trial audits nothing again
     return prepare_data(data, progress=True)
 
 

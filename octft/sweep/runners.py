@@ -91,12 +91,17 @@ class InProcessRunner:
         with trial.output_to(log):
             return trial.run_trials(plan, numbers, self.cache)
 
-    def prepare(self, data) -> DataSetup:
-        """Audit and prepare `data` (a config's data section) into the cache its trials will find it in."""
+    def prepare(self, data, plan: LaunchPlan | None = None) -> DataSetup:
+        """Audit and prepare `data` (a config's data section) into the cache its trials will find it in; for a probe
+        `plan`, start the MLflow writer of its stacked passes meanwhile (its imports take a second or two)."""
         self._trial()
+        if plan is not None and plan.is_probe():
+            self.cache.writer(plan)
         return self.cache.run.data(data, progress=True)
 
     def close(self, timeout: float = 60) -> None:
+        if self.cache is not None:
+            self.cache.close(min(timeout, 10))
         self.cache = None
 
     def _trial(self):

@@ -37,6 +37,7 @@ from octft.sweep.pruners import CollapsePruner, PassReads, build_pruner, record_
 from octft.registry.model import log_trial_model
 from octft.sweep.records import TrialOutcome, trial_record
 from octft.sweep.lifetime import watch_parent
+from octft.sweep.write_behind import DeferredTracker, WriteBehind
 from octft.stores import TRACKING_ENV
 from octft.sweep.storage import open_study_storage
 from octft.track.mlflow_store import MlflowStore, MlflowTracker
@@ -69,8 +70,10 @@ class OptunaReporter:
         if self.reads is None:
             study, frozen = self.trial.study, self.trial
             prune = self.trial.should_prune()
-        else:  # what should_prune does, with the pass's shared read of the completed trials
-            study, frozen = self.reads.at(epoch), self.trial.storage.get_trial(self.trial._trial_id)
+        else:
+            # What should_prune does, with the pass's shared read of the completed trials: the trial as this process
+            # wrote it (Optuna's own copy; system attrs, which only Hyperband's rungs use, read when asked).
+            study, frozen = self.reads.at(epoch), self.trial._get_latest_trial()
             prune = self.pruner.prune(study, frozen)
         if not prune:
             return None
@@ -89,6 +92,21 @@ class TrialCache:
         self.run = RunCache()
         self.trials = 0
         self._study: tuple[tuple[str, str], optuna.Study, RDBStorage] | None = None
+        self._writer: tuple[str, WriteBehind] | None = None
+
+    def writer(self, plan: LaunchPlan) -> WriteBehind:
+        """The helper process that writes stacked passes' MLflow runs to `plan`'s store (started on first use)."""
+        url = plan.tracking_url()
+        if self._writer is None or self._writer[0] != url:
+            self.close()
+            self._writer = (url, WriteBehind(url, Path(plan.study_dir) / f"mlflow-writer-{os.getpid()}.log"))
+        return self._writer[1]
+
+    def close(self, timeout: float = 10) -> None:
+        """End the MLflow writer, if one was started (what it still holds is written first, for up to `timeout` s)."""
+        if self._writer is not None:
+            self._writer[1].close(timeout)
+            self._writer = None
 
     def study(self, plan: LaunchPlan) -> tuple[optuna.Study, RDBStorage]:
         key = (plan.storage, plan.study_name)
@@ -130,9 +148,10 @@ def run_trials(plan: LaunchPlan, numbers: list[int], cache: TrialCache) -> list[
     outcomes: dict[int, TrialOutcome] = {}
     passes: dict[str, list[tuple[int, object, object, object]]] = {}
     reads = PassReads(cache.study(plan)[0])
+    writer = cache.writer(plan)
     for number in numbers:
         try:
-            cfg, tracker, reporter = _trial_inputs(plan, number, cache, reads=reads)
+            cfg, tracker, reporter = _trial_inputs(plan, number, cache, reads=reads, writer=writer)
         except Exception as error:
             traceback.print_exc()
             outcomes[number] = _outcome(plan, error, None, None, cache)
@@ -152,7 +171,11 @@ def run_trials(plan: LaunchPlan, numbers: list[int], cache: TrialCache) -> list[
         except Exception as error:  # the pass itself failed: each of its trials, not the runner
             traceback.print_exc()
             results = [error] * len(members)
+        # Every run's writes done before its worker tells Optuna and ends the run; a run whose writes failed fails.
+        failed_writes = writer.drain()
         for (number, _, tracker, reporter), result in zip(members, results):
+            if tracker.run_id in failed_writes and not isinstance(result, Exception):
+                result, tracker.end_status = RuntimeError(failed_writes[tracker.run_id]), None
             outcomes[number] = _outcome(plan, result, reporter, tracker, cache)
     gc.collect()
     seconds, rss = time.perf_counter() - started, int(psutil.Process().memory_info().rss)
@@ -161,10 +184,11 @@ def run_trials(plan: LaunchPlan, numbers: list[int], cache: TrialCache) -> list[
     return [outcomes[number] for number in numbers]
 
 
-def _trial_inputs(plan: LaunchPlan, number: int, cache: TrialCache, *, reads: PassReads | None = None
-                  ) -> tuple[ExperimentConfig, MlflowTracker, OptunaReporter]:
+def _trial_inputs(plan: LaunchPlan, number: int, cache: TrialCache, *, reads: PassReads | None = None,
+                  writer: WriteBehind | None = None) -> tuple[ExperimentConfig, MlflowTracker | DeferredTracker, OptunaReporter]:
     """Trial `number`'s config (from its params, as its replay command has it), its MLflow run (which its worker made)
-    and its Optuna reporter (`reads`: the study reads it shares with the other heads of its pass)."""
+    and its Optuna reporter. A head of a stacked pass shares the pass's study reads (`reads`) and its MLflow writer
+    (`writer`)."""
     study, storage = cache.study(plan)
     trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(plan.study_name), number)
     frozen = storage.get_trial(trial_id)
@@ -174,9 +198,12 @@ def _trial_inputs(plan: LaunchPlan, number: int, cache: TrialCache, *, reads: Pa
     cfg.tracking.run_name = f"trial-{number}"
     # Left open: its worker ends it once Optuna holds the trial's state (`octft.sweep.tracking.settle_run`).
     # A probe's epochs take milliseconds: its metrics are written once, when it ends.
-    tracker = MlflowTracker(plan.tracking_url(), run_id=trial_record(frozen).mlflow_run_id,
-                            log_system_metrics=not plan.is_probe(),
-                            flush_interval_s=math.inf if plan.is_probe() else METRICS_FLUSH_S, ends_run=False)
+    run_id = trial_record(frozen).mlflow_run_id
+    if writer is not None:
+        tracker = DeferredTracker(writer, run_id)
+    else:
+        tracker = MlflowTracker(plan.tracking_url(), run_id=run_id, log_system_metrics=not plan.is_probe(),
+                                flush_interval_s=math.inf if plan.is_probe() else METRICS_FLUSH_S, ends_run=False)
     reporter = OptunaReporter(optuna.trial.Trial(study, trial_id), study.pruner, metric=spec.objective.metric,
                               tracker=tracker, reads=reads)
     return cfg, tracker, reporter

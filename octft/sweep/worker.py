@@ -265,6 +265,8 @@ def take_trials(study: optuna.Study, storage: RDBStorage, n_trials: int | None, 
 def _unfreeze_epoch(plan: LaunchPlan, overrides: list[str]) -> int:
     """From which epoch the trial's encoder trains (0 for a probe); a config that does not load fails in its runner,
     with the reason."""
+    if plan.is_probe():  # no trial of it ever unfreezes: no config to load (a probe trial lasts milliseconds)
+        return 0
     try:
         return plan.trial_config(overrides).train.unfreeze_epoch or 0
     except ConfigError:

@@ -122,7 +122,7 @@ def train(
         features = cache.features(cfg, model, train_set, val_set, runtime, resume_epoch=_resume_epoch(run_dir, resume))
         if runtime.is_main:
             _record_start(tracker, cfg, run_dir, runtime, layout, setup, features, checkpoint_report, tags,
-                          fresh=recorded_run is None)
+                          data_inputs(setup.prepared.volumes, cfg.data.uri), fresh=recorded_run is None)
         result = fit(
             model, train_set, val_set, runtime=runtime, tracker=tracker, reporter=reporter,
             class_names=CLASS_SHORT_NAMES, epochs=cfg.train.epochs, batch_size=cfg.train.batch_size,
@@ -183,6 +183,9 @@ def train_heads(
     results: list[TrainResult | Exception | None] = [None] * len(cfgs)
     runs: list[tuple[int, HeadRun]] = []
     features = None
+    # The same for every run of the pass (its runs share the data, the encoder and the preprocessing): made once.
+    tags = {**run_provenance(first, setup.prepared.volumes), "octft.validation": validation_note(first, val_set)}
+    datasets = data_inputs(setup.prepared.volumes, first.data.uri)
     for k, (cfg, run_dir, tracker) in enumerate(zip(cfgs, run_dirs, trackers)):
         try:
             run_dir = Path(run_dir)
@@ -190,10 +193,10 @@ def train_heads(
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "run.json").write_text(json.dumps({"mlflow_run_id": tracker.run_id}) + "\n")
             model, checkpoint_report = cache.model(cfg, trains_encoder=False)
-            tags = {**run_provenance(cfg, setup.prepared.volumes), "octft.validation": validation_note(cfg, val_set)}
             # One store lookup for the pass (its runs share every setting that keys the features).
             features = cache.features(cfg, model, train_set, val_set, runtime) if features is None else features.reused()
-            _record_start(tracker, cfg, run_dir, runtime, layout, setup, features, checkpoint_report, tags, fresh=True)
+            _record_start(tracker, cfg, run_dir, runtime, layout, setup, features, checkpoint_report, tags, datasets,
+                          fresh=True)
         except Exception as error:
             tracker.finish("FAILED", f"{type(error).__name__}: {error}"[:2000])
             results[k] = error
@@ -290,9 +293,9 @@ def head_state(head_from: str, store: MlflowStore) -> dict:
 
 
 def _record_start(tracker, cfg: ExperimentConfig, run_dir: Path, runtime, layout, setup, features, checkpoint_report,
-                  tags: dict[str, str], *, fresh: bool) -> None:
+                  tags: dict[str, str], datasets: list[RunDataset], *, fresh: bool) -> None:
     """What a run records before it trains: its resolved config (beside the checkpoint it will write, since the two
-    together are the model), params, tags, dataset inputs and audit summary."""
+    together are the model), params, tags, dataset inputs (`data_inputs`) and audit summary."""
     (run_dir / "checkpoint").mkdir(exist_ok=True)
     save_resolved(cfg, run_dir / "config.yaml")
     shutil.copyfile(run_dir / "config.yaml", run_dir / "checkpoint" / "config.yaml")
@@ -309,7 +312,7 @@ def _record_start(tracker, cfg: ExperimentConfig, run_dir: Path, runtime, layout
     })
     if features is not None:
         tracker.log_metrics(features.metrics(), step=0)
-    log_data_inputs(tracker, volumes, cfg.data.uri)
+    tracker.log_datasets(datasets)
     summary = report.to_dict()
     tracker.log_dict({key: summary[key] for key in ("files", "participants", "splits", "match_rate", "guards")},
                      "audit_summary.json")
@@ -332,8 +335,8 @@ def _record_end(tracker, cfg: ExperimentConfig, run_dir: Path, result: FitResult
     tracker.set_tags({"octft.status": result.status, "octft.best_epoch": str(result.best_epoch)})
 
 
-def log_data_inputs(tracker, volumes, uri: str) -> None:
-    """The training and validation volumes as the run's MLflow dataset inputs: the audited table of each split, its
+def data_inputs(volumes, uri: str) -> list[RunDataset]:
+    """The training and validation volumes as a run's MLflow dataset inputs: the audited table of each split, its
     manifest hash as digest, its counts per class as a tag, the data URI as source."""
     name = Path(uri.rstrip("/")).name or uri
     datasets = []
@@ -346,7 +349,7 @@ def log_data_inputs(tracker, volumes, uri: str) -> None:
             tags={"octft.volumes": str(len(rows)),
                   "octft.participants_per_class": ", ".join(f"{label}={count}" for label, count in dict(counts).items())},
         ))
-    tracker.log_datasets(datasets)
+    return datasets
 
 
 def _recorded_run_id(run_dir: Path) -> str | None:

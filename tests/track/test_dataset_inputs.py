@@ -8,7 +8,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from octft.track.mlflow_store import MlflowTracker
-from octft.train.recipe import log_data_inputs
+from octft.train.recipe import data_inputs
 from octft.data.dataset import data_manifest_hash
 
 
@@ -27,7 +27,7 @@ def test_a_run_shows_its_training_and_validation_volumes_as_datasets(tmp_path):
     volumes = _volumes({"1001": (0, "train"), "1002": (1, "train"), "1003": (1, "train"), "1004": (0, "val"),
                         "1005": (3, "test")})
     with MlflowTracker(tracking_uri, "datasets", "run-a") as run:
-        log_data_inputs(run, volumes, "b2://bucket/aireadi-v3")
+        run.log_datasets(data_inputs(volumes, "b2://bucket/aireadi-v3"))
     inputs = MlflowClient(tracking_uri).get_run(run.run_id).inputs.dataset_inputs
     by_context = {next(tag.value for tag in entry.tags if tag.key == "mlflow.data.context"): entry for entry in inputs}
     assert sorted(by_context) == ["training", "validation"]  # the test split is not the run's to use
@@ -45,7 +45,7 @@ def test_a_run_shows_its_training_and_validation_volumes_as_datasets(tmp_path):
     changed = volumes.copy()
     changed.loc[changed.participant_id == "1002", ["label", "class_name"]] = (2, "oral")
     with MlflowTracker(tracking_uri, "datasets", "run-b") as other:
-        log_data_inputs(other, changed, "b2://bucket/aireadi-v3")
+        other.log_datasets(data_inputs(changed, "b2://bucket/aireadi-v3"))
     other_inputs = MlflowClient(tracking_uri).get_run(other.run_id).inputs.dataset_inputs
     digests = {entry.dataset.name: entry.dataset.digest for entry in other_inputs}
     assert digests["aireadi-v3/train"] != training.dataset.digest
@@ -55,7 +55,7 @@ def test_a_run_shows_its_training_and_validation_volumes_as_datasets(tmp_path):
 def _log_after(barrier, tracking_uri, run_id):
     barrier.wait()
     tracker = MlflowTracker(tracking_uri, "datasets", run_id=run_id)
-    log_data_inputs(tracker, _volumes({"1001": (0, "train"), "1002": (1, "train"), "1004": (0, "val")}), "/data/aireadi")
+    tracker.log_datasets(data_inputs(_volumes({"1001": (0, "train"), "1002": (1, "train"), "1004": (0, "val")}), "/data/aireadi"))
 
 
 def test_parallel_trials_logging_the_same_data_all_get_it(tmp_path):
