@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,20 +40,34 @@ from octft.train.metrics import is_collapsed
 UNFREEZE_PARAM = "train.unfreeze_epoch"
 
 
-def record_epoch(
-    trial: Trial, epoch: int, value: float, pred_frac: Sequence[float], balanced_accuracy: float
-) -> None:
-    """Report `value` at step `epoch` and store what CollapsePruner judges (an `EpochRecord`: the share of
-    predictions per class and balanced accuracy)."""
+def epoch_record(epoch: int, pred_frac: Sequence[float], balanced_accuracy: float) -> dict[str, Any]:
+    """The `EpochRecord` of `epoch` as stored in its trial's user attr `EpochRecord.attr(epoch)`; shares that are not
+    shares are refused."""
     shares = [float(share) for share in pred_frac]
     if not shares or any(not 0.0 <= share <= 1.0 for share in shares) or not math.isclose(sum(shares), 1.0, abs_tol=1e-6):
         raise ValueError(
             f"pred_frac {shares} at epoch {epoch} must be the share of predictions per class (each in 0..1, "
             "summing to 1), e.g. the pred_frac_<class> values of classification_metrics"
         )
+    return {"pred_frac": shares, "balanced_accuracy": float(balanced_accuracy)}
+
+
+def record_epoch(
+    trial: Trial, epoch: int, value: float, pred_frac: Sequence[float], balanced_accuracy: float
+) -> None:
+    """Report `value` at step `epoch` and store what CollapsePruner judges (an `EpochRecord`: the share of
+    predictions per class and balanced accuracy)."""
+    record = epoch_record(epoch, pred_frac, balanced_accuracy)
     # Stored before the report, so a pruner never sees a step without its record.
-    trial.set_user_attr(EpochRecord.attr(epoch), {"pred_frac": shares, "balanced_accuracy": float(balanced_accuracy)})
+    trial.set_user_attr(EpochRecord.attr(epoch), record)
     trial.report(value, epoch)
+
+
+def reads_rungs(pruner: BasePruner) -> bool:
+    """Whether `pruner` keeps state in the trial's system attrs (successive halving's and Hyperband's rungs): a copy
+    of the trial handed to it must carry them as they stand."""
+    wrapped = pruner.wrapped if isinstance(pruner, CollapsePruner) else pruner
+    return isinstance(wrapped, (SuccessiveHalvingPruner, HyperbandPruner))
 
 
 class CollapsePruner(BasePruner):
@@ -225,22 +240,26 @@ def unfreeze_epoch_of(trial: FrozenTrial) -> int:
 
 
 class PassReads:
-    """The study as the pruners of one stacked pass read it: its COMPLETE trials read once per epoch of the pass and
-    shared by every head's check (a read of the study costs ~10 ms on SQLite; a pass reports K heads an epoch). Every
-    other read goes to the study. Trials that complete meanwhile (another worker's) count from the next epoch on.
+    """The study as the pruners of one stacked pass read it: its COMPLETE trials read at most once every `every_s`
+    seconds and shared by every head's check (a read of the study costs ~10 ms on SQLite; a pass reports K heads an
+    epoch, and its epochs take milliseconds). Every other read goes to the study. No trial of the pass completes
+    before the pass ends; trials that other workers complete meanwhile count from the next read on.
 
         >>> reads = PassReads(study)                                                 # doctest: +SKIP
-        >>> pruner.prune(reads.at(epoch), storage.get_trial(trial_id))               # doctest: +SKIP
+        >>> pruner.prune(reads.at(epoch), frozen_trial)                              # doctest: +SKIP
     """
 
-    def __init__(self, study: Study) -> None:
+    def __init__(self, study: Study, every_s: float = 1.0) -> None:
         self._study = study
-        self._epoch: int | None = None
+        self._every_s = every_s
+        self._read_at: float | None = None
         self._completed: list[FrozenTrial] = []
 
     def at(self, epoch: int) -> "PassReads":
-        if epoch != self._epoch:
-            self._epoch, self._completed = epoch, self._study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        """The study for the checks of `epoch` (the epoch is kept for the record of who read when)."""
+        now = time.monotonic()
+        if self._read_at is None or now - self._read_at >= self._every_s:
+            self._read_at, self._completed = now, self._study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         return self
 
     def get_trials(self, deepcopy: bool = True, states: Any = None) -> list[FrozenTrial]:

@@ -33,9 +33,9 @@ from optuna.storages import RDBStorage
 from octft.console import quiet_console
 from octft.data.layout import CLASS_SHORT_NAMES
 from octft.sweep.plan import LaunchPlan
-from octft.sweep.pruners import CollapsePruner, PassReads, build_pruner, record_epoch
+from octft.sweep.pruners import CollapsePruner, PassReads, build_pruner, epoch_record, reads_rungs, record_epoch
 from octft.registry.model import log_trial_model
-from octft.sweep.records import TrialOutcome, trial_record
+from octft.sweep.records import EpochRecord, TrialOutcome, trial_record
 from octft.sweep.lifetime import watch_parent
 from octft.sweep.write_behind import DeferredTracker, WriteBehind
 from octft.stores import TRACKING_ENV
@@ -57,32 +57,58 @@ class OptunaReporter:
     >>> reporter.report(0, 0.41, metrics)        # None, or the reason to stop          # doctest: +SKIP
     """
 
-    def __init__(self, trial: optuna.trial.Trial, pruner: CollapsePruner, *, metric: str, tracker=None,
-                 reads: PassReads | None = None) -> None:
+    def __init__(self, trial: optuna.trial.Trial, pruner: CollapsePruner, *, metric: str, tracker=None) -> None:
         self.trial, self.pruner, self.metric, self.tracker = trial, pruner, metric, tracker
-        self.reads = reads  # the heads of one stacked pass share their reads of the study
         self.pruned: dict | None = None  # why it was pruned: {"prune_reason", "epoch", "detail", ...}
 
     def report(self, epoch: int, value: float, metrics: dict[str, float]) -> str | None:
         record_epoch(self.trial, epoch, float(metrics.get(self.metric, value)),
                      pred_frac=[metrics[f"val/pred_frac_{name}"] for name in CLASS_SHORT_NAMES],
                      balanced_accuracy=metrics["val/balanced_accuracy"])
-        if self.reads is None:
-            study, frozen = self.trial.study, self.trial
-            prune = self.trial.should_prune()
-        else:
-            # What should_prune does, with the pass's shared read of the completed trials: the trial as this process
-            # wrote it (Optuna's own copy; system attrs, which only Hyperband's rungs use, read when asked).
-            study, frozen = self.reads.at(epoch), self.trial._get_latest_trial()
-            prune = self.pruner.prune(study, frozen)
-        if not prune:
+        if not self.trial.should_prune():
             return None
-        self.pruned = self.pruner.prune_reason(study, frozen) or {
-            "prune_reason": "pruner", "epoch": epoch, "detail": f"{type(self.pruner).__name__} pruned at epoch {epoch}"}
-        if self.tracker is not None:
-            self.tracker.set_tags({"octft.prune_reason": self.pruned["prune_reason"],
-                                   "octft.prune_epoch": str(self.pruned["epoch"])})
-        return f"pruned ({self.pruned['prune_reason']}): {self.pruned['detail']}"
+        return _pruned(self, self.trial.study, self.trial, epoch)
+
+
+class PassReporter:
+    """The `Reporter` of one head of a stacked pass: the pruner decides here, on the trial as the pass holds it (its
+    epochs so far, the study's COMPLETE trials read once an epoch for the whole pass: `reads`), and the epoch's
+    Optuna writes (its collapse record, then its value, as `record_epoch` makes them) go to the pass's `writer`,
+    which its worker drains before it tells Optuna how the trial ended."""
+
+    def __init__(self, frozen: optuna.trial.FrozenTrial, storage: RDBStorage, pruner: CollapsePruner, *, metric: str,
+                 tracker: DeferredTracker, reads: PassReads, writer: WriteBehind) -> None:
+        self.frozen, self.storage, self.pruner, self.metric = frozen, storage, pruner, metric
+        self.tracker, self.reads, self.writer = tracker, reads, writer
+        self.rungs = reads_rungs(pruner)
+        self.pruned: dict | None = None
+
+    def report(self, epoch: int, value: float, metrics: dict[str, float]) -> str | None:
+        value = float(metrics.get(self.metric, value))
+        record = epoch_record(epoch, [metrics[f"val/pred_frac_{name}"] for name in CLASS_SHORT_NAMES],
+                              metrics["val/balanced_accuracy"])
+        trial_id = self.frozen._trial_id
+        self.writer.write_trial(self.tracker.run_id, trial_id, "set_trial_user_attr", EpochRecord.attr(epoch), record)
+        self.writer.write_trial(self.tracker.run_id, trial_id, "set_trial_intermediate_value", epoch, value)
+        self.frozen.user_attrs[EpochRecord.attr(epoch)] = record
+        self.frozen.intermediate_values[epoch] = value
+        if self.rungs:  # successive halving and Hyperband keep their rungs in the trial's system attrs, in the storage
+            self.frozen.system_attrs = self.storage.get_trial_system_attrs(trial_id)
+        study = self.reads.at(epoch)
+        if not self.pruner.prune(study, self.frozen):
+            return None
+        return _pruned(self, study, self.frozen, epoch)
+
+
+def _pruned(reporter: OptunaReporter | PassReporter, study, trial, epoch: int) -> str:
+    """Why `reporter`'s trial is pruned at `epoch`, kept on the reporter and tagged on its run; the stop reason."""
+    pruner = reporter.pruner
+    reporter.pruned = pruner.prune_reason(study, trial) or {
+        "prune_reason": "pruner", "epoch": epoch, "detail": f"{type(pruner).__name__} pruned at epoch {epoch}"}
+    if reporter.tracker is not None:
+        reporter.tracker.set_tags({"octft.prune_reason": reporter.pruned["prune_reason"],
+                                   "octft.prune_epoch": str(reporter.pruned["epoch"])})
+    return f"pruned ({reporter.pruned['prune_reason']}): {reporter.pruned['detail']}"
 
 
 class TrialCache:
@@ -95,15 +121,17 @@ class TrialCache:
         self._writer: tuple[str, WriteBehind] | None = None
 
     def writer(self, plan: LaunchPlan) -> WriteBehind:
-        """The helper process that writes stacked passes' MLflow runs to `plan`'s store (started on first use)."""
-        url = plan.tracking_url()
-        if self._writer is None or self._writer[0] != url:
+        """The helper process that makes stacked passes' writes to `plan`'s MLflow store and Optuna storage (started
+        on first use)."""
+        key = f"{plan.tracking_url()} {plan.storage_url()}"
+        if self._writer is None or self._writer[0] != key:
             self.close()
-            self._writer = (url, WriteBehind(url, Path(plan.study_dir) / f"mlflow-writer-{os.getpid()}.log"))
+            self._writer = (key, WriteBehind(plan.tracking_url(), plan.storage_url(),
+                                             Path(plan.study_dir) / f"pass-writer-{os.getpid()}.log"))
         return self._writer[1]
 
     def close(self, timeout: float = 10) -> None:
-        """End the MLflow writer, if one was started (what it still holds is written first, for up to `timeout` s)."""
+        """End the pass writer, if one was started (what it still holds is written first, for up to `timeout` s)."""
         if self._writer is not None:
             self._writer[1].close(timeout)
             self._writer = None
@@ -185,10 +213,10 @@ def run_trials(plan: LaunchPlan, numbers: list[int], cache: TrialCache) -> list[
 
 
 def _trial_inputs(plan: LaunchPlan, number: int, cache: TrialCache, *, reads: PassReads | None = None,
-                  writer: WriteBehind | None = None) -> tuple[ExperimentConfig, MlflowTracker | DeferredTracker, OptunaReporter]:
+                  writer: WriteBehind | None = None
+                  ) -> tuple[ExperimentConfig, MlflowTracker | DeferredTracker, OptunaReporter | PassReporter]:
     """Trial `number`'s config (from its params, as its replay command has it), its MLflow run (which its worker made)
-    and its Optuna reporter. A head of a stacked pass shares the pass's study reads (`reads`) and its MLflow writer
-    (`writer`)."""
+    and its Optuna reporter. A head of a stacked pass shares the pass's study reads (`reads`) and its writer."""
     study, storage = cache.study(plan)
     trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(plan.study_name), number)
     frozen = storage.get_trial(trial_id)
@@ -197,15 +225,17 @@ def _trial_inputs(plan: LaunchPlan, number: int, cache: TrialCache, *, reads: Pa
     cfg.tracking.tracking_uri, cfg.tracking.experiment = plan.tracking_uri, spec.mlflow.experiment
     cfg.tracking.run_name = f"trial-{number}"
     # Left open: its worker ends it once Optuna holds the trial's state (`octft.sweep.tracking.settle_run`).
-    # A probe's epochs take milliseconds: its metrics are written once, when it ends.
     run_id = trial_record(frozen).mlflow_run_id
     if writer is not None:
         tracker = DeferredTracker(writer, run_id)
-    else:
-        tracker = MlflowTracker(plan.tracking_url(), run_id=run_id, log_system_metrics=not plan.is_probe(),
-                                flush_interval_s=math.inf if plan.is_probe() else METRICS_FLUSH_S, ends_run=False)
+        reporter = PassReporter(frozen, storage, study.pruner, metric=spec.objective.metric, tracker=tracker,
+                                reads=reads, writer=writer)
+        return cfg, tracker, reporter
+    # A probe's epochs take milliseconds: its metrics are written once, when it ends.
+    tracker = MlflowTracker(plan.tracking_url(), run_id=run_id, log_system_metrics=not plan.is_probe(),
+                            flush_interval_s=math.inf if plan.is_probe() else METRICS_FLUSH_S, ends_run=False)
     reporter = OptunaReporter(optuna.trial.Trial(study, trial_id), study.pruner, metric=spec.objective.metric,
-                              tracker=tracker, reads=reads)
+                              tracker=tracker)
     return cfg, tracker, reporter
 
 

@@ -1,17 +1,21 @@
-"""MLflow writes of a stacked probe pass, done by a helper process while the pass goes on.
+"""The writes of a stacked probe pass, done by a helper process while the pass goes on.
 
-A probe head's epochs take milliseconds; its MLflow run does not: params, tags, dataset inputs, a config artifact
-and about 500 metric values cost some 150 ms a head in MLflow's SQL store, most of it Python in the ORM. A thread
-would hold the same interpreter lock the pass needs, so the writes go to a second process (`python -m
-octft.sweep.write_behind`), which writes them in the order they were made, one `MlflowTracker` per run, while the
-pass trains, reports to Optuna and checkpoints on its own core.
+A probe head's epochs take milliseconds; what it records does not. Its MLflow run (params, tags, dataset inputs, a
+config artifact, about 500 metric values) costs some 150 ms a head in MLflow's SQL store, and each epoch's Optuna
+report and collapse record two commits, most of it Python in the ORMs. A thread would hold the interpreter lock the
+pass needs, so the writes go to a second process (`python -m octft.sweep.write_behind`), which makes them in the
+order they were sent, one `MlflowTracker` per run and one Optuna storage, while the pass trains and its pruners decide
+on its own core from the trials as the pass holds them (`octft.sweep.trial.PassReporter`).
 
-    >>> writer = WriteBehind(tracking_url)                                        # doctest: +SKIP
+    >>> writer = WriteBehind(tracking_url, storage_url)                           # doctest: +SKIP
     >>> tracker = DeferredTracker(writer, run_id)      # the Tracker seam: log_metrics, set_tags, finish, ...
+    >>> writer.write_trial(run_id, trial_id, "set_trial_intermediate_value", 3, 0.61)  # doctest: +SKIP
     >>> writer.drain()                                 # every write so far is done: {run_id: error} of those that failed
 
-What a run's writes leave is what `MlflowTracker` would have written itself. A write that fails fails its run's
-later writes too; `drain` names the first error per run, and the caller fails that trial with it. The frames on the
+What a run's writes leave is what `MlflowTracker` and `Trial.report` would have written themselves. Nobody needs a
+running head's epochs before its trial ends (pruners compare it with COMPLETE trials), and its worker drains the
+writer before it tells Optuna how the trial ended. A write that fails fails the trial's later writes too; `drain`
+names the first error per trial (by its MLflow run id), and the caller fails that trial with it. The frames on the
 pipe are pickles between this process and the child it started (never read from a file or another host). The
 helper ends when its input closes, and at once when the process that started it is gone.
 """
@@ -32,22 +36,26 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from octft.redaction import redact_text
 from octft.sweep.lifetime import watch_parent
+from octft.sweep.storage import open_study_storage
 from octft.track import RunDataset, RunStatus
 from octft.track.mlflow_store import RUN_STATUSES, MlflowTracker
 
 ORPHANED = 3  # the helper's exit code when the process that started it ended first
+TRIAL_WRITES = ("set_trial_user_attr", "set_trial_intermediate_value")
 
 
 class WriteBehind:
-    """The handle on one helper process that writes to the MLflow store at `tracking_url` (password included: it
-    travels on the pipe, never on a command line). `log_path` takes the helper's own output (MLflow's warnings).
+    """The handle on one helper process that writes to the MLflow store at `tracking_url` and the Optuna storage at
+    `storage_url` (passwords included: they travel on the pipe, never on a command line). `log_path` takes the
+    helper's own output (MLflow's warnings).
 
     Writes are queued here and sent by a thread of this process: a write never waits for the pipe, which fills while
     the helper imports MLflow or writes a batch.
     """
 
-    def __init__(self, tracking_url: str, log_path: Path | None = None) -> None:
+    def __init__(self, tracking_url: str, storage_url: str | None = None, log_path: Path | None = None) -> None:
         read_fd, write_fd = os.pipe()
         log = open(log_path, "ab") if log_path is not None else subprocess.DEVNULL
         try:
@@ -64,15 +72,22 @@ class WriteBehind:
         self._broken: str | None = None  # why the pipe could not be written, once it could not
         self._sender = threading.Thread(target=self._send_all, name="mlflow-writer-pipe", daemon=True)
         self._sender.start()
-        self._outbox.put(("open", tracking_url))
+        self._outbox.put(("open", tracking_url, storage_url))
 
     @property
     def pid(self) -> int:
         return self._process.pid
 
-    def write(self, run_id: str, method: str, *args: Any) -> None:
+    def write_run(self, run_id: str, method: str, *args: Any) -> None:
         """Call `MlflowTracker(run_id=run_id).<method>(*args)` in the helper, after every write sent before it."""
-        self._outbox.put(("write", run_id, method, args))
+        self._outbox.put(("run", run_id, method, args))
+
+    def write_trial(self, run_id: str, trial_id: int, method: str, *args: Any) -> None:
+        """Call the Optuna storage's `<method>(trial_id, *args)` (`set_trial_user_attr`, `set_trial_intermediate_value`)
+        in the helper, after every write sent before it; its errors count as those of the trial's run `run_id`."""
+        if method not in TRIAL_WRITES:
+            raise ValueError(f"{method!r} is not one of the trial writes {', '.join(TRIAL_WRITES)}")
+        self._outbox.put(("trial", run_id, method, (trial_id, *args)))
 
     def drain(self) -> dict[str, str]:
         """Wait until every write sent so far is done; the first error of each run whose writes failed."""
@@ -118,7 +133,7 @@ class DeferredTracker:
         self.end_status: str | None = None
 
     def log_params(self, params: dict[str, object]) -> None:
-        self.writer.write(self.run_id, "log_params", dict(params))
+        self.writer.write_run(self.run_id, "log_params", dict(params))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         values = {}
@@ -128,40 +143,42 @@ class DeferredTracker:
             except (TypeError, ValueError):
                 raise ValueError(f"metric {key!r} has value {value!r}, which is not a number; log floats (read "
                                  "tensors with .item() at the logging point)") from None
-        self.writer.write(self.run_id, "log_metrics", values, int(step))
+        self.writer.write_run(self.run_id, "log_metrics", values, int(step))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if not Path(path).exists():
             raise FileNotFoundError(f"artifact {str(path)!r} does not exist; write it before logging it")
-        self.writer.write(self.run_id, "log_artifact", str(path), artifact_path)
+        self.writer.write_run(self.run_id, "log_artifact", str(path), artifact_path)
 
     def log_figure(self, figure: Any, name: str) -> None:
         raise NotImplementedError("a figure is not sent to the MLflow writer: save it and log_artifact the file")
 
     def log_dict(self, obj: dict, name: str) -> None:
-        self.writer.write(self.run_id, "log_dict", obj, name)
+        self.writer.write_run(self.run_id, "log_dict", obj, name)
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        self.writer.write(self.run_id, "set_tags", dict(tags))
+        self.writer.write_run(self.run_id, "set_tags", dict(tags))
 
     def log_datasets(self, datasets: Sequence[RunDataset]) -> None:
-        self.writer.write(self.run_id, "log_datasets", list(datasets))
+        self.writer.write_run(self.run_id, "log_datasets", list(datasets))
 
     def finish(self, status: RunStatus, reason: str | None = None) -> None:
         if status not in RUN_STATUSES:
             raise ValueError(f"run status {status!r} is not one of {', '.join(RUN_STATUSES)}")
         if self.end_status is None:
             self.end_status = status
-            self.writer.write(self.run_id, "finish", status, reason)
+            self.writer.write_run(self.run_id, "finish", status, reason)
 
 
 # ---------------------------------------------------------------------------------------------------- the helper process
 
 
 def serve(requests: BinaryIO, replies: BinaryIO) -> None:
-    """Write each request of `requests` in order; answer each drain, once the metrics held so far are written too,
-    with the first error of each run that failed since the last drain."""
-    tracking_url, trackers, errors = None, {}, {}
+    """Make each write of `requests` in order; answer each drain, once the metrics held so far are written too, with
+    the first error of each run that failed since the last drain."""
+    trackers: dict[str, MlflowTracker] = {}
+    errors: dict[str, str] = {}
+    tracking_url = storage = None
     while True:
         try:
             message = pickle.load(requests)
@@ -169,22 +186,26 @@ def serve(requests: BinaryIO, replies: BinaryIO) -> None:
             return
         kind = message[0]
         if kind == "open":
-            tracking_url = message[1]
+            tracking_url, storage_url = message[1], message[2]
+            storage = open_study_storage(storage_url, heartbeat_interval=None) if storage_url else None
         elif kind == "drain":
             for run_id, tracker in list(trackers.items()):  # a run's metrics are held until its finish: not past a drain
                 try:
                     tracker.flush()
                 except Exception as error:
-                    errors[run_id] = f"MLflow flush: {type(error).__name__}: {error}"[:2000]
+                    errors[run_id] = redact_text(f"MLflow flush: {type(error).__name__}: {error}")[:2000]
                     del trackers[run_id]
             pickle.dump(errors, replies, protocol=pickle.HIGHEST_PROTOCOL)
             replies.flush()
             errors = {}
-        elif kind == "write":
+        else:
             _, run_id, method, args = message
-            if run_id in errors:  # its run failed a write already: the rest would only fail or mislead
+            if run_id in errors:  # its trial failed a write already: the rest would only fail or mislead
                 continue
             try:
+                if kind == "trial":
+                    getattr(storage, method)(*args)
+                    continue
                 if run_id not in trackers:
                     # Metrics held until `finish`, which leaves the run RUNNING: its worker ends it, as it does for a
                     # run its trial wrote itself.
@@ -194,7 +215,8 @@ def serve(requests: BinaryIO, replies: BinaryIO) -> None:
                 if method == "finish":
                     del trackers[run_id]
             except Exception as error:
-                errors[run_id] = f"MLflow {method}: {type(error).__name__}: {error}"[:2000]
+                where = "Optuna" if kind == "trial" else "MLflow"
+                errors[run_id] = redact_text(f"{where} {method}: {type(error).__name__}: {error}")[:2000]
                 trackers.pop(run_id, None)
 
 

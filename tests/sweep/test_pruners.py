@@ -1,5 +1,6 @@
 """CollapsePruner driven through Optuna's ask/tell on in-memory studies: no objective function, no mocks."""
 
+import time
 from pathlib import Path
 
 import optuna
@@ -369,25 +370,26 @@ def test_pruner_arguments_belong_to_their_type():
             SweepSpec.model_validate({"base": "b.yaml", "study_name": "t", "pruner": {"wrapped": wrapped}})
 
 
-def test_the_heads_of_a_pass_read_the_completed_trials_once_an_epoch_and_decide_as_should_prune():
+def test_the_heads_of_a_pass_share_a_timed_read_of_the_completed_trials_and_decide_as_should_prune():
     study = optuna.create_study(direction="maximize", pruner=CollapsePruner(wrapped=MedianPruner(n_startup_trials=1)))
     for value in (0.6, 0.7):
         done = study.ask()
         for epoch in range(3):
             record_epoch(done, epoch, value, pred_frac=[0.25] * 4, balanced_accuracy=value)
         study.tell(done, value)
-    reads = PassReads(study)
+    reads = PassReads(study, every_s=0.5)
     heads = [study.ask() for _ in range(2)]
     for head, value in zip(heads, (0.3, 0.9)):
         record_epoch(head, 0, value, pred_frac=[0.25] * 4, balanced_accuracy=value)
     completed = reads.at(0).get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     assert [t.value for t in completed] == [0.6, 0.7]
-    late = study.ask()  # another worker's trial completes during the epoch: seen from the next epoch on
+    late = study.ask()  # another worker's trial completes during the pass: seen from the next read on
     study.tell(late, 0.1)
-    assert reads.at(0).get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) is completed
+    assert reads.at(1).get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) is completed
     assert len(reads.at(0).get_trials(deepcopy=False)) == 5  # any other read goes to the study
     for head in heads:  # the same verdict as should_prune, from the shared read
         frozen = study._storage.get_trial(head._trial_id)
         assert study.pruner.prune(reads.at(0), frozen) == head.should_prune()
     assert [head.should_prune() for head in heads] == [True, False]
-    assert len(reads.at(1).get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) == 3
+    time.sleep(0.5)
+    assert len(reads.at(2).get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) == 3
