@@ -83,7 +83,10 @@ class _Pass:
 
 
 class _Stack:
-    """The heads of one kind, stacked: parameters (K, ...) with AdamW's moments, and each member's own settings.
+    """The heads of one kind, stacked: their parameters as one (K, P) tensor (each member's row holds its parameters,
+    flattened in its `state_dict` order and padded) with AdamW's moments alike, and each member's own settings. One
+    row per member makes AdamW, clipping and weight decay a few whole-tensor operations a step, not a few per
+    parameter; `weights` views it as the head module's parameters.
 
     `names` are the head module's parameter names, in its `state_dict` order; `widths` each MLP member's hidden size.
     """
@@ -99,23 +102,31 @@ class _Stack:
             self.widths = [head.mlp.fc1.out_features for head in heads]
             self.dropout = [float(head.mlp.drop1.p) for head in heads]
         width = max(self.widths)
-        self.params = []
-        for name in self.names:
-            slices = [dict(head.named_parameters())[name].detach().float() for head in heads]
-            self.params.append(torch.stack([_pad(value, name, width) for value in slices]).requires_grad_(True))
-        self.exp_avg = [torch.zeros_like(p) for p in self.params]
-        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
+        padded = [[_pad(dict(head.named_parameters())[name].detach().float(), name, width) for name in self.names]
+                  for head in heads]
+        self.shapes = [value.shape for value in padded[0]]
+        self.sizes = [value.numel() for value in padded[0]]
+        self.flat = torch.stack([torch.cat([value.reshape(-1) for value in values]) for values in padded])
+        self.flat.requires_grad_(True)
+        # Weight decay reaches the weight matrices, not the biases (fit()'s optimizer groups).
+        self.decayed = torch.cat([torch.full((size,), len(shape) >= 2) for size, shape in zip(self.sizes, self.shapes)])
+        self.exp_avg = torch.zeros_like(self.flat)
+        self.exp_avg_sq = torch.zeros_like(self.flat)
         self.steps = 0
 
     def __len__(self) -> int:
         return len(self.members)
 
+    def weights(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """`flat` (K, P) as the stacked parameters (K, ...), one view each, in `names` order."""
+        return [part.view(len(flat), *shape) for part, shape in zip(flat.split(self.sizes, dim=1), self.shapes)]
+
     def logits(self, pooled: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
         """(K, B, C) logits of every member for pooled rows (B, D); `noise` (K, B, H): dropout after the activation."""
         if self.kind == "linear":
-            weight, bias = self.params
+            weight, bias = self.weights(self.flat)
             return torch.einsum("bd,kcd->kbc", pooled, weight) + bias[:, None, :]
-        fc1_w, fc1_b, fc2_w, fc2_b = self.params
+        fc1_w, fc1_b, fc2_w, fc2_b = self.weights(self.flat)
         hidden = F.gelu(torch.einsum("bd,khd->kbh", pooled, fc1_w) + fc1_b[:, None, :])
         if noise is not None:
             hidden = hidden * noise
@@ -126,7 +137,7 @@ class _Stack:
         it in `fit()` (same shape, same stream), zero-padded to the stack's width; None when no member drops out."""
         if self.kind == "linear" or not any(self.dropout):
             return None
-        noise = torch.ones(len(self), rows, self.params[0].shape[1])  # the stack's (padded) width
+        noise = torch.ones(len(self), rows, self.shapes[0][0])  # the stack's (padded) width
         for k, (p, width, generator) in enumerate(zip(self.dropout, self.widths, generators)):
             if p > 0:
                 noise[k, :, :width] = torch.empty(rows, width).bernoulli_(1 - p, generator=generator).div_(1 - p)
@@ -136,45 +147,43 @@ class _Stack:
     def step(self, lr: torch.Tensor, decay: torch.Tensor, clip_norm: float | None, betas: tuple[float, float]) -> None:
         """Clip each member's gradient by its own norm, decay its weights (`p *= 1 - lr * wd`), take AdamW's step with
         its own learning rate (`lr`, `decay`: (K,)), and zero the gradients: `optimizer_step` of `fit()`, per member."""
-        grads = [p.grad for p in self.params]
+        grad = self.flat.grad
         if clip_norm is not None:
-            norms = torch.sqrt(sum(g.pow(2).flatten(1).sum(dim=1) for g in grads))
-            coef = (clip_norm / (norms + CLIP_EPS)).clamp(max=1.0)
-            for g in grads:
-                g.mul_(_per_member(coef, g))
+            coef = (clip_norm / (grad.pow(2).sum(dim=1).sqrt() + CLIP_EPS)).clamp(max=1.0)
+            grad.mul_(coef[:, None])
         self.steps += 1
         beta1, beta2 = betas
         correction1, correction2 = 1 - beta1**self.steps, math.sqrt(1 - beta2**self.steps)
-        for p, g, m, v in zip(self.params, grads, self.exp_avg, self.exp_avg_sq):
-            if p.ndim >= 3:  # a weight matrix (decayed), not a bias
-                p.mul_(_per_member(decay, p))
-            m.lerp_(g, 1 - beta1)
-            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            denom = (v.sqrt() / correction2).add_(ADAM_EPS)
-            p.sub_(_per_member(lr / correction1, p) * m / denom)
-            g.zero_()
+        self.flat.mul_(torch.where(self.decayed, decay[:, None], torch.ones(())))
+        self.exp_avg.lerp_(grad, 1 - beta1)
+        self.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denom = (self.exp_avg_sq.sqrt() / correction2).add_(ADAM_EPS)
+        self.flat.sub_((lr / correction1)[:, None] * self.exp_avg / denom)
+        grad.zero_()
 
     def keep(self, positions: list[int]) -> None:
         """Keep only the members at `positions` (of this stack): the others ended."""
         index = torch.tensor(positions, dtype=torch.long)
-        self.params = [p.detach()[index].clone().requires_grad_(True) for p in self.params]
-        self.exp_avg = [m[index] for m in self.exp_avg]
-        self.exp_avg_sq = [v[index] for v in self.exp_avg_sq]
+        self.flat = self.flat.detach()[index].clone().requires_grad_(True)
+        self.exp_avg = self.exp_avg[index]
+        self.exp_avg_sq = self.exp_avg_sq[index]
         self.members = [self.members[i] for i in positions]
         self.widths = [self.widths[i] for i in positions]
         self.dropout = [self.dropout[i] for i in positions]
 
     def state_of(self, position: int) -> dict[str, torch.Tensor]:
         """Member `position`'s head weights as its own module's `state_dict` (unpadded)."""
-        width = self.widths[position]
-        return {name: _unpad(p.detach()[position], name, width).clone() for name, p in zip(self.names, self.params)}
+        return self._unpadded(self.flat.detach()[position:position + 1], position)
 
     def optimizer_state_of(self, position: int) -> dict[str, dict[str, torch.Tensor]]:
         """Member `position`'s AdamW state by parameter name, as `fit()`'s optimizer holds it."""
+        moments = [self._unpadded(tensor[position:position + 1], position) for tensor in (self.exp_avg, self.exp_avg_sq)]
+        return {name: {"step": torch.tensor(float(self.steps)), "exp_avg": moments[0][name],
+                       "exp_avg_sq": moments[1][name]} for name in self.names}
+
+    def _unpadded(self, row: torch.Tensor, position: int) -> dict[str, torch.Tensor]:
         width = self.widths[position]
-        return {name: {"step": torch.tensor(float(self.steps)), "exp_avg": _unpad(m[position], name, width).clone(),
-                       "exp_avg_sq": _unpad(v[position], name, width).clone()}
-                for name, m, v in zip(self.names, self.exp_avg, self.exp_avg_sq)}
+        return {name: _unpad(value[0], name, width).clone() for name, value in zip(self.names, self.weights(row))}
 
 
 def fit_heads(
@@ -244,6 +253,7 @@ def fit_heads(
                 for index, batch in enumerate(batches):
                     pooled, y, w = batch["x"].mean(dim=1), batch["y"], batch["w"]
                     y = torch.where(w > 0, y, torch.zeros_like(y))
+                    total = None  # every stack's loss: one backward a batch (each stack's gradients are its own)
                     for stack in stacks:
                         if not len(stack):
                             continue
@@ -251,8 +261,10 @@ def fit_heads(
                         with runtime.autocast():
                             logits = stack.logits(pooled, noise).float()
                         losses = _row_losses(logits, y, weight, smoothing[stack.members])
-                        (losses * batch["scale"]).sum().backward()
+                        total = (losses * batch["scale"]).sum() + (0 if total is None else total)
                         loss_sum[stack.members] += (losses.detach() * w).sum(dim=1)
+                    if total is not None:
+                        total.backward()
                     weight_sum += w.sum()
                     if (index + 1) % batches.micro_batches == 0:
                         step = epoch * steps_per_epoch + index // batches.micro_batches
