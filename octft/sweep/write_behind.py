@@ -28,6 +28,7 @@ import math
 import os
 import pickle
 import queue
+import select
 import signal
 import subprocess
 import sys
@@ -175,11 +176,14 @@ class DeferredTracker:
 
 def serve(requests: BinaryIO, replies: BinaryIO) -> None:
     """Make each write of `requests` in order; answer each drain, once the metrics held so far are written too, with
-    the first error of each run that failed since the last drain."""
+    the first error of each run that failed since the last drain. Metrics are written in batches whenever nothing
+    else waits."""
     trackers: dict[str, MlflowTracker] = {}
     errors: dict[str, str] = {}
     tracking_url = storage = None
     while True:
+        if not select.select([requests], [], [], 0)[0]:  # nothing sent meanwhile: write the metrics held so far
+            _flush(trackers, errors)
         try:
             message = pickle.load(requests)
         except EOFError:
@@ -189,12 +193,7 @@ def serve(requests: BinaryIO, replies: BinaryIO) -> None:
             tracking_url, storage_url = message[1], message[2]
             storage = open_study_storage(storage_url, heartbeat_interval=None) if storage_url else None
         elif kind == "drain":
-            for run_id, tracker in list(trackers.items()):  # a run's metrics are held until its finish: not past a drain
-                try:
-                    tracker.flush()
-                except Exception as error:
-                    errors[run_id] = redact_text(f"MLflow flush: {type(error).__name__}: {error}")[:2000]
-                    del trackers[run_id]
+            _flush(trackers, errors)
             pickle.dump(errors, replies, protocol=pickle.HIGHEST_PROTOCOL)
             replies.flush()
             errors = {}
@@ -218,6 +217,17 @@ def serve(requests: BinaryIO, replies: BinaryIO) -> None:
                 where = "Optuna" if kind == "trial" else "MLflow"
                 errors[run_id] = redact_text(f"{where} {method}: {type(error).__name__}: {error}")[:2000]
                 trackers.pop(run_id, None)
+
+
+def _flush(trackers: dict[str, MlflowTracker], errors: dict[str, str]) -> None:
+    """Write the metrics each open run holds (its tracker holds them until told): while the pass trains, so they are
+    not all left for its end."""
+    for run_id, tracker in list(trackers.items()):
+        try:
+            tracker.flush()
+        except Exception as error:
+            errors[run_id] = redact_text(f"MLflow flush: {type(error).__name__}: {error}")[:2000]
+            del trackers[run_id]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
