@@ -6,7 +6,7 @@ worker died (no heartbeat for the grace period) is marked FAIL, its MLflow run F
 new trial with the same params whose record only links to the attempt it replaces.
 
     >>> study, index = create_or_load_study(plan, storage)                       # doctest: +SKIP
-    >>> trial = next_trial(study, storage, n_trials=8)                           # doctest: +SKIP
+    >>> trials = next_trials(study, storage, n_trials=8, size=1)                 # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -112,22 +112,30 @@ def take_trial(study: optuna.Study, n_trials: int | None) -> optuna.trial.Trial 
     beyond it stay waiting, for a later launch with a larger budget. Otherwise a new trial is created only while
     fewer than `n_trials` count.
     """
+    taken = take_trials(study, n_trials, 1)
+    return taken[0] if taken else None
+
+
+def take_trials(study: optuna.Study, n_trials: int | None, size: int) -> list[optuna.trial.Trial]:
+    """Up to `size` trials, as `size` calls of `take_trial` would take them, from one read of the study. Hold
+    `study_lock` while calling."""
     if n_trials is None:
-        return study.ask()
+        return [study.ask() for _ in range(size)]
     trials = study.get_trials(deepcopy=False)
     replaced = retried_numbers(trials)
     counted = sorted((trial for trial in trials if trial.number not in replaced), key=lambda trial: trial.number)
-    if any(trial.state == TrialState.WAITING for trial in counted[:n_trials]) or len(counted) < n_trials:
-        return study.ask()  # Optuna hands out the oldest waiting trial first
-    return None
+    # Optuna hands out the oldest waiting trial first: those within the budget, then new ones while fewer count
+    # (when fewer count, no trial lies beyond the budget).
+    waiting = sum(1 for trial in counted[:n_trials] if trial.state == TrialState.WAITING)
+    return [study.ask() for _ in range(min(size, waiting + max(0, n_trials - len(counted))))]
 
 
-def next_trial(study: optuna.Study, storage: RDBStorage, n_trials: int | None) -> optuna.trial.Trial | None:
-    """`take_trial` under the study lock: what a worker calls for its next trial."""
+def next_trials(study: optuna.Study, storage: RDBStorage, n_trials: int | None, size: int) -> list[optuna.trial.Trial]:
+    """`take_trials` under the study lock: what a worker calls for its next trials (a probe's pass takes several)."""
     with study_lock(storage, study.study_name), warnings.catch_warnings():
         # Optuna warns that heartbeats are meant for Study.optimize; the worker beats for its trials itself.
         warnings.filterwarnings("ignore", message="Heartbeat of storage")
-        return take_trial(study, n_trials)
+        return take_trials(study, n_trials, size)
 
 
 # ---------------------------------------------------------------------------------------------------- dead workers

@@ -47,7 +47,7 @@ from octft.sweep.lifetime import watch_parent
 from octft.sweep.runners import Runner, make_runner
 from octft.sweep.space import suggest
 from octft.sweep.storage import open_study_storage
-from octft.sweep.study import await_running_trials, next_trial, open_worker_study, reap_stale_trials, retry
+from octft.sweep.study import await_running_trials, next_trials, open_worker_study, reap_stale_trials, retry
 from octft.sweep.tracking import log_trial_result, settle_run, start_trial_run, update_parent_best
 from octft.track.mlflow_store import MlflowStore
 
@@ -96,7 +96,7 @@ def run_worker(plan: LaunchPlan, worker_index: int, runner: Runner, *, echo: Cal
         size = trials_per_pass(plan)
         while launch.deadline is None or time.time() < launch.deadline:
             reap_stale_trials(study, storage, store)
-            trials = take_trials(study, storage, launch.n_trials, size)
+            trials = next_trials(study, storage, launch.n_trials, size)
             if not trials:
                 # The budget is taken: wait for the other workers' trials (any host), taking the retry of one whose
                 # worker dies meanwhile; the slice may be gone before the next launch could.
@@ -249,17 +249,6 @@ def trials_per_pass(plan: LaunchPlan) -> int:
     if not plan.is_probe() or plan.launch.runner != "in_process":
         return 1
     return plan.spec().resolved_heads_per_pass()
-
-
-def take_trials(study: optuna.Study, storage: RDBStorage, n_trials: int | None, size: int) -> list[optuna.trial.Trial]:
-    """Up to `size` trials to run now (fewer when the budget has fewer left), each taken as `next_trial` takes one."""
-    trials = []
-    while len(trials) < size:
-        trial = next_trial(study, storage, n_trials)
-        if trial is None:
-            break
-        trials.append(trial)
-    return trials
 
 
 def _unfreeze_epoch(plan: LaunchPlan, overrides: list[str]) -> int:

@@ -24,7 +24,7 @@ from octft.errors import UsageError
 from octft.sweep.launch import launch
 from octft.sweep.records import PLAN_ATTR, trial_record
 from octft.sweep.storage import StudyStorageError, open_study_storage, study_lock
-from octft.sweep.study import take_trial
+from octft.sweep.study import take_trial, take_trials
 from octft.track.mlflow_store import MlflowStore, MlflowTracker
 from sweeps import REPO, experiment_overrides, load, records, run_status, write_spec
 
@@ -63,6 +63,27 @@ def test_enqueued_trials_beyond_the_budget_wait_for_a_larger_one():
     assert taken == [0.1, 0.2]  # the third enqueued set is over the budget of 2
     assert [trial.state for trial in study.trials] == [TrialState.COMPLETE] * 2 + [TrialState.WAITING]
     assert take_trial(study, n_trials=3).suggest_float("x", 0, 1) == 0.3  # a later launch with a larger budget
+
+
+@pytest.mark.parametrize("size", [1, 2, 5])
+def test_a_pass_takes_at_once_what_one_at_a_time_would_take(size):
+    def study_with_retry_and_queue() -> optuna.Study:
+        study = optuna.create_study(direction="maximize")
+        distribution = {"x": optuna.distributions.FloatDistribution(0, 1)}
+        study.add_trial(optuna.create_trial(state=TrialState.FAIL, params={"x": 0.5}, distributions=distribution))
+        study.add_trial(optuna.create_trial(state=TrialState.WAITING, params={"x": 0.5}, distributions=distribution,
+                                            system_attrs={"failed_trial": 0, "retry_history": [0]}))
+        for x in (0.1, 0.2, 0.3, 0.4):
+            study.enqueue_trial({"x": x})
+        return study
+
+    for n_trials in (2, 4, 7, 9):
+        alone, together = study_with_retry_and_queue(), study_with_retry_and_queue()
+        one_by_one = []
+        while len(one_by_one) < size and (trial := take_trial(alone, n_trials)) is not None:
+            one_by_one.append(trial.number)
+        assert [trial.number for trial in take_trials(together, n_trials, size)] == one_by_one
+        assert [t.state for t in alone.trials] == [t.state for t in together.trials]
 
 
 RACE_SCRIPT = """
