@@ -26,7 +26,7 @@ from optuna.trial import TrialState
 from octft.data.layout import CLASS_SHORT_NAMES
 from octft.sweep.records import CHAMPION_ATTR, PLAN_ATTR, TrialRecord, test_evaluations, trial_record
 from octft.sweep.spec import SweepSpec, sampler_settings
-from octft.track.mlflow_store import NOTE_TAG, MlflowStore, MlflowTracker
+from octft.track.mlflow_store import NOTE_TAG, PARENT_RUN_TAG, MlflowStore, MlflowTracker
 
 REPORT_ARTIFACT = "report.html"
 RUN_STATUS_OF = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED", TrialState.FAIL: "FAILED"}
@@ -60,13 +60,13 @@ def ensure_parent_run(plan, spec: SweepSpec) -> str:
     return str(parent.run_id)
 
 
-def start_trial_run(plan, number: int, run_dir: str) -> str:
-    """The child run of trial `number` (RUNNING; its runner trains into it and ends it); returns its id."""
+def start_trial_run(store: MlflowStore, plan, number: int, run_dir: str) -> str:
+    """The child run of trial `number` under the study's parent run (RUNNING; its runner trains into it, its worker
+    ends it); returns its id."""
     spec = plan.spec()
-    run = MlflowTracker(plan.tracking_url(), spec.mlflow.experiment, f"trial-{number}", parent_run_id=plan.parent_run_id,
-                        tags={"optuna.study": spec.study_name, "optuna.trial_number": str(number),
-                              "octft.run_dir": run_dir, "octft.kind": "probe" if plan.is_probe() else "trial"})
-    return str(run.run_id)
+    return store.start_run(spec.mlflow.experiment, f"trial-{number}", {
+        PARENT_RUN_TAG: plan.parent_run_id, "optuna.study": spec.study_name, "optuna.trial_number": str(number),
+        "octft.run_dir": run_dir, "octft.kind": "probe" if plan.is_probe() else "trial"})
 
 
 def settle_run(store: MlflowStore, run_id: str | None, state: TrialState, reason: str | None = None) -> None:

@@ -104,7 +104,7 @@ def run_worker(plan: LaunchPlan, worker_index: int, runner: Runner, *, echo: Cal
                     continue
                 break
             with heartbeat(storage, [trial._trial_id for trial in trials]):
-                records = [start_trial(plan, study, storage, trial, worker_index, runner_pid=runner.pid)
+                records = [start_trial(plan, study, storage, store, trial, worker_index, runner_pid=runner.pid)
                            for trial in trials]
                 if verbose:
                     for trial, record in zip(trials, records):
@@ -136,8 +136,8 @@ def run_worker(plan: LaunchPlan, worker_index: int, runner: Runner, *, echo: Cal
     return done
 
 
-def start_trial(plan: LaunchPlan, study: optuna.Study, storage: RDBStorage, trial: optuna.trial.Trial,
-                worker_index: int, *, runner_pid: int | None = None) -> TrialRecord:
+def start_trial(plan: LaunchPlan, study: optuna.Study, storage: RDBStorage, store: MlflowStore,
+                trial: optuna.trial.Trial, worker_index: int, *, runner_pid: int | None = None) -> TrialRecord:
     """Sample the trial's params (here, where the sampler sees the whole study), make its MLflow run and write its
     record; a queued trial's record (a retry, a warm start) passes on only where it came from."""
     queued = trial_record(storage.get_trial(trial._trial_id))
@@ -147,7 +147,7 @@ def start_trial(plan: LaunchPlan, study: optuna.Study, storage: RDBStorage, tria
                          overrides=overrides, replay=plan.replay_command(overrides), runner_pid=runner_pid,
                          unfreeze_epoch=_unfreeze_epoch(plan, overrides), retry_of=queued.retry_of,
                          enqueued_from=queued.enqueued_from)
-    record.mlflow_run_id = start_trial_run(plan, trial.number, str(run_dir))
+    record.mlflow_run_id = start_trial_run(store, plan, trial.number, str(run_dir))
     record.save(storage, trial._trial_id)
     return record
 

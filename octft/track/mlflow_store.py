@@ -359,6 +359,7 @@ class MlflowStore:
                                     "the sweep logged to (e.g. sqlite:///demo/mlflow.db)")
         self.mlflow_uri = _mlflow_uri(self.uri, self.shown)  # what MLflow itself is given: never a password in a URL
         self.client = _client(self.mlflow_uri, self.shown)
+        self._experiment_ids: dict[str, str] = {}  # looked up (or made) once per store: a sweep makes a run a trial
 
     @property
     def shown(self) -> str:
@@ -522,10 +523,16 @@ class MlflowStore:
             if _error_code(error) != "RESOURCE_ALREADY_EXISTS":
                 raise
 
+    def start_run(self, experiment: str, run_name: str, tags: dict[str, Any]) -> str:
+        """A new RUNNING run of `experiment` (made when absent) with `tags` (`PARENT_RUN_TAG` nests it); its id."""
+        if experiment not in self._experiment_ids:
+            self._experiment_ids[experiment] = self._experiment_id_or_create(experiment, None)
+        return self.client.create_run(self._experiment_ids[experiment], run_name=run_name,
+                                      tags=_tag_values(tags)).info.run_id
+
     def record_run(self, experiment: str, run_name: str, tags: dict[str, Any]) -> str:
         """A finished run of `experiment` (made when absent) holding only `tags`: an entry of a ledger."""
-        run_id = self.client.create_run(self._experiment_id_or_create(experiment, None), run_name=run_name,
-                                        tags=_tag_values(tags)).info.run_id
+        run_id = self.start_run(experiment, run_name, tags)
         self.client.set_terminated(run_id, status="FINISHED")
         return run_id
 

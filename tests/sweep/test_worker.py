@@ -103,7 +103,7 @@ def test_a_dead_workers_trial_fails_and_its_one_retry_starts_clean(tmp_path):
     rdb = open_study_storage(plan.storage_url(), heartbeat_interval=1, grace_period=1)
     study = load(storage, "worker")
     trial = study.ask()
-    dead = start_trial(plan, study, rdb, trial, 5)
+    dead = start_trial(plan, study, rdb, MlflowStore(plan.tracking_url()), trial, 5)
     rdb.record_heartbeat(trial._trial_id)
     time.sleep(2.5)  # past the grace period
 
