@@ -16,9 +16,17 @@ epochs spent (sum of epochs_run), wall time, the best value and how long after t
 completed, and why trials were pruned; then each trial's outcome side by side. The demo's early stopping
 (patience 6) stays on in every setting.
 
+`--pretrained-encoder` fine-tunes from a pretrained encoder, as the original pipeline did, instead of the demo's
+randomly initialised one. The micro encoder is first trained once on a separate synthetic release (another seed,
+class-weighted loss, the encoder trainable from epoch 0); its weights at the best validation epoch are written as
+a checkpoint that `model.checkpoint` loads, and every trial of every setting starts from it. The space's encoder
+learning rates become a pretrained encoder's (PRETRAINED_SPACE), and the collapse rule takes the settings of the
+shipped sweep for a pretrained encoder (sweeps/scenario_a.yaml).
+
     .venv/bin/python benchmarks/bench_pruning.py                    # defaults: ~15 min on 2 cores
     .venv/bin/python benchmarks/bench_pruning.py --trials 4 --epochs 6 --participants 48  # ~5 min
     .venv/bin/python benchmarks/bench_pruning.py --runtime xla      # XLA:CPU, one device per trial
+    .venv/bin/python benchmarks/bench_pruning.py --pretrained-encoder --collapse-prone --participants 96  # ~5 min
 """
 
 from __future__ import annotations
@@ -47,6 +55,15 @@ SETTINGS = {
 # unweighted loss, so its head learnt to predict the class that dominated training.
 COLLAPSE_PRONE_SHARE = 0.7
 COLLAPSE_PRONE_OVERRIDES = ["fixed.loss.class_weights=none"]
+# --pretrained-encoder: the pretraining release and run. Its data seed differs from the benchmark's (0), so its
+# images are drawn anew (participant IDs are numbered the same way in every synthetic release).
+PRETRAIN_PARTICIPANTS = 160
+PRETRAIN_EPOCHS = 24
+PRETRAIN_SEED = 1
+# A pretrained encoder is moved with small learning rates; the head's range (the demo's, 1e-4..1e-1) keeps the
+# rates at which it collapses.
+PRETRAINED_SPACE = ["space.optim.lr_encoder.low=1e-6", "space.optim.lr_encoder.high=1e-3"]
+PRETRAINED_PRUNER_SWEEP = REPO / "sweeps" / "scenario_a.yaml"
 SHOWN_PARAMS = {"optim.lr_head": "lr_head", "optim.lr_encoder": "lr_enc", "train.unfreeze_epoch": "unfreeze"}
 
 
@@ -58,7 +75,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--participants", type=int, default=64, help="synthetic participants (default 64)")
     parser.add_argument("--collapse-prone", action="store_true",
                         help=f"data and loss that collapse the way the original pipeline did: the training split "
-                             f"{COLLAPSE_PRONE_SHARE * 100:.0f}%% one class and loss.class_weights=none")
+                             f"{COLLAPSE_PRONE_SHARE * 100:.0f}%% one class (--majority-share) and loss.class_weights=none")
+    parser.add_argument("--majority-share", type=float, default=COLLAPSE_PRONE_SHARE,
+                        help=f"with --collapse-prone: the first class's share of the training split (default "
+                             f"{COLLAPSE_PRONE_SHARE})")
+    parser.add_argument("--pretrained-encoder", action="store_true",
+                        help=f"first pretrain the micro encoder ({PRETRAIN_PARTICIPANTS} other participants, "
+                             f"{PRETRAIN_EPOCHS} epochs) and fine-tune every trial from it, with a pretrained encoder's "
+                             f"learning rates and the collapse settings of {PRETRAINED_PRUNER_SWEEP.name}")
     parser.add_argument("--seed", type=int, default=0, help="seed of the RandomSampler that draws the params (default 0)")
     parser.add_argument("--runtime", choices=["cpu", "xla"], default="cpu",
                         help="runtime.kind of every trial: cpu (eager, default) or xla (XLA:CPU, PJRT_DEVICE=CPU)")
@@ -68,24 +92,80 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     if args.trials < 1 or (args.epochs is not None and args.epochs < 1):
         parser.error(f"--trials ({args.trials}) and --epochs ({args.epochs}) must be at least 1")
+    if args.majority_share != COLLAPSE_PRONE_SHARE and not args.collapse_prone:
+        parser.error("--majority-share shapes the collapse-prone data: pass --collapse-prone with it")
     return args
 
 
-def prepare(root: Path, participants: int, train_majority_share: float | None) -> tuple[Path, Path]:
-    """Synthetic data in the demo's shape and its cache, built once so that no setting pays for it."""
+def prepare(root: Path, experiment: Path, participants: int, train_majority_share: float | None,
+            seed: int = 0) -> tuple[Path, Path]:
+    """Synthetic data in the experiment's shape and its cache under `root`, built once so that no setting pays for it."""
     from octft.config import load_experiment
     from octft.data.audit import audit_dataset
     from octft.data.dataset import prepare_volumes
     from octft.data.synth import synthesize
 
-    pre = load_experiment(root / "experiments" / "demo.yaml").data.preprocess
+    pre = load_experiment(experiment).data.preprocess
     data_dir, cache_dir = root / "data", root / "cache"
-    synthesize(data_dir, participants=participants, seed=0, frames=pre.frames, height=pre.height, width=pre.width,
+    synthesize(data_dir, participants=participants, seed=seed, frames=pre.frames, height=pre.height, width=pre.width,
                train_majority_share=train_majority_share)
     report = audit_dataset(str(data_dir))
     prepare_volumes(str(data_dir), report.volumes, cache_dir=str(cache_dir), frames=pre.frames, height=pre.height,
                     width=pre.width, intensity=pre.intensity, progress=False)
     return data_dir, cache_dir
+
+
+@dataclass
+class Pretraining:
+    checkpoint: Path
+    best_epoch: int | None
+    best_value: float
+    epochs: int
+    seconds: float
+
+
+def pretrain_encoder(root: Path, experiment: Path, participants: int = PRETRAIN_PARTICIPANTS,
+                     epochs: int = PRETRAIN_EPOCHS, seed: int = PRETRAIN_SEED) -> Pretraining:
+    """Train the experiment's encoder (from scratch) and a head on a synthetic release of its own under `root`, with
+    balanced class weights and the encoder trainable from epoch 0, and write the encoder's weights at the best
+    validation epoch to `root/encoder.pt` under the entry name a V-JEPA checkpoint uses ({"encoder": state dict}),
+    which `model.checkpoint` finds without a `model.checkpoint_key`.
+
+        >>> pretrain_encoder(Path("/tmp/pretrain"), EXPERIMENT).checkpoint        # doctest: +SKIP
+        PosixPath('/tmp/pretrain/encoder.pt')
+    """
+    import torch
+
+    from octft.config import load_experiment
+    from octft.track import NullTracker
+    from octft.train.recipe import train
+
+    started = time.perf_counter()
+    data_dir, cache_dir = prepare(root, experiment, participants, None, seed=seed)
+    cfg = load_experiment(experiment, [
+        f"data.uri={data_dir}", f"data.cache_dir={cache_dir}", "model.checkpoint=scratch", f"train.epochs={epochs}",
+        "train.unfreeze_epoch=0", "train.early_stopping_patience=null", f"train.seed={seed}",
+        "loss.class_weights=balanced", "runtime.kind=cpu", f"output_dir={root / 'runs'}",
+        f"features.dir={root / 'features'}",
+    ])
+    result = train(cfg, tracker=NullTracker(), progress=False)
+    model_state = torch.load(result.run_dir / "checkpoint" / "best.pt", map_location="cpu", weights_only=True)["model"]
+    encoder_state = {name.removeprefix("encoder."): tensor for name, tensor in model_state.items()
+                     if name.startswith("encoder.")}
+    checkpoint = root / "encoder.pt"
+    torch.save({"encoder": encoder_state, "epoch": result.best_epoch}, checkpoint)
+    return Pretraining(checkpoint=checkpoint, best_epoch=result.best_epoch, best_value=result.best_value,
+                       epochs=result.epochs_run, seconds=time.perf_counter() - started)
+
+
+def pretrained_overrides(checkpoint: Path) -> list[str]:
+    """Sweep overrides of `--pretrained-encoder`: the checkpoint, a pretrained encoder's learning rates, and the
+    collapse settings of the shipped sweep for a pretrained encoder."""
+    import yaml
+
+    collapse = yaml.safe_load(PRETRAINED_PRUNER_SWEEP.read_text())["pruner"]["collapse"]
+    return [f"fixed.model.checkpoint={checkpoint}", *PRETRAINED_SPACE,
+            *(f"pruner.collapse.{key}={value}" for key, value in collapse.items())]
 
 
 def empty_root(given: Path | None, temp: str) -> Path:
@@ -111,14 +191,15 @@ def copy_specs(root: Path) -> Path:
     return spec
 
 
-def draw_params(spec_path: Path, trials: int, seed: int) -> list[dict[str, Any]]:
-    """`trials` param sets of the demo space from a seeded RandomSampler: the list every setting runs."""
+def draw_params(spec_path: Path, trials: int, seed: int, overrides: list[str]) -> list[dict[str, Any]]:
+    """`trials` param sets of the demo space (after `overrides`) from a seeded RandomSampler: the list every setting
+    runs."""
     import optuna
 
     from octft.sweep.space import suggest
     from octft.sweep.spec import load_sweep
 
-    space = load_sweep(spec_path).space
+    space = load_sweep(spec_path, overrides).space
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
     return [suggest(study.ask(), space) for _ in range(trials)]
 
@@ -139,7 +220,7 @@ class SettingResult:
 
 
 def run_setting(name: str, root: Path, spec_path: Path, params: list[dict[str, Any]], args: argparse.Namespace,
-                data_dir: Path, cache_dir: Path) -> SettingResult:
+                data_dir: Path, cache_dir: Path, mode_overrides: list[str]) -> SettingResult:
     """One study with its own databases: enqueue `params`, launch one worker, read the trials back."""
     import optuna
     from optuna.trial import TrialState
@@ -157,12 +238,13 @@ def run_setting(name: str, root: Path, spec_path: Path, params: list[dict[str, A
         study.enqueue_trial(trial_params)
     overrides = [
         f"study_name={study_name}", f"mlflow.tracking_uri=sqlite:///{directory / 'mlflow.db'}",
-        f"fixed.train.epochs={args.epochs}", *SETTINGS[name], *(COLLAPSE_PRONE_OVERRIDES if args.collapse_prone else []),
+        f"fixed.train.epochs={args.epochs}", *mode_overrides, *SETTINGS[name],
         f"data.uri={data_dir}", f"data.cache_dir={cache_dir}", f"runtime.kind={args.runtime}",
         f"output_dir={directory / 'runs'}", f"features.dir={directory / 'features'}",
     ]
     load_before = os.getloadavg()[0]
-    print(f"\n== {name}: {len(params)} trials, {args.epochs} epochs, pruner overrides {SETTINGS[name] or '(demo)'}", flush=True)
+    shown = SETTINGS[name] or "none (the sweep's pruner)"
+    print(f"\n== {name}: {len(params)} trials, {args.epochs} epochs, pruner overrides {shown}", flush=True)
     started = time.time()
     result = launch(spec_path, n_trials=len(params), workers=1, storage=storage, overrides=overrides)
     wall = time.time() - started
@@ -199,15 +281,22 @@ def run_setting(name: str, root: Path, spec_path: Path, params: list[dict[str, A
 
 
 def print_report(results: list[SettingResult], params: list[dict[str, Any]], args: argparse.Namespace,
-                 pruner: dict[str, Any]) -> None:
+                 pruner: dict[str, Any], pretraining: Pretraining | None) -> None:
     print(f"\nmachine: {platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"python {platform.python_version()}; load average now {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    data = (f"collapse-prone data (training split {COLLAPSE_PRONE_SHARE:.0%} one class, {' '.join(COLLAPSE_PRONE_OVERRIDES)})"
+    data = (f"collapse-prone data (training split {args.majority_share:.0%} one class, {' '.join(COLLAPSE_PRONE_OVERRIDES)})"
             if args.collapse_prone else "the demo's data")
-    print(f"demo sweep on {data}, {len(params)} trials x {args.epochs} epochs, {args.participants} participants, "
-          f"runtime.kind={args.runtime}, 1 worker; params from RandomSampler(seed={args.seed}), the same in every setting")
-    print("demo pruner: " + "; ".join(f"{section} " + ", ".join(f"{k}={v}" for k, v in values.items())
-                                      for section, values in pruner.items()))
+    encoder = "the demo's randomly initialised micro encoder"
+    if pretraining is not None:
+        encoder = (f"a micro encoder pretrained on {PRETRAIN_PARTICIPANTS} other synthetic participants (data and train "
+                   f"seed {PRETRAIN_SEED}, balanced class weights, {pretraining.epochs} epochs, its best epoch "
+                   f"{pretraining.best_epoch} at validation balanced accuracy {pretraining.best_value:.3f}, "
+                   f"{pretraining.seconds:.0f} s), space {' '.join(PRETRAINED_SPACE)}")
+    print(f"demo sweep on {data}, from {encoder}; {len(params)} trials x {args.epochs} epochs, {args.participants} "
+          f"participants, runtime.kind={args.runtime}, 1 worker; params from RandomSampler(seed={args.seed}), the same "
+          "in every setting")
+    print("pruner: " + "; ".join(f"{section} " + ", ".join(f"{k}={v}" for k, v in values.items())
+                                 for section, values in pruner.items()))
     header = (f"{'setting':<16}{'complete':>9}{'pruned':>7}{'fail':>5}{'epochs':>7}{'wall s':>8}{'best':>7}"
               f"{'trial':>6}{'best at s':>10}{'load':>11}  pruned (reason@epoch)")
     print(header)
@@ -246,7 +335,7 @@ def replay_collapse_rules(trials: list, collapse: dict[str, Any]) -> None:
 
     full = sum(trial_record(trial).outcome.epochs_run for trial in trials)
     print(f"\ncollapse rule replayed on the no-pruning trials (max_class_share={collapse['max_class_share']}, "
-          f"chance_margin={collapse['chance_margin']}; the demo: grace {collapse['grace_epochs']}, patience "
+          f"chance_margin={collapse['chance_margin']}; this sweep: grace {collapse['grace_epochs']}, patience "
           f"{collapse['patience']}): epochs spent / best value reached")
     print(f"{'grace':<7}" + "".join(f"{f'patience {patience}':>18}" for patience in (1, 2, 3)))
     for grace in range(4):
@@ -285,17 +374,28 @@ def main() -> None:
         os.environ.setdefault("PJRT_DEVICE", "CPU")  # the trial processes inherit it
     with tempfile.TemporaryDirectory(prefix="bench-pruning-") as temp:
         root = empty_root(args.dir, temp)
-        started = time.perf_counter()
         spec_path = copy_specs(root)
+        experiment = root / "experiments" / "demo.yaml"
+        mode_overrides = list(COLLAPSE_PRONE_OVERRIDES) if args.collapse_prone else []
+        pretraining = None
+        if args.pretrained_encoder:
+            pretraining = pretrain_encoder(root / "pretrain", experiment)
+            print(f"pretrained encoder: {pretraining.checkpoint}, best epoch {pretraining.best_epoch} of "
+                  f"{pretraining.epochs} at validation balanced accuracy {pretraining.best_value:.3f}, "
+                  f"{pretraining.seconds:.0f} s with its data", flush=True)
+            mode_overrides += pretrained_overrides(pretraining.checkpoint)
         from octft.sweep.spec import load_sweep
 
-        demo = load_sweep(spec_path)
-        args.epochs = args.epochs or int(demo.fixed["train.epochs"])
-        data_dir, cache_dir = prepare(root, args.participants, COLLAPSE_PRONE_SHARE if args.collapse_prone else None)
+        sweep = load_sweep(spec_path, mode_overrides)
+        args.epochs = args.epochs or int(sweep.fixed["train.epochs"])
+        started = time.perf_counter()
+        data_dir, cache_dir = prepare(root, experiment, args.participants,
+                                      args.majority_share if args.collapse_prone else None)
         print(f"data and cache: {time.perf_counter() - started:.1f} s ({args.participants} participants)", flush=True)
-        params = draw_params(spec_path, args.trials, args.seed)
-        results = [run_setting(name, root, spec_path, params, args, data_dir, cache_dir) for name in args.settings]
-    print_report(results, params, args, demo.pruner.model_dump())
+        params = draw_params(spec_path, args.trials, args.seed, mode_overrides)
+        results = [run_setting(name, root, spec_path, params, args, data_dir, cache_dir, mode_overrides)
+                   for name in args.settings]
+    print_report(results, params, args, sweep.pruner.model_dump(), pretraining)
 
 
 if __name__ == "__main__":
