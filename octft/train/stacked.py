@@ -102,14 +102,15 @@ class _Stack:
             self.widths = [head.mlp.fc1.out_features for head in heads]
             self.dropout = [float(head.mlp.drop1.p) for head in heads]
         width = max(self.widths)
-        padded = [[_pad(dict(head.named_parameters())[name].detach().float(), name, width) for name in self.names]
+        # Matrices first: weight decay reaches them, not the biases (fit()'s optimizer groups), so it decays one slice.
+        self.layout = sorted(self.names, key=lambda name: name.endswith(".bias"))
+        padded = [[_pad(dict(head.named_parameters())[name].detach().float(), name, width) for name in self.layout]
                   for head in heads]
         self.shapes = [value.shape for value in padded[0]]
         self.sizes = [value.numel() for value in padded[0]]
+        self.decayed = sum(size for size, name in zip(self.sizes, self.layout) if not name.endswith(".bias"))
         self.flat = torch.stack([torch.cat([value.reshape(-1) for value in values]) for values in padded])
         self.flat.requires_grad_(True)
-        # Weight decay reaches the weight matrices, not the biases (fit()'s optimizer groups).
-        self.decayed = torch.cat([torch.full((size,), len(shape) >= 2) for size, shape in zip(self.sizes, self.shapes)])
         self.exp_avg = torch.zeros_like(self.flat)
         self.exp_avg_sq = torch.zeros_like(self.flat)
         self.steps = 0
@@ -119,7 +120,9 @@ class _Stack:
 
     def weights(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """`flat` (K, P) as the stacked parameters (K, ...), one view each, in `names` order."""
-        return [part.view(len(flat), *shape) for part, shape in zip(flat.split(self.sizes, dim=1), self.shapes)]
+        views = {name: part.view(len(flat), *shape)
+                 for name, part, shape in zip(self.layout, flat.split(self.sizes, dim=1), self.shapes)}
+        return [views[name] for name in self.names]
 
     def logits(self, pooled: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
         """(K, B, C) logits of every member for pooled rows (B, D); `noise` (K, B, H): dropout after the activation."""
@@ -137,11 +140,12 @@ class _Stack:
         it in `fit()` (same shape, same stream), zero-padded to the stack's width; None when no member drops out."""
         if self.kind == "linear" or not any(self.dropout):
             return None
-        noise = torch.ones(len(self), rows, self.shapes[0][0])  # the stack's (padded) width
+        # A padded unit outputs zero whatever its mask: one draw a member, into its own slice, then one division.
+        noise = torch.ones(len(self), rows, max(self.widths))
         for k, (p, width, generator) in enumerate(zip(self.dropout, self.widths, generators)):
             if p > 0:
-                noise[k, :, :width] = torch.empty(rows, width).bernoulli_(1 - p, generator=generator).div_(1 - p)
-        return noise
+                noise[k, :, :width].bernoulli_(1 - p, generator=generator)
+        return noise.div_(torch.tensor([1 - p for p in self.dropout])[:, None, None])
 
     @torch.no_grad()
     def step(self, lr: torch.Tensor, decay: torch.Tensor, clip_norm: float | None, betas: tuple[float, float]) -> None:
@@ -149,12 +153,12 @@ class _Stack:
         its own learning rate (`lr`, `decay`: (K,)), and zero the gradients: `optimizer_step` of `fit()`, per member."""
         grad = self.flat.grad
         if clip_norm is not None:
-            coef = (clip_norm / (grad.pow(2).sum(dim=1).sqrt() + CLIP_EPS)).clamp(max=1.0)
+            coef = (clip_norm / (torch.linalg.vector_norm(grad, dim=1) + CLIP_EPS)).clamp(max=1.0)
             grad.mul_(coef[:, None])
         self.steps += 1
         beta1, beta2 = betas
         correction1, correction2 = 1 - beta1**self.steps, math.sqrt(1 - beta2**self.steps)
-        self.flat.mul_(torch.where(self.decayed, decay[:, None], torch.ones(())))
+        self.flat[:, :self.decayed].mul_(decay[:, None])
         self.exp_avg.lerp_(grad, 1 - beta1)
         self.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         denom = (self.exp_avg_sq.sqrt() / correction2).add_(ADAM_EPS)
