@@ -101,7 +101,7 @@ class _Stack:
             self.names = ["mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias"]
             self.widths = [head.mlp.fc1.out_features for head in heads]
             self.dropout = [float(head.mlp.drop1.p) for head in heads]
-        width = max(self.widths)
+        width = self.width = max(self.widths)  # the stack's (padded) hidden width, kept when its widest member ends
         # Matrices first: weight decay reaches them, not the biases (fit()'s optimizer groups), so it decays one slice.
         self.layout = sorted(self.names, key=lambda name: name.endswith(".bias"))
         padded = [[_pad(dict(head.named_parameters())[name].detach().float(), name, width) for name in self.layout]
@@ -141,7 +141,7 @@ class _Stack:
         if self.kind == "linear" or not any(self.dropout):
             return None
         # A padded unit outputs zero whatever its mask: one draw a member, into its own slice, then one division.
-        noise = torch.ones(len(self), rows, max(self.widths))
+        noise = torch.ones(len(self), rows, self.width)
         for k, (p, width, generator) in enumerate(zip(self.dropout, self.widths, generators)):
             if p > 0:
                 noise[k, :, :width].bernoulli_(1 - p, generator=generator)
