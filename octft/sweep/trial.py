@@ -72,7 +72,7 @@ class OptunaReporter:
 
 class PassReporter:
     """The `Reporter` of one head of a stacked pass: the pruner decides here, on the trial as the pass holds it (its
-    epochs so far, the study's COMPLETE trials read once an epoch for the whole pass: `reads`), and the epoch's
+    epochs so far, the study's COMPLETE trials read at most once a second for the whole pass: `reads`), and the epoch's
     Optuna writes (its collapse record, then its value, as `record_epoch` makes them) go to the pass's `writer`,
     which its worker drains before it tells Optuna how the trial ended."""
 
@@ -176,7 +176,7 @@ def run_trials(plan: LaunchPlan, numbers: list[int], cache: TrialCache) -> list[
     outcomes: dict[int, TrialOutcome] = {}
     passes: dict[str, list[tuple[int, object, object, object]]] = {}
     reads = PassReads(cache.study(plan)[0])
-    writer = cache.writer(plan)
+    writer, lost = cache.writer(plan), None
     for number in numbers:
         try:
             cfg, tracker, reporter = _trial_inputs(plan, number, cache, reads=reads, writer=writer)
@@ -200,7 +200,15 @@ def run_trials(plan: LaunchPlan, numbers: list[int], cache: TrialCache) -> list[
             traceback.print_exc()
             results = [error] * len(members)
         # Every run's writes done before its worker tells Optuna and ends the run; a run whose writes failed fails.
-        failed_writes = writer.drain()
+        if lost is None:
+            try:
+                failed_writes = writer.drain()
+            except RuntimeError as error:  # the writer died: the records it held are lost (the next call starts one)
+                traceback.print_exc()
+                lost = str(error)
+                cache.close(timeout=0)
+        if lost is not None:
+            failed_writes = {tracker.run_id: lost for _, _, tracker, _ in members}
         for (number, _, tracker, reporter), result in zip(members, results):
             if tracker.run_id in failed_writes and not isinstance(result, Exception):
                 result, tracker.end_status = RuntimeError(failed_writes[tracker.run_id]), None
