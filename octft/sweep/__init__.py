@@ -7,6 +7,7 @@
   process, in-process); `trial`: one trial as a runner runs it (exactly its replay command);
 - `records`: the typed records a study keeps; `pruners`: the collapse-aware pruner; `tracking`: the MLflow side;
 - `status`: `octft sweep status` / `show`; `warmstart`: `--enqueue-from`; `storage`: Optuna's storage and lock.
+- `write_behind`: the helper process that writes a stacked probe pass's MLflow runs and Optuna epochs.
 
 This package's `__init__` imports nothing: `octft sweep status` must not import torch or MLflow.
 """

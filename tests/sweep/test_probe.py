@@ -13,6 +13,7 @@ import sys
 
 import optuna
 import pandas as pd
+import psutil
 import pytest
 import torch
 import yaml
@@ -24,10 +25,14 @@ from octft.registry.promote import promote
 from octft.sweep.records import unpromotable_reason
 from octft.errors import OctftError
 from octft.sweep.launch import launch
-from octft.sweep.plan import best_probe_run, resolve_plan
+from octft.sweep.plan import LaunchPlan, best_probe_run, resolve_plan
 from octft.sweep.pruners import collapsed_at_best
 from octft.sweep.records import HEAD_FROM_ATTR, TRIAL_ATTR, EpochRecord, TrialOutcome, TrialRecord, trial_record
 from octft.sweep.spec import load_sweep
+from octft.sweep.storage import open_study_storage
+from octft.sweep.study import take_trials
+from octft.sweep.trial import TrialCache, run_trials
+from octft.sweep.worker import start_trial
 from octft.track import NullTracker
 from octft.track.mlflow_store import MlflowStore
 from octft.train.head_from import HeadFromError, load_head
@@ -295,3 +300,27 @@ def test_a_warm_start_from_a_study_on_other_data_is_refused_and_on_the_same_data
     same = [*overrides, f"output_dir={tmp_path / 'runs'}"]
     result = launch(warm_path, storage=storage, overrides=same, enqueue_from=str(source_path), enqueue_top=1)
     assert [entry["params"] for entry in result.enqueued] == [source.best_trial.params]
+
+
+def test_a_pass_whose_writer_died_fails_its_trials_and_the_next_pass_gets_a_new_writer(probe, tmp_path):
+    spec_path, _, _, overrides, *_ = probe
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    moved = [*overrides, f"output_dir={tmp_path / 'runs'}", f"features.dir={tmp_path / 'features'}",
+             f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "n_trials=1"]
+    result = launch(spec_path, storage=storage, overrides=moved)
+    plan = LaunchPlan.read(result.plan_path)
+    rdb = open_study_storage(plan.storage_url(), heartbeat_interval=None)
+    study = optuna.load_study(study_name="demo-probe", storage=rdb)
+    trials = take_trials(study, None, 2)  # two more trials, started as a worker starts them
+    for trial in trials:
+        start_trial(plan, study, rdb, MlflowStore(plan.tracking_url()), trial, 0)
+    cache = TrialCache()
+    dead = psutil.Process(cache.writer(plan).pid)
+    dead.kill()
+    dead.wait(timeout=10)
+
+    outcomes = run_trials(plan, [trial.number for trial in trials], cache)
+    assert [outcome.status for outcome in outcomes] == ["failed", "failed"]
+    assert all(f"writer (pid {dead.pid}) ended" in outcome.stop_reason for outcome in outcomes)
+    assert cache.writer(plan).pid != dead.pid  # the next pass writes again
+    cache.close()
