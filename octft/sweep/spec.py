@@ -208,7 +208,7 @@ class SweepSpec(_Strict):
     pruner: PrunerSpec = PrunerSpec()
     promote: PromoteSpec = PromoteSpec()
     # A probe study's heads trained together in one pass over the stored features, each its own trial
-    # (`octft.train.stacked`); auto: sized to the machine (`resolved_heads_per_pass`); 1: one at a time.
+    # (`octft.train.stacked`); auto: half the study's trials, 8 to 64 (`resolved_heads_per_pass`); 1: one at a time.
     heads_per_pass: Annotated[int, Field(ge=1, le=MAX_HEADS_PER_PASS)] | Literal["auto"] = "auto"
 
     @field_validator("study_name")
@@ -238,11 +238,15 @@ class SweepSpec(_Strict):
         return self
 
     def resolved_heads_per_pass(self) -> int:
-        """`heads_per_pass`, with auto as 8 heads per CPU core (16 on 2 cores), from 8 to 64: a pass's step is a few
-        stacked matrix products, whose cost grows far slower than the number of heads (docs/figures.md)."""
+        """`heads_per_pass`, with auto as half the study's trials, from 8 to 64 (32 for a study bounded by time alone).
+
+        A pass costs about the same for 8 heads as for 64 (its step is a few stacked matrix products on one thread),
+        so fewer, fuller passes are faster; two passes at least let the sampler draw the second half from the
+        first half's results (docs/figures.md, "Many heads per pass")."""
         if self.heads_per_pass != "auto":
             return self.heads_per_pass
-        return min(MAX_HEADS_PER_PASS, max(8, 8 * (os.cpu_count() or 1)))
+        half = -(-self.n_trials // 2) if self.n_trials is not None else 32
+        return min(MAX_HEADS_PER_PASS, max(8, half))
 
     @property
     def storage_redacted(self) -> str:

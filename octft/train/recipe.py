@@ -154,9 +154,10 @@ OWN_SETTINGS = frozenset({
 
 def pass_key(cfg: ExperimentConfig) -> str | None:
     """What runs must share to train in one stacked pass (`train_heads`); None for a run that cannot: one that
-    unfreezes its encoder, starts from another run's head, trains an attentive head, or runs off the host CPU."""
+    unfreezes its encoder, starts from another run's head, trains an attentive head, or runs off the host CPU or in
+    bfloat16."""
     if (cfg.train.unfreeze_epoch is not None or cfg.init.head_from or cfg.model.head == "attentive"
-            or cfg.runtime.kind != "cpu" or not cfg.features.enabled):
+            or cfg.runtime.kind != "cpu" or cfg.runtime.precision == "bf16" or not cfg.features.enabled):
         return None
     return json.dumps({key: value for key, value in cfg.flat().items() if key not in OWN_SETTINGS}, sort_keys=True)
 

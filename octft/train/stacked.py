@@ -3,10 +3,10 @@
 A probe study's trials share the stored features, the batches (one seed: one order per epoch) and the class weights;
 they differ in their heads and their own settings. Linear and MLP heads are stacked: each kind's weights become
 (K, ...) tensors (MLP hidden layers zero-padded to the widest, which changes nothing: a zero unit outputs zero and
-gets zero gradient), one einsum gives every head's logits for a batch, and each head's learning rate, schedule,
-weight decay, label smoothing, dropout (its own masks, drawn as `fit()` draws them), gradient clipping, epochs and
-stop rules apply to its own slice. A head that ends (its epochs done, pruned, early-stopped, failed) leaves the stack
-at the end of that epoch; the others go on untouched.
+gets zero gradient), one batched product gives every head's logits for a batch, its gradients are taken in closed
+form (no autograd graph), and each head's learning rate, schedule, weight decay, label smoothing, dropout (the masks
+`fit()` draws), gradient clipping, epochs and stop rules apply to its own slice. A head that ends (its epochs done,
+pruned, early-stopped, failed) leaves the stack at the end of that epoch; the others go on untouched.
 
     >>> runs = [HeadRun(model, lr_head=1e-3, weight_decay=0.05, label_smoothing=0.1, epochs=12, run_dir=d,
     ...                 tracker=t, reporter=r) for model, d, t, r in ...]                     # doctest: +SKIP
@@ -91,7 +91,8 @@ class _Stack:
     `names` are the head module's parameter names, in its `state_dict` order; `widths` each MLP member's hidden size.
     """
 
-    def __init__(self, kind: str, members: list[int], heads: list[torch.nn.Module]) -> None:
+    def __init__(self, kind: str, members: list[int], heads: list[torch.nn.Module], runs: list[HeadRun],
+                 steps_per_epoch: int) -> None:
         self.kind, self.members = kind, members
         if kind == "linear":
             self.names = ["linear.weight", "linear.bias"]
@@ -110,10 +111,19 @@ class _Stack:
         self.sizes = [value.numel() for value in padded[0]]
         self.decayed = sum(size for size, name in zip(self.sizes, self.layout) if not name.endswith(".bias"))
         self.flat = torch.stack([torch.cat([value.reshape(-1) for value in values]) for values in padded])
-        self.flat.requires_grad_(True)
+        self.grad: torch.Tensor | None = None  # summed over a step's micro-batches
         self.exp_avg = torch.zeros_like(self.flat)
         self.exp_avg_sq = torch.zeros_like(self.flat)
         self.steps = 0
+        # Each member's label smoothing, and its learning rate and weight-decay factor at every step of its epochs
+        # (fit()'s schedule: the rate in float64, then float32, as fit()'s optimizer takes it).
+        self.smoothing = torch.tensor([run.label_smoothing for run in runs])
+        most = max(run.epochs for run in runs) * steps_per_epoch
+        lr = torch.tensor([[run.lr_head * _factor(step, steps_per_epoch, run) if step < run.epochs * steps_per_epoch
+                            else 0.0 for step in range(most)] for run in runs], dtype=torch.float64)
+        self.lr = lr.float()
+        self.decay = (1.0 - lr * torch.tensor([run.weight_decay for run in runs], dtype=torch.float64)[:, None]).float()
+        self.params = self.weights(self.flat)  # views: the steps change `flat` in place
 
     def __len__(self) -> int:
         return len(self.members)
@@ -124,34 +134,81 @@ class _Stack:
                  for name, part, shape in zip(self.layout, flat.split(self.sizes, dim=1), self.shapes)}
         return [views[name] for name in self.names]
 
-    def logits(self, pooled: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
-        """(K, B, C) logits of every member for pooled rows (B, D); `noise` (K, B, H): dropout after the activation."""
+    def logits(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(K, B, C) logits of every member for pooled rows (B, D), as in evaluation (no dropout)."""
         if self.kind == "linear":
-            weight, bias = self.weights(self.flat)
-            return torch.einsum("bd,kcd->kbc", pooled, weight) + bias[:, None, :]
-        fc1_w, fc1_b, fc2_w, fc2_b = self.weights(self.flat)
-        hidden = F.gelu(torch.einsum("bd,khd->kbh", pooled, fc1_w) + fc1_b[:, None, :])
-        if noise is not None:
-            hidden = hidden * noise
-        return torch.einsum("kbh,kch->kbc", hidden, fc2_w) + fc2_b[:, None, :]
+            weight, bias = self.params
+            return pooled @ weight.transpose(1, 2) + bias[:, None, :]
+        fc1_w, fc1_b, fc2_w, fc2_b = self.params
+        return F.gelu(pooled @ fc1_w.transpose(1, 2) + fc1_b[:, None, :]) @ fc2_w.transpose(1, 2) + fc2_b[:, None, :]
 
-    def dropout_noise(self, rows: int, generators: list[torch.Generator]) -> torch.Tensor | None:
-        """Each MLP member's dropout mask for `rows` rows, drawn from its own generator exactly as `F.dropout` draws
-        it in `fit()` (same shape, same stream), zero-padded to the stack's width; None when no member drops out."""
+    def begin_epoch(self, targets: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
+                    class_weight: torch.Tensor) -> None:
+        """Each member's loss on the epoch's batches (targets, row weights `w` and `scale`: (N, B)), as the weights
+        its logits are scored against, (K, N, B, C): `octft.train.losses.row_losses` is the cross-entropy against
+        `(1 - s) * w[y] * onehot(y) + s / C * w` (class weights `w`, label smoothing `s`). Held per batch: the
+        epoch's loss sum (weighed by `w`) and the gradient of the step's loss (weighed by `scale`)."""
+        classes = class_weight.numel()
+        s = self.smoothing[:, None, None, None]
+        hard = F.one_hot(targets, classes).float() * class_weight[targets][..., None]
+        weights = (1.0 - s) * hard[None] + (s / classes) * class_weight
+        self.loss_weights = weights * w[None, :, :, None]
+        self.grad_weights = weights * scale[None, :, :, None]
+        self.grad_totals = self.grad_weights.sum(dim=-1, keepdim=True)
+        self.loss_sum = torch.zeros(len(self))
+
+    def train_batch(self, index: int, pooled: torch.Tensor, noise: torch.Tensor | None) -> None:
+        """Batch `index` of the epoch (pooled rows (B, D)): every member's loss is added to `loss_sum` and the
+        gradient of its step's loss to `grad`. The gradients are the closed forms autograd takes through `fit()`'s
+        head and loss (no graph: a probe step is a few tiny products, and autograd's bookkeeping costs more than
+        they do); a row's gradient on the logits is softmax times its loss weights' sum, less them. `noise`
+        (K, B, H): each member's dropout after the activation."""
+        if self.kind == "linear":
+            weight, bias = self.params
+            dlogits = self._dlogits(index, pooled @ weight.transpose(1, 2) + bias[:, None, :])
+            grads = [dlogits.transpose(1, 2) @ pooled, dlogits.sum(dim=1)]
+        else:
+            fc1_w, fc1_b, fc2_w, fc2_b = self.params
+            before = pooled @ fc1_w.transpose(1, 2) + fc1_b[:, None, :]
+            hidden = F.gelu(before) if noise is None else F.gelu(before) * noise
+            dlogits = self._dlogits(index, hidden @ fc2_w.transpose(1, 2) + fc2_b[:, None, :])
+            dhidden = dlogits @ fc2_w if noise is None else (dlogits @ fc2_w) * noise
+            dbefore = torch.ops.aten.gelu_backward(dhidden, before)
+            # `layout` order: fc1.weight, fc2.weight, fc1.bias, fc2.bias
+            grads = [dbefore.transpose(1, 2) @ pooled, dlogits.transpose(1, 2) @ hidden, dbefore.sum(dim=1),
+                     dlogits.sum(dim=1)]
+        flat = torch.cat([grad.reshape(len(self), -1) for grad in grads], dim=1)
+        self.grad = flat if self.grad is None else self.grad.add_(flat)
+
+    def _dlogits(self, index: int, logits: torch.Tensor) -> torch.Tensor:
+        log_probs = F.log_softmax(logits, dim=-1)
+        self.loss_sum.sub_((log_probs * self.loss_weights[:, index]).sum(dim=(1, 2)))
+        return log_probs.exp_().mul_(self.grad_totals[:, index]).sub_(self.grad_weights[:, index])
+
+    def epoch_noise(self, batches: int, rows: int, seed: int) -> torch.Tensor | None:
+        """Each MLP member's dropout masks for an epoch of `batches` batches of `rows` rows, (K, batches, rows, width),
+        zero-padded to the stack's width; None when no member drops out.
+
+        They are the masks `fit()` draws, batch after batch, after seeding torch's generator with `seed`:
+        `bernoulli_(q)` keeps a unit where a float64 uniform of the generator's stream is below q, so one draw of
+        the epoch's uniforms for a width gives every member of that width its masks, whatever its rate."""
         if self.kind == "linear" or not any(self.dropout):
             return None
-        # A padded unit outputs zero whatever its mask: one draw a member, into its own slice, then one division.
-        noise = torch.ones(len(self), rows, self.width)
-        for k, (p, width, generator) in enumerate(zip(self.dropout, self.widths, generators)):
-            if p > 0:
-                noise[k, :, :width].bernoulli_(1 - p, generator=generator)
-        return noise.div_(torch.tensor([1 - p for p in self.dropout])[:, None, None])
+        noise = torch.ones(len(self), batches, rows, self.width)
+        dropping = [k for k, p in enumerate(self.dropout) if p > 0]  # fit() draws nothing for a rate of 0
+        for width in sorted({self.widths[k] for k in dropping}):
+            group = [k for k in dropping if self.widths[k] == width]
+            stream = torch.Generator().manual_seed(seed)
+            uniform = torch.rand(batches, rows, width, generator=stream, dtype=torch.float64)
+            keep = torch.tensor([1.0 - self.dropout[k] for k in group], dtype=torch.float64)[:, None, None, None]
+            noise[group, ..., :width] = (uniform < keep).float() / keep.float()
+        return noise
 
-    @torch.no_grad()
-    def step(self, lr: torch.Tensor, decay: torch.Tensor, clip_norm: float | None, betas: tuple[float, float]) -> None:
+    def step(self, step: int, clip_norm: float | None, betas: tuple[float, float]) -> None:
         """Clip each member's gradient by its own norm, decay its weights (`p *= 1 - lr * wd`), take AdamW's step with
-        its own learning rate (`lr`, `decay`: (K,)), and zero the gradients: `optimizer_step` of `fit()`, per member."""
-        grad = self.flat.grad
+        its own learning rate at `step`, and drop the gradients: `optimizer_step` of `fit()`, per member."""
+        grad, self.grad = self.grad, None
+        lr, decay = self.lr[:, step], self.decay[:, step]
         if clip_norm is not None:
             coef = (clip_norm / (torch.linalg.vector_norm(grad, dim=1) + CLIP_EPS)).clamp(max=1.0)
             grad.mul_(coef[:, None])
@@ -163,21 +220,20 @@ class _Stack:
         self.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         denom = (self.exp_avg_sq.sqrt() / correction2).add_(ADAM_EPS)
         self.flat.sub_((lr / correction1)[:, None] * self.exp_avg / denom)
-        grad.zero_()
 
     def keep(self, positions: list[int]) -> None:
         """Keep only the members at `positions` (of this stack): the others ended."""
         index = torch.tensor(positions, dtype=torch.long)
-        self.flat = self.flat.detach()[index].clone().requires_grad_(True)
-        self.exp_avg = self.exp_avg[index]
-        self.exp_avg_sq = self.exp_avg_sq[index]
+        self.flat, self.exp_avg, self.exp_avg_sq = self.flat[index], self.exp_avg[index], self.exp_avg_sq[index]
+        self.lr, self.decay, self.smoothing = self.lr[index], self.decay[index], self.smoothing[index]
+        self.params = self.weights(self.flat)
         self.members = [self.members[i] for i in positions]
         self.widths = [self.widths[i] for i in positions]
         self.dropout = [self.dropout[i] for i in positions]
 
     def state_of(self, position: int) -> dict[str, torch.Tensor]:
         """Member `position`'s head weights as its own module's `state_dict` (unpadded)."""
-        return self._unpadded(self.flat.detach()[position:position + 1], position)
+        return self._unpadded(self.flat[position:position + 1], position)
 
     def optimizer_state_of(self, position: int) -> dict[str, dict[str, torch.Tensor]]:
         """Member `position`'s AdamW state by parameter name, as `fit()`'s optimizer holds it."""
@@ -211,8 +267,10 @@ def fit_heads(
     Every head writes what `fit()` writes (epoch metrics to its tracker, its reporter's verdicts, `best.pt`, `best/`,
     `last.pt` in its run folder). The host CPU runs the pass (`runtime.kind: cpu`): a probe's steps are small.
     """
-    if runtime.device.type != "cpu" or features is None or features.train.kind != "pooled":
-        raise ValueError("fit_heads trains heads on stored pooled features on the host CPU (runtime.kind: cpu)")
+    on_host = runtime.device.type == "cpu" and runtime.precision == "fp32"
+    if not on_host or features is None or features.train.kind != "pooled":
+        raise ValueError("fit_heads trains heads on stored pooled features on the host CPU in float32 "
+                         "(runtime.kind: cpu, runtime.precision: auto or fp32)")
     heads = [run.model.head for run in runs]
     if not all(stackable(head) for head in heads):
         raise ValueError("fit_heads stacks linear heads (without a norm) and MLP heads; train other heads with fit()")
@@ -226,11 +284,11 @@ def fit_heads(
     val_participants = val_rows.participant_ids(range(len(val_rows)))
     val_x = val_rows.gather(range(len(val_rows)))[0].mean(dim=1)
     weight = class_weights if class_weights is not None else torch.ones(num_classes)
-    smoothing = torch.tensor([run.label_smoothing for run in runs])
 
     shared = _Pass(val_targets, val_participants, class_names, objective_metric,
                    f"{objective_metric} ({objective_direction})", maximize, betas, steps_per_epoch * step_rows)
-    stacks = [_Stack(kind, members, [heads[k] for k in members]) for kind, members in _by_kind(heads).items()]
+    stacks = [_Stack(kind, members, [heads[k] for k in members], [runs[k] for k in members], steps_per_epoch)
+              for kind, members in _by_kind(heads).items()]
     states = [LoopState(best_value=-math.inf if maximize else math.inf) for _ in runs]
     bests = [BestCheckpoint(Path(run.run_dir), run.model, runtime, val_targets, val_participants, class_names,
                             run.config_record) for run in runs]
@@ -246,47 +304,32 @@ def fit_heads(
             started = time.perf_counter()
             shuffle = torch.Generator().manual_seed(seed * 7919 + epoch)
             order = torch.randperm(len(train_rows), generator=shuffle).tolist()
-            # fit() seeds torch's RNG with this at each epoch; dropout draws from it. Each head's own generator, seeded
-            # alike, draws its masks in the same order: the same masks.
-            generators = {k: torch.Generator().manual_seed(seed * 100_003 + epoch)
-                          for stack in stacks for k in stack.members}
-            loss_sum, weight_sum = torch.zeros(len(runs)), torch.zeros(())
-            factors = torch.zeros(len(runs))
             with runtime.small_steps():
-                batches = Batches(train_rows, step_rows, order, (0, 1), 0, micro_batches=layout.accumulation_steps)
-                for index, batch in enumerate(batches):
-                    pooled, y, w = batch["x"].mean(dim=1), batch["y"], batch["w"]
-                    y = torch.where(w > 0, y, torch.zeros_like(y))
-                    total = None  # every stack's loss: one backward a batch (each stack's gradients are its own)
-                    for stack in stacks:
-                        if not len(stack):
-                            continue
-                        noise = stack.dropout_noise(len(y), [generators[k] for k in stack.members])
-                        with runtime.autocast():
-                            logits = stack.logits(pooled, noise).float()
-                        losses = _row_losses(logits, y, weight, smoothing[stack.members])
-                        total = (losses * batch["scale"]).sum() + (0 if total is None else total)
-                        loss_sum[stack.members] += (losses.detach() * w).sum(dim=1)
-                    if total is not None:
-                        total.backward()
-                    weight_sum += w.sum()
-                    if (index + 1) % batches.micro_batches == 0:
-                        step = epoch * steps_per_epoch + index // batches.micro_batches
-                        for stack in stacks:
-                            if not len(stack):
-                                continue
-                            members = [runs[k] for k in stack.members]
-                            factor = torch.tensor([_factor(step, steps_per_epoch, run) for run in members],
-                                                  dtype=torch.float64)
-                            factors[stack.members] = factor.float()
-                            lr = torch.tensor([run.lr_head for run in members], dtype=torch.float64) * factor
-                            decay = 1.0 - lr * torch.tensor([run.weight_decay for run in members], dtype=torch.float64)
-                            stack.step(lr.float(), decay.float(), clip_norm, betas)
+                # The epoch's batches, as fit() gets them (fixed shape, padded rows weigh 0), gathered up front.
+                micro = layout.accumulation_steps
+                epoch_rows = list(Batches(train_rows, step_rows, order, (0, 1), 0, micro_batches=micro))
+                pooled = torch.stack([batch["x"] for batch in epoch_rows]).mean(dim=2)
+                w = torch.stack([batch["w"] for batch in epoch_rows])
+                scale = torch.stack([batch["scale"] for batch in epoch_rows])
+                y = torch.where(w > 0, torch.stack([batch["y"] for batch in epoch_rows]), 0)
+                stacks_now = [stack for stack in stacks if len(stack)]
+                # fit() seeds torch's generator with this at each epoch; its dropout draws from it.
+                noises = [stack.epoch_noise(len(epoch_rows), w.shape[1], seed * 100_003 + epoch)
+                          for stack in stacks_now]
+                for stack in stacks_now:
+                    stack.begin_epoch(y, w, scale, weight)
+                for index in range(len(epoch_rows)):
+                    for stack, noise in zip(stacks_now, noises):
+                        stack.train_batch(index, pooled[index], None if noise is None else noise[:, index])
+                    if (index + 1) % micro == 0:
+                        step = epoch * steps_per_epoch + index // micro
+                        for stack in stacks_now:
+                            stack.step(step, clip_norm, betas)
                 train_seconds = time.perf_counter() - started
-                with torch.no_grad(), runtime.autocast():
-                    val_logits = {k: logits.float().numpy() for stack in stacks if len(stack)
-                                  for k, logits in zip(stack.members, stack.logits(val_x, None))}
-                train_losses = {k: float(loss_sum[k] / weight_sum.clamp_min(1.0)) for k in val_logits}
+                val_logits, train_losses = {}, {}
+                for stack in stacks_now:
+                    val_logits.update(zip(stack.members, stack.logits(val_x).numpy()))
+                    train_losses.update(zip(stack.members, (stack.loss_sum / w.sum().clamp_min(1.0)).tolist()))
                 # Every head's scores in one vectorised call; a head whose loss or logits are not finite is scored (and
                 # failed) alone, as fit() would.
                 finite = [k for k, logits in val_logits.items()
@@ -300,8 +343,9 @@ def fit_heads(
                     kept = []
                     for position, k in enumerate(stack.members):
                         try:
+                            factor = _factor((epoch + 1) * steps_per_epoch - 1, steps_per_epoch, runs[k])
                             ended = _epoch_of(runs[k], stack, position, states[k], bests[k], shared, epoch,
-                                              val_logits[k], scored.get(k), train_losses[k], float(factors[k]), timing)
+                                              val_logits[k], scored.get(k), train_losses[k], factor, timing)
                         except Exception as error:  # this head's own failure: the others go on
                             results[k] = error
                             continue
@@ -391,22 +435,6 @@ def _factor(step: int, steps_per_epoch: int, run: HeadRun) -> float:
     """`fit()`'s head learning-rate factor at `step` for this run's epochs, warm-up and floor."""
     return lr_factor(step, total_steps=steps_per_epoch * run.epochs,
                      warmup_steps=int(round(run.warmup_epochs * steps_per_epoch)), min_ratio=run.min_lr_ratio)
-
-
-def _row_losses(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
-                smoothing: torch.Tensor) -> torch.Tensor:
-    """(K, B) `octft.train.losses.row_losses` of each member's logits (K, B, C), with its own label smoothing (K,)."""
-    log_probs = F.log_softmax(logits, dim=-1)
-    index = targets[None, :, None].expand(logits.shape[0], -1, 1)
-    nll = -log_probs.gather(2, index).squeeze(2) * weight[targets][None, :]
-    smooth = -(log_probs * weight[None, None, :]).sum(dim=2)
-    s = smoothing[:, None]
-    return (1.0 - s) * nll + (s / logits.shape[-1]) * smooth
-
-
-def _per_member(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """(K,) values shaped to broadcast over a stacked tensor (K, ...)."""
-    return values.reshape(-1, *([1] * (like.ndim - 1)))
 
 
 def _pad(value: torch.Tensor, name: str, width: int) -> torch.Tensor:

@@ -347,12 +347,10 @@ def test_space_docstring_examples_hold():
     assert doctest.testmod(space).failed == 0
 
 
-def test_heads_per_pass_is_a_count_or_auto_sized_to_the_machine(tmp_path, monkeypatch):
+def test_heads_per_pass_is_a_count_or_auto_half_the_trials(tmp_path):
     assert load_sweep(write_sweep(tmp_path, heads_per_pass=4)).resolved_heads_per_pass() == 4
-    monkeypatch.setattr("os.cpu_count", lambda: 2)
-    assert load_sweep(write_sweep(tmp_path)).resolved_heads_per_pass() == 16  # auto: 8 a core
-    monkeypatch.setattr("os.cpu_count", lambda: 96)
-    assert load_sweep(write_sweep(tmp_path)).resolved_heads_per_pass() == 64  # at most 64
+    for n_trials, auto in ((50, 25), (51, 26), (6, 8), (500, 64), (None, 32)):  # 8 to 64; 32 when bounded by time
+        assert load_sweep(write_sweep(tmp_path, n_trials=n_trials)).resolved_heads_per_pass() == auto, n_trials
     for bad in (0, 65, "many"):
         with pytest.raises(ConfigError, match="heads_per_pass"):
             load_sweep(write_sweep(tmp_path, heads_per_pass=bad))

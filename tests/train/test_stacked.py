@@ -18,6 +18,7 @@ from octft.features.frozen import frozen_features
 from octft.features.store import FeatureKey, FeatureStore
 from octft.train.loop import TrainingError, fit
 from octft.train.losses import balanced_class_weights
+from octft.train.recipe import pass_key
 from octft.train.runtime import load_state, make_runtime
 from octft.train.setup import build_model
 from octft.train.stacked import HeadRun, fit_heads
@@ -82,18 +83,18 @@ class Record:
         return "pruned (test)" if epoch == self.prune_at else None
 
 
-def alone(cfg, small, run_dir: Path, record: Record):
+def alone(cfg, small, run_dir: Path, record: Record, accumulation_steps: int = 1):
     _, train_set, val_set, features, weights, _ = small
     model = model_of(cfg)
     result = fit(model, train_set, val_set, runtime=make_runtime("cpu"), tracker=record, reporter=record,
                  class_names=CLASS_SHORT_NAMES, epochs=cfg.train.epochs, batch_size=cfg.train.batch_size,
-                 accumulation_steps=1, unfreeze_epoch=None, lr_head=cfg.optim.lr_head, lr_encoder=cfg.optim.lr_encoder,
+                 accumulation_steps=accumulation_steps, unfreeze_epoch=None, lr_head=cfg.optim.lr_head, lr_encoder=cfg.optim.lr_encoder,
                  weight_decay=cfg.optim.weight_decay, label_smoothing=cfg.loss.label_smoothing, class_weights=weights,
                  seed=cfg.train.seed, run_dir=run_dir, frozen_features=features)
     return model, result
 
 
-def stacked(cfgs, small, run_dirs, records, *, lines=None):
+def stacked(cfgs, small, run_dirs, records, *, lines=None, accumulation_steps=1):
     _, _, _, features, weights, _ = small
     models = [model_of(cfg) for cfg in cfgs]
     runs = [HeadRun(model, lr_head=cfg.optim.lr_head, weight_decay=cfg.optim.weight_decay,
@@ -101,7 +102,8 @@ def stacked(cfgs, small, run_dirs, records, *, lines=None):
                     reporter=record, lr_encoder=cfg.optim.lr_encoder, log=(lines.append if lines is not None else print))
             for cfg, model, run_dir, record in zip(cfgs, models, run_dirs, records)]
     results = fit_heads(runs, features, runtime=make_runtime("cpu"), class_names=CLASS_SHORT_NAMES,
-                        batch_size=cfgs[0].train.batch_size, class_weights=weights, seed=cfgs[0].train.seed)
+                        batch_size=cfgs[0].train.batch_size, accumulation_steps=accumulation_steps,
+                        class_weights=weights, seed=cfgs[0].train.seed)
     return models, results
 
 
@@ -149,6 +151,18 @@ def test_stacked_heads_equal_heads_trained_one_at_a_time(small, tmp_path):
     assert [m["perf/heads_in_pass"] for m in records[2].metrics] == [5, 5, 4, 3, 2, 1]
 
 
+def test_stacked_heads_accumulate_micro_batches_as_fit_does(small, tmp_path):
+    # Two micro-batches of 4 rows a step: each head's gradient is summed over them before its one step.
+    cfgs = [small[0][0], small[0][2]]
+    records = [Record() for _ in cfgs]
+    models, results = stacked(cfgs, small, [tmp_path / f"stacked-{k}" for k in range(2)], records, accumulation_steps=2)
+    for k, cfg in enumerate(cfgs):
+        record = Record()
+        model, result = alone(cfg, small, tmp_path / f"alone-{k}", record, accumulation_steps=2)
+        assert results[k].best_value == pytest.approx(result.best_value, abs=TOLERANCE)
+        assert_same_run(record, records[k], model, models[k], tmp_path / f"alone-{k}", tmp_path / f"stacked-{k}")
+
+
 def test_a_pruned_head_leaves_the_stack_and_the_others_as_they_were(small, tmp_path):
     cfgs = small[0][:3]
     records = [Record(prune_at=1 if k == 0 else None) for k in range(len(cfgs))]
@@ -172,3 +186,17 @@ def test_a_failed_head_fails_only_its_own_run(small, tmp_path):
     record = Record()
     model, result = alone(cfgs[1], small, tmp_path / "alone", record)
     assert results[1].status == "completed" and results[1].best_value == pytest.approx(result.best_value, abs=TOLERANCE)
+
+
+def test_a_bfloat16_run_trains_alone(small, tmp_path):
+    # The pass takes its gradients in float32 closed form: a bf16 run is left to fit(), which autocasts.
+    cfg = small[0][0].model_copy(deep=True)
+    cfg.runtime.kind = "cpu"
+    assert pass_key(cfg) is not None
+    cfg.runtime.precision = "bf16"
+    assert pass_key(cfg) is None
+    _, _, _, features, _, _ = small
+    run = HeadRun(model_of(cfg), lr_head=1e-3, weight_decay=0.0, label_smoothing=0.0, epochs=1, run_dir=tmp_path,
+                  tracker=Record())
+    with pytest.raises(ValueError, match="float32"):
+        fit_heads([run], features, runtime=make_runtime("cpu", "bf16"), class_names=CLASS_SHORT_NAMES, batch_size=8)
