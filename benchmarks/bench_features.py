@@ -25,6 +25,7 @@ import io
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -138,6 +139,9 @@ def part_probe(root: Path, base: list[str], trials: int, devices: int) -> None:
     best_finetune = max(r["val/balanced_accuracy"] for r in epochs)
     rows = []
     for workers in (1, 2):
+        # A study left by an earlier run in the same --dir would be resumed (nothing left to do): start afresh.
+        for old in (root / f"probe-optuna-{workers}.db", root / f"probe-features-{workers}", root / f"runs-probe-{workers}"):
+            shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
         storage = f"sqlite:///{root / f'probe-optuna-{workers}.db'}"
         probe_features = f"features.dir={root / f'probe-features-{workers}'}"  # its own store: the study builds it
         wall_probe = octft(["sweep", "launch", str(REPO / "sweeps" / "probe.yaml"), "--storage", storage,

@@ -763,15 +763,17 @@ class MlflowTracker:
             return
         values = {str(key): _truncate("param", str(key), _format_param(redact(value, str(key))), MAX_PARAM_VALUE_LENGTH)
                   for key, value in params.items()}
-        logged = self.store.client.get_run(self.run_id).data.params
-        changed = [f"{key}: {logged[key]!r} -> {value!r}" for key, value in values.items()
-                   if key in logged and logged[key] != value]
-        if changed:
+        try:  # the store skips a value it holds already and refuses a changed one: the run is read only then
+            for chunk in _chunks([Param(key, value) for key, value in values.items()], _MAX_PARAMS_TAGS_PER_BATCH):
+                self.store.client.log_batch(self.run_id, params=chunk)
+        except MlflowException:
+            logged = self.store.client.get_run(self.run_id).data.params
+            changed = [f"{key}: {logged[key]!r} -> {value!r}" for key, value in values.items()
+                       if key in logged and logged[key] != value]
+            if not changed:
+                raise
             raise ValueError(f"MLflow run {self.run_id}: params cannot change once logged ({'; '.join(changed)}); "
-                             "start a new run (without run_id=) to try other values")
-        new = [Param(key, value) for key, value in values.items() if key not in logged]
-        for chunk in _chunks(new, _MAX_PARAMS_TAGS_PER_BATCH):
-            self.store.client.log_batch(self.run_id, params=chunk)
+                             "start a new run (without run_id=) to try other values") from None
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """One value per metric at `step` (the epoch); NaN is kept as NaN."""
