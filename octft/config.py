@@ -364,6 +364,9 @@ class TrackingConfig(_Strict):
     tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
     experiment: str = "octft"
     run_name: str | None = None
+    # Log the volume-level scores (val_volume/*, a third of an epoch's values) every epoch beside the participant-level
+    # ones (val/*, what runs are selected on). A probe study of many short heads turns them off.
+    volume_metrics: bool = True
 
 
 class FeaturesConfig(_Strict):

@@ -225,6 +225,13 @@ def ended_state(run_dir: Path) -> LoopState | None:
     return state if state.status in ENDED else None
 
 
+def logged_metrics(metrics: dict[str, float], volume_metrics: bool) -> dict[str, float]:
+    """An epoch's metrics as its run logs them: without the volume-level scores (`val_volume/*`) unless
+    `volume_metrics` (`tracking.volume_metrics`)."""
+    return metrics if volume_metrics else {key: value for key, value in metrics.items()
+                                           if not key.startswith("val_volume/")}
+
+
 def fit(
     model,
     train_set,
@@ -257,6 +264,7 @@ def fit(
     frozen_features=None,
     num_workers: int = 1,
     config_record: str = "",
+    volume_metrics: bool = True,
 ) -> FitResult:
     """Fine-tune `model` (a `Classifier`) and return the best epoch's validation scores.
 
@@ -273,7 +281,8 @@ def fit(
     ends) writes `last.pt`, and with it their best epoch's `best.pt`. `num_workers` threads gather batches
     ahead of the step. `micro_batch_rows`: rows per device per micro-batch (None: the runtime's choice).
     `config_record`: the text that rebuilds this model (the resolved config), kept inside every `best.pt`, so a
-    checkpoint never depends on a file beside it that a later run may rewrite.
+    checkpoint never depends on a file beside it that a later run may rewrite. `volume_metrics=False` leaves the
+    volume-level scores (`val_volume/*`) out of the logged epochs (`logged_metrics`).
     """
     if objective_direction not in ("maximize", "minimize"):
         raise ValueError(f"objective_direction must be maximize or minimize, got {objective_direction!r}")
@@ -351,7 +360,7 @@ def fit(
             "xla/compile_seconds": compiles["compile_seconds"],
         })
         value = metrics[objective_metric]
-        tracker.log_metrics(metrics, step=epoch)
+        tracker.log_metrics(logged_metrics(metrics, volume_metrics), step=epoch)
         state.history.append({"epoch": epoch, **{key: metrics[key] for key in (
             "train/loss", "val/loss", "val/balanced_accuracy", objective_metric, "perf/epoch_seconds")}})
         _print_epoch(epoch, metrics, "trainable" if encoder_trainable else "frozen (features)" if on_features else "frozen")

@@ -134,6 +134,7 @@ def train(
             early_stopping_patience=cfg.train.early_stopping_patience, objective_metric=cfg.train.objective.metric,
             objective_direction=cfg.train.objective.direction, seed=cfg.train.seed, run_dir=run_dir, resume=resume,
             frozen_features=features, num_workers=cfg.train.num_workers, config_record=resolved_record(cfg),
+            volume_metrics=cfg.tracking.volume_metrics,
         )
         if runtime.is_main:
             _record_end(tracker, cfg, run_dir, result)
@@ -148,7 +149,7 @@ def train(
 OWN_SETTINGS = frozenset({
     "model.head", "model.head_hidden_features", "model.head_dropout", "optim.lr_head", "optim.lr_encoder",
     "optim.weight_decay", "optim.warmup_epochs", "optim.min_lr_ratio", "loss.label_smoothing", "train.epochs",
-    "train.early_stopping_patience", "name", "tracking.run_name",
+    "train.early_stopping_patience", "name", "tracking.run_name", "tracking.volume_metrics",
 })
 
 
@@ -207,7 +208,8 @@ def train_heads(
             label_smoothing=cfg.loss.label_smoothing, epochs=cfg.train.epochs, run_dir=run_dir, tracker=tracker,
             reporter=reporters[k], lr_encoder=cfg.optim.lr_encoder, warmup_epochs=cfg.optim.warmup_epochs,
             min_lr_ratio=cfg.optim.min_lr_ratio, early_stopping_patience=cfg.train.early_stopping_patience,
-            config_record=resolved_record(cfg), log=_log_to(run_dir / "trial.log"))))
+            config_record=resolved_record(cfg), volume_metrics=cfg.tracking.volume_metrics,
+            log=_log_to(run_dir / "trial.log"))))
     if runs:
         fitted = fit_heads([run for _, run in runs], features, runtime=runtime, class_names=CLASS_SHORT_NAMES,
                            batch_size=first.train.batch_size, accumulation_steps=first.train.accumulation_steps,

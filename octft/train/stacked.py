@@ -33,7 +33,8 @@ from octft.console import epoch_line
 from octft.data.batches import Batches
 from octft.models.heads import LinearHead, MLPHead
 from octft.train.loop import (BestCheckpoint, FitResult, LoopState, NullReporter, Reporter, check_finite,
-                              check_objective, evaluate_logits, lr_factor, make_optimizer, run_ending, save_checkpoint)
+                              check_objective, evaluate_logits, logged_metrics, lr_factor, make_optimizer, run_ending,
+                              save_checkpoint)
 from octft.train.metrics import evaluate_logits_many
 from octft.train.runtime import Runtime
 
@@ -65,6 +66,7 @@ class HeadRun:
     min_lr_ratio: float = 0.01
     early_stopping_patience: int | None = None
     config_record: str = ""
+    volume_metrics: bool = True  # val_volume/* logged each epoch (tracking.volume_metrics)
     log: Callable[[str], None] = print
 
 
@@ -389,7 +391,7 @@ def _epoch_of(run: HeadRun, stack: _Stack, position: int, state: LoopState, best
         "xla/compile_seconds": 0.0,
     })
     value = metrics[shared.objective_metric]
-    run.tracker.log_metrics(metrics, step=epoch)
+    run.tracker.log_metrics(logged_metrics(metrics, run.volume_metrics), step=epoch)
     state.history.append({"epoch": epoch, **{key: metrics[key] for key in (
         "train/loss", "val/loss", "val/balanced_accuracy", shared.objective_metric, "perf/epoch_seconds")}})
     run.log(epoch_line(epoch, metrics, "frozen (features)"))

@@ -200,3 +200,21 @@ def test_a_bfloat16_run_trains_alone(small, tmp_path):
                   tracker=Record())
     with pytest.raises(ValueError, match="float32"):
         fit_heads([run], features, runtime=make_runtime("cpu", "bf16"), class_names=CLASS_SHORT_NAMES, batch_size=8)
+
+
+def test_volume_metrics_off_leaves_val_volume_out_of_both_paths(small, tmp_path):
+    cfg = small[0][1]
+    one, many = Record(), Record()
+    _, train_set, val_set, features, weights, _ = small
+    fit(model_of(cfg), train_set, val_set, runtime=make_runtime("cpu"), tracker=one, class_names=CLASS_SHORT_NAMES,
+        epochs=2, batch_size=8, accumulation_steps=1, unfreeze_epoch=None, lr_head=1e-3, lr_encoder=0.0,
+        class_weights=weights, run_dir=tmp_path / "alone", frozen_features=features, volume_metrics=False)
+    run = HeadRun(model_of(cfg), lr_head=1e-3, weight_decay=0.05, label_smoothing=0.0, epochs=2,
+                  run_dir=tmp_path / "stacked", tracker=many, volume_metrics=False, log=lambda line: None)
+    fit_heads([run], features, runtime=make_runtime("cpu"), class_names=CLASS_SHORT_NAMES, batch_size=8,
+              class_weights=weights)
+    for record in (one, many):
+        assert len(record.metrics) == 2
+        assert all("val/balanced_accuracy" in m and not any(k.startswith("val_volume/") for k in m)
+                   for m in record.metrics)
+    assert set(many.metrics[0]) - set(one.metrics[0]) == {"perf/heads_in_pass"}
