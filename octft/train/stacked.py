@@ -183,13 +183,15 @@ class _Stack:
         self.grad = flat if self.grad is None else self.grad.add_(flat)
 
     def _dlogits(self, index: int, logits: torch.Tensor) -> torch.Tensor:
+        """Batch `index`'s losses added to `loss_sum`; the gradient of its step's loss on `logits` (K, B, C)."""
         log_probs = F.log_softmax(logits, dim=-1)
         self.loss_sum.sub_((log_probs * self.loss_weights[:, index]).sum(dim=(1, 2)))
         return log_probs.exp_().mul_(self.grad_totals[:, index]).sub_(self.grad_weights[:, index])
 
     def epoch_noise(self, batches: int, rows: int, seed: int) -> torch.Tensor | None:
         """Each MLP member's dropout masks for an epoch of `batches` batches of `rows` rows, (K, batches, rows, width),
-        zero-padded to the stack's width; None when no member drops out.
+        padded with ones to the stack's width (a padded unit outputs zero whatever its mask); None when no member
+        drops out.
 
         They are the masks `fit()` draws, batch after batch, after seeding torch's generator with `seed`:
         `bernoulli_(q)` keeps a unit where a float64 uniform of the generator's stream is below q, so one draw of
