@@ -95,9 +95,9 @@ def _run_steps(root: Path, *, participants: int, trials: int, workers: int, prob
     probe_path = REPO / "sweeps" / "probe.yaml"
     # One process: it trains up to heads_per_pass heads at once in one stacked pass over the features, faster than two
     # processes splitting the passes (docs/figures.md, "Probe study against one fine-tune").
-    _step(f"4/7 probe study: {probe_trials} heads on the frozen encoder's stored features, "
-          f"{load_sweep(probe_path, [f'n_trials={probe_trials}']).resolved_heads_per_pass()} at a time in one stacked pass (one process on one CPU thread; "
-          "a helper process writes their MLflow runs and Optuna epochs)")
+    per_pass = load_sweep(probe_path, [f"n_trials={probe_trials}"]).resolved_heads_per_pass()
+    _step(f"4/7 probe study: {probe_trials} heads on the frozen encoder's stored features, {per_pass} at a time in one "
+          "stacked pass (one process on one CPU thread; a helper process writes their MLflow runs and Optuna epochs)")
     probed = launch(probe_path, n_trials=probe_trials, workers=1, storage=storage,
                     overrides=[f"mlflow.tracking_uri={tracking_uri}", *experiment_overrides], verbose=verbose)
     probe_study = load_sweep(probe_path)
