@@ -138,11 +138,18 @@ class _Stack:
 
     def logits(self, pooled: torch.Tensor) -> torch.Tensor:
         """(K, B, C) logits of every member for pooled rows (B, D), as in evaluation (no dropout)."""
+        return self._forward(pooled, None)[-1]
+
+    def _forward(self, pooled: torch.Tensor, noise: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """The logits (K, B, C) last, after what their gradients need: for an MLP, the hidden layer before its
+        activation and after its dropout (`noise` (K, B, H), or None)."""
         if self.kind == "linear":
             weight, bias = self.params
-            return pooled @ weight.transpose(1, 2) + bias[:, None, :]
+            return (pooled @ weight.transpose(1, 2) + bias[:, None, :],)
         fc1_w, fc1_b, fc2_w, fc2_b = self.params
-        return F.gelu(pooled @ fc1_w.transpose(1, 2) + fc1_b[:, None, :]) @ fc2_w.transpose(1, 2) + fc2_b[:, None, :]
+        before = pooled @ fc1_w.transpose(1, 2) + fc1_b[:, None, :]
+        hidden = F.gelu(before) if noise is None else F.gelu(before) * noise
+        return before, hidden, hidden @ fc2_w.transpose(1, 2) + fc2_b[:, None, :]
 
     def begin_epoch(self, targets: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
                     class_weight: torch.Tensor) -> None:
@@ -165,15 +172,13 @@ class _Stack:
         head and loss (no graph: a probe step is a few tiny products, and autograd's bookkeeping costs more than
         they do); a row's gradient on the logits is softmax times its loss weights' sum, less them. `noise`
         (K, B, H): each member's dropout after the activation."""
+        *saved, logits = self._forward(pooled, noise)
+        dlogits = self._dlogits(index, logits)
         if self.kind == "linear":
-            weight, bias = self.params
-            dlogits = self._dlogits(index, pooled @ weight.transpose(1, 2) + bias[:, None, :])
             grads = [dlogits.transpose(1, 2) @ pooled, dlogits.sum(dim=1)]
         else:
-            fc1_w, fc1_b, fc2_w, fc2_b = self.params
-            before = pooled @ fc1_w.transpose(1, 2) + fc1_b[:, None, :]
-            hidden = F.gelu(before) if noise is None else F.gelu(before) * noise
-            dlogits = self._dlogits(index, hidden @ fc2_w.transpose(1, 2) + fc2_b[:, None, :])
+            before, hidden = saved
+            fc2_w = self.params[2]
             dhidden = dlogits @ fc2_w if noise is None else (dlogits @ fc2_w) * noise
             dbefore = torch.ops.aten.gelu_backward(dhidden, before)
             # `layout` order: fc1.weight, fc2.weight, fc1.bias, fc2.bias
