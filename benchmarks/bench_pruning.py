@@ -14,7 +14,9 @@ first: every trial process rereads them, so an edit of the repo's files mid-run 
 trial's epochs are the same in every setting until it is pruned. Per setting it prints trials by state,
 epochs spent (sum of epochs_run), wall time, the best value and how long after the launch its trial
 completed, and why trials were pruned; then each trial's outcome side by side. The demo's early stopping
-(patience 6) stays on in every setting.
+(patience 6) stays on in every setting. Last, the no-pruning trials are replayed (`replay`) under the sweep's
+pruner: first the settings that ran, as a check that the replay spends the epochs they spent, then a grid of the
+collapse rule's grace and patience against the wrapped pruner's warm-up.
 
 `--pretrained-encoder` fine-tunes from a pretrained encoder, as the original pipeline did, instead of the demo's
 randomly initialised one. The micro encoder is first trained once on a separate synthetic release (another seed,
@@ -26,7 +28,8 @@ shipped sweep for a pretrained encoder (sweeps/scenario_a.yaml).
     .venv/bin/python benchmarks/bench_pruning.py                    # defaults: ~15 min on 2 cores
     .venv/bin/python benchmarks/bench_pruning.py --trials 4 --epochs 6 --participants 48  # ~5 min
     .venv/bin/python benchmarks/bench_pruning.py --runtime xla      # XLA:CPU, one device per trial
-    .venv/bin/python benchmarks/bench_pruning.py --pretrained-encoder --collapse-prone --participants 96  # ~5 min
+    .venv/bin/python benchmarks/bench_pruning.py --pretrained-encoder --collapse-prone --participants 96  # ~2 min
+    .venv/bin/python benchmarks/bench_pruning.py --pretrained-encoder --collapse-prone --class-signal 0.5 --settings none
 """
 
 from __future__ import annotations
@@ -79,6 +82,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--majority-share", type=float, default=COLLAPSE_PRONE_SHARE,
                         help=f"with --collapse-prone: the first class's share of the training split (default "
                              f"{COLLAPSE_PRONE_SHARE})")
+    parser.add_argument("--class-signal", type=float, default=1.0,
+                        help="how far the classes' retinas sit apart in the benchmark's data, 0..1 (synthesize's "
+                             "class_signal; default 1: as the demo draws them); the pretraining release keeps 1")
     parser.add_argument("--pretrained-encoder", action="store_true",
                         help=f"first pretrain the micro encoder ({PRETRAIN_PARTICIPANTS} other participants, "
                              f"{PRETRAIN_EPOCHS} epochs) and fine-tune every trial from it, with a pretrained encoder's "
@@ -92,13 +98,15 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     if args.trials < 1 or (args.epochs is not None and args.epochs < 1):
         parser.error(f"--trials ({args.trials}) and --epochs ({args.epochs}) must be at least 1")
+    if not 0.0 <= args.class_signal <= 1.0:
+        parser.error(f"--class-signal {args.class_signal} must be in 0..1")
     if args.majority_share != COLLAPSE_PRONE_SHARE and not args.collapse_prone:
         parser.error("--majority-share shapes the collapse-prone data: pass --collapse-prone with it")
     return args
 
 
 def prepare(root: Path, experiment: Path, participants: int, train_majority_share: float | None,
-            seed: int = 0) -> tuple[Path, Path]:
+            seed: int = 0, class_signal: float = 1.0) -> tuple[Path, Path]:
     """Synthetic data in the experiment's shape and its cache under `root`, built once so that no setting pays for it."""
     from octft.config import load_experiment
     from octft.data.audit import audit_dataset
@@ -108,7 +116,7 @@ def prepare(root: Path, experiment: Path, participants: int, train_majority_shar
     pre = load_experiment(experiment).data.preprocess
     data_dir, cache_dir = root / "data", root / "cache"
     synthesize(data_dir, participants=participants, seed=seed, frames=pre.frames, height=pre.height, width=pre.width,
-               train_majority_share=train_majority_share)
+               train_majority_share=train_majority_share, class_signal=class_signal)
     report = audit_dataset(str(data_dir))
     prepare_volumes(str(data_dir), report.volumes, cache_dir=str(cache_dir), frames=pre.frames, height=pre.height,
                     width=pre.width, intensity=pre.intensity, progress=False)
@@ -217,6 +225,8 @@ class SettingResult:
     outcomes: dict[int, str]  # trial number -> short outcome
     load: tuple[float, float]  # 1-minute load average before and after
     trials: list  # the study's FrozenTrials
+    study_name: str
+    storage: str
 
 
 def run_setting(name: str, root: Path, spec_path: Path, params: list[dict[str, Any]], args: argparse.Namespace,
@@ -276,7 +286,7 @@ def run_setting(name: str, root: Path, spec_path: Path, params: list[dict[str, A
         epochs=sum(record.outcome.epochs_run or 0 for record in map(trial_record, trials) if record.outcome),
         best_value=None if best is None else best.value, best_trial=None if best is None else best.number,
         best_after_s=best_after, prune_reasons=prune_reasons, outcomes=outcomes,
-        load=(load_before, os.getloadavg()[0]), trials=trials,
+        load=(load_before, os.getloadavg()[0]), trials=trials, study_name=study_name, storage=storage,
     )
 
 
@@ -292,6 +302,8 @@ def print_report(results: list[SettingResult], params: list[dict[str, Any]], arg
                    f"seed {PRETRAIN_SEED}, balanced class weights, {pretraining.epochs} epochs, its best epoch "
                    f"{pretraining.best_epoch} at validation balanced accuracy {pretraining.best_value:.3f}, "
                    f"{pretraining.seconds:.0f} s), space {' '.join(PRETRAINED_SPACE)}")
+    if args.class_signal != 1.0:
+        data += f", class signal {args.class_signal}"
     print(f"demo sweep on {data}, from {encoder}; {len(params)} trials x {args.epochs} epochs, {args.participants} "
           f"participants, runtime.kind={args.runtime}, 1 worker; params from RandomSampler(seed={args.seed}), the same "
           "in every setting")
@@ -320,45 +332,29 @@ def print_report(results: list[SettingResult], params: list[dict[str, Any]], arg
     for number, trial_params in enumerate(params):
         cells = "".join(f"{_short(trial_params[key]):>10}" for key in SHOWN_PARAMS)
         print(f"{number:<6}{cells}" + "".join(f"  {r.outcomes.get(number, '-'):<18}" for r in results))
-    unpruned = next((r for r in results if r.name == "none"), None)
-    if unpruned is not None:
-        replay_collapse_rules(unpruned.trials, pruner["collapse"])
 
 
-def replay_collapse_rules(trials: list, collapse: dict[str, Any]) -> None:
-    """The collapse rule alone, at other grace and patience settings, replayed on the no-pruning trials: training is
-    seeded, so a trial's epochs are the same until it is pruned, and the replay is exact for the collapse rule (it
-    leaves out the wrapped pruner). Prints epochs spent and the best value any trial still reaches."""
-    from octft.sweep.pruners import unfreeze_epoch_of
-    from octft.sweep.records import EpochRecord, trial_record
-    from octft.train.metrics import is_collapsed
+def replay_stop_rules(results: list[SettingResult], spec_path: Path, overrides: list[str]) -> None:
+    """The no-pruning trials replayed (`octft.sweep.pruners.replay`): first under the settings that ran, as a check that
+    the replay spends the epochs they spent and reaches their best; then `octft sweep stop-rules`'s grid of the sweep's
+    collapse rule and wrapped pruner at other grace, patience and warm-up settings."""
+    import optuna
 
-    full = sum(trial_record(trial).outcome.epochs_run for trial in trials)
-    print(f"\ncollapse rule replayed on the no-pruning trials (max_class_share={collapse['max_class_share']}, "
-          f"chance_margin={collapse['chance_margin']}; this sweep: grace {collapse['grace_epochs']}, patience "
-          f"{collapse['patience']}): epochs spent / best value reached")
-    print(f"{'grace':<7}" + "".join(f"{f'patience {patience}':>18}" for patience in (1, 2, 3)))
-    for grace in range(4):
-        cells = []
-        for patience in (1, 2, 3):
-            spent, best = 0, float("-inf")
-            for trial in trials:
-                first, streak = unfreeze_epoch_of(trial) + grace, 0
-                stop = trial_record(trial).outcome.epochs_run
-                for epoch in sorted(trial.intermediate_values):
-                    record = EpochRecord.of(trial, epoch)
-                    if epoch < first or record is None:
-                        continue
-                    collapsed, _ = is_collapsed(record.pred_frac, record.balanced_accuracy, len(record.pred_frac),
-                                                collapse["max_class_share"], collapse["chance_margin"])
-                    streak = streak + 1 if collapsed else 0
-                    if streak >= patience:
-                        stop = epoch + 1
-                        break
-                spent += stop
-                best = max(best, *(value for epoch, value in trial.intermediate_values.items() if epoch < stop))
-            cells.append(f"{spent} ({spent / full:.0%}) {best:.3f}")
-        print(f"{grace:<7}" + "".join(f"{cell:>18}" for cell in cells))
+    from octft.sweep.pruners import build_pruner, replay
+    from octft.sweep.spec import load_sweep
+    from octft.sweep.status import format_stop_rules
+
+    print("\nthe no-pruning trials replayed under each setting that ran (check): epochs, best value replayed / run")
+    unpruned = next(result for result in results if result.name == "none")
+    for result in results:
+        again = replay(unpruned.trials, build_pruner(load_sweep(spec_path, [*overrides, *SETTINGS[result.name]])))
+        shown = [("-" if value is None else f"{value:.3f}") for value in (again.best_value, result.best_value)]
+        same = again.epochs == result.epochs and again.best_value == result.best_value
+        print(f"  {result.name:<16}{again.epochs:>5} {shown[0]:>6} / {result.epochs:>5} {shown[1]:>6}"
+              f"  {'same' if same else 'DIFFERENT'}")
+    print("\noctft sweep stop-rules on the no-pruning study:")
+    study = optuna.load_study(study_name=unpruned.study_name, storage=unpruned.storage)
+    print(format_stop_rules(study, load_sweep(spec_path, overrides)))
 
 
 def _short(value: Any) -> str:
@@ -390,12 +386,15 @@ def main() -> None:
         args.epochs = args.epochs or int(sweep.fixed["train.epochs"])
         started = time.perf_counter()
         data_dir, cache_dir = prepare(root, experiment, args.participants,
-                                      args.majority_share if args.collapse_prone else None)
+                                      args.majority_share if args.collapse_prone else None,
+                                      class_signal=args.class_signal)
         print(f"data and cache: {time.perf_counter() - started:.1f} s ({args.participants} participants)", flush=True)
         params = draw_params(spec_path, args.trials, args.seed, mode_overrides)
         results = [run_setting(name, root, spec_path, params, args, data_dir, cache_dir, mode_overrides)
                    for name in args.settings]
-    print_report(results, params, args, sweep.pruner.model_dump(), pretraining)
+        print_report(results, params, args, sweep.pruner.model_dump(), pretraining)
+        if "none" in args.settings:
+            replay_stop_rules(results, spec_path, mode_overrides)
 
 
 if __name__ == "__main__":

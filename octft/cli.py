@@ -300,6 +300,14 @@ def cmd_sweep_status(args) -> int:
     return 0
 
 
+def cmd_sweep_stop_rules(args) -> int:
+    from octft.sweep.status import format_stop_rules
+
+    spec, study = _sweep_study(args)
+    print(format_stop_rules(study, spec))
+    return 0
+
+
 def cmd_sweep_show(args) -> int:
     from octft.sweep.status import replay_here
 
@@ -450,6 +458,11 @@ def _sweep_commands(commands) -> None:
     sweep_arguments(show)
     show.add_argument("--trial", type=int, required=True, help="the trial number (see octft sweep status)")
     show.set_defaults(func=cmd_sweep_show)
+
+    stop_rules = sweep_commands.add_parser(
+        "stop-rules", help="the study's trials replayed under other grace, patience and warm-up settings: epochs and best")
+    sweep_arguments(stop_rules)
+    stop_rules.set_defaults(func=cmd_sweep_stop_rules)
 
 
 def _champion_commands(commands) -> None:

@@ -152,6 +152,7 @@ class _Participant:
     gain: float
     labelled: bool = True
     folder: str = ""
+    spots: float | None = None  # expected bright spots per 8 frames; None: its class's (_CLASS_SPOTS)
 
 
 @dataclass
@@ -230,6 +231,7 @@ def synthesize(
     seed: int = 0,
     messy: bool = False,
     train_majority_share: float | None = None,
+    class_signal: float = 1.0,
     frames: int = 8,
     height: int = 64,
     width: int = 64,
@@ -241,7 +243,8 @@ def synthesize(
     `retinal_oct/structural_oct/<device>/<participant_id>/`, and `synth_report.json` (the returned
     report). Same seed, same tables and pixel data. `messy=True` plants the faults listed in
     `SynthReport.faults`. `train_majority_share` makes the first class that share of the training split
-    (`split_class_counts`).
+    (`split_class_counts`). `class_signal` scales how far each class's retina (thickness, reflectivity, bright spots)
+    sits from the four classes' mean: 1 as drawn, 0 no class signal at all, in between a harder task.
 
     >>> report = synthesize("/tmp/aireadi-synth", participants=24, seed=1)  # doctest: +SKIP
     >>> report.split_class_counts["val"]["healthy"]  # doctest: +SKIP
@@ -256,7 +259,11 @@ def synthesize(
     # Faults draw from their own stream so the labelled participants are the same clean or messy.
     fault_rng = np.random.default_rng([seed, 1])
 
+    if not 0.0 <= class_signal <= 1.0:
+        raise UsageError(f"class_signal={class_signal} must be in 0..1 (1: the classes as drawn, 0: no class signal)")
     people = _labelled_participants(cell_counts, rng)
+    if class_signal != 1.0:
+        _weaken_class_signal(people, class_signal)
     scans = {person.participant_id: _plan_scans(person, seed, rng) for person in people}
     faults: dict[str, list] = {kind: [] for kind in FAULT_KINDS}
     if messy:
@@ -321,6 +328,17 @@ def _labelled_participants(cell_counts: dict[str, dict[str, int]], rng: np.rando
         next_number[digit] += 1
         people.append(_new_participant(participant_id, class_index, split, rng))
     return people
+
+
+def _weaken_class_signal(people: list[_Participant], signal: float) -> None:
+    """Move each participant's class appearance toward the classes' mean, keeping its own spread: `signal` of the
+    class's distance from the mean is left."""
+    centre = [float(np.mean(values)) for values in (_CLASS_THICKNESS, _CLASS_REFLECTIVITY, _CLASS_SPOTS)]
+    for person in people:
+        c = person.class_index
+        person.thickness -= (1.0 - signal) * (_CLASS_THICKNESS[c] - centre[0])
+        person.reflectivity -= (1.0 - signal) * (_CLASS_REFLECTIVITY[c] - centre[1])
+        person.spots = centre[2] + signal * (_CLASS_SPOTS[c] - centre[2])
 
 
 def _new_participant(participant_id: str, class_index: int, split: str, rng: np.random.Generator) -> _Participant:
@@ -487,7 +505,8 @@ def _render_volume(scan: _Scan, *, seed: int, frames: int, height: int, width: i
     image = np.interp(depth, _LAYER_DEPTHS, _LAYER_VALUES) * person.reflectivity
 
     # Hyperreflective foci, more with disease: bright 2x2 spots inside the retina.
-    spots = rng.poisson(_CLASS_SPOTS[person.class_index] * frames / 8)
+    rate = _CLASS_SPOTS[person.class_index] if person.spots is None else person.spots
+    spots = rng.poisson(rate * frames / 8)
     for _ in range(spots):
         frame, column = int(rng.integers(frames)), int(rng.integers(width - 1))
         row = int(top[frame, column] + rng.uniform(0.2, 0.8) * thickness[frame, column])

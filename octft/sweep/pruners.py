@@ -25,9 +25,11 @@ import copy
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import optuna
 from optuna.pruners import BasePruner, HyperbandPruner, MedianPruner, PercentilePruner, SuccessiveHalvingPruner
 from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, Trial, TrialState
@@ -237,6 +239,67 @@ def unfreeze_epoch_of(trial: FrozenTrial) -> int:
     """The epoch from which the trial's encoder trains; 0 for a probe run (null) or when unknown."""
     value = trial.params[UNFREEZE_PARAM] if UNFREEZE_PARAM in trial.params else trial_record(trial).unfreeze_epoch
     return 0 if value is None else int(value)
+
+
+@dataclass
+class Replay:
+    """What a study's trials spend under other stop rules (`replay`).
+
+    `epochs`: epochs run, all trials together; `best_value`: the best value of a trial the rules let complete (None:
+    none did); `pruned`: trials the rules prune; `unknown`: trials the study pruned that these rules would let run past
+    that epoch, so what they would spend and reach is not known (their recorded epochs are counted: `epochs` is then a
+    lower bound, and their values are left out of `best_value`).
+    """
+
+    epochs: int
+    best_value: float | None
+    pruned: int
+    unknown: int = 0
+
+
+def replay(trials: Sequence[FrozenTrial], pruner: BasePruner,
+           direction: StudyDirection = StudyDirection.MAXIMIZE) -> Replay:
+    """Run a study's finished trials again under `pruner` (built by `build_pruner`): each trial's recorded epochs are
+    reported, with their records, to an in-memory study in trial-number order, as one worker reports them, until the
+    pruner stops the trial or its recorded epochs end. Training is seeded and nothing but the study's reports and records
+    reaches a pruner, so for a study run by one worker whose trials were not pruned (`pruner.collapse.enabled=false
+    pruner.wrapped.type=none`) this is what the rules would have spent; early stopping is in the recorded epochs.
+
+        >>> replay(study.get_trials(states=(TrialState.COMPLETE,)), build_pruner(spec)).epochs   # doctest: +SKIP
+        126
+    """
+    study = optuna.create_study(direction=direction, pruner=pruner)
+    maximize = direction == StudyDirection.MAXIMIZE
+    epochs, best, pruned, unknown = 0, None, 0, 0
+    for original in sorted(trials, key=lambda trial: trial.number):
+        outcome = trial_record(original).outcome
+        if outcome is None or outcome.epochs_run is None:
+            raise ValueError(f"trial {original.number} has no recorded outcome: only finished trials can be replayed")
+        study.enqueue_trial(original.params)
+        trial = study.ask(fixed_distributions=original.distributions)
+        stop, stopped = outcome.epochs_run, False
+        for epoch in sorted(step for step in original.intermediate_values if step < stop):
+            record = EpochRecord.of(original, epoch)
+            if record is None:
+                trial.report(original.intermediate_values[epoch], epoch)
+            else:
+                record_epoch(trial, epoch, original.intermediate_values[epoch], record.pred_frac,
+                             record.balanced_accuracy)
+            if trial.should_prune():
+                stop, stopped = epoch + 1, True
+                break
+        epochs += stop
+        if stopped:
+            pruned += 1
+            study.tell(trial, state=TrialState.PRUNED)
+        elif original.state != TrialState.COMPLETE:  # pruned by the study earlier than by these rules
+            unknown += 1
+            study.tell(trial, state=TrialState.FAIL)
+        else:
+            study.tell(trial, original.value)
+            if best is None or (original.value > best if maximize else original.value < best):
+                best = original.value
+    return Replay(epochs=epochs, best_value=best, pruned=pruned, unknown=unknown)
 
 
 class PassReads:

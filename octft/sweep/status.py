@@ -1,5 +1,5 @@
-"""What `octft sweep status` and `octft sweep show` print: a table of trials, the best one, a replay command, read
-from the trials' records.
+"""What `octft sweep status`, `octft sweep show` and `octft sweep stop-rules` print: a table of trials, the best one,
+a replay command, what other stop rules would have spent; read from the trials' records.
 
     >>> print(format_status(study))                                     # doctest: +SKIP
     trial  state     best val/balanced_accuracy  epoch  epochs  pruned    params
@@ -14,11 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from octft.errors import UsageError
+from octft.sweep.pruners import Replay, build_pruner, replay
 from octft.sweep.records import trial_record
-from octft.sweep.spec import format_value
+from octft.sweep.spec import PrunerSpec, SweepSpec, format_value
 
 
 def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
@@ -125,3 +127,82 @@ def replay_here(study: optuna.Study, number: int, base_here: str | Path) -> tupl
         notes.append(f"{where}: these paths of its command are not on this machine: {' '.join(missing)}; "
                      "change them to where the data and outputs are here before running it")
     return shlex.join(words), notes
+
+
+# The grid `octft sweep stop-rules` replays: collapse (grace_epochs, patience), None for the rule off, and the wrapped
+# pruner's n_warmup_steps, None for no wrapped pruner; the sweep's own settings are added where missing.
+STOP_RULE_COLLAPSE: tuple[tuple[int, int] | None, ...] = ((0, 1), (1, 1), (1, 2), (2, 2), (3, 2), None)
+STOP_RULE_WARMUPS: tuple[int | None, ...] = (0, 1, 2, 4, None)
+
+
+def stop_rule_replays(trials: list[FrozenTrial], spec: SweepSpec) -> dict[tuple, Replay]:
+    """`replay` of `trials` under the sweep's pruner at each collapse (grace, patience) x wrapped warm-up of the grid,
+    keyed (collapse, warm-up) as in STOP_RULE_COLLAPSE and STOP_RULE_WARMUPS; ("off", None) turns every rule off."""
+    own = spec.pruner
+    collapses = list(STOP_RULE_COLLAPSE)
+    if own.collapse.enabled and (own.collapse.grace_epochs, own.collapse.patience) not in collapses:
+        collapses.insert(-1, (own.collapse.grace_epochs, own.collapse.patience))
+    warmups = list(STOP_RULE_WARMUPS) if own.wrapped.type != "none" else [None]
+    if own.wrapped.type != "none" and own.wrapped.n_warmup_steps not in warmups:
+        warmups.insert(-1, own.wrapped.n_warmup_steps)
+    direction = StudyDirection.MINIMIZE if spec.objective.direction == "minimize" else StudyDirection.MAXIMIZE
+    replays = {}
+    for collapse in collapses:
+        rule = (own.collapse.model_copy(update={"enabled": False}) if collapse is None else
+                own.collapse.model_copy(update={"enabled": True, "grace_epochs": collapse[0], "patience": collapse[1]}))
+        for warmup in warmups:
+            wrapped = (own.wrapped.model_copy(update={"type": "none"}) if warmup is None else
+                       own.wrapped.model_copy(update={"n_warmup_steps": warmup}))
+            variant = spec.model_copy(update={"pruner": PrunerSpec(collapse=rule, wrapped=wrapped)})
+            replays[(collapse, warmup)] = replay(trials, build_pruner(variant), direction)
+    return replays
+
+
+def format_stop_rules(study: optuna.Study, spec: SweepSpec) -> str:
+    """The study's finished trials replayed under the sweep's stop rules at other grace, patience and warm-up settings
+    (`stop_rule_replays`): per setting, epochs spent relative to no pruning and the best value; the sweep's own marked."""
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    trials = [trial for trial in trials if (outcome := trial_record(trial).outcome) and outcome.epochs_run is not None]
+    if not trials:
+        raise UsageError(f"study {study.study_name!r} has no finished trials to replay; run some first "
+                         f"(octft sweep status shows its trials)")
+    replays = stop_rule_replays(trials, spec)
+    collapses = list(dict.fromkeys(collapse for collapse, _ in replays))
+    warmups = list(dict.fromkeys(warmup for _, warmup in replays))
+    unpruned = replays[(None, None)]
+    own = spec.pruner
+    own_key = ((own.collapse.grace_epochs, own.collapse.patience) if own.collapse.enabled else None,
+               own.wrapped.n_warmup_steps if own.wrapped.type != "none" else None)
+    workers = {trial_record(trial).worker for trial in trials} - {None}
+    was_pruned = sum(trial.state == TrialState.PRUNED for trial in trials)
+    lines = [f"study {study.study_name}: {len(trials)} finished trials replayed in trial order ({was_pruned} pruned by "
+             f"the study); no pruning spends {unpruned.epochs} epochs"
+             + (f" or more, best {_value(unpruned.best_value)}" if unpruned.unknown else f", best {_value(unpruned.best_value)}"),
+             f"each cell: epochs spent relative to no pruning, and the best value; * the sweep's own "
+             f"(collapse max_class_share {own.collapse.max_class_share}, chance_margin {own.collapse.chance_margin}; "
+             f"{own.wrapped.type} as the sweep has it but for its warm-up, counted from each trial's unfreeze epoch)"]
+    columns = [f"warm-up {warmup}" if warmup is not None else f"no {own.wrapped.type}" if own.wrapped.type != "none"
+               else "no wrapped" for warmup in warmups]
+    width = max(14, *(len(column) + 2 for column in columns))
+    lines.append(f"{'collapse':<22}" + "".join(f"{column:>{width}}" for column in columns))
+    for collapse in collapses:
+        label = "off" if collapse is None else f"grace {collapse[0]}, patience {collapse[1]}"
+        cells = []
+        for warmup in warmups:
+            result = replays[(collapse, warmup)]
+            mark = "*" if (collapse, warmup) == own_key else ""
+            bound = ">=" if result.unknown else ""
+            cells.append(f"{mark}{bound}{result.epochs / unpruned.epochs:.0%} {_value(result.best_value)}")
+        lines.append(f"{label:<22}" + "".join(f"{cell:>{width}}" for cell in cells))
+    if was_pruned:
+        lines.append(f">=: the study pruned {was_pruned} trial(s); rules that would let one run past that epoch spend at "
+                     "least this, and its value is unknown. Exact on a study run with pruner.collapse.enabled=false "
+                     "pruner.wrapped.type=none")
+    if len(workers) > 1:
+        lines.append(f"{len(workers)} workers ran this study: the wrapped pruner saw trials finish in another order "
+                     "than here, so its columns are close, not exact")
+    return "\n".join(lines)
+
+
+def _value(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"

@@ -6,31 +6,14 @@ strictly, weight for weight, and the mode's sweep overrides must apply to the de
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import torch
 
 from octft.config import load_experiment
 from octft.sweep.spec import load_sweep
 from octft.train.setup import build_encoder_for
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_pruning.py"
 
-
-def load_bench():
-    """The benchmark script as a module (benchmarks/ is not a package); registered first, as its dataclasses need."""
-    if "bench_pruning" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("bench_pruning", BENCH)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-    return sys.modules["bench_pruning"]
-
-
-def test_pretrained_encoder_loads_through_model_checkpoint(tmp_path):
-    bench = load_bench()
+def test_pretrained_encoder_loads_through_model_checkpoint(tmp_path, bench):
     pretraining = bench.pretrain_encoder(tmp_path / "pretrain", bench.EXPERIMENT, participants=24, epochs=1)
 
     encoder, report = build_encoder_for(load_experiment(bench.EXPERIMENT, [f"model.checkpoint={pretraining.checkpoint}"]))
@@ -42,8 +25,7 @@ def test_pretrained_encoder_loads_through_model_checkpoint(tmp_path):
     assert all(torch.equal(saved[name], value) for name, value in encoder.state_dict().items())
 
 
-def test_pretrained_overrides_apply_to_the_demo_sweep(tmp_path):
-    bench = load_bench()
+def test_pretrained_overrides_apply_to_the_demo_sweep(tmp_path, bench):
     checkpoint = tmp_path / "encoder.pt"
 
     sweep = load_sweep(bench.SPEC, bench.pretrained_overrides(checkpoint))

@@ -225,9 +225,8 @@ def test_same_seed_writes_identical_bytes_and_another_seed_differs(tmp_path):
     assert pixels[0].shape == pixels[1].shape and not np.array_equal(pixels[0], pixels[1])
 
 
-def test_classes_differ_in_a_simple_statistic_but_overlap(clean):
-    """Mean brightness per participant is ordered by class; a nearest centroid beats chance on held-out people."""
-    root, _ = clean
+def _participant_brightness(root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean macula brightness, class index, is-training) per labelled participant of a synthetic release."""
     brightness: dict[str, list[float]] = {}
     for row in _read_tsv(root / MANIFEST_KEY):
         if row["anatomic_region"] == "macula":
@@ -237,6 +236,13 @@ def test_classes_differ_in_a_simple_statistic_but_overlap(clean):
     feature = np.array([np.mean(brightness[row["participant_id"]]) for row in labels])
     target = np.array([CLASSES.index(row["study_group"]) for row in labels])
     is_train = np.array([row["recommended_split"] == "train" for row in labels])
+    return feature, target, is_train
+
+
+def test_classes_differ_in_a_simple_statistic_but_overlap(clean):
+    """Mean brightness per participant is ordered by class; a nearest centroid beats chance on held-out people."""
+    root, _ = clean
+    feature, target, is_train = _participant_brightness(root)
 
     class_means = np.array([feature[target == c].mean() for c in range(len(CLASSES))])
     assert np.all(np.diff(class_means) < 0), class_means  # healthy brightest ... insulin dimmest
@@ -251,6 +257,24 @@ def test_classes_differ_in_a_simple_statistic_but_overlap(clean):
     # Not trivially separable: neighbouring classes overlap.
     for c in range(len(CLASSES) - 1):
         assert feature[target == c].min() < feature[target == c + 1].max()
+
+
+def test_a_weaker_class_signal_brings_the_classes_together_and_keeps_the_people(clean, tmp_path):
+    """class_signal=0.25 keeps every participant, split and label but a quarter of the gap between the classes."""
+    root, report = clean
+    weak_root = tmp_path / "weak"
+    weak = synthesize(weak_root, participants=120, seed=0, class_signal=0.25)
+
+    assert weak.split_class_counts == report.split_class_counts
+    assert _read_tsv(weak_root / LABELS_KEY) == _read_tsv(root / LABELS_KEY)
+    full, target, _ = _participant_brightness(root)
+    faint, weak_target, _ = _participant_brightness(weak_root)
+    assert np.array_equal(target, weak_target)
+    gap = [np.ptp([values[target == c].mean() for c in range(len(CLASSES))]) for values in (full, faint)]
+    assert 0.1 < gap[1] / gap[0] < 0.45, gap
+    with pytest.raises(ValueError, match="class_signal=1.5"):
+        synthesize(tmp_path / "bad", participants=24, class_signal=1.5)
+    assert not (tmp_path / "bad").exists()
 
 
 def _normalised(faults: dict[str, list]) -> dict[str, list]:

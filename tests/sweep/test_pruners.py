@@ -5,11 +5,12 @@ from pathlib import Path
 
 import optuna
 import pytest
+from optuna.distributions import IntDistribution
 from optuna.pruners import HyperbandPruner, MedianPruner, PercentilePruner, SuccessiveHalvingPruner
 from optuna.trial import TrialState
 
-from octft.sweep.pruners import CollapsePruner, PassReads, build_pruner, record_epoch
-from octft.sweep.records import TRIAL_ATTR, EpochRecord, TrialRecord
+from octft.sweep.pruners import CollapsePruner, PassReads, build_pruner, epoch_record, record_epoch, replay
+from octft.sweep.records import TRIAL_ATTR, EpochRecord, TrialOutcome, TrialRecord
 from octft.sweep.spec import SweepSpec
 from octft.sweep.spec import load_sweep
 
@@ -393,3 +394,66 @@ def test_the_heads_of_a_pass_share_a_timed_read_of_the_completed_trials_and_deci
     assert [head.should_prune() for head in heads] == [True, False]
     time.sleep(0.5)
     assert len(reads.at(2).get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) == 3
+
+
+# ---------------------------------------------------------------------------------------------------- replay
+
+
+def finished(number: int, unfreeze: int, values: list[float], shares: list[list[float]],
+             state: TrialState = TrialState.COMPLETE) -> optuna.trial.FrozenTrial:
+    """A trial as a worker leaves it: every epoch it ran reported with its record, its outcome counting them."""
+    best_epoch = max(range(len(values)), key=values.__getitem__)
+    status = "completed" if state == TrialState.COMPLETE else "pruned"
+    record = TrialRecord(status=status, unfreeze_epoch=unfreeze, outcome=TrialOutcome(
+        status=status, best_value=values[best_epoch], best_epoch=best_epoch, epochs_run=len(values)))
+    attrs = {TRIAL_ATTR: record.to_dict()}
+    attrs.update({EpochRecord.attr(epoch): epoch_record(epoch, share, value)
+                  for epoch, (value, share) in enumerate(zip(values, shares))})
+    trial = optuna.trial.create_trial(
+        params={"train.unfreeze_epoch": unfreeze}, distributions={"train.unfreeze_epoch": IntDistribution(0, 4)},
+        value=values[best_epoch] if state == TrialState.COMPLETE else None, intermediate_values=dict(enumerate(values)),
+        user_attrs=attrs, state=state)
+    trial.number = number
+    return trial
+
+
+def spec_pruner(collapse: dict, wrapped: dict | str):
+    return build_pruner(SweepSpec.model_validate({"base": "b.yaml", "study_name": "t",
+                                                   "pruner": {"collapse": collapse, "wrapped": wrapped}}))
+
+
+def test_replay_stops_a_collapsed_trial_where_the_rule_would_and_keeps_the_rest():
+    good = finished(0, 1, [0.4, 0.5, 0.6, 0.62, 0.6, 0.6], [HEALTHY[0]] * 6)
+    # Collapsed from its first epoch; unfreezes at 2, so grace 0, patience 2 stops it after epoch 3 (4 epochs run).
+    collapsed = finished(1, 2, [0.25] * 8, [ONE_CLASS[0]] * 8)
+
+    nothing = replay([good, collapsed], spec_pruner({"enabled": False}, "none"))
+    rule = replay([good, collapsed], spec_pruner({"grace_epochs": 0, "patience": 2}, "none"))
+
+    assert (nothing.epochs, nothing.best_value, nothing.pruned, nothing.unknown) == (14, 0.62, 0, 0)
+    assert (rule.epochs, rule.best_value, rule.pruned, rule.unknown) == (6 + 4, 0.62, 1, 0)
+
+
+def test_replay_prunes_below_the_median_of_the_trials_completed_before():
+    first = finished(0, 0, [0.5, 0.6, 0.7, 0.7], [HEALTHY[0]] * 4)
+    second = finished(1, 0, [0.5, 0.6, 0.7, 0.7], [HEALTHY[0]] * 4)
+    poor = finished(2, 0, [0.3, 0.35, 0.4, 0.45], [HEALTHY[0]] * 4)
+    median = {"type": "median", "n_startup_trials": 2, "n_warmup_steps": 1}
+
+    replayed = replay([poor, first, second], spec_pruner({"enabled": False}, median))  # in trial-number order
+    not_yet = replay([first, poor, second], spec_pruner({"enabled": False}, {**median, "n_startup_trials": 3}))
+
+    assert (replayed.epochs, replayed.pruned, replayed.best_value) == (4 + 4 + 2, 1, 0.7)
+    assert (not_yet.epochs, not_yet.pruned) == (12, 0)
+
+
+def test_a_trial_the_study_pruned_that_laxer_rules_would_keep_is_unknown_not_a_result():
+    good = finished(0, 0, [0.5, 0.6, 0.6], [HEALTHY[0]] * 3)
+    # The study pruned it after 2 collapsed epochs; with patience 3 it would have run on: how far, nobody knows.
+    cut = finished(1, 0, [0.25, 0.25], [ONE_CLASS[0]] * 2, state=TrialState.PRUNED)
+
+    same = replay([good, cut], spec_pruner({"grace_epochs": 0, "patience": 2}, "none"))
+    laxer = replay([good, cut], spec_pruner({"grace_epochs": 0, "patience": 3}, "none"))
+
+    assert (same.epochs, same.pruned, same.unknown, same.best_value) == (5, 1, 0, 0.6)
+    assert (laxer.epochs, laxer.pruned, laxer.unknown, laxer.best_value) == (5, 0, 1, 0.6)

@@ -236,6 +236,19 @@ def test_status_lists_every_trial_and_the_best(study, capsys):
     assert f"best: trial {found.best_trial.number}" in text
 
 
+def test_stop_rules_replays_the_study_and_its_own_rules_spend_what_the_study_spent(study, capsys):
+    assert octft_main(["sweep", "stop-rules", str(study["spec"]), "--storage", study["storage"]]) == 0
+    text = capsys.readouterr().out
+    spent = sum(record.outcome.epochs_run for record in records(study["storage"], "three"))
+    pruned = sum(trial.state == TrialState.PRUNED for trial in load(study["storage"], "three").trials)
+    rows = {line[:22].strip(): line[22:].split() for line in text.splitlines()[3:] if line[:1] in "go"}
+    assert text.startswith(f"study three: 3 finished trials replayed in trial order ({pruned} pruned by the study); no "
+                           f"pruning spends {spent} epochs or more")
+    assert rows["grace 0, patience 1"][0] == "*100%"  # the study's own rules (collapse grace 0, patience 1; no wrapped)
+    assert rows["off"][0] == ">=100%"  # the pruned trials would run past the epoch they were pruned at: unknown
+    assert f"the study pruned {pruned} trial(s)" in text
+
+
 def test_launching_a_finished_study_again_runs_nothing_and_other_overrides_are_refused(study):
     before = [(t.number, t.state, t.datetime_complete) for t in load(study["storage"], "three").trials]
     result = launch(study["spec"], overrides=study["overrides"], runner="in_process")
