@@ -137,7 +137,7 @@ STOP_RULE_WARMUPS: tuple[int | None, ...] = (0, 1, 2, 4, None)
 
 def stop_rule_replays(trials: list[FrozenTrial], spec: SweepSpec) -> dict[tuple, Replay]:
     """`replay` of `trials` under the sweep's pruner at each collapse (grace, patience) x wrapped warm-up of the grid,
-    keyed (collapse, warm-up) as in STOP_RULE_COLLAPSE and STOP_RULE_WARMUPS; ("off", None) turns every rule off."""
+    keyed (collapse, warm-up) as in STOP_RULE_COLLAPSE and STOP_RULE_WARMUPS; (None, None) turns every rule off."""
     own = spec.pruner
     collapses = list(STOP_RULE_COLLAPSE)
     if own.collapse.enabled and (own.collapse.grace_epochs, own.collapse.patience) not in collapses:
@@ -162,7 +162,7 @@ def format_stop_rules(study: optuna.Study, spec: SweepSpec) -> str:
     """The study's finished trials replayed under the sweep's stop rules at other grace, patience and warm-up settings
     (`stop_rule_replays`): per setting, epochs spent relative to no pruning and the best value; the sweep's own marked."""
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
-    trials = [trial for trial in trials if (outcome := trial_record(trial).outcome) and outcome.epochs_run is not None]
+    trials = [trial for trial in trials if (outcome := trial_record(trial).outcome) and outcome.epochs_run]
     if not trials:
         raise UsageError(f"study {study.study_name!r} has no finished trials to replay; run some first "
                          f"(octft sweep status shows its trials)")
@@ -173,11 +173,11 @@ def format_stop_rules(study: optuna.Study, spec: SweepSpec) -> str:
     own = spec.pruner
     own_key = ((own.collapse.grace_epochs, own.collapse.patience) if own.collapse.enabled else None,
                own.wrapped.n_warmup_steps if own.wrapped.type != "none" else None)
-    workers = {trial_record(trial).worker for trial in trials} - {None}
+    workers = {(record.host, record.worker) for record in map(trial_record, trials) if record.worker is not None}
     was_pruned = sum(trial.state == TrialState.PRUNED for trial in trials)
+    at_least = " or more" if unpruned.unknown else ""
     lines = [f"study {study.study_name}: {len(trials)} finished trials replayed in trial order ({was_pruned} pruned by "
-             f"the study); no pruning spends {unpruned.epochs} epochs"
-             + (f" or more, best {_value(unpruned.best_value)}" if unpruned.unknown else f", best {_value(unpruned.best_value)}"),
+             f"the study); no pruning spends {unpruned.epochs} epochs{at_least}, best {_value(unpruned.best_value)}",
              f"each cell: epochs spent relative to no pruning, and the best value; * the sweep's own "
              f"(collapse max_class_share {own.collapse.max_class_share}, chance_margin {own.collapse.chance_margin}; "
              f"{own.wrapped.type} as the sweep has it but for its warm-up, counted from each trial's unfreeze epoch)"]
