@@ -173,7 +173,6 @@ def format_stop_rules(study: optuna.Study, spec: SweepSpec) -> str:
     own = spec.pruner
     own_key = ((own.collapse.grace_epochs, own.collapse.patience) if own.collapse.enabled else None,
                own.wrapped.n_warmup_steps if own.wrapped.type != "none" else None)
-    workers = {(record.host, record.worker) for record in map(trial_record, trials) if record.worker is not None}
     was_pruned = sum(trial.state == TrialState.PRUNED for trial in trials)
     at_least = " or more" if unpruned.unknown else ""
     lines = [f"study {study.study_name}: {len(trials)} finished trials replayed in trial order ({was_pruned} pruned by "
@@ -198,10 +197,23 @@ def format_stop_rules(study: optuna.Study, spec: SweepSpec) -> str:
         lines.append(f">=: the study pruned {was_pruned} trial(s); rules that would let one run past that epoch spend at "
                      "least this, and its value is unknown. Exact on a study run with pruner.collapse.enabled=false "
                      "pruner.wrapped.type=none")
-    if len(workers) > 1:
-        lines.append(f"{len(workers)} workers ran this study: the wrapped pruner saw trials finish in another order "
-                     "than here, so its columns are close, not exact")
+    if _ran_side_by_side(trials):
+        lines.append("trials of this study ran side by side (several workers, or heads trained in one pass): its wrapped "
+                     "pruner compared each trial with those finished when it judged it, not with every earlier one as "
+                     "here, so the wrapped pruner's columns are close, not exact")
     return "\n".join(lines)
+
+
+def _ran_side_by_side(trials: list[FrozenTrial]) -> bool:
+    """Whether a trial started before one numbered below it had finished (so a replay in trial order is not the order
+    in which the study's pruner saw trials finish)."""
+    finished_by = None
+    for trial in sorted(trials, key=lambda trial: trial.number):
+        if finished_by is not None and trial.datetime_start is not None and trial.datetime_start < finished_by:
+            return True
+        if trial.datetime_complete is not None:
+            finished_by = max(finished_by or trial.datetime_complete, trial.datetime_complete)
+    return False
 
 
 def _value(value: float | None) -> str:

@@ -1,5 +1,6 @@
 """CollapsePruner driven through Optuna's ask/tell on in-memory studies: no objective function, no mocks."""
 
+import datetime
 import time
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from octft.sweep.pruners import CollapsePruner, PassReads, build_pruner, epoch_r
 from octft.sweep.records import TRIAL_ATTR, EpochRecord, TrialOutcome, TrialRecord
 from octft.sweep.spec import SweepSpec
 from octft.sweep.spec import load_sweep
+from octft.sweep.status import format_stop_rules
 
 HEALTHY = ([0.30, 0.25, 0.25, 0.20], 0.62)
 ONE_CLASS = ([0.97, 0.01, 0.01, 0.01], 0.26)  # one class takes 97% of the predictions
@@ -457,3 +459,25 @@ def test_a_trial_the_study_pruned_that_laxer_rules_would_keep_is_unknown_not_a_r
 
     assert (same.epochs, same.pruned, same.unknown, same.best_value) == (5, 1, 0, 0.6)
     assert (laxer.epochs, laxer.pruned, laxer.unknown, laxer.best_value) == (5, 0, 1, 0.6)
+
+
+def test_stop_rules_says_when_trials_ran_side_by_side():
+    spec = SweepSpec.model_validate({"base": "b.yaml", "study_name": "t",
+                                     "pruner": {"collapse": {"grace_epochs": 0, "patience": 1}, "wrapped": "none"}})
+    start = datetime.datetime(2026, 1, 1)
+
+    def study_of(second_starts_after_s: float) -> optuna.Study:
+        study = optuna.create_study(direction="maximize", study_name="side")
+        for number, begins in enumerate((0.0, second_starts_after_s)):
+            trial = finished(number, 0, [0.4, 0.5], [HEALTHY[0]] * 2)
+            trial.datetime_start = start + datetime.timedelta(seconds=begins)
+            trial.datetime_complete = trial.datetime_start + datetime.timedelta(seconds=10)
+            study.add_trial(trial)
+        return study
+
+    one_after_another, side_by_side = format_stop_rules(study_of(11), spec), format_stop_rules(study_of(5), spec)
+
+    assert one_after_another.startswith("study side: 2 finished trials replayed in trial order (0 pruned by the study); "
+                                        "no pruning spends 4 epochs, best 0.500")
+    assert "*100% 0.500" in one_after_another and "ran side by side" not in one_after_another
+    assert "ran side by side" in side_by_side
