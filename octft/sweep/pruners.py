@@ -35,7 +35,7 @@ from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from octft.data.layout import CLASSES
-from octft.sweep.records import EpochRecord, trial_record
+from octft.sweep.records import TRIAL_ATTR, EpochRecord, TrialRecord, trial_record
 from octft.sweep.spec import SweepSpec
 from octft.train.metrics import is_collapsed
 
@@ -277,6 +277,8 @@ def replay(trials: Sequence[FrozenTrial], pruner: BasePruner,
             raise ValueError(f"trial {original.number} has no recorded outcome: only finished trials can be replayed")
         study.enqueue_trial(original.params)
         trial = study.ask(fixed_distributions=original.distributions)
+        # The stop rules count from the unfreeze epoch: a fixed one (not a param) is in the worker's record only.
+        trial.set_user_attr(TRIAL_ATTR, TrialRecord(unfreeze_epoch=trial_record(original).unfreeze_epoch).to_dict())
         stop, stopped = outcome.epochs_run, False
         for epoch in sorted(step for step in original.intermediate_values if step < stop):
             record = EpochRecord.of(original, epoch)

@@ -436,6 +436,16 @@ def test_replay_stops_a_collapsed_trial_where_the_rule_would_and_keeps_the_rest(
     assert (rule.epochs, rule.best_value, rule.pruned, rule.unknown) == (6 + 4, 0.62, 1, 0)
 
 
+def test_replay_counts_from_an_unfreeze_epoch_that_is_not_a_param():
+    # A sweep that fixes train.unfreeze_epoch: the worker's record holds it, the params do not.
+    collapsed = finished(0, 3, [0.25] * 8, [ONE_CLASS[0]] * 8)
+    collapsed.params, collapsed.distributions = {}, {}
+
+    rule = replay([collapsed], spec_pruner({"grace_epochs": 1, "patience": 2}, "none"))
+
+    assert (rule.epochs, rule.pruned) == (3 + 1 + 2, 1)
+
+
 def test_replay_prunes_below_the_median_of_the_trials_completed_before():
     first = finished(0, 0, [0.5, 0.6, 0.7, 0.7], [HEALTHY[0]] * 4)
     second = finished(1, 0, [0.5, 0.6, 0.7, 0.7], [HEALTHY[0]] * 4)
