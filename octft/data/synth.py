@@ -136,6 +136,7 @@ class SynthReport:
     split_class_counts: dict[str, dict[str, int]]  # labelled participants per split and class
     transfer_syntaxes: dict[str, int]  # DICOM files per transfer syntax
     faults: dict[str, list] = field(default_factory=lambda: {kind: [] for kind in FAULT_KINDS})
+    class_signal: float = 1.0  # share of each class's distance from the classes' mean (synthesize's class_signal)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -254,13 +255,13 @@ def synthesize(
     for name, value, least in (("frames", frames, 1), ("height", height, 16), ("width", width, 16)):
         if value < least:
             raise UsageError(f"{name}={value} is too small for a retinal OCT volume; pass {name} >= {least}")
+    if not 0.0 <= class_signal <= 1.0:
+        raise UsageError(f"class_signal={class_signal} must be in 0..1 (1: the classes as drawn, 0: no class signal)")
     root = Path(out_dir)
     rng = np.random.default_rng(seed)
     # Faults draw from their own stream so the labelled participants are the same clean or messy.
     fault_rng = np.random.default_rng([seed, 1])
 
-    if not 0.0 <= class_signal <= 1.0:
-        raise UsageError(f"class_signal={class_signal} must be in 0..1 (1: the classes as drawn, 0: no class signal)")
     people = _labelled_participants(cell_counts, rng)
     if class_signal != 1.0:
         _weaken_class_signal(people, class_signal)
@@ -307,6 +308,7 @@ def synthesize(
         split_class_counts=cell_counts,
         transfer_syntaxes=syntax_counts,
         faults=faults,
+        class_signal=class_signal,
     )
     (root / REPORT_NAME).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     return report

@@ -266,6 +266,7 @@ def test_a_weaker_class_signal_brings_the_classes_together_and_keeps_the_people(
     weak = synthesize(weak_root, participants=120, seed=0, class_signal=0.25)
 
     assert weak.split_class_counts == report.split_class_counts
+    assert (weak.class_signal, report.class_signal) == (0.25, 1.0)  # recorded in synth_report.json
     assert _read_tsv(weak_root / LABELS_KEY) == _read_tsv(root / LABELS_KEY)
     full, target, _ = _participant_brightness(root)
     faint, weak_target, _ = _participant_brightness(weak_root)
